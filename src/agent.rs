@@ -1,0 +1,582 @@
+//! The main loop: one smol executor on one thread owns the SQLite store and all state. Blocking HTTP runs on
+//! smol's blocking pool through `smol::unblock`; at most one Mimecast fetch and one Datadog send are in flight,
+//! and every task is awaited in the loop below, none detached. Every decision is made on this thread, between
+//! awaits, from one closed set of [`Event`]s.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use smol::Task;
+use smol::future::FutureExt as _;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, WhenFull};
+use crate::datadog::batch::{self, MAX_LOG_BYTES, MAX_LOGS};
+use crate::datadog::disposition::{Disposition, disposition};
+use crate::datadog::logobj::{self, Late, Shape};
+use crate::datadog::sink::{self, Sent};
+use crate::datetime;
+use crate::http::Http;
+use crate::mimecast::auth::{Credentials, Token};
+use crate::mimecast::client::{self, Fetched, PageRequest, Retry};
+use crate::mimecast::window::{self, Settings, Window};
+use crate::mimecast::{Feed, wire};
+use crate::store::{NewRecord, PageCommit, Queued, Store};
+
+/// Timing knobs that are not user settings. Tests and `demo` shorten them; the daemon uses the defaults.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub mimecast_backoff: Backoff,
+    pub datadog_backoff: Backoff,
+    /// The retry interval when an operator must act: refused credentials, a missing permission, a refused key.
+    pub slow_retry: Duration,
+    /// Refresh the Mimecast token this long before it expires.
+    pub token_margin: Duration,
+    /// In `--once` mode, give up on a feed or on Datadog after this many consecutive failures.
+    pub once_attempts: u32,
+    /// On shutdown, wait this long for a Datadog send in flight so its batch is not sent twice.
+    pub shutdown_grace: Duration,
+    /// How often a busy drain logs its summary line.
+    pub summary_every: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            mimecast_backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(300) },
+            datadog_backoff: Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(120) },
+            slow_retry: Duration::from_secs(300),
+            token_margin: Duration::from_secs(120),
+            once_attempts: 3,
+            shutdown_grace: Duration::from_secs(5),
+            summary_every: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Run until shut down.
+    Daemon,
+    /// Poll every feed up to now, drain until empty or refused, stop.
+    Once,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Records still queued at exit.
+    pub queued: i64,
+}
+
+/// Everything that can wake the main loop.
+enum Event {
+    Shutdown,
+    Fetched(PageRequest, Fetched),
+    Sent(Batch, Sent),
+    /// A timer fired: a feed or the sink may be due.
+    Wake,
+}
+
+/// A batch in flight.
+struct Batch {
+    seqs: Vec<i64>,
+    restamped: i64,
+    kept: i64,
+}
+
+struct FeedState {
+    feed: Feed,
+    due: Instant,
+    failures: u32,
+    /// `--once`: this feed has finished its pass (caught up, or gave up).
+    done: bool,
+    pages: u64,
+    queued: u64,
+    skipped: u64,
+}
+
+#[derive(Default)]
+struct SinkState {
+    due: Option<Instant>,
+    failures: u32,
+    /// Halves of batches that were split (413, or 400 to isolate a bad log), sent before anything new.
+    splits: Vec<Vec<i64>>,
+    /// `--once`: gave up for this pass.
+    done: bool,
+    delivered_since: u64,
+    since: Option<Instant>,
+}
+
+struct Agent {
+    cfg: Config,
+    tuning: Tuning,
+    mode: Mode,
+    store: Store,
+    http: Http,
+    creds: Credentials,
+    token: Option<Token>,
+    feeds: Vec<FeedState>,
+    sink: SinkState,
+    shape: Shape,
+    paused: bool,
+}
+
+/// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
+pub async fn run(cfg: &Config, tuning: &Tuning, mode: Mode, shutdown: impl Future<Output = ()>) -> anyhow::Result<Outcome> {
+    let store = Store::open(&cfg.queue.path).with_context(|| format!("opening queue {}", cfg.queue.path.display()))?;
+    let http = Http::new(&cfg.http).context("setting up HTTP")?;
+    let mut agent = Agent::new(cfg.clone(), tuning.clone(), mode, store, http)?;
+    agent.main_loop(shutdown).await?;
+    Ok(Outcome { queued: agent.store.counters()?.queue_records })
+}
+
+impl Agent {
+    fn new(cfg: Config, tuning: Tuning, mode: Mode, mut store: Store, http: Http) -> anyhow::Result<Agent> {
+        let now = Instant::now();
+        let start = datetime::now() - cfg.mimecast.initial_lookback_secs as i64;
+        let mut feeds = Vec::new();
+        for &feed in &cfg.mimecast.feeds {
+            store.init_cursor(feed, start)?;
+            feeds.push(FeedState { feed, due: now, failures: 0, done: false, pages: 0, queued: 0, skipped: 0 });
+        }
+        let creds = Credentials {
+            base_url: cfg.mimecast.base_url.clone(),
+            client_id: cfg.mimecast.client_id.clone(),
+            client_secret: cfg.mimecast.client_secret.clone(),
+        };
+        let shape = Shape {
+            hostname: cfg.datadog.hostname.clone(),
+            ddtags: cfg.datadog.tags.join(","),
+            late_records: cfg.datadog.late_records,
+            max_event_age_secs: cfg.datadog.max_event_age_secs as i64,
+        };
+        let sink = SinkState { due: Some(now), ..SinkState::default() };
+        Ok(Agent { cfg, tuning, mode, store, http, creds, token: None, feeds, sink, shape, paused: false })
+    }
+
+    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let mut shutdown = pin!(shutdown);
+        let mut fetch: Option<Task<(PageRequest, Fetched)>> = None;
+        let mut send: Option<Task<(Batch, Sent)>> = None;
+        loop {
+            let now = Instant::now();
+            if fetch.is_none() {
+                fetch = self.start_fetch(now)?;
+            }
+            if send.is_none() {
+                send = self.start_send(now)?;
+            }
+            if self.mode == Mode::Once && fetch.is_none() && send.is_none() && self.pass_over()? {
+                return Ok(());
+            }
+            let wake = self.next_wake(now);
+            let event = async {
+                match &mut fetch {
+                    Some(t) => {
+                        let (req, f) = t.await;
+                        Event::Fetched(req, f)
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            .or(async {
+                match &mut send {
+                    Some(t) => {
+                        let (b, s) = t.await;
+                        Event::Sent(b, s)
+                    }
+                    None => std::future::pending().await,
+                }
+            })
+            .or(async {
+                (&mut shutdown).await;
+                Event::Shutdown
+            })
+            .or(async {
+                smol::Timer::at(wake).await;
+                Event::Wake
+            })
+            .await;
+            match event {
+                Event::Fetched(req, f) => {
+                    fetch = None;
+                    self.on_fetched(req, f)?;
+                }
+                Event::Sent(b, s) => {
+                    send = None;
+                    self.on_sent(b, s)?;
+                }
+                Event::Wake => {}
+                Event::Shutdown => {
+                    // A fetch in flight is abandoned: nothing of it is committed, so it is read again next time.
+                    drop(fetch);
+                    if let Some(t) = send {
+                        let grace = self.tuning.shutdown_grace;
+                        let done = async { Some(t.await) }.or(async {
+                            smol::Timer::after(grace).await;
+                            None
+                        });
+                        match done.await {
+                            Some((b, s)) => self.on_sent(b, s)?,
+                            None => log::warn!("shutting down with a Datadog request unanswered: that batch will be sent again"),
+                        }
+                    }
+                    log::info!("shutting down; {} records stay queued", self.store.counters()?.queue_records);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The earliest moment a feed or the sink becomes due (a minute from now if nothing is).
+    fn next_wake(&self, now: Instant) -> Instant {
+        let feeds = self.feeds.iter().filter(|f| !f.done).map(|f| f.due);
+        feeds.chain(self.sink.due).min().unwrap_or(now + Duration::from_secs(60)).max(now)
+    }
+
+    /// `--once`: every feed finished its pass and the queue is empty or Datadog gave up.
+    fn pass_over(&self) -> anyhow::Result<bool> {
+        let stuck = self.paused && self.sink.done;
+        let feeds_done = stuck || self.feeds.iter().all(|f| f.done);
+        let queue_empty = self.store.counters()?.queue_records == 0 && self.sink.splits.is_empty();
+        Ok(feeds_done && (self.sink.done || queue_empty))
+    }
+
+    fn queue_full(&mut self) -> anyhow::Result<bool> {
+        let c = self.store.counters()?;
+        let full = self.cfg.queue.when_full == WhenFull::Pause && c.queue_bytes as u64 >= self.cfg.queue.max_bytes;
+        if full != self.paused {
+            if full {
+                log::warn!(
+                    "queue full ({} bytes of max_bytes {}): polling Mimecast paused until Datadog drains it; \
+                     Mimecast keeps the data and no cursor moves",
+                    c.queue_bytes,
+                    self.cfg.queue.max_bytes
+                );
+            } else {
+                log::info!("queue below max_bytes again: polling resumed");
+            }
+            self.paused = full;
+        }
+        Ok(full)
+    }
+
+    fn settings(&self) -> Settings {
+        let m = &self.cfg.mimecast;
+        Settings {
+            overlap_secs: m.overlap_secs as i64,
+            settle_secs: m.settle_secs as i64,
+            max_window_secs: m.max_window_secs as i64,
+        }
+    }
+
+    /// Picks the feed that is due soonest and starts fetching its next page.
+    fn start_fetch(&mut self, now: Instant) -> anyhow::Result<Option<Task<(PageRequest, Fetched)>>> {
+        if self.queue_full()? {
+            return Ok(None);
+        }
+        let settings = self.settings();
+        loop {
+            let Some(i) = (0..self.feeds.len())
+                .filter(|&i| !self.feeds[i].done && self.feeds[i].due <= now)
+                .min_by_key(|&i| self.feeds[i].due)
+            else {
+                return Ok(None);
+            };
+            let feed = self.feeds[i].feed;
+            let cursor = self.store.cursor(feed)?.context("cursor row missing")?;
+            let (window, page_token) = match cursor.window {
+                Some((w, token)) => (w, token),
+                None => match window::next_window(cursor.watermark, datetime::now(), settings) {
+                    Some(w) => (w, None),
+                    None => {
+                        self.idle(i, now);
+                        continue;
+                    }
+                },
+            };
+            let req = PageRequest { feed, window, page_token, page_size: self.cfg.mimecast.page_size };
+            let (http, creds, token, margin) =
+                (self.http.clone(), self.creds.clone(), self.token.clone(), self.tuning.token_margin);
+            return Ok(Some(smol::unblock(move || {
+                let f = client::fetch_page(&http, &creds, token, &req, margin);
+                (req, f)
+            })));
+        }
+    }
+
+    /// A feed has nothing new: in `--once` mode its pass is over, else it polls again after the interval.
+    fn idle(&mut self, i: usize, now: Instant) {
+        let f = &mut self.feeds[i];
+        match self.mode {
+            Mode::Once => f.done = true,
+            Mode::Daemon => f.due = now + Duration::from_secs(self.cfg.mimecast.poll_interval_secs),
+        }
+    }
+
+    fn on_fetched(&mut self, req: PageRequest, fetched: Fetched) -> anyhow::Result<()> {
+        if let Some(t) = fetched.new_token {
+            self.token = Some(t);
+        }
+        let i = self.feeds.iter().position(|f| f.feed == req.feed).context("fetched an unknown feed")?;
+        let now = Instant::now();
+        match fetched.result {
+            Ok(page) => {
+                let last = page.is_last();
+                let records: Vec<NewRecord> = page
+                    .records
+                    .iter()
+                    .map(|r| NewRecord {
+                        key: wire::record_key(req.feed, r),
+                        event_time: wire::record_time(req.feed, r),
+                        body: r.to_string(),
+                    })
+                    .collect();
+                let commit = PageCommit {
+                    feed: req.feed,
+                    window: req.window,
+                    next_token: if last { None } else { page.next },
+                    records,
+                    // Keys whose time is before every future window's start can never be read again.
+                    forget_before: req.window.to - self.cfg.mimecast.overlap_secs as i64 - 3600,
+                };
+                let out = self.store.commit_page(&commit, datetime::now(), self.cfg.queue.max_bytes, self.cfg.queue.when_full)?;
+                if out.dropped > 0 {
+                    log::warn!(
+                        "queue full: dropped the {} oldest records (when_full = \"drop-oldest\"); {} dropped in total",
+                        out.dropped,
+                        self.store.counters()?.dropped
+                    );
+                }
+                if out.queued > 0 && self.sink.due.is_none() {
+                    self.sink.due = Some(now);
+                }
+                let f = &mut self.feeds[i];
+                f.failures = 0;
+                f.pages += 1;
+                f.queued += out.queued;
+                f.skipped += out.skipped;
+                f.due = now + fetched.throttle.unwrap_or_default();
+                if last {
+                    self.window_done(i, req.window, now);
+                }
+            }
+            Err(e) => self.fetch_failed(i, &req, e, now)?,
+        }
+        Ok(())
+    }
+
+    fn window_done(&mut self, i: usize, w: Window, now: Instant) {
+        let settings = self.settings();
+        let f = &mut self.feeds[i];
+        // A quiet poll is worth a debug line only; one that found records is the info summary of its cycle.
+        let level = if f.queued + f.skipped > 0 { log::Level::Info } else { log::Level::Debug };
+        log::log!(
+            level,
+            "{}: read {} .. {} in {} page(s): {} queued, {} already queued",
+            f.feed,
+            datetime::rfc3339(w.from),
+            datetime::rfc3339(w.to),
+            f.pages,
+            f.queued,
+            f.skipped
+        );
+        (f.pages, f.queued, f.skipped) = (0, 0, 0);
+        if !window::behind(w, datetime::now(), settings) {
+            self.idle(i, now);
+        }
+    }
+
+    fn fetch_failed(&mut self, i: usize, req: &PageRequest, e: client::FetchError, now: Instant) -> anyhow::Result<()> {
+        let feed = req.feed;
+        self.store.feed_error(feed, &e.to_string(), datetime::now())?;
+        let f = &mut self.feeds[i];
+        f.failures += 1;
+        let retry = e.retry(req.page_token.is_some());
+        let backoff = self.tuning.mimecast_backoff.next(f.failures);
+        let delay = match retry {
+            Retry::Backoff => backoff,
+            Retry::Slow => self.tuning.slow_retry,
+            Retry::AtLeast(wait) => wait.max(backoff),
+            Retry::RestartWindow => Duration::ZERO,
+        };
+        f.due = now + delay;
+        let give_up = self.mode == Mode::Once && (retry == Retry::Slow || f.failures >= self.tuning.once_attempts);
+        if retry == Retry::Slow {
+            log::error!("{feed}: {e}; retrying in {}s", delay.as_secs());
+        } else {
+            log::warn!("{feed}: {e}; attempt {} failed, retrying in {:.1}s", f.failures, delay.as_secs_f64());
+        }
+        if retry == Retry::RestartWindow {
+            log::warn!("{feed}: page token refused; reading the window again from its first page");
+            self.store.restart_window(feed)?;
+        }
+        if give_up {
+            log::error!("{feed}: giving up for this pass after {} failure(s)", f.failures);
+            f.done = true;
+        }
+        Ok(())
+    }
+
+    /// Builds the next batch (pending split halves first, else the oldest records of every feed, fairly) and
+    /// starts sending it.
+    fn start_send(&mut self, now: Instant) -> anyhow::Result<Option<Task<(Batch, Sent)>>> {
+        if self.sink.done || self.sink.due.is_none_or(|d| d > now) {
+            return Ok(None);
+        }
+        let mut records = Vec::new();
+        while let Some(seqs) = self.sink.splits.pop() {
+            records = self.store.load(&seqs)?;
+            if !records.is_empty() {
+                break;
+            }
+        }
+        if records.is_empty() {
+            records = batch::fair_order(self.store.candidates(MAX_LOGS)?);
+        }
+        let Some(b) = self.pack(records)? else {
+            self.sink.due = None; // Idle until a page queues something.
+            self.log_drain_summary(true);
+            return Ok(None);
+        };
+        let (http, url, key) = (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone());
+        let payload = b.1;
+        let b = b.0;
+        Ok(Some(smol::unblock(move || {
+            let sent = sink::send(&http, &url, &key, &payload);
+            (b, sent)
+        })))
+    }
+
+    /// Builds log objects in order until a limit is reached. A record too large for Datadog goes to the
+    /// dead-letter table instead (kept, counted, shown by `status`), so it never blocks the rest.
+    fn pack(&mut self, records: Vec<Queued>) -> anyhow::Result<Option<(Batch, Vec<u8>)>> {
+        let now = datetime::now();
+        let mut logs: Vec<String> = Vec::new();
+        let mut b = Batch { seqs: Vec::new(), restamped: 0, kept: 0 };
+        let mut packer = batch::Packer::default();
+        for q in records {
+            let built = logobj::build(q.feed, &q.body, q.event_time, &self.shape, now);
+            if built.json.len() > MAX_LOG_BYTES {
+                let reason = format!("log of {} bytes exceeds Datadog's 1 MB limit; not sent", built.json.len());
+                log::error!("{}: record {} {reason}; kept as a dead letter", q.feed, q.key);
+                self.store.dead_letter(q.seq, &reason, now)?;
+                continue;
+            }
+            if !packer.try_add(built.json.len()) {
+                break;
+            }
+            match built.late {
+                Late::Restamped => b.restamped += 1,
+                Late::Kept => b.kept += 1,
+                Late::OnTime => {}
+            }
+            b.seqs.push(q.seq);
+            logs.push(built.json);
+        }
+        if logs.is_empty() {
+            return Ok(None);
+        }
+        let payload = batch::payload(logs.iter().map(String::as_str));
+        Ok(Some((b, payload)))
+    }
+
+    fn on_sent(&mut self, b: Batch, sent: Sent) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let secs = datetime::now();
+        match disposition(sent.answer, b.seqs.len()) {
+            Disposition::Delete => {
+                let n = self.store.delivered(&b.seqs, b.restamped, b.kept, secs)?;
+                if b.kept > 0 {
+                    log::warn!("sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them", b.kept);
+                }
+                self.sink.failures = 0;
+                self.sink.due = Some(now);
+                self.sink.delivered_since += n;
+                self.sink.since.get_or_insert(now);
+                self.log_drain_summary(false);
+            }
+            Disposition::Split => {
+                let mut first = b.seqs;
+                let second = first.split_off(first.len() / 2);
+                log::warn!("Datadog refused a batch ({}); splitting it into {} + {}", sent.detail, first.len(), second.len());
+                self.sink.splits.push(second);
+                self.sink.splits.push(first);
+                self.sink.due = Some(now);
+            }
+            Disposition::DeadLetter => {
+                let reason = format!("Datadog refused this log: {}", sent.detail);
+                log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder status`)");
+                for &seq in &b.seqs {
+                    self.store.dead_letter(seq, &reason, secs)?;
+                }
+                self.sink.due = Some(now);
+            }
+            Disposition::Hold => {
+                self.sink.failures += 1;
+                let msg = format!(
+                    "Datadog refused the API key or the intake URL ({}); every record stays queued; fix datadog.api_key \
+                     or datadog.site/intake_url; retrying in {}s",
+                    sent.detail,
+                    self.tuning.slow_retry.as_secs()
+                );
+                log::error!("{msg}");
+                self.store.set_state("datadog_last_error", &format!("{secs} {msg}"))?;
+                self.sink.due = Some(now + self.tuning.slow_retry);
+                self.sink.done = self.mode == Mode::Once;
+            }
+            Disposition::Retry(after) => {
+                self.sink.failures += 1;
+                let delay = after.unwrap_or_default().max(self.tuning.datadog_backoff.next(self.sink.failures));
+                log::warn!(
+                    "Datadog intake: {}; attempt {} failed, retrying in {:.1}s; records stay queued",
+                    sent.detail,
+                    self.sink.failures,
+                    delay.as_secs_f64()
+                );
+                self.store.set_state("datadog_last_error", &format!("{secs} {}", sent.detail))?;
+                self.sink.due = Some(now + delay);
+                if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
+                    log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
+                    self.sink.done = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One info line per drain: when the queue runs empty, or every `summary_every` while it is busy.
+    fn log_drain_summary(&mut self, emptied: bool) {
+        let Some(since) = self.sink.since else { return };
+        let elapsed = since.elapsed();
+        if !emptied && elapsed < self.tuning.summary_every {
+            return;
+        }
+        let n = self.sink.delivered_since;
+        let queued = self.store.counters().map(|c| c.queue_records).unwrap_or(-1);
+        log::info!(
+            "delivered {n} records to Datadog in {:.1}s ({:.0}/s); {queued} queued",
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64().max(0.001)
+        );
+        self.sink.delivered_since = 0;
+        self.sink.since = None;
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT. The signal handler only writes a byte to a socket (signal-hook's
+/// pipe), which the main loop awaits like any other I/O.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+    }
+    let rx = smol::Async::new(rx)?;
+    Ok(async move {
+        let _ = rx.readable().await;
+        log::info!("signal received: stopping");
+    })
+}

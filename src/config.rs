@@ -1,0 +1,586 @@
+//! The TOML config: parsed strictly (unknown keys refused) into `RawConfig`, then validated into `Config`.
+//! Secrets live in [`Secret`], whose `Debug` and `Display` never show the value.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::mimecast::Feed;
+
+/// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Where the config comes from when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/mimecast-forwarder/config.toml";
+
+/// Datadog sites and their intake hosts (datadog-intake.md).
+pub const SITES: [&str; 9] = [
+    "datadoghq.com",
+    "us3.datadoghq.com",
+    "us5.datadoghq.com",
+    "datadoghq.eu",
+    "ap1.datadoghq.com",
+    "ap2.datadoghq.com",
+    "uk1.datadoghq.com",
+    "ddog-gov.com",
+    "us2.ddog-gov.com",
+];
+
+/// Datadog drops logs older than 18 h at intake; a larger `max_event_age_secs` would let records vanish.
+const DATADOG_MAX_AGE_SECS: u64 = 18 * 3600;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    mimecast: RawMimecast,
+    #[serde(default)]
+    datadog: RawDatadog,
+    #[serde(default)]
+    queue: RawQueue,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMimecast {
+    base_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    log_types: Option<Vec<String>>,
+    poll_interval_secs: Option<u64>,
+    page_size: Option<u32>,
+    initial_lookback_secs: Option<u64>,
+    settle_secs: Option<u64>,
+    overlap_secs: Option<u64>,
+    max_window_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatadog {
+    site: Option<String>,
+    intake_url: Option<String>,
+    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    hostname: Option<String>,
+    tags: Option<Vec<String>>,
+    late_records: Option<String>,
+    max_event_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    path: Option<PathBuf>,
+    max_bytes: Option<u64>,
+    when_full: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    timeout_secs: Option<u64>,
+    proxy: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mimecast: MimecastConfig,
+    pub datadog: DatadogConfig,
+    pub queue: QueueConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct MimecastConfig {
+    pub base_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub feeds: Vec<Feed>,
+    pub poll_interval_secs: u64,
+    pub page_size: u32,
+    pub initial_lookback_secs: u64,
+    pub settle_secs: u64,
+    pub overlap_secs: u64,
+    pub max_window_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatadogConfig {
+    pub site: String,
+    pub intake_url: String,
+    /// `GET …/api/v1/validate`, used by `check-config --connect`.
+    pub validate_url: String,
+    pub api_key: Secret,
+    pub hostname: String,
+    pub tags: Vec<String>,
+    pub late_records: LateRecords,
+    pub max_event_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateRecords {
+    Restamp,
+    Keep,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    Pause,
+    DropOldest,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub timeout_secs: u64,
+    pub proxy: Option<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A config that cannot be used. The message names the key, the value and what is expected, never a secret.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read { path: PathBuf, error: std::io::Error },
+    Parse { path: PathBuf, message: String },
+    Invalid { key: &'static str, value: String, expected: String },
+    Missing { key: &'static str, how: &'static str },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => write!(f, "cannot read {}: {error}", path.display()),
+            ConfigError::Parse { path, message } => write!(f, "{}: {}", path.display(), message.trim_end()),
+            ConfigError::Invalid { key, value, expected } => {
+                write!(f, "invalid {key} = {value}: expected {expected}")
+            }
+            ConfigError::Missing { key, how } => write!(f, "missing {key}: set {how}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A config and the warnings found while loading it (secrets readable by others).
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// Reads and validates the config at `path`; `env` looks up environment variables (a parameter for tests).
+pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
+    let raw: RawConfig =
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+    let mut warnings = Vec::new();
+    let holds_secret = raw.mimecast.client_secret.is_some() || raw.datadog.api_key.is_some();
+    if holds_secret && readable_by_others(path) {
+        warnings.push(format!(
+            "{} holds a secret and is readable by others: chmod o-rwx it (or use *_file keys)",
+            path.display()
+        ));
+    }
+    let config = validate(raw, env, &mut warnings)?;
+    Ok(Loaded { config, warnings })
+}
+
+/// Parses TOML text without secrets from the environment; for tests and the shipped example.
+pub fn from_str(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let raw: RawConfig =
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<string>".into(), message: e.to_string() })?;
+    validate(raw, env, &mut Vec::new())
+}
+
+fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).map(|m| m.permissions().mode() & 0o007 != 0).unwrap_or(false)
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Display, expected: &str) -> ConfigError {
+    ConfigError::Invalid { key, value: value.to_string(), expected: expected.into() }
+}
+
+/// A secret from its file, the config, or the environment, in that order of preference.
+fn secret(
+    key: &'static str,
+    file: Option<PathBuf>,
+    inline: Option<String>,
+    env_name: &'static str,
+    how: &'static str,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Secret, ConfigError> {
+    let value = if let Some(path) = file {
+        if readable_by_others(&path) {
+            warnings.push(format!("{} is readable by others: chmod o-rwx it", path.display()));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| invalid(key, path.display(), &format!("a readable file ({e})")))?;
+        text.trim().to_owned()
+    } else if let Some(v) = inline {
+        v
+    } else {
+        env(env_name).unwrap_or_default()
+    };
+    if value.is_empty() {
+        return Err(ConfigError::Missing { key, how });
+    }
+    Ok(Secret(value))
+}
+
+fn range(key: &'static str, v: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+    if v < lo || v > hi {
+        return Err(invalid(key, v, &format!("a whole number from {lo} to {hi}")));
+    }
+    Ok(v)
+}
+
+fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
+    if !(v.starts_with("https://") || v.starts_with("http://")) || v.len() < 9 || v.contains(char::is_whitespace) {
+        return Err(invalid(key, format!("{v:?}"), "an http:// or https:// URL"));
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>, warnings: &mut Vec<String>) -> Result<Config, ConfigError> {
+    let m = raw.mimecast;
+    let base_url = url("mimecast.base_url", m.base_url.unwrap_or_else(|| "https://api.services.mimecast.com".into()))?;
+    let client_id = m.client_id.or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
+    if client_id.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "mimecast.client_id",
+            how: "mimecast.client_id or the environment variable MIMECAST_CLIENT_ID",
+        });
+    }
+    let client_secret = secret(
+        "mimecast.client_secret",
+        m.client_secret_file,
+        m.client_secret,
+        "MIMECAST_CLIENT_SECRET",
+        "mimecast.client_secret_file, mimecast.client_secret or the environment variable MIMECAST_CLIENT_SECRET",
+        env,
+        warnings,
+    )?;
+    let mut feeds = Vec::new();
+    for name in m.log_types.unwrap_or_else(|| Feed::ALL.iter().map(|f| f.name().to_owned()).collect()) {
+        let feed = Feed::from_name(&name).ok_or_else(|| {
+            let names: Vec<_> = Feed::ALL.iter().map(|f| f.name()).collect();
+            invalid("mimecast.log_types", format!("{name:?}"), &format!("some of {}", names.join(", ")))
+        })?;
+        if feeds.contains(&feed) {
+            return Err(invalid("mimecast.log_types", format!("{name:?}"), "each log type once"));
+        }
+        feeds.push(feed);
+    }
+    if feeds.is_empty() {
+        return Err(invalid("mimecast.log_types", "[]", "at least one log type"));
+    }
+    let overlap_secs = range("mimecast.overlap_secs", m.overlap_secs.unwrap_or(300), 0, 7 * 86400)?;
+    let max_window_secs = m.max_window_secs.unwrap_or(3600);
+    if max_window_secs <= overlap_secs {
+        return Err(invalid(
+            "mimecast.max_window_secs",
+            max_window_secs,
+            &format!("more than mimecast.overlap_secs ({overlap_secs}), or windows would never advance"),
+        ));
+    }
+    let mimecast = MimecastConfig {
+        base_url,
+        client_id,
+        client_secret,
+        feeds,
+        poll_interval_secs: range("mimecast.poll_interval_secs", m.poll_interval_secs.unwrap_or(60), 1, 86400)?,
+        page_size: range("mimecast.page_size", m.page_size.unwrap_or(500).into(), 1, 1000)? as u32,
+        initial_lookback_secs: range(
+            "mimecast.initial_lookback_secs",
+            m.initial_lookback_secs.unwrap_or(86400),
+            0,
+            10 * 365 * 86400,
+        )?,
+        settle_secs: range("mimecast.settle_secs", m.settle_secs.unwrap_or(60), 0, 86400)?,
+        overlap_secs,
+        max_window_secs,
+    };
+
+    let d = raw.datadog;
+    let site = d.site.unwrap_or_else(|| "datadoghq.com".into());
+    if !SITES.contains(&site.as_str()) {
+        return Err(invalid("datadog.site", format!("{site:?}"), &format!("one of {}", SITES.join(", "))));
+    }
+    let (intake_url, validate_url) = match d.intake_url {
+        Some(u) => {
+            let u = url("datadog.intake_url", u)?;
+            let validate = format!("{}/api/v1/validate", origin(&u));
+            (u, validate)
+        }
+        None => (format!("https://http-intake.logs.{site}/api/v2/logs"), format!("https://api.{site}/api/v1/validate")),
+    };
+    let api_key = secret(
+        "datadog.api_key",
+        d.api_key_file,
+        d.api_key,
+        "DD_API_KEY",
+        "datadog.api_key_file, datadog.api_key or the environment variable DD_API_KEY",
+        env,
+        warnings,
+    )?;
+    let hostname = match d.hostname {
+        Some(h) if h.trim().is_empty() => return Err(invalid("datadog.hostname", "\"\"", "a non-empty host name")),
+        Some(h) => h,
+        None => machine_hostname(),
+    };
+    let tags = d.tags.unwrap_or_default();
+    if tags.len() > 100 {
+        return Err(invalid("datadog.tags", format!("{} tags", tags.len()), "at most 100 tags"));
+    }
+    if let Some(t) = tags.iter().find(|t| t.is_empty() || t.len() > 256 || t.contains(',')) {
+        return Err(invalid("datadog.tags", format!("{t:?}"), "tags of 1 to 256 characters without commas"));
+    }
+    let late_records = match d.late_records.as_deref().unwrap_or("restamp") {
+        "restamp" => LateRecords::Restamp,
+        "keep" => LateRecords::Keep,
+        other => return Err(invalid("datadog.late_records", format!("{other:?}"), "\"restamp\" or \"keep\"")),
+    };
+    let datadog = DatadogConfig {
+        site,
+        intake_url,
+        validate_url,
+        api_key,
+        hostname,
+        tags,
+        late_records,
+        max_event_age_secs: range(
+            "datadog.max_event_age_secs",
+            d.max_event_age_secs.unwrap_or(61200),
+            60,
+            DATADOG_MAX_AGE_SECS,
+        )?,
+    };
+
+    let q = raw.queue;
+    let when_full = match q.when_full.as_deref().unwrap_or("pause") {
+        "pause" => WhenFull::Pause,
+        "drop-oldest" => WhenFull::DropOldest,
+        other => return Err(invalid("queue.when_full", format!("{other:?}"), "\"pause\" or \"drop-oldest\"")),
+    };
+    let queue = QueueConfig {
+        path: q.path.unwrap_or_else(|| PathBuf::from("/var/lib/mimecast-forwarder/queue.db")),
+        max_bytes: range("queue.max_bytes", q.max_bytes.unwrap_or(1 << 30), 1, u64::MAX / 2)?,
+        when_full,
+    };
+    if queue.path.as_os_str().is_empty() {
+        return Err(invalid("queue.path", "\"\"", "a file path"));
+    }
+
+    let h = raw.http;
+    let http = HttpConfig {
+        timeout_secs: range("http.timeout_secs", h.timeout_secs.unwrap_or(30), 1, 600)?,
+        proxy: h.proxy.map(|p| url("http.proxy", p)).transpose()?,
+        ca_file: h.ca_file,
+    };
+    Ok(Config { mimecast, datadog, queue, http })
+}
+
+/// `scheme://host[:port]` of a URL.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
+    match url[after_scheme..].find('/') {
+        Some(i) => &url[..after_scheme + i],
+        None => url,
+    }
+}
+
+/// This machine's host name, from the kernel.
+pub fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Config {
+    /// The effective settings as TOML, secrets redacted: what `check-config` prints.
+    pub fn render(&self) -> String {
+        let m = &self.mimecast;
+        let d = &self.datadog;
+        let q = &self.queue;
+        let h = &self.http;
+        let feeds: Vec<String> = m.feeds.iter().map(|f| format!("{:?}", f.name())).collect();
+        let tags: Vec<String> = d.tags.iter().map(|t| format!("{t:?}")).collect();
+        format!(
+            "[mimecast]\nbase_url = {:?}\nclient_id = {:?}\nclient_secret = \"{}\"\nlog_types = [{}]\n\
+             poll_interval_secs = {}\npage_size = {}\ninitial_lookback_secs = {}\nsettle_secs = {}\n\
+             overlap_secs = {}\nmax_window_secs = {}\n\n\
+             [datadog]\nsite = {:?}\nintake_url = {:?}\napi_key = \"{}\"\nhostname = {:?}\ntags = [{}]\n\
+             late_records = \"{}\"\nmax_event_age_secs = {}\n\n\
+             [queue]\npath = {:?}\nmax_bytes = {}\nwhen_full = \"{}\"\n\n\
+             [http]\ntimeout_secs = {}\nproxy = {}\nca_file = {}\n",
+            m.base_url,
+            m.client_id,
+            m.client_secret,
+            feeds.join(", "),
+            m.poll_interval_secs,
+            m.page_size,
+            m.initial_lookback_secs,
+            m.settle_secs,
+            m.overlap_secs,
+            m.max_window_secs,
+            d.site,
+            d.intake_url,
+            d.api_key,
+            d.hostname,
+            tags.join(", "),
+            match d.late_records {
+                LateRecords::Restamp => "restamp",
+                LateRecords::Keep => "keep",
+            },
+            d.max_event_age_secs,
+            q.path.display().to_string(),
+            q.max_bytes,
+            match q.when_full {
+                WhenFull::Pause => "pause",
+                WhenFull::DropOldest => "drop-oldest",
+            },
+            h.timeout_secs,
+            h.proxy.as_deref().map(|p| format!("{p:?}")).unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
+            h.ca_file.as_deref().map(|p| format!("{:?}", p.display().to_string())).unwrap_or_else(|| "\"\" # none".into()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[mimecast]\nclient_id = \"id\"\nclient_secret = \"s3cr3t-mc\"\n[datadog]\napi_key = \"s3cr3t-dd\"\n";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn err(text: &str) -> String {
+        from_str(text, &no_env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = from_str(MINIMAL, &no_env).unwrap();
+        assert_eq!(c.mimecast.base_url, "https://api.services.mimecast.com");
+        assert_eq!(c.mimecast.feeds, Feed::ALL.to_vec());
+        assert_eq!((c.mimecast.poll_interval_secs, c.mimecast.page_size), (60, 500));
+        assert_eq!((c.mimecast.settle_secs, c.mimecast.overlap_secs, c.mimecast.max_window_secs), (60, 300, 3600));
+        assert_eq!(c.datadog.intake_url, "https://http-intake.logs.datadoghq.com/api/v2/logs");
+        assert_eq!(c.datadog.validate_url, "https://api.datadoghq.com/api/v1/validate");
+        assert_eq!((c.datadog.late_records, c.datadog.max_event_age_secs), (LateRecords::Restamp, 61200));
+        assert_eq!((c.queue.max_bytes, c.queue.when_full), (1 << 30, WhenFull::Pause));
+        assert_eq!(c.http.timeout_secs, 30);
+    }
+
+    #[test]
+    fn every_site_maps_to_its_intake() {
+        for site in SITES {
+            let c = from_str(&format!("{MINIMAL}site = \"{site}\"\n"), &no_env).unwrap();
+            assert_eq!(c.datadog.intake_url, format!("https://http-intake.logs.{site}/api/v2/logs"));
+        }
+        let c = from_str(&format!("{MINIMAL}intake_url = \"http://127.0.0.1:9/api/v2/logs\"\n"), &no_env).unwrap();
+        assert_eq!(c.datadog.intake_url, "http://127.0.0.1:9/api/v2/logs");
+        assert_eq!(c.datadog.validate_url, "http://127.0.0.1:9/api/v1/validate");
+    }
+
+    #[test]
+    fn errors_name_the_key_value_and_expectation() {
+        let e = err(&format!("{MINIMAL}[queue]\nwhen_ful = \"pause\"\n"));
+        assert!(e.contains("when_ful"), "{e}");
+        let e = err(&format!("{MINIMAL}[queue]\nwhen_full = \"block\"\n"));
+        assert!(e.contains("queue.when_full") && e.contains("\"block\"") && e.contains("drop-oldest"), "{e}");
+        let e = err(&format!("{MINIMAL}site = \"datadoghq.org\"\n"));
+        assert!(e.contains("datadog.site"), "{e}");
+        let e = err(&MINIMAL.replace("[datadog]", "log_types = [\"audit\", \"spam\"]\n[datadog]"));
+        assert!(e.contains("mimecast.log_types") && e.contains("spam"), "{e}");
+        let e = err(&MINIMAL.replace("[datadog]", "overlap_secs = 600\nmax_window_secs = 600\n[datadog]"));
+        assert!(e.contains("mimecast.max_window_secs"), "{e}");
+        let e = err(&MINIMAL.replace("[datadog]", "page_size = \"big\"\n[datadog]"));
+        assert!(e.contains("page_size"), "{e}");
+        let e = err(&format!("{MINIMAL}max_event_age_secs = 90000\n"));
+        assert!(e.contains("datadog.max_event_age_secs") && e.contains("64800"), "{e}");
+        let e = err("[mimecast]\nclient_id = \"id\"\n");
+        assert!(e.contains("mimecast.client_secret") && e.contains("MIMECAST_CLIENT_SECRET"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_file_then_config_then_env_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dd");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!("{MINIMAL}api_key_file = {:?}\n", file.display().to_string());
+        let c = from_str(&text, &no_env).unwrap();
+        assert_eq!(c.datadog.api_key.expose(), "from-file");
+        let env = |k: &str| (k == "DD_API_KEY" || k == "MIMECAST_CLIENT_SECRET").then(|| "from-env".to_string());
+        let c = from_str("[mimecast]\nclient_id = \"id\"\n", &env).unwrap();
+        assert_eq!(c.datadog.api_key.expose(), "from-env");
+        let c = from_str(MINIMAL, &env).unwrap();
+        assert_eq!(c.datadog.api_key.expose(), "s3cr3t-dd");
+        for shown in [format!("{c:?}"), c.render()] {
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn warns_when_a_secret_is_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let loaded = load(&path, &no_env).unwrap();
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(load(&path, &no_env).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn renders_as_valid_toml_with_the_same_settings() {
+        let c = from_str(MINIMAL, &no_env).unwrap();
+        let rendered = c.render();
+        let back: toml::Value = toml::from_str(&rendered).unwrap();
+        assert_eq!(back["queue"]["when_full"].as_str(), Some("pause"));
+        assert_eq!(back["mimecast"]["client_secret"].as_str(), Some("[redacted]"));
+    }
+}

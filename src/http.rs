@@ -1,0 +1,132 @@
+//! The only place ureq is touched: blocking HTTP with timeouts always set, and errors reduced to what callers
+//! decide on. Callers run these functions through `smol::unblock` (see ARCHITECTURE.md).
+
+use std::time::Duration;
+
+use crate::config::HttpConfig;
+
+/// Larger bodies are refused rather than buffered: a Mimecast page of 500 records is well under a megabyte.
+const MAX_BODY: u64 = 64 * 1024 * 1024;
+
+/// A complete response of any status.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The start of the body, for error messages: enough to diagnose, never a whole page.
+    pub fn excerpt(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let text: String = text.chars().take(200).collect();
+        text.replace(['\n', '\r'], " ")
+    }
+}
+
+/// Why no response arrived. Every variant is worth a retry; none carries a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    Timeout(String),
+    Connect(String),
+    /// The connection broke mid-exchange, or the peer spoke broken HTTP or sent a truncated body.
+    Transport(String),
+    /// Bad URL, proxy or TLS settings: a configuration problem, reported as such.
+    Setup(String),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::Timeout(m) => write!(f, "timed out: {m}"),
+            HttpError::Connect(m) => write!(f, "could not connect: {m}"),
+            HttpError::Transport(m) => write!(f, "connection failed: {m}"),
+            HttpError::Setup(m) => write!(f, "bad HTTP settings: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// A cloneable blocking client (ureq's Agent shares its connection pool between clones).
+#[derive(Clone)]
+pub struct Http {
+    agent: ureq::Agent,
+}
+
+impl Http {
+    pub fn new(cfg: &HttpConfig) -> Result<Http, HttpError> {
+        let timeout = Duration::from_secs(cfg.timeout_secs);
+        let mut builder = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .timeout_connect(Some(timeout.min(Duration::from_secs(10))))
+            .user_agent(concat!("mimecast-forwarder/", env!("CARGO_PKG_VERSION")))
+            .max_redirects(0);
+        if let Some(proxy) = &cfg.proxy {
+            let p = ureq::Proxy::new(proxy).map_err(|e| HttpError::Setup(format!("proxy {proxy}: {e}")))?;
+            builder = builder.proxy(Some(p));
+        }
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| HttpError::Setup(format!("reading ca_file {}: {e}", path.display())))?;
+            let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(HttpError::Setup(format!("ca_file {} holds no PEM certificate", path.display())));
+            }
+            let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
+            builder = builder.tls_config(tls);
+        }
+        Ok(Http { agent: builder.build().new_agent() })
+    }
+
+    pub fn post(&self, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<Response, HttpError> {
+        let mut req = self.agent.post(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        finish(req.send(&body[..]))
+    }
+
+    pub fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<Response, HttpError> {
+        let mut req = self.agent.get(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        finish(req.call())
+    }
+}
+
+fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Response, HttpError> {
+    let mut resp = result.map_err(classify)?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(classify)?;
+    Ok(Response { status, headers, body })
+}
+
+fn classify(e: ureq::Error) -> HttpError {
+    let msg = e.to_string();
+    match e {
+        ureq::Error::Timeout(_) => HttpError::Timeout(msg),
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => HttpError::Connect(msg),
+        ureq::Error::Io(ref io) if io.kind() == std::io::ErrorKind::ConnectionRefused => HttpError::Connect(msg),
+        ureq::Error::Io(ref io) if io.kind() == std::io::ErrorKind::TimedOut => HttpError::Timeout(msg),
+        ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Http(_) => HttpError::Setup(msg),
+        _ => HttpError::Transport(msg),
+    }
+}

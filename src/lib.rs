@@ -1,0 +1,37 @@
+//! mimecast-forwarder: pulls six Mimecast security log feeds into a durable SQLite queue and drains that queue
+//! to Datadog's logs intake, so that nothing is lost while Datadog or the network is down.
+//!
+//! Modules in reading order:
+//! - [`config`]: the TOML file, validated into a [`config::Config`] with redacted secrets.
+//! - [`mimecast`]: the six feeds as one table, the wire format, OAuth and the window/page cursor logic.
+//! - [`store`]: the SQLite queue, cursors, dead letters and counters.
+//! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
+//! - [`agent`]: the main loop that ties polling and delivery together on one smol executor.
+//! - [`status`]: the read-only report behind `mimecast-forwarder status`.
+//! - [`sim`]: loopback simulators of Mimecast and Datadog, used by `demo` and the tests.
+//! - [`demo`]: the whole pipeline against the simulators.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod datadog;
+pub mod datetime;
+pub mod demo;
+pub mod http;
+pub mod mimecast;
+pub mod sim;
+pub mod status;
+pub mod store;
+
+/// Exit codes from sysexits.h that packages, systemd and scripts rely on (interface.md).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const NO_INPUT: i32 = 66;
+    pub const UNAVAILABLE: i32 = 69;
+    pub const SOFTWARE: i32 = 70;
+    pub const TEMP_FAIL: i32 = 75;
+    pub const CONFIG: i32 = 78;
+}

@@ -1,0 +1,75 @@
+//! argv → config → logging → run → exit code; nothing else.
+
+use std::io::Write;
+
+use mimecast_forwarder::agent::{self, Mode, Tuning};
+use mimecast_forwarder::cli::{self, Command};
+use mimecast_forwarder::exit;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The demo prints its own account of what flows; the agent's info lines would drown it.
+    init_logging(if args.first().map(String::as_str) == Some("demo") { "warn" } else { "info" });
+    let code = match cli::parse(&args) {
+        Ok(Command::Help(text)) => {
+            print!("{text}");
+            exit::OK
+        }
+        Ok(Command::Version) => {
+            println!("mimecast-forwarder {}", env!("CARGO_PKG_VERSION"));
+            exit::OK
+        }
+        Ok(Command::Run { config, once }) => run(&cli::config_path(config), once),
+        Ok(Command::CheckConfig { config, connect }) => cli::check_config(&cli::config_path(config), connect),
+        Ok(Command::Status { config, json }) => cli::status(&cli::config_path(config), json),
+        Ok(Command::Demo) => mimecast_forwarder::demo::run(),
+        Err(e) => {
+            eprintln!("error: {e}\n\n{}", cli::USAGE);
+            64 // EX_USAGE
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(path: &std::path::Path, once: bool) -> i32 {
+    let cfg = match cli::load_config(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("config error: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let mode = if once { Mode::Once } else { Mode::Daemon };
+    let result = agent::shutdown_signal()
+        .map_err(anyhow::Error::from)
+        .and_then(|signal| smol::block_on(agent::run(&cfg, &Tuning::default(), mode, signal)));
+    match result {
+        Ok(outcome) if once && outcome.queued > 0 => {
+            log::warn!("{} records remain queued; run again later", outcome.queued);
+            exit::TEMP_FAIL
+        }
+        Ok(_) => exit::OK,
+        Err(e) => {
+            log::error!("{e:#}");
+            exit::SOFTWARE
+        }
+    }
+}
+
+/// env_logger at `info` unless RUST_LOG says otherwise. Under systemd (JOURNAL_STREAM set) journald adds the
+/// time, so lines carry only the syslog priority prefix that journald understands.
+fn init_logging(default: &str) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.format(|buf, record| {
+            let prio = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                _ => 7,
+            };
+            writeln!(buf, "<{prio}>{}", record.args())
+        });
+    }
+    b.init();
+}

@@ -1,0 +1,241 @@
+//! Pure Mimecast wire format: the page request, the page response, and a record's stable key and time.
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::Feed;
+use super::window::Window;
+use crate::datetime;
+
+/// One parsed page of a feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub records: Vec<Value>,
+    pub next: Option<String>,
+}
+
+impl Page {
+    /// Real responses carry `next` on a final, empty page: stop on a missing `next` or an empty page.
+    pub fn is_last(&self) -> bool {
+        self.next.is_none() || self.records.is_empty()
+    }
+}
+
+/// Why a 200 response is not a page.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireError {
+    /// Not the JSON envelope we expect (truncated, HTML from a proxy, a changed shape).
+    Malformed(String),
+    /// A non-empty `fail[]`: the call failed even though HTTP said 200.
+    Failed { retryable: bool, message: String },
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Malformed(m) => write!(f, "malformed response: {m}"),
+            WireError::Failed { retryable, message } => {
+                write!(f, "call failed ({}): {message}", if *retryable { "retryable" } else { "not retryable" })
+            }
+        }
+    }
+}
+
+/// The request body of one page: the same filter on every page of a window; only `pageToken` changes.
+pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&str>) -> Vec<u8> {
+    let filter = feed.filter(&datetime::mimecast(window.from), &datetime::mimecast(window.to));
+    let mut pagination = json!({ "pageSize": page_size });
+    if let Some(t) = token {
+        pagination["pageToken"] = Value::String(t.to_owned());
+    }
+    json!({ "meta": { "pagination": pagination }, "data": [filter] }).to_string().into_bytes()
+}
+
+/// Parses a 200 response body into a page, or says why it is not one.
+pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let obj = doc.as_object().ok_or_else(|| WireError::Malformed("not a JSON object".into()))?;
+    if let Some(fails) = obj.get("fail").and_then(Value::as_array).filter(|f| !f.is_empty()) {
+        return Err(failure(fails));
+    }
+    let data = match obj.get("data") {
+        Some(Value::Array(d)) => d,
+        Some(Value::Null) | None => return Err(WireError::Malformed("no data array".into())),
+        Some(_) => return Err(WireError::Malformed("data is not an array".into())),
+    };
+    let records = match feed.spec().records_key {
+        None => data.clone(),
+        Some(key) => unwrap_records(feed, key, data)?,
+    };
+    let next = obj
+        .get("meta")
+        .and_then(|m| m.get("pagination"))
+        .and_then(|p| p.get("next"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    Ok(Page { records, next })
+}
+
+fn unwrap_records(feed: Feed, key: &str, data: &[Value]) -> Result<Vec<Value>, WireError> {
+    let mut records = Vec::new();
+    for item in data {
+        match item.get(key) {
+            Some(Value::Array(inner)) => records.extend(inner.iter().cloned()),
+            Some(Value::Null) => {}
+            Some(_) => return Err(WireError::Malformed(format!("data[].{key} is not an array"))),
+            // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record.
+            None if feed == Feed::Rejection => records.push(item.clone()),
+            // A wrapper with only counters (resultCount) and no records array holds nothing.
+            None if is_counter_only(item) => {}
+            None => return Err(WireError::Malformed(format!("data[] item has no {key} array"))),
+        }
+    }
+    Ok(records)
+}
+
+fn is_counter_only(item: &Value) -> bool {
+    item.as_object().is_some_and(|o| o.values().all(|v| v.is_number()))
+}
+
+fn failure(fails: &[Value]) -> WireError {
+    let mut retryable = false;
+    let mut parts = Vec::new();
+    for f in fails {
+        for e in f.get("errors").and_then(Value::as_array).into_iter().flatten() {
+            retryable |= e.get("retryable").and_then(Value::as_bool).unwrap_or(false);
+            let code = e.get("code").and_then(Value::as_str).unwrap_or("?");
+            let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
+            parts.push(format!("{code}: {msg}"));
+        }
+    }
+    if parts.is_empty() {
+        parts.push(format!("{} fail[] item(s) without errors", fails.len()));
+    }
+    WireError::Failed { retryable, message: parts.join("; ") }
+}
+
+/// The stable per-record key: the feed's id where it has one, else a SHA-256 of the canonical JSON.
+/// The hash is of content with sorted keys, so it is the same across builds, versions and field order.
+pub fn record_key(feed: Feed, record: &Value) -> String {
+    if let Some(id) = feed.spec().id_field.and_then(|f| record.get(f)).and_then(Value::as_str) {
+        if !id.is_empty() {
+            return format!("id:{id}");
+        }
+    }
+    let mut canon = String::new();
+    canonical(record, &mut canon);
+    let digest = Sha256::digest(canon.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("h:{hex}")
+}
+
+/// Compact JSON with object keys sorted, recursively.
+pub fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// The record's own event time, if its time field holds a datetime we can read.
+pub fn record_time(feed: Feed, record: &Value) -> Option<i64> {
+    record.get(feed.spec().time_field).and_then(Value::as_str).and_then(datetime::parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(feed: Feed, body: &str) -> Result<Page, WireError> {
+        parse_page(feed, body.as_bytes())
+    }
+
+    #[test]
+    fn pages_of_each_shape() {
+        let p = parse(Feed::Audit, r#"{"meta":{"pagination":{"next":"t1"}},"data":[{"id":"a"}],"fail":[]}"#).unwrap();
+        assert_eq!((p.records.len(), p.next.as_deref(), p.is_last()), (1, Some("t1"), false));
+
+        let p = parse(Feed::Dlp, r#"{"meta":{"status":200},"data":[{"dlpLogs":[{"x":1},{"x":2}]}],"fail":[]}"#).unwrap();
+        assert_eq!((p.records.len(), p.next.as_deref(), p.is_last()), (2, None, true));
+
+        // `next` on an empty final page still ends the window.
+        let p = parse(Feed::TtpUrl, r#"{"meta":{"pagination":{"next":"next"}},"data":[],"fail":[]}"#).unwrap();
+        assert!(p.is_last());
+
+        let p = parse(Feed::TtpImpersonation, r#"{"data":[{"resultCount":0}]}"#).unwrap();
+        assert!(p.records.is_empty());
+    }
+
+    #[test]
+    fn rejections_accept_both_shapes() {
+        let wrapped = parse(Feed::Rejection, r#"{"data":[{"rejections":[{"id":"r1"}]}]}"#).unwrap();
+        let flat = parse(Feed::Rejection, r#"{"data":[{"id":"r1"}]}"#).unwrap();
+        assert_eq!(wrapped.records, flat.records);
+    }
+
+    #[test]
+    fn fail_on_200_is_an_error_not_an_empty_page() {
+        let body = r#"{"meta":{"status":200},"data":[],"fail":[{"key":{},"errors":[{"code":"err_x","message":"busy","retryable":true}]}]}"#;
+        assert_eq!(
+            parse(Feed::Dlp, body),
+            Err(WireError::Failed { retryable: true, message: "err_x: busy".into() })
+        );
+        let body = r#"{"fail":[{"errors":[{"code":"bad","message":"no","retryable":false}]}]}"#;
+        assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Failed { retryable: false, .. })));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        for body in ["", "{", "[]", r#"{"meta":{}}"#, r#"{"data":{}}"#, r#"{"data":[{"other":[]}]}"#, "<html>"] {
+            assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Malformed(_))), "{body}");
+        }
+    }
+
+    #[test]
+    fn request_keeps_filter_and_changes_only_the_token() {
+        let w = Window { from: 1_634_546_702, to: 1_634_550_302 };
+        let first: Value = serde_json::from_slice(&page_request(Feed::Dlp, w, 500, None)).unwrap();
+        let second: Value = serde_json::from_slice(&page_request(Feed::Dlp, w, 500, Some("tok"))).unwrap();
+        assert_eq!(first["data"], second["data"]);
+        assert_eq!(first["data"][0]["from"], "2021-10-18T08:45:02+0000");
+        assert!(first["meta"]["pagination"].get("pageToken").is_none());
+        assert_eq!(second["meta"]["pagination"]["pageToken"], "tok");
+    }
+
+    #[test]
+    fn keys_are_ids_or_stable_content_hashes() {
+        let a: Value = serde_json::from_str(r#"{"id":"X","eventTime":"t"}"#).unwrap();
+        assert_eq!(record_key(Feed::Audit, &a), "id:X");
+        let d1: Value = serde_json::from_str(r#"{"action":"hold","b":[1,{"z":1,"y":2}]}"#).unwrap();
+        let d2: Value = serde_json::from_str(r#"{"b":[1,{"y":2,"z":1}],"action":"hold"}"#).unwrap();
+        let d3: Value = serde_json::from_str(r#"{"action":"notification","b":[1,{"z":1,"y":2}]}"#).unwrap();
+        assert_eq!(record_key(Feed::Dlp, &d1), record_key(Feed::Dlp, &d2));
+        assert_ne!(record_key(Feed::Dlp, &d1), record_key(Feed::Dlp, &d3));
+        // Pinned: the key must never change across versions, or upgrades would re-send the overlap.
+        assert_eq!(record_key(Feed::Dlp, &d1), "h:ba22a6d92508ec3d4f8a6776e4fe6b55");
+    }
+}

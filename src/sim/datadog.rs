@@ -1,0 +1,187 @@
+//! A Datadog logs intake simulator: gzip/deflate/identity bodies, the documented limits enforced (1000 logs,
+//! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, and a record of
+//! every log it accepted.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use flate2::read::{GzDecoder, ZlibDecoder};
+use serde_json::{Value, json};
+
+use super::http::{Reply, Request, Server};
+use crate::datadog::batch::{MAX_LOGS, MAX_PAYLOAD_BYTES};
+
+pub const API_KEY: &str = "sim-dd-api-key-0123456789abcdef";
+
+/// A one-shot fault for the next intake request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    Status(u16),
+    /// 429 with `Retry-After: secs`.
+    RetryAfter(u64),
+    Drop,
+    Stall(Duration),
+    /// Accept the batch, then drop the connection before answering (the one in-flight duplicate).
+    AcceptThenDrop,
+}
+
+#[derive(Default)]
+struct State {
+    api_key: String,
+    accepted: Vec<Value>,
+    batches: Vec<usize>,
+    faults: VecDeque<Fault>,
+    down: Option<u16>,
+    poison: Option<String>,
+    requests: usize,
+}
+
+/// The running simulator.
+pub struct DatadogSim {
+    server: Server,
+    state: Arc<Mutex<State>>,
+}
+
+impl DatadogSim {
+    pub fn start() -> std::io::Result<DatadogSim> {
+        let state = Arc::new(Mutex::new(State { api_key: API_KEY.into(), ..State::default() }));
+        let s = state.clone();
+        let server = Server::start(move |req| handle(&s, req))?;
+        Ok(DatadogSim { server, state })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The value for `datadog.intake_url`.
+    pub fn intake_url(&self) -> String {
+        format!("{}/api/v2/logs", self.server.url())
+    }
+
+    /// Every log accepted so far, in arrival order.
+    pub fn accepted(&self) -> Vec<Value> {
+        self.lock().accepted.clone()
+    }
+
+    pub fn accepted_count(&self) -> usize {
+        self.lock().accepted.len()
+    }
+
+    /// The size of every accepted batch.
+    pub fn batches(&self) -> Vec<usize> {
+        self.lock().batches.clone()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.lock().requests
+    }
+
+    pub fn fault(&self, f: Fault) {
+        self.lock().faults.push_back(f);
+    }
+
+    /// Answer every request with this status (an outage), or serve normally with `None`.
+    pub fn set_down(&self, status: Option<u16>) {
+        self.lock().down = status;
+    }
+
+    /// Close the port: connections are refused.
+    pub fn refuse_connections(&self, on: bool) {
+        self.server.refuse_connections(on);
+    }
+
+    /// The API key the intake accepts; others get 403.
+    pub fn set_api_key(&self, key: &str) {
+        self.lock().api_key = key.into();
+    }
+
+    /// Refuse with 400 any batch holding a log whose `message` contains this text.
+    pub fn set_poison(&self, text: Option<&str>) {
+        self.lock().poison = text.map(str::to_owned);
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn error(status: u16, message: &str) -> Reply {
+    Reply::json(status, &json!({"errors": [{"status": status.to_string(), "title": message}]}))
+}
+
+fn handle(state: &Mutex<State>, req: &Request) -> Reply {
+    let mut st = lock(state);
+    if req.method == "GET" && req.path == "/api/v1/validate" {
+        return if req.header("DD-API-KEY") == Some(st.api_key.as_str()) {
+            Reply::json(200, &json!({"valid": true}))
+        } else {
+            error(403, "Forbidden")
+        };
+    }
+    if req.method != "POST" || req.path != "/api/v2/logs" {
+        return error(404, "Not found");
+    }
+    st.requests += 1;
+    let fault = st.faults.pop_front();
+    match fault {
+        Some(Fault::Status(s)) => return error(s, "injected"),
+        Some(Fault::RetryAfter(secs)) => return error(429, "Too many requests").with_header("Retry-After", &secs.to_string()),
+        Some(Fault::Drop) => return Reply::Drop,
+        Some(Fault::Stall(d)) => {
+            drop(st);
+            std::thread::sleep(d);
+            return Reply::Drop;
+        }
+        Some(Fault::AcceptThenDrop) | None => {}
+    }
+    if let Some(s) = st.down {
+        return error(s, "Service Unavailable");
+    }
+    if req.header("DD-API-KEY") != Some(st.api_key.as_str()) {
+        return error(403, "Forbidden");
+    }
+    let body = match decode(req) {
+        Ok(b) => b,
+        Err(m) => return error(400, &m),
+    };
+    if body.len() > MAX_PAYLOAD_BYTES {
+        return error(413, "Payload too large");
+    }
+    let logs = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(a)) => a,
+        Ok(_) => return error(400, "payload must be a JSON array"),
+        Err(e) => return error(400, &format!("malformed JSON: {e}")),
+    };
+    if logs.len() > MAX_LOGS {
+        return error(413, "too many logs in one request");
+    }
+    if let Some(p) = &st.poison {
+        if logs.iter().any(|l| l.get("message").and_then(Value::as_str).is_some_and(|m| m.contains(p.as_str()))) {
+            return error(400, "bad log");
+        }
+    }
+    st.batches.push(logs.len());
+    st.accepted.extend(logs);
+    if matches!(fault, Some(Fault::AcceptThenDrop)) {
+        return Reply::Drop;
+    }
+    Reply::json(202, &json!({}))
+}
+
+fn decode(req: &Request) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let limited = |r: &mut dyn Read, out: &mut Vec<u8>| {
+        // Read one byte past the limit so an oversized body is seen as such, without inflating a zip bomb.
+        r.take(MAX_PAYLOAD_BYTES as u64 + 1).read_to_end(out).map(|_| ()).map_err(|e| format!("bad body encoding: {e}"))
+    };
+    match req.header("Content-Encoding").unwrap_or("identity") {
+        "gzip" => limited(&mut GzDecoder::new(&req.body[..]), &mut out)?,
+        "deflate" => limited(&mut ZlibDecoder::new(&req.body[..]), &mut out)?,
+        "identity" => out = req.body.clone(),
+        other => return Err(format!("unsupported Content-Encoding {other}")),
+    }
+    Ok(out)
+}

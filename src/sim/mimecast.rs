@@ -1,0 +1,306 @@
+//! A Mimecast API 2.0 simulator: OAuth tokens that expire, the six feeds with time-window filtering, opaque page
+//! tokens bound to their filter, both orderings, and on-demand faults (429 with `X-RateLimit-Reset`, `fail[]`
+//! with HTTP 200, 5xx, dropped connections, stalls, expired tokens, 403 per feed).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::http::{Reply, Request, Server};
+use crate::datetime;
+use crate::mimecast::Feed;
+
+pub const CLIENT_ID: &str = "sim-client-id";
+pub const CLIENT_SECRET: &str = "sim-client-secret";
+
+/// A one-shot fault for a request of a feed (or of any feed).
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// 429 with this `X-RateLimit-Reset` header value.
+    RateLimit(String),
+    /// HTTP 200 with a non-empty `fail[]`.
+    FailOk { retryable: bool },
+    Status(u16),
+    Drop,
+    Stall(Duration),
+    /// Every issued token expires just before this request is checked.
+    ExpireTokens,
+}
+
+/// One request the simulator served, for assertions.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub feed: Option<Feed>,
+    pub at: Instant,
+    pub filter: Option<Value>,
+    pub page_token: Option<String>,
+    pub status: u16,
+    pub records: usize,
+}
+
+struct Pending {
+    feed: Option<Feed>,
+    skip: usize,
+    fault: Fault,
+}
+
+struct State {
+    records: HashMap<Feed, Vec<(i64, Value)>>,
+    tokens: HashMap<String, Instant>,
+    token_lifetime: Duration,
+    issued: u64,
+    faults: Vec<Pending>,
+    forbidden: Vec<Feed>,
+    rejection_flat: bool,
+    log: Vec<Logged>,
+    secret: String,
+}
+
+/// The running simulator.
+pub struct MimecastSim {
+    server: Server,
+    state: Arc<Mutex<State>>,
+}
+
+impl MimecastSim {
+    pub fn start() -> std::io::Result<MimecastSim> {
+        let state = Arc::new(Mutex::new(State {
+            records: HashMap::new(),
+            tokens: HashMap::new(),
+            token_lifetime: Duration::from_secs(1799),
+            issued: 0,
+            faults: Vec::new(),
+            forbidden: Vec::new(),
+            rejection_flat: false,
+            log: Vec::new(),
+            secret: CLIENT_SECRET.into(),
+        }));
+        let s = state.clone();
+        let server = Server::start(move |req| handle(&s, req))?;
+        Ok(MimecastSim { server, state })
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Makes records visible in the API (their time is their own time field). Adding records later, with times
+    /// in the past, is how a test indexes them late.
+    pub fn add(&self, feed: Feed, records: impl IntoIterator<Item = Value>) {
+        let mut st = self.lock();
+        let list = st.records.entry(feed).or_default();
+        for r in records {
+            let t = r.get(feed.spec().time_field).and_then(Value::as_str).and_then(datetime::parse).unwrap_or(0);
+            list.push((t, r));
+        }
+    }
+
+    /// The next request of `feed` (any feed if `None`) after `skip` others gets `fault`.
+    pub fn fault_after(&self, feed: Option<Feed>, skip: usize, fault: Fault) {
+        self.lock().faults.push(Pending { feed, skip, fault });
+    }
+
+    pub fn fault(&self, feed: Option<Feed>, fault: Fault) {
+        self.fault_after(feed, 0, fault);
+    }
+
+    /// Answers 403 for this feed, as when the API application lacks its permission.
+    pub fn forbid(&self, feed: Feed, on: bool) {
+        let mut st = self.lock();
+        st.forbidden.retain(|f| *f != feed);
+        if on {
+            st.forbidden.push(feed);
+        }
+    }
+
+    pub fn set_token_lifetime(&self, d: Duration) {
+        self.lock().token_lifetime = d;
+    }
+
+    pub fn set_client_secret(&self, s: &str) {
+        self.lock().secret = s.into();
+    }
+
+    /// Serves rejections as a flat `data[]` instead of `data[0].rejections[]`.
+    pub fn set_rejection_flat(&self, on: bool) {
+        self.lock().rejection_flat = on;
+    }
+
+    pub fn requests(&self) -> Vec<Logged> {
+        self.lock().log.clone()
+    }
+
+    pub fn tokens_issued(&self) -> u64 {
+        self.lock().issued
+    }
+
+    pub fn refuse_connections(&self, on: bool) {
+        self.server.refuse_connections(on);
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fail(code: &str, message: &str, retryable: bool) -> Value {
+    json!({"meta": {"status": 200}, "data": [], "fail": [{"key": {}, "errors": [{"code": code, "message": message, "retryable": retryable}]}]})
+}
+
+fn handle(state: &Mutex<State>, req: &Request) -> Reply {
+    if req.path == "/oauth/token" {
+        return token(state, req);
+    }
+    let Some(feed) = Feed::ALL.into_iter().find(|f| f.spec().path == req.path) else {
+        return Reply::json(404, &json!({"fail": [{"errors": [{"code": "err_not_found", "message": "no such path"}]}]}));
+    };
+    let mut st = lock(state);
+    let body: Option<Value> = serde_json::from_slice(&req.body).ok();
+    let filter = body.as_ref().and_then(|b| b.get("data")).and_then(|d| d.get(0)).cloned();
+    let page_token = body
+        .as_ref()
+        .and_then(|b| b.pointer("/meta/pagination/pageToken"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let fault = take_fault(&mut st, feed);
+    if matches!(fault, Some(Fault::ExpireTokens)) {
+        st.tokens.clear();
+    }
+    let (reply, records) = answer(&mut st, feed, req, body.as_ref(), fault);
+    let status = match &reply {
+        Reply::Respond { status, .. } => *status,
+        _ => 0,
+    };
+    st.log.push(Logged { feed: Some(feed), at: Instant::now(), filter, page_token, status, records });
+    drop(st);
+    if let Reply::Stall(d) = reply {
+        std::thread::sleep(d);
+        return Reply::Drop;
+    }
+    reply
+}
+
+fn take_fault(st: &mut State, feed: Feed) -> Option<Fault> {
+    let i = st.faults.iter().position(|p| p.feed.is_none_or(|f| f == feed))?;
+    if st.faults[i].skip > 0 {
+        st.faults[i].skip -= 1;
+        return None;
+    }
+    Some(st.faults.remove(i).fault)
+}
+
+fn token(state: &Mutex<State>, req: &Request) -> Reply {
+    let form = String::from_utf8_lossy(&req.body).into_owned();
+    let field = |name: &str| {
+        form.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(|v| v.replace('+', " "))
+    };
+    let mut st = lock(state);
+    let ok = field("grant_type").as_deref() == Some("client_credentials")
+        && field("client_id").as_deref() == Some(CLIENT_ID)
+        && field("client_secret").as_deref() == Some(st.secret.as_str());
+    if !ok {
+        return Reply::json(401, &json!({"error": "invalid_client", "error_description": "bad client credentials"}));
+    }
+    st.issued += 1;
+    let token = format!("sim-token-{}", st.issued);
+    let lifetime = st.token_lifetime;
+    st.tokens.insert(token.clone(), Instant::now() + lifetime);
+    Reply::json(200, &json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs(), "scope": ""}))
+}
+
+fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault: Option<Fault>) -> (Reply, usize) {
+    let authorized = req
+        .header("Authorization")
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|t| st.tokens.get(t))
+        .is_some_and(|exp| *exp > Instant::now());
+    if !authorized {
+        return (Reply::json(401, &fail("err_auth_token_expired", "token missing or expired", false)), 0);
+    }
+    match fault {
+        Some(Fault::RateLimit(reset)) => {
+            let reply = Reply::json(429, &json!({"detail": "Over throttling limit"}))
+                .with_header("X-RateLimit-Limit", "100")
+                .with_header("X-RateLimit-Remaining", "0")
+                .with_header("X-RateLimit-Reset", &reset);
+            return (reply, 0);
+        }
+        Some(Fault::FailOk { retryable }) => {
+            return (Reply::json(200, &fail("err_service_unavailable", "temporarily unavailable", retryable)), 0);
+        }
+        Some(Fault::Status(s)) => return (Reply::json(s, &json!({"meta": {"status": s}})), 0),
+        Some(Fault::Drop) => return (Reply::Drop, 0),
+        Some(Fault::Stall(d)) => return (Reply::Stall(d), 0),
+        Some(Fault::ExpireTokens) | None => {}
+    }
+    if st.forbidden.contains(&feed) {
+        return (Reply::json(403, &fail("err_forbidden", "the application lacks this permission", false)), 0);
+    }
+    match page(st, feed, body) {
+        Ok((v, n)) => (Reply::json(200, &v), n),
+        Err(message) => (Reply::json(400, &fail("err_validation", &message, false)), 0),
+    }
+}
+
+fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), String> {
+    let spec = feed.spec();
+    let body = body.ok_or("body is not JSON")?;
+    let data = body.get("data").and_then(Value::as_array).ok_or("data must be an array")?;
+    if data.len() != 1 {
+        return Err("data must hold exactly one filter".into());
+    }
+    let filter = &data[0];
+    let time = |k: &str| filter.get(k).and_then(Value::as_str).and_then(datetime::parse);
+    let (from, to) = time(spec.from_field)
+        .zip(time(spec.to_field))
+        .ok_or_else(|| format!("{} and {} are required datetimes", spec.from_field, spec.to_field))?;
+    for (k, _) in spec.extra {
+        if filter.get(*k).is_none() {
+            return Err(format!("missing filter {k}"));
+        }
+    }
+    let page_size = body.pointer("/meta/pagination/pageSize").and_then(Value::as_u64).unwrap_or(100).clamp(1, 1000) as usize;
+    let fingerprint = {
+        let d = Sha256::digest(filter.to_string().as_bytes());
+        d[..6].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let offset = match body.pointer("/meta/pagination/pageToken").and_then(Value::as_str) {
+        None => 0,
+        Some(t) => t
+            .strip_prefix(&format!("{fingerprint}."))
+            .and_then(|o| o.parse::<usize>().ok())
+            .ok_or("err_invalid_page_token: the page token does not belong to this filter")?,
+    };
+    let oldest_first = filter.get("oldestFirst").and_then(Value::as_bool).unwrap_or(false);
+    let mut matching: Vec<&(i64, Value)> =
+        st.records.get(&feed).into_iter().flatten().filter(|(t, _)| *t >= from && *t <= to).collect();
+    // Stable sort: records of equal time keep insertion order, which makes pages deterministic.
+    if oldest_first {
+        matching.sort_by_key(|(t, _)| *t);
+    } else {
+        matching.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    }
+    let total = matching.len();
+    let slice: Vec<Value> = matching.iter().skip(offset).take(page_size).map(|(_, v)| v.clone()).collect();
+    let n = slice.len();
+    // Quirk of the real API: `next` also comes on a full last page and on the empty page after it.
+    let next = (offset + n < total || n == page_size || n == 0).then(|| format!("{fingerprint}.{}", offset + n));
+    let data = match spec.records_key {
+        None => Value::Array(slice),
+        Some(_) if feed == Feed::Rejection && st.rejection_flat => Value::Array(slice),
+        Some(key) if feed == Feed::TtpImpersonation => json!([{ key: slice, "resultCount": n }]),
+        Some(key) => json!([{ key: slice }]),
+    };
+    let mut pagination = json!({"pageSize": page_size, "totalCount": total});
+    if let Some(next) = next {
+        pagination["next"] = Value::String(next);
+    }
+    Ok((json!({"meta": {"status": 200, "pagination": pagination}, "data": data, "fail": []}), n))
+}

@@ -1,0 +1,131 @@
+//! `mimecast-forwarder status`: what is queued, each feed's cursor and health, dead letters and drops.
+//! Reads the database read-only, so it is safe while `run` is running.
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::datetime;
+use crate::mimecast::Feed;
+use crate::store::{Store, StoreError};
+
+/// Gathers the report as JSON (the documented keys of interface.md, plus a few more).
+pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError> {
+    let c = store.counters()?;
+    let oldest_age = store.oldest_queued_at()?.map(|t| (now - t).max(0));
+    let paused = cfg.queue.when_full == crate::config::WhenFull::Pause && c.queue_bytes as u64 >= cfg.queue.max_bytes;
+    let ts = |t: Option<i64>| t.map(|t| Value::String(datetime::rfc3339(t))).unwrap_or(Value::Null);
+    let (dd_success, dd_error) = (store.state("datadog_last_success")?, store.state("datadog_last_error")?);
+    let mut feeds = serde_json::Map::new();
+    for feed in Feed::ALL {
+        let cursor = store.cursor(feed)?;
+        let enabled = cfg.mimecast.feeds.contains(&feed);
+        let entry = match cursor {
+            None => json!({"enabled": enabled, "watermark": null, "last_success": null, "last_error": null}),
+            Some(cur) => json!({
+                "enabled": enabled,
+                "watermark": ts(Some(cur.watermark)),
+                "last_success": ts(cur.last_success),
+                "last_error": cur.last_error,
+                "last_error_at": ts(cur.last_error_at),
+                "window_in_progress": cur.window.as_ref().map(|(w, _)| json!({"from": ts(Some(w.from)), "to": ts(Some(w.to))})),
+            }),
+        };
+        feeds.insert(feed.name().into(), entry);
+    }
+    // Stored as "<unix secs> <message>", so the report can say when the error happened.
+    let (dd_error_at, dd_error) = match dd_error.as_deref().and_then(|e| e.split_once(' ')) {
+        Some((at, msg)) => (at.parse().ok(), Some(msg.to_owned())),
+        None => (None, dd_error),
+    };
+    Ok(json!({
+        "queue": {
+            "records": c.queue_records,
+            "bytes": c.queue_bytes,
+            "max_bytes": cfg.queue.max_bytes,
+            "oldest_age_secs": oldest_age,
+            "paused": paused,
+            "path": cfg.queue.path.display().to_string(),
+        },
+        "delivered": {"records": c.delivered},
+        "dead_letters": {"records": c.dead_letters},
+        "dropped": {"records": c.dropped},
+        "late": {"restamped": c.restamped, "kept": c.kept},
+        "datadog": {
+            "last_success": ts(dd_success.and_then(|s| s.parse().ok())),
+            "last_error": dd_error,
+            "last_error_at": ts(dd_error_at),
+        },
+        "feeds": feeds,
+    }))
+}
+
+/// The report for a person at 3 a.m.: the verdict first, then the numbers.
+pub fn render(r: &Value, now: i64) -> String {
+    let mut out = String::new();
+    let q = &r["queue"];
+    let n = |v: &Value| v.as_i64().unwrap_or(0);
+    let age = |v: &Value| match v.as_str().and_then(datetime::parse) {
+        Some(t) => format!("{} ({} ago)", v.as_str().unwrap_or_default(), human(now - t)),
+        None => "never".into(),
+    };
+    let mut problems = Vec::new();
+    if let Some(e) = r["datadog"]["last_error"].as_str() {
+        problems.push(format!("Datadog: {e}"));
+    }
+    for (name, f) in r["feeds"].as_object().into_iter().flatten() {
+        if let Some(e) = f["last_error"].as_str() {
+            problems.push(format!("feed {name}: {e}"));
+        }
+    }
+    if q["paused"].as_bool() == Some(true) {
+        problems.push("queue is full: polling Mimecast is paused until Datadog drains it".into());
+    }
+    if n(&r["dead_letters"]["records"]) > 0 {
+        problems.push(format!("{} record(s) in dead letters: Datadog refused them; they are kept in the queue database", n(&r["dead_letters"]["records"])));
+    }
+    if n(&r["dropped"]["records"]) > 0 {
+        problems.push(format!("{} record(s) dropped because the queue was full (drop-oldest)", n(&r["dropped"]["records"])));
+    }
+    if problems.is_empty() {
+        out.push_str("OK: no errors recorded\n");
+    } else {
+        out.push_str("ATTENTION:\n");
+        for p in problems {
+            out.push_str(&format!("  - {p}\n"));
+        }
+    }
+    let max = n(&q["max_bytes"]).max(1);
+    out.push_str(&format!(
+        "\nqueue        {} records, {} bytes ({:.1}% of max_bytes){}\n",
+        n(&q["records"]),
+        n(&q["bytes"]),
+        100.0 * n(&q["bytes"]) as f64 / max as f64,
+        q["oldest_age_secs"].as_i64().map(|a| format!(", oldest queued {} ago", human(a))).unwrap_or_default()
+    ));
+    out.push_str(&format!("delivered    {} records in total\n", n(&r["delivered"]["records"])));
+    out.push_str(&format!(
+        "late         {} restamped, {} sent unchanged (at risk)\n",
+        n(&r["late"]["restamped"]),
+        n(&r["late"]["kept"])
+    ));
+    out.push_str(&format!("datadog      last success {}\n", age(&r["datadog"]["last_success"])));
+    out.push_str("\nfeed                        enabled  read up to (watermark)                last success\n");
+    for (name, f) in r["feeds"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            "{name:<27} {:<8} {:<37} {}\n",
+            if f["enabled"].as_bool() == Some(true) { "yes" } else { "no" },
+            f["watermark"].as_str().map(|w| format!("{w} ({} ago)", human(now - datetime::parse(w).unwrap_or(now)))).unwrap_or_else(|| "-".into()),
+            age(&f["last_success"]),
+        ));
+    }
+    out
+}
+
+fn human(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}

@@ -1,0 +1,398 @@
+//! Queue operations: committing a page with its cursor, choosing what to send, and removing what was sent.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{Context, Store, StoreError};
+use crate::config::WhenFull;
+use crate::mimecast::window::Window;
+use crate::mimecast::Feed;
+
+/// A record ready to be queued.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub key: String,
+    pub event_time: Option<i64>,
+    /// The record as compact JSON, verbatim.
+    pub body: String,
+}
+
+/// One fetched page and where it leaves its feed's cursor.
+#[derive(Debug, Clone)]
+pub struct PageCommit {
+    pub feed: Feed,
+    pub window: Window,
+    /// The token of the next page, or `None` when this was the window's last page.
+    pub next_token: Option<String>,
+    pub records: Vec<NewRecord>,
+    /// Seen keys with a horizon before this are forgotten when the window completes.
+    pub forget_before: i64,
+}
+
+/// What a page commit did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageOutcome {
+    pub queued: u64,
+    pub skipped: u64,
+    pub dropped: u64,
+}
+
+/// A queued record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: i64,
+    pub feed: Feed,
+    pub key: String,
+    pub event_time: Option<i64>,
+    pub body: String,
+}
+
+/// The running totals kept in the `counter` table, each updated in the transaction that changes what it counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub queue_records: i64,
+    pub queue_bytes: i64,
+    pub delivered: i64,
+    pub dropped: i64,
+    pub restamped: i64,
+    pub kept: i64,
+    pub dead_letters: i64,
+}
+
+fn bump(tx: &rusqlite::Transaction, name: &str, by: i64) -> Result<(), StoreError> {
+    if by != 0 {
+        tx.execute(
+            "INSERT INTO counter (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+            params![name, by],
+        )
+        .ctx("updating a counter")?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Queues a page's new records and moves the feed's cursor, in one transaction: after a crash either both
+    /// happened or neither did. Records whose key is already known for the feed are skipped.
+    pub fn commit_page(
+        &mut self,
+        page: &PageCommit,
+        now: i64,
+        max_bytes: u64,
+        when_full: WhenFull,
+    ) -> Result<PageOutcome, StoreError> {
+        let feed = page.feed.name();
+        let tx = self.conn.transaction().ctx("starting a page transaction")?;
+        let mut out = PageOutcome::default();
+        let mut bytes = 0i64;
+        {
+            let mut seen = tx
+                .prepare_cached("INSERT OR IGNORE INTO seen (feed, key, horizon) VALUES (?1, ?2, ?3)")
+                .ctx("preparing seen insert")?;
+            let mut queue = tx
+                .prepare_cached(
+                    "INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .ctx("preparing queue insert")?;
+            for r in &page.records {
+                let horizon = r.event_time.unwrap_or(page.window.to);
+                if seen.execute(params![feed, r.key, horizon]).ctx("recording a seen key")? == 0 {
+                    out.skipped += 1;
+                    continue;
+                }
+                let len = r.body.len() as i64;
+                queue.execute(params![feed, r.key, r.event_time, now, len, r.body]).ctx("queueing a record")?;
+                out.queued += 1;
+                bytes += len;
+            }
+        }
+        bump(&tx, "queue_records", out.queued as i64)?;
+        bump(&tx, "queue_bytes", bytes)?;
+        match &page.next_token {
+            Some(token) => {
+                tx.execute(
+                    "UPDATE cursor SET window_from = ?2, window_to = ?3, page_token = ?4 WHERE feed = ?1",
+                    params![feed, page.window.from, page.window.to, token],
+                )
+                .ctx("saving the page token")?;
+            }
+            None => {
+                tx.execute(
+                    "UPDATE cursor SET watermark = ?2, window_from = NULL, window_to = NULL, page_token = NULL, \
+                     last_success = ?3, last_error = NULL, last_error_at = NULL WHERE feed = ?1",
+                    params![feed, page.window.to, now],
+                )
+                .ctx("advancing the watermark")?;
+                tx.execute("DELETE FROM seen WHERE feed = ?1 AND horizon < ?2", params![feed, page.forget_before])
+                    .ctx("forgetting old seen keys")?;
+            }
+        }
+        if when_full == WhenFull::DropOldest {
+            out.dropped = drop_oldest(&tx, max_bytes)?;
+        }
+        tx.commit().ctx("committing a page")?;
+        Ok(out)
+    }
+
+    /// The queue's running totals.
+    pub fn counters(&self) -> Result<Counters, StoreError> {
+        let mut c = Counters::default();
+        let mut stmt = self.conn.prepare_cached("SELECT name, value FROM counter").ctx("reading counters")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).ctx("reading counters")?;
+        for row in rows {
+            let (name, value) = row.ctx("reading a counter")?;
+            match name.as_str() {
+                "queue_records" => c.queue_records = value,
+                "queue_bytes" => c.queue_bytes = value,
+                "delivered" => c.delivered = value,
+                "dropped" => c.dropped = value,
+                "restamped" => c.restamped = value,
+                "kept" => c.kept = value,
+                "dead_letters" => c.dead_letters = value,
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
+    /// Up to `per_feed` of the oldest records of each feed, oldest first within a feed.
+    pub fn candidates(&self, per_feed: usize) -> Result<Vec<Vec<Queued>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
+            .ctx("preparing candidates")?;
+        let mut all = Vec::new();
+        for feed in Feed::ALL {
+            let rows = stmt
+                .query_map(params![feed.name(), per_feed as i64], |r| {
+                    Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
+                })
+                .ctx("reading candidates")?
+                .collect::<Result<Vec<_>, _>>()
+                .ctx("reading a candidate")?;
+            if !rows.is_empty() {
+                all.push(rows);
+            }
+        }
+        Ok(all)
+    }
+
+    /// The records with these sequence numbers that are still queued, in sequence order.
+    pub fn load(&self, seqs: &[i64]) -> Result<Vec<Queued>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT feed, key, event_time, body FROM queue WHERE seq = ?1")
+            .ctx("preparing load")?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let row = stmt
+                .query_row([seq], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()
+                .ctx("loading a record")?;
+            if let Some((feed, key, event_time, body)) = row {
+                if let Some(feed) = Feed::from_name(&feed) {
+                    out.push(Queued { seq, feed, key, event_time, body });
+                }
+            }
+        }
+        out.sort_by_key(|q| q.seq);
+        Ok(out)
+    }
+
+    /// Removes records that Datadog accepted, in one transaction, and counts late ones.
+    pub fn delivered(&mut self, seqs: &[i64], restamped: i64, kept: i64, now: i64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction().ctx("starting a delivery transaction")?;
+        let (mut n, mut bytes) = (0i64, 0i64);
+        {
+            let mut del =
+                tx.prepare_cached("DELETE FROM queue WHERE seq = ?1 RETURNING bytes").ctx("preparing delete")?;
+            for &seq in seqs {
+                if let Some(b) = del.query_row([seq], |r| r.get::<_, i64>(0)).optional().ctx("deleting a record")? {
+                    n += 1;
+                    bytes += b;
+                }
+            }
+        }
+        bump(&tx, "queue_records", -n)?;
+        bump(&tx, "queue_bytes", -bytes)?;
+        bump(&tx, "delivered", n)?;
+        bump(&tx, "restamped", restamped)?;
+        bump(&tx, "kept", kept)?;
+        set_state(&tx, "datadog_last_success", &now.to_string())?;
+        set_state(&tx, "datadog_last_error", "")?;
+        tx.commit().ctx("committing a delivery")?;
+        Ok(n as u64)
+    }
+
+    /// Moves one record to the dead-letter table, kept with the reason, in one transaction.
+    pub fn dead_letter(&mut self, seq: i64, reason: &str, now: i64) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction().ctx("starting a dead-letter transaction")?;
+        let moved = tx
+            .execute(
+                "INSERT INTO dead_letter (feed, key, event_time, body, reason, at) \
+                 SELECT feed, key, event_time, body, ?2, ?3 FROM queue WHERE seq = ?1",
+                params![seq, reason, now],
+            )
+            .ctx("copying a dead letter")?;
+        if moved == 1 {
+            let bytes: i64 = tx
+                .query_row("DELETE FROM queue WHERE seq = ?1 RETURNING bytes", [seq], |r| r.get(0))
+                .ctx("removing a dead letter from the queue")?;
+            bump(&tx, "queue_records", -1)?;
+            bump(&tx, "queue_bytes", -bytes)?;
+            bump(&tx, "dead_letters", 1)?;
+        }
+        tx.commit().ctx("committing a dead letter")?;
+        Ok(moved == 1)
+    }
+
+    /// Remembers a line of state (Datadog's last error, for `status`).
+    pub fn set_state(&mut self, name: &str, value: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().ctx("starting a state transaction")?;
+        set_state(&tx, name, value)?;
+        tx.commit().ctx("committing state")
+    }
+
+    pub fn state(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM state WHERE name = ?1", [name], |r| r.get::<_, Option<String>>(0))
+            .optional()
+            .ctx("reading state")
+            .map(|v| v.flatten().filter(|s| !s.is_empty()))
+    }
+
+    /// `queued_at` of the oldest queued record.
+    pub fn oldest_queued_at(&self) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT queued_at FROM queue ORDER BY seq LIMIT 1", [], |r| r.get(0))
+            .optional()
+            .ctx("reading the oldest record")
+    }
+}
+
+fn set_state(tx: &rusqlite::Transaction, name: &str, value: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO state (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = ?2",
+        params![name, value],
+    )
+    .ctx("writing state")?;
+    Ok(())
+}
+
+/// Deletes the oldest records until the queue fits in `max_bytes`; returns how many went.
+fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreError> {
+    let total: i64 = tx
+        .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| r.get(0))
+        .ctx("reading queue bytes")?;
+    let mut excess = total - max_bytes as i64;
+    if excess <= 0 {
+        return Ok(0);
+    }
+    let (mut n, mut freed) = (0i64, 0i64);
+    {
+        let mut oldest = tx.prepare_cached("SELECT seq, bytes FROM queue ORDER BY seq").ctx("preparing drop")?;
+        let mut del = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1").ctx("preparing drop delete")?;
+        let mut rows = oldest.query([]).ctx("reading the oldest records")?;
+        let mut victims = Vec::new();
+        while excess > 0 {
+            let Some(row) = rows.next().ctx("reading an old record")? else { break };
+            let (seq, bytes): (i64, i64) = (row.get(0).ctx("seq")?, row.get(1).ctx("bytes")?);
+            victims.push(seq);
+            excess -= bytes;
+            freed += bytes;
+        }
+        drop(rows);
+        for seq in victims {
+            del.execute([seq]).ctx("dropping an old record")?;
+            n += 1;
+        }
+    }
+    bump(tx, "queue_records", -n)?;
+    bump(tx, "queue_bytes", -freed)?;
+    bump(tx, "dropped", n)?;
+    Ok(n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: &str, body: &str) -> NewRecord {
+        NewRecord { key: key.into(), event_time: Some(100), body: body.into() }
+    }
+
+    fn page(records: Vec<NewRecord>, next: Option<&str>) -> PageCommit {
+        PageCommit {
+            feed: Feed::Dlp,
+            window: Window { from: 0, to: 1000 },
+            next_token: next.map(str::to_owned),
+            records,
+            forget_before: -1,
+        }
+    }
+
+    fn sum_bytes(s: &Store) -> i64 {
+        s.conn().query_row("SELECT COALESCE(SUM(bytes), 0) FROM queue", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn skips_known_keys_and_counts_bytes() {
+        let mut s = Store::in_memory();
+        s.init_cursor(Feed::Dlp, 0).unwrap();
+        let out = s.commit_page(&page(vec![rec("a", "{}"), rec("b", "{\"x\":1}")], Some("t")), 1, u64::MAX, WhenFull::Pause).unwrap();
+        assert_eq!(out, PageOutcome { queued: 2, skipped: 0, dropped: 0 });
+        let out = s.commit_page(&page(vec![rec("b", "{\"x\":1}"), rec("c", "[]")], None), 1, u64::MAX, WhenFull::Pause).unwrap();
+        assert_eq!(out, PageOutcome { queued: 1, skipped: 1, dropped: 0 });
+        let c = s.counters().unwrap();
+        assert_eq!((c.queue_records, c.queue_bytes), (3, sum_bytes(&s)));
+        let cur = s.cursor(Feed::Dlp).unwrap().unwrap();
+        assert_eq!((cur.watermark, cur.window), (1000, None));
+    }
+
+    #[test]
+    fn delivery_and_dead_letters_keep_counters_true() {
+        let mut s = Store::in_memory();
+        s.init_cursor(Feed::Dlp, 0).unwrap();
+        s.commit_page(&page(vec![rec("a", "{}"), rec("b", "{\"x\":1}"), rec("c", "[1]")], None), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let cands = s.candidates(10).unwrap();
+        assert_eq!(cands.len(), 1);
+        let seqs: Vec<i64> = cands[0].iter().map(|q| q.seq).collect();
+        assert!(s.dead_letter(seqs[1], "HTTP 400", 5).unwrap());
+        assert_eq!(s.delivered(&seqs, 1, 0, 6).unwrap(), 2);
+        let c = s.counters().unwrap();
+        assert_eq!((c.queue_records, c.queue_bytes, c.delivered, c.dead_letters, c.restamped), (0, 0, 2, 1, 1));
+        assert_eq!(s.state("datadog_last_success").unwrap().as_deref(), Some("6"));
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_counts() {
+        let mut s = Store::in_memory();
+        s.init_cursor(Feed::Dlp, 0).unwrap();
+        let body = "x".repeat(100);
+        let recs: Vec<_> = (0..10).map(|i| rec(&format!("k{i}"), &body)).collect();
+        let out = s.commit_page(&page(recs, None), 1, 450, WhenFull::DropOldest).unwrap();
+        assert_eq!(out.dropped, 6);
+        let c = s.counters().unwrap();
+        assert_eq!((c.queue_records, c.queue_bytes, c.dropped), (4, 400, 6));
+        let left: Vec<String> = s.candidates(10).unwrap()[0].iter().map(|q| q.key.clone()).collect();
+        assert_eq!(left, ["k6", "k7", "k8", "k9"]);
+    }
+
+    #[test]
+    fn seen_keys_are_forgotten_behind_the_horizon() {
+        let mut s = Store::in_memory();
+        s.init_cursor(Feed::Dlp, 0).unwrap();
+        let mut p = page(vec![NewRecord { key: "old".into(), event_time: Some(10), body: "{}".into() }], None);
+        s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
+        p.records = vec![NewRecord { key: "new".into(), event_time: Some(900), body: "{}".into() }];
+        p.forget_before = 500;
+        s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
+        let keys: Vec<String> = s
+            .conn()
+            .prepare("SELECT key FROM seen ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys, ["new"]);
+    }
+}
