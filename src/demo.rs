@@ -112,7 +112,7 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
                 mimecast.add(Feed::Audit, late.clone());
                 late_added = true;
             }
-            let arrived = unique_keys(&datadog.accepted()).len();
+            let arrived = dd::record_keys(&datadog.accepted()).len();
             if t >= next_print {
                 println!("t+{:>4.1}s  delivered {arrived} of {total}", t.as_secs_f64());
                 next_print += Duration::from_secs(1);
@@ -124,7 +124,7 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
     };
     smol::block_on(agent::run(&cfg, &tuning, Mode::Daemon, watch))?;
     let accepted = datadog.accepted();
-    let keys = unique_keys(&accepted);
+    let keys = dd::record_keys(&accepted);
     let delivered = keys.keys().filter(|k| expected.contains_key(*k)).count();
     Ok(Summary {
         generated: total,
@@ -132,19 +132,6 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
         duplicates: accepted.len() - keys.len(),
         lost: total - delivered,
     })
-}
-
-/// Each accepted log's record key, from its `message` and `service`, with how often it arrived.
-fn unique_keys(logs: &[Value]) -> HashMap<String, usize> {
-    let mut keys = HashMap::new();
-    for log in logs {
-        let feed = log.get("service").and_then(Value::as_str).and_then(Feed::from_name);
-        let record = log.get("message").and_then(Value::as_str).and_then(|m| serde_json::from_str::<Value>(m).ok());
-        if let (Some(feed), Some(record)) = (feed, record) {
-            *keys.entry(wire::record_key(feed, &record)).or_insert(0) += 1;
-        }
-    }
-    keys
 }
 
 fn demo_config(mimecast: &MimecastSim, datadog: &DatadogSim, dir: &std::path::Path) -> anyhow::Result<Config> {

@@ -115,19 +115,19 @@ fn failure(fails: &[Value]) -> WireError {
     WireError::Failed { retryable, message: parts.join("; ") }
 }
 
-/// The stable per-record key: the feed's id where it has one, else a SHA-256 of the canonical JSON.
-/// The hash is of content with sorted keys, so it is the same across builds, versions and field order.
+/// The stable per-record key: the feed's id where it has one, plus a SHA-256 of the canonical JSON (content with
+/// sorted keys, so the same across builds, versions and field order). The id alone is not enough: real test data
+/// shows one id with different content, and a record must never be skipped because another one shared its id.
+/// A re-read of the same record gives the same key, which is all deduplication needs.
 pub fn record_key(feed: Feed, record: &Value) -> String {
-    if let Some(id) = feed.spec().id_field.and_then(|f| record.get(f)).and_then(Value::as_str) {
-        if !id.is_empty() {
-            return format!("id:{id}");
-        }
-    }
     let mut canon = String::new();
     canonical(record, &mut canon);
     let digest = Sha256::digest(canon.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("h:{hex}")
+    match feed.spec().id_field.and_then(|f| record.get(f)).and_then(Value::as_str).filter(|id| !id.is_empty()) {
+        Some(id) => format!("id:{id}/{hex}"),
+        None => format!("h:{hex}"),
+    }
 }
 
 /// Compact JSON with object keys sorted, recursively.
@@ -229,7 +229,9 @@ mod tests {
     #[test]
     fn keys_are_ids_or_stable_content_hashes() {
         let a: Value = serde_json::from_str(r#"{"id":"X","eventTime":"t"}"#).unwrap();
-        assert_eq!(record_key(Feed::Audit, &a), "id:X");
+        let a2: Value = serde_json::from_str(r#"{"id":"X","eventTime":"u"}"#).unwrap();
+        assert!(record_key(Feed::Audit, &a).starts_with("id:X/"));
+        assert_ne!(record_key(Feed::Audit, &a), record_key(Feed::Audit, &a2), "same id, other content");
         let d1: Value = serde_json::from_str(r#"{"action":"hold","b":[1,{"z":1,"y":2}]}"#).unwrap();
         let d2: Value = serde_json::from_str(r#"{"b":[1,{"y":2,"z":1}],"action":"hold"}"#).unwrap();
         let d3: Value = serde_json::from_str(r#"{"action":"notification","b":[1,{"z":1,"y":2}]}"#).unwrap();

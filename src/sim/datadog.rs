@@ -2,7 +2,7 @@
 //! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, and a record of
 //! every log it accepted.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::http::{Reply, Request, Server};
 use crate::datadog::batch::{MAX_LOGS, MAX_PAYLOAD_BYTES};
+use crate::mimecast::{Feed, wire};
 
 pub const API_KEY: &str = "sim-dd-api-key-0123456789abcdef";
 
@@ -31,7 +32,7 @@ pub enum Fault {
 struct State {
     api_key: String,
     accepted: Vec<Value>,
-    batches: Vec<usize>,
+    batches: Vec<(usize, usize)>,
     faults: VecDeque<Fault>,
     down: Option<u16>,
     poison: Option<String>,
@@ -70,8 +71,8 @@ impl DatadogSim {
         self.lock().accepted.len()
     }
 
-    /// The size of every accepted batch.
-    pub fn batches(&self) -> Vec<usize> {
+    /// Every accepted batch as (logs, uncompressed payload bytes).
+    pub fn batches(&self) -> Vec<(usize, usize)> {
         self.lock().batches.clone()
     }
 
@@ -102,6 +103,20 @@ impl DatadogSim {
     pub fn set_poison(&self, text: Option<&str>) {
         self.lock().poison = text.map(str::to_owned);
     }
+}
+
+/// Each accepted log's record key (from its `service` and `message`) with how often it arrived: the way tests
+/// and the demo count what was delivered, duplicated or lost.
+pub fn record_keys(logs: &[Value]) -> HashMap<String, usize> {
+    let mut keys = HashMap::new();
+    for log in logs {
+        let feed = log.get("service").and_then(Value::as_str).and_then(Feed::from_name);
+        let record = log.get("message").and_then(Value::as_str).and_then(|m| serde_json::from_str::<Value>(m).ok());
+        if let (Some(feed), Some(record)) = (feed, record) {
+            *keys.entry(wire::record_key(feed, &record)).or_insert(0) += 1;
+        }
+    }
+    keys
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -163,7 +178,7 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
             return error(400, "bad log");
         }
     }
-    st.batches.push(logs.len());
+    st.batches.push((logs.len(), body.len()));
     st.accepted.extend(logs);
     if matches!(fault, Some(Fault::AcceptThenDrop)) {
         return Reply::Drop;

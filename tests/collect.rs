@@ -1,0 +1,242 @@
+//! Collecting from Mimecast into the queue, against the loopback simulator over real HTTP.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Rig, assert_delivered_once};
+use mimecast_forwarder::mimecast::{Feed, wire};
+use mimecast_forwarder::sim::mimecast::Fault;
+use serde_json::Value;
+
+const SIX_YEARS: &str = "initial_lookback_secs = 189216000\nmax_window_secs = 200000000";
+
+fn fixture_records() -> Vec<(Feed, Value)> {
+    let files = [
+        ("elastic_audit_test-audit-events.log", Feed::Audit),
+        ("elastic_dlp_test-dlp-logs.log", Feed::Dlp),
+        ("elastic_ttp_attachment_test-ttp-ap-logs.log", Feed::TtpAttachment),
+        ("elastic_ttp_impersonation_test-ttp-ip-logs.log", Feed::TtpImpersonation),
+        ("elastic_ttp_url_test-ttp-url-logs.log", Feed::TtpUrl),
+    ];
+    let mut out = Vec::new();
+    for (file, feed) in files {
+        let text = std::fs::read_to_string(format!("tests/data/{file}")).unwrap();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).unwrap();
+            if v.get("meta").is_some() {
+                // A whole empty-page envelope that still carries `next`: the quirk must end the window.
+                let page = wire::parse_page(feed, line.as_bytes()).unwrap();
+                assert!(page.records.is_empty() && page.next.is_some() && page.is_last());
+                continue;
+            }
+            out.push((feed, v));
+        }
+    }
+    let xsoar: Value = serde_json::from_str(&std::fs::read_to_string("tests/data/xsoar_audit_raw_response.json").unwrap()).unwrap();
+    out.push((Feed::Audit, xsoar["data"][0].clone()));
+    let samples: Value = serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
+    for s in samples.as_array().unwrap() {
+        let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
+        out.push((feed, serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn every_fixture_record_is_queued_verbatim() {
+    let rig = Rig::new();
+    let fixtures = fixture_records();
+    assert!(fixtures.len() > 50, "{} fixture records", fixtures.len());
+    for (feed, v) in &fixtures {
+        rig.mc.add(*feed, [v.clone()]);
+    }
+    rig.dd.refuse_connections(true); // Keep everything in the queue to inspect it.
+    let out = rig.once(&rig.config(&[("mimecast", SIX_YEARS)]));
+    let queued = rig.queued();
+    assert_eq!(out.queued as usize, queued.len());
+    let mut want: HashMap<(Feed, String), usize> = HashMap::new();
+    for (feed, v) in &fixtures {
+        *want.entry((*feed, v.to_string())).or_default() += 1;
+    }
+    // Records identical in every field are one record (a record's identity is its whole content).
+    assert_eq!(queued.len(), want.len());
+    for q in &queued {
+        let v: Value = serde_json::from_str(&q.body).unwrap();
+        assert_eq!(v.to_string(), q.body, "stored compact");
+        assert!(want.contains_key(&(q.feed, q.body.clone())), "{} record not equal to any fixture: {}", q.feed, q.body);
+    }
+}
+
+#[test]
+fn six_feeds_over_many_pages_are_queued_and_delivered_exactly_once() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 730, 300);
+    let out = rig.once(&rig.config(&[("mimecast", "page_size = 50")]));
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    // Every page of a window repeats the first page's filter exactly; only the page token changes.
+    let log = rig.mc.requests();
+    let mut pages_by_filter: HashMap<String, usize> = HashMap::new();
+    for r in &log {
+        let f = r.filter.as_ref().unwrap().to_string();
+        if r.page_token.is_some() {
+            assert!(pages_by_filter.contains_key(&f), "a follow-up page with a new filter: {f}");
+        }
+        *pages_by_filter.entry(f).or_default() += 1;
+    }
+    assert!(log.len() > 6 * 730 / 50, "{} requests", log.len());
+}
+
+#[test]
+fn a_dropped_connection_mid_window_resumes_at_the_same_page() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::TtpUrl], 500, 300);
+    rig.mc.fault_after(Some(Feed::TtpUrl), 3, Fault::Drop);
+    rig.mc.fault_after(Some(Feed::TtpUrl), 5, Fault::Status(503));
+    let out = rig.once(&rig.config(&[("mimecast", "page_size = 40\nlog_types = [\"ttp-url\"]")]));
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let log = rig.mc.requests();
+    let failed: Vec<_> = log.iter().enumerate().filter(|(_, r)| r.status != 200).map(|(i, _)| i).collect();
+    assert_eq!(failed.len(), 2);
+    for i in failed {
+        assert_eq!(log[i].page_token, log[i + 1].page_token, "the retry asks for the same page");
+        assert_eq!(log[i].filter, log[i + 1].filter);
+    }
+}
+
+#[test]
+fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
+    let rig = Rig::new();
+    let mut expected = rig.add_records(&[Feed::Dlp, Feed::Audit], 50, 300);
+    let cfg = rig.config(&[("mimecast", "log_types = [\"dlp\", \"audit\"]")]);
+    rig.once(&cfg);
+    let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
+    // Mimecast now shows a record 30 s before the watermark: its window was read before it was indexed.
+    let late = mimecast_forwarder::sim::records::generate(Feed::Dlp, 9999, watermark - 30, 300);
+    expected.insert(wire::record_key(Feed::Dlp, &late), Feed::Dlp);
+    rig.mc.add(Feed::Dlp, [late]);
+    std::thread::sleep(Duration::from_millis(1100)); // Let a second settle so the next window exists.
+    rig.once(&cfg);
+    std::thread::sleep(Duration::from_millis(1100));
+    rig.once(&cfg);
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn a_429_waits_at_least_the_reset_time() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::Audit], 30, 300);
+    rig.mc.fault(Some(Feed::Audit), Fault::RateLimit("700".into()));
+    rig.once(&rig.config(&[("mimecast", "log_types = [\"audit\"]")]));
+    assert_delivered_once(&rig.dd, &expected);
+    let log = rig.mc.requests();
+    assert_eq!(log[0].status, 429);
+    let waited = log[1].at - log[0].at;
+    assert!(waited >= Duration::from_millis(700), "retried after {waited:?}");
+}
+
+#[test]
+fn fail_on_http_200_is_retried_not_read_as_an_empty_page() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::Dlp], 30, 300);
+    rig.mc.fault(Some(Feed::Dlp), Fault::FailOk { retryable: true });
+    rig.once(&rig.config(&[("mimecast", "log_types = [\"dlp\"]")]));
+    assert_delivered_once(&rig.dd, &expected);
+    let log = rig.mc.requests();
+    assert_eq!((log[0].status, log[0].records), (200, 0));
+    assert_eq!(log[0].filter, log[1].filter, "the same window is asked again");
+}
+
+#[test]
+fn an_expired_token_is_refreshed_and_polling_continues() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::TtpImpersonation], 200, 300);
+    rig.mc.fault_after(Some(Feed::TtpImpersonation), 2, Fault::ExpireTokens);
+    rig.once(&rig.config(&[("mimecast", "page_size = 50\nlog_types = [\"ttp-impersonation\"]")]));
+    assert_delivered_once(&rig.dd, &expected);
+    assert_eq!(rig.mc.tokens_issued(), 2);
+    assert!(rig.mc.requests().iter().any(|r| r.status == 401));
+}
+
+#[test]
+fn a_feed_without_permission_is_reported_and_the_others_flow() {
+    let rig = Rig::new();
+    let others: Vec<Feed> = Feed::ALL.into_iter().filter(|f| *f != Feed::Dlp).collect();
+    let expected = rig.add_records(&others, 40, 300);
+    rig.add_records(&[Feed::Dlp], 40, 300);
+    rig.mc.forbid(Feed::Dlp, true);
+    let out = rig.once(&rig.config(&[]));
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let cursor = rig.store().cursor(Feed::Dlp).unwrap().unwrap();
+    let err = cursor.last_error.unwrap();
+    assert!(err.contains("403") && err.contains("Monitoring | Data Leak Prevention | Read"), "{err}");
+}
+
+#[test]
+fn bad_credentials_are_reported_without_the_secret_and_nothing_moves() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::Audit], 10, 300);
+    rig.mc.set_client_secret("the-right-one");
+    rig.once(&rig.config(&[("mimecast", "log_types = [\"audit\"]")]));
+    let cursor = rig.store().cursor(Feed::Audit).unwrap().unwrap();
+    let err = cursor.last_error.unwrap();
+    assert!(err.contains("/oauth/token") && err.contains("401"), "{err}");
+    assert!(!err.contains(mimecast_forwarder::sim::mimecast::CLIENT_SECRET));
+    assert!(cursor.window.is_none() && cursor.last_success.is_none());
+    assert_eq!(rig.dd.accepted_count(), 0);
+}
+
+#[test]
+fn flat_rejections_are_accepted_too() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::Rejection], 60, 300);
+    rig.mc.set_rejection_flat(true);
+    rig.once(&rig.config(&[("mimecast", "log_types = [\"rejection\"]")]));
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn a_full_queue_pauses_polling_without_moving_the_cursor() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::TtpUrl], 300, 1000);
+    let cfg = rig.config(&[("mimecast", "page_size = 20\nlog_types = [\"ttp-url\"]"), ("queue", "max_bytes = 30000")]);
+    rig.dd.refuse_connections(true);
+    let out = rig.once(&cfg);
+    let c = rig.store().counters().unwrap();
+    assert!(out.queued > 0 && (out.queued as usize) < 300, "{} queued", out.queued);
+    assert!(c.queue_bytes >= 30000 && c.queue_bytes < 30000 + 20 * 1100, "{} bytes", c.queue_bytes);
+    assert_eq!(c.dropped, 0);
+    let requests_when_full = rig.mc.requests().len();
+    let cursor = rig.store().cursor(Feed::TtpUrl).unwrap().unwrap();
+    assert!(cursor.last_success.is_none(), "the first window did not complete");
+    // Datadog back: the queue drains, polling resumes, and everything arrives once.
+    rig.dd.refuse_connections(false);
+    let out = rig.once(&cfg);
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    assert!(rig.mc.requests().len() > requests_when_full);
+}
+
+#[test]
+fn drop_oldest_drops_and_counts_every_drop() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::TtpUrl], 300, 1000);
+    let cfg = rig.config(&[
+        ("mimecast", "page_size = 50\nlog_types = [\"ttp-url\"]"),
+        ("queue", "max_bytes = 30000\nwhen_full = \"drop-oldest\""),
+    ]);
+    rig.dd.refuse_connections(true);
+    rig.once(&cfg);
+    let c = rig.store().counters().unwrap();
+    assert!(c.queue_bytes <= 30000, "{}", c.queue_bytes);
+    assert!(c.dropped > 0);
+    assert_eq!(c.dropped + c.queue_records, 300, "every record is either queued or counted as dropped");
+    let cursor = rig.store().cursor(Feed::TtpUrl).unwrap().unwrap();
+    assert!(cursor.last_success.is_some(), "drop-oldest keeps polling");
+}
