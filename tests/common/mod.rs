@@ -126,3 +126,37 @@ pub fn assert_delivered_once(dd: &DatadogSim, expected: &HashMap<String, Feed>) 
     assert!(dups.is_empty(), "duplicates: {dups:?}");
     assert_eq!(got.len(), expected.len(), "unexpected extra records");
 }
+
+/// Queues records straight into the store, as if polled earlier; returns their keys.
+pub fn queue_direct(rig: &Rig, feed: Feed, records: &[Value]) -> HashMap<String, Feed> {
+    use mimecast_forwarder::mimecast::window::Window;
+    use mimecast_forwarder::store::{NewRecord, PageCommit};
+    let mut store = rig.store();
+    let mut keys = HashMap::new();
+    for chunk in records.chunks(500) {
+        let recs = chunk
+            .iter()
+            .map(|r| {
+                let key = wire::record_key(feed, r);
+                keys.insert(key.clone(), feed);
+                NewRecord { key, event_time: wire::record_time(feed, r), body: r.to_string() }
+            })
+            .collect();
+        let page = PageCommit { feed, window: Window { from: 0, to: 0 }, next_token: None, records: recs, forget_before: i64::MIN };
+        store
+            .commit_page(&page, mimecast_forwarder::datetime::now(), u64::MAX, mimecast_forwarder::config::WhenFull::Pause)
+            .unwrap();
+    }
+    keys
+}
+
+/// Runs the daemon in this thread until `done()` holds (checked every 20 ms) or `limit` passes.
+pub fn run_daemon_until(cfg: &Config, mut done: impl FnMut() -> bool, limit: Duration) -> Outcome {
+    let start = std::time::Instant::now();
+    let stop = async {
+        while !done() && start.elapsed() < limit {
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
+    };
+    smol::block_on(agent::run(cfg, &fast_tuning(), Mode::Daemon, stop)).unwrap()
+}

@@ -1,0 +1,252 @@
+//! Delivering the queue to the Datadog intake simulator over real HTTP.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{Rig, assert_delivered_once, queue_direct, run_daemon_until};
+use mimecast_forwarder::datetime;
+use mimecast_forwarder::mimecast::{Feed, wire};
+use mimecast_forwarder::sim::datadog::{self as dd, Fault};
+use mimecast_forwarder::sim::records::generate;
+use serde_json::Value;
+
+fn recent(feed: Feed, n: u64, size: usize) -> Vec<Value> {
+    let now = datetime::now();
+    (0..n).map(|i| generate(feed, i, now - 600 + (i as i64 % 500), size)).collect()
+}
+
+#[test]
+fn datadogs_own_pipeline_samples_arrive_with_every_attribute() {
+    let rig = Rig::new();
+    let samples: Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
+    let samples = samples.as_array().unwrap();
+    for s in samples {
+        let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
+        queue_direct(&rig, feed, &[serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()]);
+    }
+    // The samples are from 2024: keep them as they are to compare every attribute.
+    let out = rig.once(&rig.config(&[("datadog", "late_records = \"keep\"")]));
+    assert_eq!(out.queued, 0);
+    let logs = rig.dd.accepted();
+    assert_eq!(logs.len(), 6);
+    for s in samples {
+        let service = s["service"].as_str().unwrap();
+        let sample: Value = serde_json::from_str(s["sample"].as_str().unwrap()).unwrap();
+        let log = logs.iter().find(|l| l["service"] == service).unwrap_or_else(|| panic!("no log for {service}"));
+        assert_eq!(log["ddsource"], "mimecast");
+        assert_eq!(log["hostname"], "test-host");
+        assert_eq!(log["ddtags"], "env:test");
+        for (k, v) in sample.as_object().unwrap() {
+            assert_eq!(&log[k], v, "{service}.{k} keeps its value and JSON type");
+        }
+        let message: Value = serde_json::from_str(log["message"].as_str().unwrap()).unwrap();
+        assert_eq!(message, sample);
+    }
+    assert_eq!(rig.store().counters().unwrap().kept, 6);
+}
+
+#[test]
+fn an_outage_in_the_middle_of_a_drain_loses_nothing() {
+    let rig = Rig::new();
+    let mut expected = HashMap::new();
+    for feed in Feed::ALL {
+        expected.extend(queue_direct(&rig, feed, &recent(feed, 1667, 1000)));
+    }
+    let cfg = rig.config(&[]);
+    let total = expected.len();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while rig.dd.accepted_count() < 2000 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            rig.dd.set_down(Some(503));
+            std::thread::sleep(Duration::from_millis(400));
+            rig.dd.set_down(None);
+            rig.dd.refuse_connections(true);
+            std::thread::sleep(Duration::from_millis(400));
+            rig.dd.fault(Fault::AcceptThenDrop); // The one batch in flight that may arrive twice.
+            rig.dd.refuse_connections(false);
+        });
+        run_daemon_until(&cfg, || dd::record_keys(&rig.dd.accepted()).len() >= total, Duration::from_secs(60));
+    });
+    let got = dd::record_keys(&rig.dd.accepted());
+    assert_eq!(got.len(), total, "every record arrived");
+    assert!(expected.keys().all(|k| got.contains_key(k)));
+    let dups: usize = got.values().map(|n| n - 1).sum();
+    assert!(dups <= 1000, "{dups} duplicates: more than the one batch in flight");
+    assert_eq!(rig.store().counters().unwrap().queue_records, 0);
+}
+
+#[test]
+fn a_413_splits_and_delivers() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::TtpUrl, &recent(Feed::TtpUrl, 100, 500));
+    rig.dd.fault(Fault::Status(413));
+    assert_eq!(rig.once(&rig.config(&[])).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    assert_eq!(rig.dd.batches().iter().map(|b| b.0).collect::<Vec<_>>(), [50, 50]);
+}
+
+#[test]
+fn a_400_isolates_the_bad_log_into_dead_letters() {
+    let rig = Rig::new();
+    let mut recs = recent(Feed::Dlp, 200, 300);
+    recs[137]["subject"] = Value::String("POISON pill".into());
+    let mut expected = queue_direct(&rig, Feed::Dlp, &recs);
+    expected.remove(&wire::record_key(Feed::Dlp, &recs[137]));
+    rig.dd.set_poison(Some("POISON"));
+    assert_eq!(rig.once(&rig.config(&[])).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let c = rig.store().counters().unwrap();
+    assert_eq!((c.dead_letters, c.delivered), (1, 199));
+}
+
+#[test]
+fn a_refused_key_keeps_everything_until_it_is_accepted() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 300, 300));
+    rig.dd.set_api_key("a-different-key");
+    let cfg = rig.config(&[]);
+    assert_eq!(rig.once(&cfg).queued, 300);
+    assert_eq!(rig.dd.accepted_count(), 0);
+    let err = rig.store().state("datadog_last_error").unwrap().unwrap();
+    assert!(err.contains("403") && err.contains("API key"), "{err}");
+    assert!(!err.contains(dd::API_KEY));
+    rig.dd.set_api_key(dd::API_KEY);
+    assert_eq!(rig.once(&cfg).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    assert_eq!(rig.store().state("datadog_last_error").unwrap(), None);
+}
+
+#[test]
+fn records_20_hours_old_are_restamped_by_default() {
+    let rig = Rig::new();
+    let now = datetime::now();
+    let recs: Vec<Value> = (0..10).map(|i| generate(Feed::TtpUrl, i, now - 20 * 3600, 300)).collect();
+    queue_direct(&rig, Feed::TtpUrl, &recs);
+    rig.once(&rig.config(&[]));
+    let logs = rig.dd.accepted();
+    assert_eq!(logs.len(), 10);
+    for log in &logs {
+        let ts = datetime::parse(log["timestamp"].as_str().unwrap()).unwrap();
+        assert!((ts - datetime::now()).abs() < 120, "timestamp is the send time");
+        assert_eq!(log["mimecast_late"], true);
+        assert_eq!(log["original_date"], datetime::mimecast(now - 20 * 3600));
+        assert!(log.get("date").is_none());
+        let msg: Value = serde_json::from_str(log["message"].as_str().unwrap()).unwrap();
+        assert_eq!(msg["original_date"], log["original_date"]);
+    }
+    assert_eq!(rig.store().counters().unwrap().restamped, 10);
+}
+
+#[test]
+fn records_20_hours_old_go_unchanged_with_keep() {
+    let rig = Rig::new();
+    let now = datetime::now();
+    let recs: Vec<Value> = (0..10).map(|i| generate(Feed::Audit, i, now - 20 * 3600, 300)).collect();
+    queue_direct(&rig, Feed::Audit, &recs);
+    rig.once(&rig.config(&[("datadog", "late_records = \"keep\"")]));
+    let logs = rig.dd.accepted();
+    assert_eq!(logs.len(), 10);
+    for log in &logs {
+        assert_eq!(log["eventTime"], datetime::mimecast(now - 20 * 3600));
+        assert!(log.get("timestamp").is_none() && log.get("mimecast_late").is_none());
+    }
+    assert_eq!(rig.store().counters().unwrap().kept, 10);
+}
+
+#[test]
+fn seeded_random_batches_keep_the_limits_and_send_each_record_once_in_order() {
+    for seed in [1u64, 7, 42] {
+        let rig = Rig::new();
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut sent_order: HashMap<Feed, Vec<String>> = HashMap::new();
+        let mut oversize = 0;
+        for feed in Feed::ALL {
+            let n = rng.u64(0..900);
+            let recs: Vec<Value> = (0..n)
+                .map(|i| {
+                    let size = match rng.u32(0..1000) {
+                        0..=984 => rng.usize(200..3000),
+                        985..=997 => rng.usize(100_000..480_000),
+                        _ => rng.usize(500_001..700_000),
+                    };
+                    generate(feed, i, datetime::now() - rng.i64(0..3600), size)
+                })
+                .collect();
+            for r in &recs {
+                // The log object carries the record twice (attributes and message): over 1 MB is refused.
+                if r.to_string().len() * 2 > 1_000_000 {
+                    oversize += 1;
+                } else {
+                    sent_order.entry(feed).or_default().push(wire::record_key(feed, r));
+                }
+            }
+            queue_direct(&rig, feed, &recs);
+        }
+        assert_eq!(rig.once(&rig.config(&[])).queued, 0, "seed {seed}");
+        let batches = rig.dd.batches();
+        assert_eq!(rig.dd.requests(), batches.len(), "seed {seed}: no request was refused (no 413)");
+        for (logs, bytes) in &batches {
+            assert!(*logs <= 1000 && *bytes <= 5_000_000, "seed {seed}: batch of {logs} logs, {bytes} bytes");
+        }
+        let mut got: HashMap<Feed, Vec<String>> = HashMap::new();
+        for log in rig.dd.accepted() {
+            let feed = Feed::from_name(log["service"].as_str().unwrap()).unwrap();
+            let rec: Value = serde_json::from_str(log["message"].as_str().unwrap()).unwrap();
+            got.entry(feed).or_default().push(wire::record_key(feed, &rec));
+        }
+        assert_eq!(got, sent_order, "seed {seed}: each record once, in queue order per feed");
+        assert_eq!(rig.store().counters().unwrap().dead_letters, oversize, "seed {seed}");
+    }
+}
+
+#[test]
+fn a_flood_of_url_clicks_does_not_starve_audit() {
+    let rig = Rig::new();
+    queue_direct(&rig, Feed::TtpUrl, &recent(Feed::TtpUrl, 3000, 300));
+    queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 5, 300));
+    rig.once(&rig.config(&[]));
+    let first_batch: Vec<Value> = rig.dd.accepted().into_iter().take(rig.dd.batches()[0].0).collect();
+    let audits = first_batch.iter().filter(|l| l["service"] == "audit").count();
+    assert_eq!(audits, 5, "the audit records ride in the first batch");
+}
+
+#[test]
+fn a_stalled_datadog_does_not_stall_polling() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 100, 300);
+    rig.dd.fault(Fault::Stall(Duration::from_secs(3)));
+    let cfg = rig.config(&[]);
+    let start = Instant::now();
+    let mut polled_while_stalled = None;
+    run_daemon_until(
+        &cfg,
+        || {
+            let queued = rig.queued().len();
+            if polled_while_stalled.is_none() && rig.mc.requests().len() >= 6 && rig.dd.accepted_count() == 0 && queued >= 600 {
+                polled_while_stalled = Some(start.elapsed());
+            }
+            dd::record_keys(&rig.dd.accepted()).len() >= expected.len()
+        },
+        Duration::from_secs(30),
+    );
+    assert!(polled_while_stalled.is_some_and(|t| t < Duration::from_secs(3)), "{polled_while_stalled:?}");
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn a_stalled_mimecast_does_not_stall_delivery() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::Dlp, &recent(Feed::Dlp, 500, 300));
+    rig.mc.fault(None, mimecast_forwarder::sim::mimecast::Fault::Stall(Duration::from_secs(3)));
+    let start = Instant::now();
+    run_daemon_until(&rig.config(&[]), || rig.dd.accepted_count() >= 500, Duration::from_secs(20));
+    assert!(start.elapsed() < Duration::from_secs(3), "delivered in {:?}", start.elapsed());
+    assert_delivered_once(&rig.dd, &expected);
+}
