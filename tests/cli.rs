@@ -1,0 +1,221 @@
+//! The real binary: exit codes, signals, `kill -9`, `status` while running, `demo`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Rig, assert_delivered_once};
+use mimecast_forwarder::mimecast::Feed;
+use mimecast_forwarder::sim::datadog as dd;
+use mimecast_forwarder::sim::mimecast::{self as mc, Fault};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mimecast-forwarder");
+
+fn write_config(rig: &Rig, extra: &[(&str, &str)]) -> PathBuf {
+    let path = rig.dir.path().join("config.toml");
+    std::fs::write(&path, rig.config_text(extra)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("MIMECAST_CLIENT_ID")
+        .env_remove("MIMECAST_CLIENT_SECRET")
+        .env_remove("DD_API_KEY")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd(args).output().unwrap();
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
+}
+
+fn no_secret(text: &str) {
+    for s in [mc::CLIENT_SECRET, dd::API_KEY] {
+        assert!(!text.contains(s), "a secret leaked into output:\n{text}");
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn check_config_validates_and_redacts() {
+    let rig = Rig::new();
+    let path = write_config(&rig, &[]);
+    let p = path.to_str().unwrap();
+    let (code, out, err) = run(&["check-config", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("client_secret = \"[redacted]\"") && out.contains("api_key = \"[redacted]\""), "{out}");
+    no_secret(&(out + &err));
+
+    let (code, out, err) = run(&["check-config", "--config", p, "--connect"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("mimecast: OK") && out.contains("datadog: OK"), "{out}");
+    no_secret(&(out + &err));
+
+    rig.dd.set_api_key("another-key");
+    let (code, out, err) = run(&["check-config", "--config", p, "--connect"]);
+    assert_eq!(code, 69);
+    assert!(out.contains("mimecast: OK") && out.contains("datadog: FAILED"), "{out}");
+    no_secret(&(out + &err));
+
+    let bad = write_config(&rig, &[("queue", "when_full = \"block\"")]);
+    let (code, out, err) = run(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 78);
+    assert!(err.contains("queue.when_full") && err.contains("\"block\""), "{err}");
+    no_secret(&(out + &err));
+
+    let typo = write_config(&rig, &[("mimecast", "poll_intervall_secs = 5")]);
+    let (code, _, err) = run(&["check-config", "--config", typo.to_str().unwrap()]);
+    assert_eq!(code, 78);
+    assert!(err.contains("poll_intervall_secs"), "{err}");
+}
+
+#[test]
+fn help_version_and_usage_errors() {
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!((code, out.trim()), (0, concat!("mimecast-forwarder ", env!("CARGO_PKG_VERSION"))));
+    for sub in ["run", "check-config", "status", "demo"] {
+        let (code, out, _) = run(&[sub, "--help"]);
+        assert_eq!(code, 0);
+        assert!(out.contains(&format!("mimecast-forwarder {sub}")), "{out}");
+    }
+    assert_eq!(run(&["frobnicate"]).0, 64);
+    let rig = Rig::new();
+    let path = write_config(&rig, &[]);
+    let (code, _, err) = run(&["status", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 66, "{err}");
+}
+
+#[test]
+fn run_once_delivers_or_exits_75_with_records_kept() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 120, 500);
+    let path = write_config(&rig, &[]);
+    let p = path.to_str().unwrap();
+    rig.dd.refuse_connections(true);
+    let (code, out, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 75, "{err}");
+    no_secret(&(out + &err));
+    assert!(err.contains("records remain queued"), "{err}");
+    let (code, json, _) = run(&["status", "--json", "--config", p]);
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["queue"]["records"], 720);
+    assert!(status["datadog"]["last_error"].as_str().unwrap().contains("connect"), "{status}");
+
+    rig.dd.refuse_connections(false);
+    let (code, out, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    no_secret(&(out + &err));
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn sigterm_stops_cleanly_status_works_meanwhile_and_a_restart_carries_on() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 150, 500);
+    let path = write_config(&rig, &[]);
+    let p = path.to_str().unwrap();
+    rig.dd.set_down(Some(503)); // Records pile up in the queue while `run` runs.
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("the queue to fill", Duration::from_secs(20), || {
+        rig.db_path().exists() && run(&["status", "--json", "--config", p]).1.contains("\"records\":900")
+    });
+    let (code, json, err) = run(&["status", "--json", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    let s: Value = serde_json::from_str(&json).unwrap();
+    for key in ["records", "bytes", "max_bytes", "oldest_age_secs", "paused"] {
+        assert!(s["queue"].get(key).is_some(), "queue.{key} missing: {s}");
+    }
+    assert_eq!(s["queue"]["paused"], false);
+    assert!(s["queue"]["bytes"].as_i64().unwrap() > 900 * 400);
+    for key in [("dead_letters", "records"), ("dropped", "records"), ("late", "restamped"), ("late", "kept")] {
+        assert!(s[key.0][key.1].is_i64(), "{}.{} missing: {s}", key.0, key.1);
+    }
+    assert!(s["datadog"]["last_error"].as_str().unwrap().contains("503"));
+    for feed in Feed::ALL {
+        let f = &s["feeds"][feed.name()];
+        assert_eq!(f["enabled"], true);
+        assert!(f["watermark"].is_string() && f["last_success"].is_string() && f["last_error"].is_null(), "{f}");
+    }
+    let (code, text, _) = run(&["status", "--config", p]);
+    assert_eq!(code, 0);
+    assert!(text.contains("ATTENTION") && text.contains("503") && text.contains("900 records"), "{text}");
+
+    let start = Instant::now();
+    signal(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?} to stop", start.elapsed());
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("signal received"), "{err}");
+    no_secret(&err);
+
+    rig.dd.set_down(None);
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::TtpUrl], 500, 300);
+    let path = write_config(&rig, &[("mimecast", "page_size = 50\nmax_window_secs = 7400\nlog_types = [\"ttp-url\"]")]);
+    let p = path.to_str().unwrap();
+    rig.dd.refuse_connections(true);
+    // Pages 1..4 are served; the 5th request hangs, and the process is killed while waiting for it.
+    rig.mc.fault_after(Some(Feed::TtpUrl), 4, Fault::Stall(Duration::from_secs(20)));
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("the 5th page request", Duration::from_secs(20), || rig.mc.requests().len() >= 5);
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let store = rig.store();
+    assert_eq!(store.counters().unwrap().queue_records, 200, "pages 1-4 were committed");
+    let cursor = store.cursor(Feed::TtpUrl).unwrap().unwrap();
+    let (_, token) = cursor.window.clone().unwrap();
+    assert_eq!(token, rig.mc.requests()[4].page_token, "the cursor holds page 5's token");
+    drop(store);
+
+    rig.dd.refuse_connections(false);
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    let log = rig.mc.requests();
+    assert_eq!(log[5].page_token, log[4].page_token, "the restart asks for page 5 again, not page 1");
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn demo_runs_and_loses_nothing() {
+    let start = Instant::now();
+    let (code, out, err) = run(&["demo"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary = out.lines().find(|l| l.starts_with("summary:")).unwrap_or_else(|| panic!("no summary in {out}"));
+    assert!(summary.ends_with("duplicates 0 / lost 0"), "{summary}");
+    assert!(out.contains("Datadog starts answering 503") && out.contains("Datadog is back"), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(35));
+}
