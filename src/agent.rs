@@ -125,7 +125,12 @@ struct Agent {
 }
 
 /// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
-pub async fn run(cfg: &Config, tuning: &Tuning, mode: Mode, shutdown: impl Future<Output = ()>) -> anyhow::Result<Outcome> {
+pub async fn run(
+    cfg: &Config,
+    tuning: &Tuning,
+    mode: Mode,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Outcome> {
     let store = Store::open(&cfg.queue.path).with_context(|| format!("opening queue {}", cfg.queue.path.display()))?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
     let mut agent = Agent::new(cfg.clone(), tuning.clone(), mode, store, http)?;
@@ -221,7 +226,9 @@ impl Agent {
                         });
                         match done.await {
                             Some((b, s)) => self.on_sent(b, s)?,
-                            None => log::warn!("shutting down with a Datadog request unanswered: that batch will be sent again"),
+                            None => log::warn!(
+                                "shutting down with a Datadog request unanswered: that batch will be sent again"
+                            ),
                         }
                     }
                     log::info!("shutting down; {} records stay queued", self.store.counters()?.queue_records);
@@ -343,7 +350,12 @@ impl Agent {
                     // Keys whose time is before every future window's start can never be read again.
                     forget_before: req.window.to - self.cfg.mimecast.overlap_secs as i64 - 3600,
                 };
-                let out = self.store.commit_page(&commit, datetime::now(), self.cfg.queue.max_bytes, self.cfg.queue.when_full)?;
+                let out = self.store.commit_page(
+                    &commit,
+                    datetime::now(),
+                    self.cfg.queue.max_bytes,
+                    self.cfg.queue.when_full,
+                )?;
                 if out.dropped > 0 {
                     log::warn!(
                         "queue full: dropped the {} oldest records (when_full = \"drop-oldest\"); {} dropped in total",
@@ -442,7 +454,8 @@ impl Agent {
             self.log_drain_summary(true);
             return Ok(None);
         };
-        let (http, url, key) = (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone());
+        let (http, url, key) =
+            (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone());
         let payload = b.1;
         let b = b.0;
         Ok(Some(smol::unblock(move || {
@@ -491,7 +504,10 @@ impl Agent {
             Disposition::Delete => {
                 let n = self.store.delivered(&b.seqs, b.restamped, b.kept, secs)?;
                 if b.kept > 0 {
-                    log::warn!("sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them", b.kept);
+                    log::warn!(
+                        "sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them",
+                        b.kept
+                    );
                 }
                 self.sink.failures = 0;
                 self.sink.due = Some(now);
@@ -502,7 +518,12 @@ impl Agent {
             Disposition::Split => {
                 let mut first = b.seqs;
                 let second = first.split_off(first.len() / 2);
-                log::warn!("Datadog refused a batch ({}); splitting it into {} + {}", sent.detail, first.len(), second.len());
+                log::warn!(
+                    "Datadog refused a batch ({}); splitting it into {} + {}",
+                    sent.detail,
+                    first.len(),
+                    second.len()
+                );
                 self.sink.splits.push(second);
                 self.sink.splits.push(first);
                 self.sink.due = Some(now);

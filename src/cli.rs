@@ -216,7 +216,10 @@ mod tests {
         assert_eq!(p(&["run"]), Ok(Command::Run { config: None, once: false }));
         assert_eq!(p(&["run", "--once", "--config", "/c"]), Ok(Command::Run { config: Some("/c".into()), once: true }));
         assert_eq!(p(&["check-config", "--connect"]), Ok(Command::CheckConfig { config: None, connect: true }));
-        assert_eq!(p(&["status", "--json", "--config=/x"]), Ok(Command::Status { config: Some("/x".into()), json: true }));
+        assert_eq!(
+            p(&["status", "--json", "--config=/x"]),
+            Ok(Command::Status { config: Some("/x".into()), json: true })
+        );
         assert_eq!(p(&["demo"]), Ok(Command::Demo));
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(p(&[]), Ok(Command::Help(USAGE)));

@@ -277,7 +277,11 @@ fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
     Ok(v.trim_end_matches('/').to_owned())
 }
 
-fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>, warnings: &mut Vec<String>) -> Result<Config, ConfigError> {
+fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Config, ConfigError> {
     let m = raw.mimecast;
     let base_url = url("mimecast.base_url", m.base_url.unwrap_or_else(|| "https://api.services.mimecast.com".into()))?;
     let client_id = m.client_id.or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
@@ -479,8 +483,14 @@ impl Config {
                 WhenFull::DropOldest => "drop-oldest",
             },
             h.timeout_secs,
-            h.proxy.as_deref().map(|p| format!("{p:?}")).unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
-            h.ca_file.as_deref().map(|p| format!("{:?}", p.display().to_string())).unwrap_or_else(|| "\"\" # none".into()),
+            h.proxy
+                .as_deref()
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
+            h.ca_file
+                .as_deref()
+                .map(|p| format!("{:?}", p.display().to_string()))
+                .unwrap_or_else(|| "\"\" # none".into()),
         )
     }
 }
@@ -489,7 +499,8 @@ impl Config {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "[mimecast]\nclient_id = \"id\"\nclient_secret = \"s3cr3t-mc\"\n[datadog]\napi_key = \"s3cr3t-dd\"\n";
+    const MINIMAL: &str =
+        "[mimecast]\nclient_id = \"id\"\nclient_secret = \"s3cr3t-mc\"\n[datadog]\napi_key = \"s3cr3t-dd\"\n";
 
     fn no_env(_: &str) -> Option<String> {
         None

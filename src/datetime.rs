@@ -6,13 +6,9 @@ use time::{OffsetDateTime, UtcOffset};
 
 /// Parses `2015-11-16T14:49:18+0000` (Mimecast's documented form) or RFC 3339 (`Z`, `+00:00`, fractions).
 pub fn parse(s: &str) -> Option<i64> {
-    let mimecast = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second][offset_hour sign:mandatory][offset_minute]"
-    );
-    OffsetDateTime::parse(s, &mimecast)
-        .or_else(|_| OffsetDateTime::parse(s, &Rfc3339))
-        .ok()
-        .map(|t| t.unix_timestamp())
+    let mimecast =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second][offset_hour sign:mandatory][offset_minute]");
+    OffsetDateTime::parse(s, &mimecast).or_else(|_| OffsetDateTime::parse(s, &Rfc3339)).ok().map(|t| t.unix_timestamp())
 }
 
 /// The form sent to Mimecast: always UTC, numeric offset without a colon.
@@ -27,9 +23,7 @@ pub fn rfc3339(secs: i64) -> String {
 }
 
 fn to_utc(secs: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-        .to_offset(UtcOffset::UTC)
+    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH).to_offset(UtcOffset::UTC)
 }
 
 /// Seconds since the Unix epoch, now.

@@ -52,9 +52,8 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
     let now = crate::datetime::now();
     let mut expected: HashMap<String, Feed> = HashMap::new();
     for feed in Feed::ALL {
-        let recs: Vec<Value> = (0..PER_FEED)
-            .map(|i| records::generate(feed, i, now - 7000 + (i as i64 * 17) % 6900, 600))
-            .collect();
+        let recs: Vec<Value> =
+            (0..PER_FEED).map(|i| records::generate(feed, i, now - 7000 + (i as i64 * 17) % 6900, 600)).collect();
         for r in &recs {
             expected.insert(wire::record_key(feed, r), feed);
         }
@@ -126,12 +125,7 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
     let accepted = datadog.accepted();
     let keys = dd::record_keys(&accepted);
     let delivered = keys.keys().filter(|k| expected.contains_key(*k)).count();
-    Ok(Summary {
-        generated: total,
-        delivered,
-        duplicates: accepted.len() - keys.len(),
-        lost: total - delivered,
-    })
+    Ok(Summary { generated: total, delivered, duplicates: accepted.len() - keys.len(), lost: total - delivered })
 }
 
 fn demo_config(mimecast: &MimecastSim, datadog: &DatadogSim, dir: &std::path::Path) -> anyhow::Result<Config> {
@@ -172,7 +166,8 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new() -> std::io::Result<TempDir> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let dir = std::env::temp_dir().join(format!("mimecast-forwarder-demo-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(TempDir(dir))

@@ -81,10 +81,16 @@ pub fn render(r: &Value, now: i64) -> String {
         problems.push("queue is full: polling Mimecast is paused until Datadog drains it".into());
     }
     if n(&r["dead_letters"]["records"]) > 0 {
-        problems.push(format!("{} record(s) in dead letters: Datadog refused them; they are kept in the queue database", n(&r["dead_letters"]["records"])));
+        problems.push(format!(
+            "{} record(s) in dead letters: Datadog refused them; they are kept in the queue database",
+            n(&r["dead_letters"]["records"])
+        ));
     }
     if n(&r["dropped"]["records"]) > 0 {
-        problems.push(format!("{} record(s) dropped because the queue was full (drop-oldest)", n(&r["dropped"]["records"])));
+        problems.push(format!(
+            "{} record(s) dropped because the queue was full (drop-oldest)",
+            n(&r["dropped"]["records"])
+        ));
     }
     if problems.is_empty() {
         out.push_str("OK: no errors recorded\n");
@@ -114,7 +120,10 @@ pub fn render(r: &Value, now: i64) -> String {
         out.push_str(&format!(
             "{name:<27} {:<8} {:<37} {}\n",
             if f["enabled"].as_bool() == Some(true) { "yes" } else { "no" },
-            f["watermark"].as_str().map(|w| format!("{w} ({} ago)", human(now - datetime::parse(w).unwrap_or(now)))).unwrap_or_else(|| "-".into()),
+            f["watermark"]
+                .as_str()
+                .map(|w| format!("{w} ({} ago)", human(now - datetime::parse(w).unwrap_or(now))))
+                .unwrap_or_else(|| "-".into()),
             age(&f["last_success"]),
         ));
     }

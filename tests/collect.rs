@@ -36,9 +36,11 @@ fn fixture_records() -> Vec<(Feed, Value)> {
             out.push((feed, v));
         }
     }
-    let xsoar: Value = serde_json::from_str(&std::fs::read_to_string("tests/data/xsoar_audit_raw_response.json").unwrap()).unwrap();
+    let xsoar: Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/data/xsoar_audit_raw_response.json").unwrap()).unwrap();
     out.push((Feed::Audit, xsoar["data"][0].clone()));
-    let samples: Value = serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
+    let samples: Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
     for s in samples.as_array().unwrap() {
         let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
         out.push((feed, serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()));

@@ -229,7 +229,11 @@ fn a_stalled_datadog_does_not_stall_polling() {
         &cfg,
         || {
             let queued = rig.queued().len();
-            if polled_while_stalled.is_none() && rig.mc.requests().len() >= 6 && rig.dd.accepted_count() == 0 && queued >= 600 {
+            if polled_while_stalled.is_none()
+                && rig.mc.requests().len() >= 6
+                && rig.dd.accepted_count() == 0
+                && queued >= 600
+            {
                 polled_while_stalled = Some(start.elapsed());
             }
             dd::record_keys(&rig.dd.accepted()).len() >= expected.len()

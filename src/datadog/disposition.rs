@@ -5,7 +5,10 @@ use std::time::Duration;
 /// What came back from one send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    Status { code: u16, retry_after: Option<Duration> },
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     /// No HTTP answer: refused or dropped connection, timeout, truncated response.
     NoAnswer,
 }
@@ -72,7 +75,11 @@ mod tests {
         check(status(408), 10, Retry(None));
         check(status(500), 10, Retry(None));
         check(status(503), 10, Retry(None));
-        check(Answer::Status { code: 429, retry_after: Some(Duration::from_secs(7)) }, 10, Retry(Some(Duration::from_secs(7))));
+        check(
+            Answer::Status { code: 429, retry_after: Some(Duration::from_secs(7)) },
+            10,
+            Retry(Some(Duration::from_secs(7))),
+        );
         check(Answer::NoAnswer, 10, Retry(None));
         assert_eq!(retry_after(Some(" 12 ")), Some(Duration::from_secs(12)));
         assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);

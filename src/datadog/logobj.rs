@@ -7,7 +7,8 @@ use crate::datetime;
 use crate::mimecast::Feed;
 
 /// Keys the agent sets itself; a record field of the same name is kept as `mimecast.<name>` instead.
-pub const RESERVED: [&str; 9] = ["ddsource", "ddtags", "hostname", "service", "message", "status", "timestamp", "host", "source"];
+pub const RESERVED: [&str; 9] =
+    ["ddsource", "ddtags", "hostname", "service", "message", "status", "timestamp", "host", "source"];
 
 /// Datadog accepts timestamps up to 2 h in the future.
 const MAX_FUTURE_SECS: i64 = 2 * 3600;
@@ -95,19 +96,26 @@ mod tests {
     use super::*;
 
     fn shape(late: LateRecords) -> Shape {
-        Shape { hostname: "gw-01".into(), ddtags: "env:prod,site:berlin".into(), late_records: late, max_event_age_secs: 61200 }
+        Shape {
+            hostname: "gw-01".into(),
+            ddtags: "env:prod,site:berlin".into(),
+            late_records: late,
+            max_event_age_secs: 61200,
+        }
     }
 
     fn obj(b: &Built) -> Map<String, Value> {
         serde_json::from_str::<Value>(&b.json).unwrap().as_object().unwrap().clone()
     }
 
-    const URL: &str = r#"{"date":"2024-05-27T09:04:25+0000","scanResult":"clean","emailPartsDescription":["Body"],"n":1.50}"#;
+    const URL: &str =
+        r#"{"date":"2024-05-27T09:04:25+0000","scanResult":"clean","emailPartsDescription":["Body"],"n":1.50}"#;
 
     #[test]
     fn shape_of_a_log() {
         let now = datetime::parse("2024-05-27T10:00:00Z").unwrap();
-        let b = build(Feed::TtpUrl, URL, datetime::parse("2024-05-27T09:04:25+0000"), &shape(LateRecords::Restamp), now);
+        let b =
+            build(Feed::TtpUrl, URL, datetime::parse("2024-05-27T09:04:25+0000"), &shape(LateRecords::Restamp), now);
         let o = obj(&b);
         assert_eq!(b.late, Late::OnTime);
         assert_eq!(o["ddsource"], "mimecast");

@@ -22,11 +22,8 @@ pub fn send(http: &Http, url: &str, api_key: &Secret, payload: &[u8]) -> Sent {
         Ok(b) => b,
         Err(e) => return Sent { answer: Answer::NoAnswer, detail: format!("gzip failed: {e}") },
     };
-    let headers = [
-        ("DD-API-KEY", api_key.expose()),
-        ("Content-Type", "application/json"),
-        ("Content-Encoding", "gzip"),
-    ];
+    let headers =
+        [("DD-API-KEY", api_key.expose()), ("Content-Type", "application/json"), ("Content-Encoding", "gzip")];
     match http.post(url, &headers, body) {
         Ok(r) => Sent {
             answer: Answer::Status { code: r.status, retry_after: disposition::retry_after(r.header("Retry-After")) },

@@ -63,7 +63,11 @@ pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Tok
     );
     let url = format!("{}/oauth/token", creds.base_url);
     let resp = http
-        .post(&url, &[("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")], body.into_bytes())
+        .post(
+            &url,
+            &[("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")],
+            body.into_bytes(),
+        )
         .map_err(|e: HttpError| AuthError::Transient(e.to_string()))?;
     match resp.status {
         200 => parse_token(&resp.body, now),

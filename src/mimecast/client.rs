@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::Feed;
 use super::auth::{self, AuthError, Credentials, Token};
 use super::window::Window;
 use super::wire::{self, Page, WireError};
-use super::Feed;
 use crate::http::{Http, HttpError, Response};
 
 /// What to fetch: one page of one feed's window.
@@ -28,9 +28,16 @@ pub enum FetchError {
     /// 429, with the wait from `X-RateLimit-Reset` when it was readable.
     RateLimited(Option<Duration>),
     /// `fail[]` (with HTTP 200 or 4xx) or another 4xx.
-    Failed { status: u16, retryable: bool, message: String },
+    Failed {
+        status: u16,
+        retryable: bool,
+        message: String,
+    },
     /// 408 or 5xx.
-    Server { status: u16, detail: String },
+    Server {
+        status: u16,
+        detail: String,
+    },
     Network(HttpError),
     Malformed(String),
 }
@@ -96,7 +103,13 @@ pub struct Fetched {
 }
 
 /// Fetches one page. Blocking: run through `smol::unblock`.
-pub fn fetch_page(http: &Http, creds: &Credentials, cached: Option<Token>, req: &PageRequest, margin: Duration) -> Fetched {
+pub fn fetch_page(
+    http: &Http,
+    creds: &Credentials,
+    cached: Option<Token>,
+    req: &PageRequest,
+    margin: Duration,
+) -> Fetched {
     let mut new_token = None;
     let mut token = match cached.filter(|t| t.fresh(Instant::now(), margin)) {
         Some(t) => t,
@@ -183,10 +196,7 @@ fn throttle(r: &Response, now_ms: i64) -> Option<Duration> {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]

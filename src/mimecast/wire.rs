@@ -179,7 +179,8 @@ mod tests {
         let p = parse(Feed::Audit, r#"{"meta":{"pagination":{"next":"t1"}},"data":[{"id":"a"}],"fail":[]}"#).unwrap();
         assert_eq!((p.records.len(), p.next.as_deref(), p.is_last()), (1, Some("t1"), false));
 
-        let p = parse(Feed::Dlp, r#"{"meta":{"status":200},"data":[{"dlpLogs":[{"x":1},{"x":2}]}],"fail":[]}"#).unwrap();
+        let p =
+            parse(Feed::Dlp, r#"{"meta":{"status":200},"data":[{"dlpLogs":[{"x":1},{"x":2}]}],"fail":[]}"#).unwrap();
         assert_eq!((p.records.len(), p.next.as_deref(), p.is_last()), (2, None, true));
 
         // `next` on an empty final page still ends the window.
@@ -200,10 +201,7 @@ mod tests {
     #[test]
     fn fail_on_200_is_an_error_not_an_empty_page() {
         let body = r#"{"meta":{"status":200},"data":[],"fail":[{"key":{},"errors":[{"code":"err_x","message":"busy","retryable":true}]}]}"#;
-        assert_eq!(
-            parse(Feed::Dlp, body),
-            Err(WireError::Failed { retryable: true, message: "err_x: busy".into() })
-        );
+        assert_eq!(parse(Feed::Dlp, body), Err(WireError::Failed { retryable: true, message: "err_x: busy".into() }));
         let body = r#"{"fail":[{"errors":[{"code":"bad","message":"no","retryable":false}]}]}"#;
         assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Failed { retryable: false, .. })));
     }

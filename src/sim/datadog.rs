@@ -143,7 +143,9 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
     let fault = st.faults.pop_front();
     match fault {
         Some(Fault::Status(s)) => return error(s, "injected"),
-        Some(Fault::RetryAfter(secs)) => return error(429, "Too many requests").with_header("Retry-After", &secs.to_string()),
+        Some(Fault::RetryAfter(secs)) => {
+            return error(429, "Too many requests").with_header("Retry-After", &secs.to_string());
+        }
         Some(Fault::Drop) => return Reply::Drop,
         Some(Fault::Stall(d)) => {
             drop(st);

@@ -26,7 +26,11 @@ impl Request {
 /// What the handler wants done with a request.
 #[derive(Debug, Clone)]
 pub enum Reply {
-    Respond { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    Respond {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// Close the connection without answering.
     Drop,
     /// Wait, then close without answering (a hung peer; the client's timeout must fire).
@@ -94,7 +98,13 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: TcpListener, addr: SocketAddr, handler: Handler, stop: Arc<AtomicBool>, refusing: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    handler: Handler,
+    stop: Arc<AtomicBool>,
+    refusing: Arc<AtomicBool>,
+) {
     let mut listener = Some(listener);
     if let Some(l) = &listener {
         let _ = l.set_nonblocking(true);
@@ -157,7 +167,11 @@ fn serve(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
     let mut stream = stream;
     match handler(&request) {
         Reply::Respond { status, headers, body } => {
-            let mut head = format!("HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nConnection: close\r\n", reason(status), body.len());
+            let mut head = format!(
+                "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                reason(status),
+                body.len()
+            );
             for (k, v) in headers {
                 head.push_str(&format!("{k}: {v}\r\n"));
             }

@@ -22,7 +22,9 @@ pub enum Fault {
     /// 429 with this `X-RateLimit-Reset` header value.
     RateLimit(String),
     /// HTTP 200 with a non-empty `fail[]`.
-    FailOk { retryable: bool },
+    FailOk {
+        retryable: bool,
+    },
     Status(u16),
     Drop,
     Stall(Duration),
@@ -159,16 +161,16 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
         return token(state, req);
     }
     let Some(feed) = Feed::ALL.into_iter().find(|f| f.spec().path == req.path) else {
-        return Reply::json(404, &json!({"fail": [{"errors": [{"code": "err_not_found", "message": "no such path"}]}]}));
+        return Reply::json(
+            404,
+            &json!({"fail": [{"errors": [{"code": "err_not_found", "message": "no such path"}]}]}),
+        );
     };
     let mut st = lock(state);
     let body: Option<Value> = serde_json::from_slice(&req.body).ok();
     let filter = body.as_ref().and_then(|b| b.get("data")).and_then(|d| d.get(0)).cloned();
-    let page_token = body
-        .as_ref()
-        .and_then(|b| b.pointer("/meta/pagination/pageToken"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let page_token =
+        body.as_ref().and_then(|b| b.pointer("/meta/pagination/pageToken")).and_then(Value::as_str).map(str::to_owned);
     let fault = take_fault(&mut st, feed);
     if matches!(fault, Some(Fault::ExpireTokens)) {
         st.tokens.clear();
@@ -198,9 +200,8 @@ fn take_fault(st: &mut State, feed: Feed) -> Option<Fault> {
 
 fn token(state: &Mutex<State>, req: &Request) -> Reply {
     let form = String::from_utf8_lossy(&req.body).into_owned();
-    let field = |name: &str| {
-        form.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(|v| v.replace('+', " "))
-    };
+    let field =
+        |name: &str| form.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(|v| v.replace('+', " "));
     let mut st = lock(state);
     let ok = field("grant_type").as_deref() == Some("client_credentials")
         && field("client_id").as_deref() == Some(CLIENT_ID)
@@ -212,7 +213,10 @@ fn token(state: &Mutex<State>, req: &Request) -> Reply {
     let token = format!("sim-token-{}", st.issued);
     let lifetime = st.token_lifetime;
     st.tokens.insert(token.clone(), Instant::now() + lifetime);
-    Reply::json(200, &json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs(), "scope": ""}))
+    Reply::json(
+        200,
+        &json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs(), "scope": ""}),
+    )
 }
 
 fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault: Option<Fault>) -> (Reply, usize) {
@@ -266,7 +270,8 @@ fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), 
             return Err(format!("missing filter {k}"));
         }
     }
-    let page_size = body.pointer("/meta/pagination/pageSize").and_then(Value::as_u64).unwrap_or(100).clamp(1, 1000) as usize;
+    let page_size =
+        body.pointer("/meta/pagination/pageSize").and_then(Value::as_u64).unwrap_or(100).clamp(1, 1000) as usize;
     let fingerprint = {
         let d = Sha256::digest(filter.to_string().as_bytes());
         d[..6].iter().map(|b| format!("{b:02x}")).collect::<String>()

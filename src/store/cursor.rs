@@ -3,8 +3,8 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{Context, Store, StoreError};
-use crate::mimecast::window::Window;
 use crate::mimecast::Feed;
+use crate::mimecast::window::Window;
 
 /// A feed's cursor as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -60,10 +60,19 @@ const MIGRATIONS: [&str; 1] = [r"
 #[derive(Debug)]
 pub enum StoreError {
     /// The file is not a SQLite database or is damaged.
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        path: PathBuf,
+        detail: String,
+    },
     /// Written by a newer version of the agent.
-    TooNew { path: PathBuf, version: i64 },
-    Sql { context: &'static str, error: rusqlite::Error },
+    TooNew {
+        path: PathBuf,
+        version: i64,
+    },
+    Sql {
+        context: &'static str,
+        error: rusqlite::Error,
+    },
 }
 
 impl std::fmt::Display for StoreError {
@@ -119,8 +128,9 @@ impl Store {
 
     /// Opens an existing queue read-only, for `status` while `run` is running.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(|e| classify_open(path, e))?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(|e| classify_open(path, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).ctx("setting busy timeout")?;
         let version: i64 =
             conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| classify_open(path, e))?;

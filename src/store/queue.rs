@@ -4,8 +4,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{Context, Store, StoreError};
 use crate::config::WhenFull;
-use crate::mimecast::window::Window;
 use crate::mimecast::Feed;
+use crate::mimecast::window::Window;
 
 /// A record ready to be queued.
 #[derive(Debug, Clone)]
@@ -337,9 +337,13 @@ mod tests {
     fn skips_known_keys_and_counts_bytes() {
         let mut s = Store::in_memory();
         s.init_cursor(Feed::Dlp, 0).unwrap();
-        let out = s.commit_page(&page(vec![rec("a", "{}"), rec("b", "{\"x\":1}")], Some("t")), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out = s
+            .commit_page(&page(vec![rec("a", "{}"), rec("b", "{\"x\":1}")], Some("t")), 1, u64::MAX, WhenFull::Pause)
+            .unwrap();
         assert_eq!(out, PageOutcome { queued: 2, skipped: 0, dropped: 0 });
-        let out = s.commit_page(&page(vec![rec("b", "{\"x\":1}"), rec("c", "[]")], None), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out = s
+            .commit_page(&page(vec![rec("b", "{\"x\":1}"), rec("c", "[]")], None), 1, u64::MAX, WhenFull::Pause)
+            .unwrap();
         assert_eq!(out, PageOutcome { queued: 1, skipped: 1, dropped: 0 });
         let c = s.counters().unwrap();
         assert_eq!((c.queue_records, c.queue_bytes), (3, sum_bytes(&s)));
@@ -351,7 +355,13 @@ mod tests {
     fn delivery_and_dead_letters_keep_counters_true() {
         let mut s = Store::in_memory();
         s.init_cursor(Feed::Dlp, 0).unwrap();
-        s.commit_page(&page(vec![rec("a", "{}"), rec("b", "{\"x\":1}"), rec("c", "[1]")], None), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(
+            &page(vec![rec("a", "{}"), rec("b", "{\"x\":1}"), rec("c", "[1]")], None),
+            1,
+            u64::MAX,
+            WhenFull::Pause,
+        )
+        .unwrap();
         let cands = s.candidates(10).unwrap();
         assert_eq!(cands.len(), 1);
         let seqs: Vec<i64> = cands[0].iter().map(|q| q.seq).collect();

@@ -48,22 +48,28 @@ impl Rig {
         let db = self.db_path().display().to_string();
         let (mc_url, dd_url) = (self.mc.url(), self.dd.intake_url());
         let base: [(&str, Vec<(&str, String)>); 4] = [
-            ("mimecast", vec![
-                ("base_url", format!("{mc_url:?}")),
-                ("client_id", format!("{:?}", mc::CLIENT_ID)),
-                ("client_secret", format!("{:?}", mc::CLIENT_SECRET)),
-                ("poll_interval_secs", "1".into()),
-                ("initial_lookback_secs", "7200".into()),
-                ("settle_secs", "1".into()),
-                ("overlap_secs", "60".into()),
-                ("max_window_secs", "1800".into()),
-            ]),
-            ("datadog", vec![
-                ("intake_url", format!("{dd_url:?}")),
-                ("api_key", format!("{:?}", dd::API_KEY)),
-                ("hostname", "\"test-host\"".into()),
-                ("tags", "[\"env:test\"]".into()),
-            ]),
+            (
+                "mimecast",
+                vec![
+                    ("base_url", format!("{mc_url:?}")),
+                    ("client_id", format!("{:?}", mc::CLIENT_ID)),
+                    ("client_secret", format!("{:?}", mc::CLIENT_SECRET)),
+                    ("poll_interval_secs", "1".into()),
+                    ("initial_lookback_secs", "7200".into()),
+                    ("settle_secs", "1".into()),
+                    ("overlap_secs", "60".into()),
+                    ("max_window_secs", "1800".into()),
+                ],
+            ),
+            (
+                "datadog",
+                vec![
+                    ("intake_url", format!("{dd_url:?}")),
+                    ("api_key", format!("{:?}", dd::API_KEY)),
+                    ("hostname", "\"test-host\"".into()),
+                    ("tags", "[\"env:test\"]".into()),
+                ],
+            ),
             ("queue", vec![("path", format!("{db:?}"))]),
             ("http", vec![("timeout_secs", "5".into())]),
         ];
@@ -121,7 +127,12 @@ impl Rig {
 pub fn assert_delivered_once(dd: &DatadogSim, expected: &HashMap<String, Feed>) {
     let got = dd::record_keys(&dd.accepted());
     let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
-    assert!(missing.is_empty(), "{} of {} records missing, e.g. {missing:?}", expected.len() - got.len().min(expected.len()), expected.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} records missing, e.g. {missing:?}",
+        expected.len() - got.len().min(expected.len()),
+        expected.len()
+    );
     let dups: Vec<_> = got.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(dups.is_empty(), "duplicates: {dups:?}");
     assert_eq!(got.len(), expected.len(), "unexpected extra records");
@@ -142,9 +153,20 @@ pub fn queue_direct(rig: &Rig, feed: Feed, records: &[Value]) -> HashMap<String,
                 NewRecord { key, event_time: wire::record_time(feed, r), body: r.to_string() }
             })
             .collect();
-        let page = PageCommit { feed, window: Window { from: 0, to: 0 }, next_token: None, records: recs, forget_before: i64::MIN };
+        let page = PageCommit {
+            feed,
+            window: Window { from: 0, to: 0 },
+            next_token: None,
+            records: recs,
+            forget_before: i64::MIN,
+        };
         store
-            .commit_page(&page, mimecast_forwarder::datetime::now(), u64::MAX, mimecast_forwarder::config::WhenFull::Pause)
+            .commit_page(
+                &page,
+                mimecast_forwarder::datetime::now(),
+                u64::MAX,
+                mimecast_forwarder::config::WhenFull::Pause,
+            )
             .unwrap();
     }
     keys
