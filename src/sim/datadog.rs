@@ -37,6 +37,9 @@ struct State {
     down: Option<u16>,
     poison: Option<String>,
     requests: usize,
+    /// Count accepted logs without keeping them (benchmarks, where memory is measured).
+    count_only: bool,
+    counted: usize,
 }
 
 /// The running simulator.
@@ -68,7 +71,13 @@ impl DatadogSim {
     }
 
     pub fn accepted_count(&self) -> usize {
-        self.lock().accepted.len()
+        let st = self.lock();
+        st.accepted.len() + st.counted
+    }
+
+    /// Keep only a count of accepted logs, not the logs.
+    pub fn set_count_only(&self, on: bool) {
+        self.lock().count_only = on;
     }
 
     /// Every accepted batch as (logs, uncompressed payload bytes).
@@ -181,7 +190,11 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
         }
     }
     st.batches.push((logs.len(), body.len()));
-    st.accepted.extend(logs);
+    if st.count_only {
+        st.counted += logs.len();
+    } else {
+        st.accepted.extend(logs);
+    }
     if matches!(fault, Some(Fault::AcceptThenDrop)) {
         return Reply::Drop;
     }
