@@ -68,7 +68,12 @@ fn collect() {
     for feed in Feed::ALL {
         mimecast.add(feed, (0..per_feed).map(|i| generate(feed, i, now - 7000 + (i as i64 % 6900), 1000)));
     }
-    let cfg = config(dir.path(), &mimecast.url(), &datadog.intake_url(), "[\"audit\", \"dlp\", \"rejection\", \"ttp-attachment-protection\", \"ttp-impersonation\", \"ttp-url\"]");
+    let cfg = config(
+        dir.path(),
+        &mimecast.url(),
+        &datadog.intake_url(),
+        "[\"audit\", \"dlp\", \"rejection\", \"ttp-attachment-protection\", \"ttp-impersonation\", \"ttp-url\"]",
+    );
     let (elapsed, peak_kb, code) = run_once(&cfg);
     let store = Store::open(&dir.path().join("queue.db")).unwrap();
     let c = store.counters().unwrap();
@@ -104,10 +109,20 @@ fn deliver() {
                 .iter()
                 .map(|&i| {
                     let r = generate(feed, i, now - 600, 1000);
-                    NewRecord { key: wire::record_key(feed, &r), event_time: wire::record_time(feed, &r), body: r.to_string() }
+                    NewRecord {
+                        key: wire::record_key(feed, &r),
+                        event_time: wire::record_time(feed, &r),
+                        body: r.to_string(),
+                    }
                 })
                 .collect();
-            let page = PageCommit { feed, window: Window { from: 0, to: 0 }, next_token: None, records, forget_before: i64::MIN };
+            let page = PageCommit {
+                feed,
+                window: Window { from: 0, to: 0 },
+                next_token: None,
+                records,
+                forget_before: i64::MIN,
+            };
             store.commit_page(&page, now, u64::MAX, WhenFull::Pause).unwrap();
         }
     }

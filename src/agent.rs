@@ -449,9 +449,15 @@ impl Agent {
         if records.is_empty() {
             records = batch::fair_order(self.store.candidates(MAX_LOGS)?);
         }
+        let had_records = !records.is_empty();
         let Some(b) = self.pack(records)? else {
-            self.sink.due = None; // Idle until a page queues something.
-            self.log_drain_summary(true);
+            if had_records {
+                // Every candidate went to dead letters (too large): look again at once.
+                self.sink.due = Some(now);
+            } else {
+                self.sink.due = None; // Idle until a page queues something.
+                self.log_drain_summary(true);
+            }
             return Ok(None);
         };
         let (http, url, key) =
