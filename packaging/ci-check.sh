@@ -89,6 +89,16 @@ env MIMECAST_CLIENT_ID=ci MIMECAST_CLIENT_SECRET=ci-secret DD_API_KEY=ci-key \
     setpriv --reuid=mimecast-forwarder --regid=mimecast-forwarder --clear-groups \
     mimecast-forwarder check-config --config /etc/mimecast-forwarder/config.toml | grep -q '\[redacted\]'
 
+echo "-- the README's set-up: secrets in files readable by the service's group"
+sed -i -e 's|^# client_id = .*|client_id = "ci-client"|' \
+    -e 's|^# client_secret_file = |client_secret_file = |' -e 's|^# api_key_file = |api_key_file = |' \
+    /etc/mimecast-forwarder/config.toml
+install -m 0640 -g mimecast-forwarder /dev/stdin /etc/mimecast-forwarder/client_secret <<< 'ci-secret-value'
+install -m 0640 -g mimecast-forwarder /dev/stdin /etc/mimecast-forwarder/dd_api_key <<< 'ci-dd-key-value'
+out=$(setpriv --reuid=mimecast-forwarder --regid=mimecast-forwarder --clear-groups \
+    mimecast-forwarder check-config --config /etc/mimecast-forwarder/config.toml 2>&1) || fail "README set-up: $out"
+! grep -q -e ci-secret-value -e ci-dd-key-value <<<"$out" || fail "a secret appeared in check-config output"
+
 echo "-- upgrade keeps an edited config and the queue"
 sed -i 's/^poll_interval_secs = 60/poll_interval_secs = 120/' /etc/mimecast-forwarder/config.toml
 echo "queue" > /var/lib/mimecast-forwarder/queue.db

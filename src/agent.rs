@@ -5,6 +5,8 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -25,9 +27,36 @@ use crate::mimecast::window::{self, Settings, Window};
 use crate::mimecast::{Feed, wire};
 use crate::store::{NewRecord, PageCommit, Queued, Store};
 
+/// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(Arc::new(datetime::now))
+    }
+
+    /// The system clock shifted by a number of seconds that the caller can change at any time.
+    pub fn shifted(offset: Arc<AtomicI64>) -> Clock {
+        Clock(Arc::new(move || datetime::now() + offset.load(Ordering::SeqCst)))
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now())
+    }
+}
+
 /// Timing knobs that are not user settings. Tests and `demo` shorten them; the daemon uses the defaults.
 #[derive(Debug, Clone)]
 pub struct Tuning {
+    /// Where window ends, queue times and late-record decisions get "now" from.
+    pub clock: Clock,
     pub mimecast_backoff: Backoff,
     pub datadog_backoff: Backoff,
     /// The retry interval when an operator must act: refused credentials, a missing permission, a refused key.
@@ -45,6 +74,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Tuning {
         Tuning {
+            clock: Clock::system(),
             mimecast_backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(300) },
             datadog_backoff: Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(120) },
             slow_retry: Duration::from_secs(300),
@@ -141,7 +171,7 @@ pub async fn run(
 impl Agent {
     fn new(cfg: Config, tuning: Tuning, mode: Mode, mut store: Store, http: Http) -> anyhow::Result<Agent> {
         let now = Instant::now();
-        let start = datetime::now() - cfg.mimecast.initial_lookback_secs as i64;
+        let start = tuning.clock.now() - cfg.mimecast.initial_lookback_secs as i64;
         let mut feeds = Vec::new();
         for &feed in &cfg.mimecast.feeds {
             store.init_cursor(feed, start)?;
@@ -297,7 +327,7 @@ impl Agent {
             let cursor = self.store.cursor(feed)?.context("cursor row missing")?;
             let (window, page_token) = match cursor.window {
                 Some((w, token)) => (w, token),
-                None => match window::next_window(cursor.watermark, datetime::now(), settings) {
+                None => match window::next_window(cursor.watermark, self.tuning.clock.now(), settings) {
                     Some(w) => (w, None),
                     None => {
                         self.idle(i, now);
@@ -352,7 +382,7 @@ impl Agent {
                 };
                 let out = self.store.commit_page(
                     &commit,
-                    datetime::now(),
+                    self.tuning.clock.now(),
                     self.cfg.queue.max_bytes,
                     self.cfg.queue.when_full,
                 )?;
@@ -397,14 +427,14 @@ impl Agent {
             f.skipped
         );
         (f.pages, f.queued, f.skipped) = (0, 0, 0);
-        if !window::behind(w, datetime::now(), settings) {
+        if !window::behind(w, self.tuning.clock.now(), settings) {
             self.idle(i, now);
         }
     }
 
     fn fetch_failed(&mut self, i: usize, req: &PageRequest, e: client::FetchError, now: Instant) -> anyhow::Result<()> {
         let feed = req.feed;
-        self.store.feed_error(feed, &e.to_string(), datetime::now())?;
+        self.store.feed_error(feed, &e.to_string(), self.tuning.clock.now())?;
         let f = &mut self.feeds[i];
         f.failures += 1;
         let retry = e.retry(req.page_token.is_some());
@@ -473,7 +503,7 @@ impl Agent {
     /// Builds log objects in order until a limit is reached. A record too large for Datadog goes to the
     /// dead-letter table instead (kept, counted, shown by `status`), so it never blocks the rest.
     fn pack(&mut self, records: Vec<Queued>) -> anyhow::Result<Option<(Batch, Vec<u8>)>> {
-        let now = datetime::now();
+        let now = self.tuning.clock.now();
         let mut logs: Vec<String> = Vec::new();
         let mut b = Batch { seqs: Vec::new(), restamped: 0, kept: 0 };
         let mut packer = batch::Packer::default();
@@ -505,7 +535,7 @@ impl Agent {
 
     fn on_sent(&mut self, b: Batch, sent: Sent) -> anyhow::Result<()> {
         let now = Instant::now();
-        let secs = datetime::now();
+        let secs = self.tuning.clock.now();
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
                 let n = self.store.delivered(&b.seqs, b.restamped, b.kept, secs)?;

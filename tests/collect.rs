@@ -5,9 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use common::{Rig, assert_delivered_once};
+use mimecast_forwarder::agent::{Clock, Tuning};
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::mimecast::Fault;
 use serde_json::Value;
@@ -116,16 +119,18 @@ fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
     let rig = Rig::new();
     let mut expected = rig.add_records(&[Feed::Dlp, Feed::Audit], 50, 300);
     let cfg = rig.config(&[("mimecast", "log_types = [\"dlp\", \"audit\"]")]);
-    rig.once(&cfg);
+    let offset = Arc::new(AtomicI64::new(0));
+    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..common::fast_tuning() };
+    rig.once_with(&cfg, &tuning);
     let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
     // Mimecast now shows a record 30 s before the watermark: its window was read before it was indexed.
     let late = mimecast_forwarder::sim::records::generate(Feed::Dlp, 9999, watermark - 30, 300);
     expected.insert(wire::record_key(Feed::Dlp, &late), Feed::Dlp);
     rig.mc.add(Feed::Dlp, [late]);
-    std::thread::sleep(Duration::from_millis(1100)); // Let a second settle so the next window exists.
-    rig.once(&cfg);
-    std::thread::sleep(Duration::from_millis(1100));
-    rig.once(&cfg);
+    offset.store(5, Ordering::SeqCst); // Time passes, so that a next window exists.
+    rig.once_with(&cfg, &tuning);
+    offset.store(10, Ordering::SeqCst);
+    rig.once_with(&cfg, &tuning);
     assert_delivered_once(&rig.dd, &expected);
 }
 

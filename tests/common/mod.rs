@@ -24,6 +24,7 @@ pub struct Rig {
 /// Backoffs in milliseconds, so that failure paths run in a test's time.
 pub fn fast_tuning() -> Tuning {
     Tuning {
+        clock: agent::Clock::system(),
         mimecast_backoff: Backoff { base: Duration::from_millis(20), cap: Duration::from_millis(200) },
         datadog_backoff: Backoff { base: Duration::from_millis(20), cap: Duration::from_millis(200) },
         slow_retry: Duration::from_millis(300),
@@ -95,7 +96,11 @@ impl Rig {
 
     /// One `--once` pass in-process.
     pub fn once(&self, cfg: &Config) -> Outcome {
-        smol::block_on(agent::run(cfg, &fast_tuning(), Mode::Once, std::future::pending())).unwrap()
+        self.once_with(cfg, &fast_tuning())
+    }
+
+    pub fn once_with(&self, cfg: &Config, tuning: &Tuning) -> Outcome {
+        smol::block_on(agent::run(cfg, tuning, Mode::Once, std::future::pending())).unwrap()
     }
 
     pub fn store(&self) -> Store {
