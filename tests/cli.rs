@@ -134,6 +134,18 @@ fn run_once_delivers_or_exits_75_with_records_kept() {
 }
 
 #[test]
+fn a_corrupt_queue_database_is_refused_with_a_clear_error_and_left_alone() {
+    let rig = Rig::new();
+    let path = write_config(&rig, &[]);
+    let garbage = vec![0x5a_u8; 16384];
+    std::fs::write(rig.db_path(), &garbage).unwrap();
+    let (code, _, err) = run(&["run", "--once", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 70, "{err}");
+    assert!(err.contains("damaged or not a database") && err.contains("queue.db"), "{err}");
+    assert_eq!(std::fs::read(rig.db_path()).unwrap(), garbage);
+}
+
+#[test]
 fn sigterm_stops_cleanly_status_works_meanwhile_and_a_restart_carries_on() {
     let rig = Rig::new();
     let expected = rig.add_records(&Feed::ALL, 150, 500);

@@ -135,6 +135,18 @@ fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
 }
 
 #[test]
+fn a_truncated_or_malformed_page_is_retried_not_lost() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::TtpAttachment], 120, 300);
+    rig.mc.fault_after(Some(Feed::TtpAttachment), 1, Fault::Truncated);
+    let out = rig.once(&rig.config(&[("mimecast", "page_size = 50\nlog_types = [\"ttp-attachment-protection\"]")]));
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let log = rig.mc.requests();
+    assert_eq!(log[1].page_token, log[2].page_token, "the truncated page is asked again");
+}
+
+#[test]
 fn a_429_waits_at_least_the_reset_time() {
     let rig = Rig::new();
     let expected = rig.add_records(&[Feed::Audit], 30, 300);

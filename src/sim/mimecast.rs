@@ -30,6 +30,8 @@ pub enum Fault {
     Stall(Duration),
     /// Every issued token expires just before this request is checked.
     ExpireTokens,
+    /// HTTP 200 whose JSON body is cut in half (a proxy or a link that gave up).
+    Truncated,
 }
 
 /// One request the simulator served, for assertions.
@@ -242,12 +244,24 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
         Some(Fault::Status(s)) => return (Reply::json(s, &json!({"meta": {"status": s}})), 0),
         Some(Fault::Drop) => return (Reply::Drop, 0),
         Some(Fault::Stall(d)) => return (Reply::Stall(d), 0),
-        Some(Fault::ExpireTokens) | None => {}
+        Some(Fault::ExpireTokens) | Some(Fault::Truncated) | None => {}
     }
     if st.forbidden.contains(&feed) {
         return (Reply::json(403, &fail("err_forbidden", "the application lacks this permission", false)), 0);
     }
     match page(st, feed, body) {
+        Ok((v, _)) if matches!(fault, Some(Fault::Truncated)) => {
+            let text = v.to_string();
+            let half = text.as_bytes()[..text.len() / 2].to_vec();
+            (
+                Reply::Respond {
+                    status: 200,
+                    headers: vec![("Content-Type".into(), "application/json".into())],
+                    body: half,
+                },
+                0,
+            )
+        }
         Ok((v, n)) => (Reply::json(200, &v), n),
         Err(message) => (Reply::json(400, &fail("err_validation", &message, false)), 0),
     }
