@@ -68,13 +68,17 @@ pub fn render(r: &Value, now: i64) -> String {
         Some(t) => format!("{} ({} ago)", v.as_str().unwrap_or_default(), human(now - t)),
         None => "never".into(),
     };
+    let when = |v: &Value| match v.as_str().and_then(datetime::parse) {
+        Some(t) => format!(" (at {}, {} ago)", v.as_str().unwrap_or_default(), human(now - t)),
+        None => String::new(),
+    };
     let mut problems = Vec::new();
     if let Some(e) = r["datadog"]["last_error"].as_str() {
-        problems.push(format!("Datadog: {e}"));
+        problems.push(format!("Datadog{}: {e}", when(&r["datadog"]["last_error_at"])));
     }
     for (name, f) in r["feeds"].as_object().into_iter().flatten() {
         if let Some(e) = f["last_error"].as_str() {
-            problems.push(format!("feed {name}: {e}"));
+            problems.push(format!("feed {name}{}: {e}", when(&f["last_error_at"])));
         }
     }
     if q["paused"].as_bool() == Some(true) {
@@ -136,5 +140,48 @@ fn human(secs: i64) -> String {
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mimecast::window::Window;
+    use crate::store::{NewRecord, PageCommit};
+
+    const CONFIG: &str =
+        "[mimecast]\nclient_id = \"i\"\nclient_secret = \"s\"\nlog_types = [\"audit\"]\n[datadog]\napi_key = \"k\"\n";
+
+    #[test]
+    fn report_has_the_documented_keys_and_a_verdict() {
+        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+        let mut store = Store::in_memory();
+        store.init_cursor(Feed::Audit, 1_000).unwrap();
+        let record = NewRecord { key: "k".into(), event_time: Some(1_000), body: "{\"id\":\"k\"}".into() };
+        let page = PageCommit {
+            feed: Feed::Audit,
+            window: Window { from: 900, to: 2_000 },
+            next_token: None,
+            records: vec![record],
+            forget_before: 0,
+        };
+        store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        let r = gather(&store, &cfg, 2_060).unwrap();
+        assert_eq!(r["queue"]["records"], 1);
+        assert_eq!(r["queue"]["bytes"], 10);
+        assert_eq!(r["queue"]["oldest_age_secs"], 60);
+        assert_eq!(r["queue"]["paused"], false);
+        assert_eq!(r["feeds"]["audit"]["watermark"], "1970-01-01T00:33:20Z");
+        assert_eq!(r["feeds"]["audit"]["enabled"], true);
+        assert_eq!(r["feeds"]["dlp"]["enabled"], false);
+        assert!(r["datadog"]["last_error"].is_null());
+        assert!(render(&r, 2_060).starts_with("OK"));
+
+        store.feed_error(Feed::Audit, "HTTP 403: no permission", 2_050).unwrap();
+        let text = render(&gather(&store, &cfg, 2_060).unwrap(), 2_060);
+        assert!(
+            text.starts_with("ATTENTION") && text.contains("feed audit (at 1970-01-01T00:34:10Z, 10s ago): HTTP 403"),
+            "{text}"
+        );
     }
 }
