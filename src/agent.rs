@@ -207,7 +207,7 @@ impl Agent {
             if self.mode == Mode::Once && fetch.is_none() && send.is_none() && self.pass_over()? {
                 return Ok(());
             }
-            let wake = self.next_wake(now);
+            let wake = self.next_wake(now, fetch.is_some(), send.is_some());
             let event = async {
                 match &mut fetch {
                     Some(t) => {
@@ -268,10 +268,13 @@ impl Agent {
         }
     }
 
-    /// The earliest moment a feed or the sink becomes due (a minute from now if nothing is).
-    fn next_wake(&self, now: Instant) -> Instant {
-        let feeds = self.feeds.iter().filter(|f| !f.done).map(|f| f.due);
-        feeds.chain(self.sink.due).min().unwrap_or(now + Duration::from_secs(60)).max(now)
+    /// The earliest moment a feed or the sink can start something. Only what could start counts: a feed while no
+    /// fetch is in flight and the queue is not paused, the sink while no send is in flight. Counting the others
+    /// would wake the loop at once, again and again, while it can only wait.
+    fn next_wake(&self, now: Instant, fetching: bool, sending: bool) -> Instant {
+        let feeds = self.feeds.iter().filter(|f| !f.done && !fetching && !self.paused).map(|f| f.due);
+        let sink = self.sink.due.filter(|_| !sending && !self.sink.done);
+        feeds.chain(sink).min().unwrap_or(now + Duration::from_secs(60)).max(now)
     }
 
     /// `--once`: every feed finished its pass and the queue is empty or Datadog gave up.

@@ -193,6 +193,33 @@ fn sigterm_stops_cleanly_status_works_meanwhile_and_a_restart_carries_on() {
     assert_delivered_once(&rig.dd, &expected);
 }
 
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn waiting_on_a_stalled_intake_or_a_full_queue_burns_no_cpu() {
+    let rig = Rig::new();
+    rig.add_records(&Feed::ALL, 100, 500);
+    let path = write_config(&rig, &[("queue", "max_bytes = 20000")]);
+    rig.dd.fault(dd::Fault::Stall(Duration::from_secs(6)));
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    // The queue fills up to max_bytes (polling pauses) while the first send hangs.
+    wait_for("the stalled send", Duration::from_secs(10), || rig.dd.requests() >= 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_millis(2000));
+    let used = cpu_ticks(child.id()) - before;
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    // Ticks are 10 ms: a loop that spins would use about 200 of them here.
+    assert!(used <= 20, "{used} ticks of CPU in 2 s of waiting");
+}
+
 #[test]
 fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
     let rig = Rig::new();
