@@ -115,7 +115,7 @@ fn real_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// Loads the config, reporting warnings; `None` after printing the error.
+/// Loads the config and logs its warnings (secrets readable by others).
 pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
     let loaded = config::load(path, &real_env)?;
     for w in &loaded.warnings {

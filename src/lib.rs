@@ -2,11 +2,13 @@
 //! to Datadog's logs intake, so that nothing is lost while Datadog or the network is down.
 //!
 //! Modules in reading order:
+//! - [`cli`]: argument parsing and the `check-config` and `status` commands.
 //! - [`config`]: the TOML file, validated into a [`config::Config`] with redacted secrets.
 //! - [`mimecast`]: the six feeds as one table, the wire format, OAuth and the window/page cursor logic.
 //! - [`store`]: the SQLite queue, cursors, dead letters and counters.
 //! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
 //! - [`agent`]: the main loop that ties polling and delivery together on one smol executor.
+//! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers.
 //! - [`status`]: the read-only report behind `mimecast-forwarder status`.
 //! - [`sim`]: loopback simulators of Mimecast and Datadog, used by `demo` and the tests.
 //! - [`demo`]: the whole pipeline against the simulators.
