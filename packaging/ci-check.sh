@@ -83,11 +83,12 @@ getent passwd mimecast-forwarder >/dev/null || fail "no mimecast-forwarder user"
 set +e
 out=$(mimecast-forwarder check-config --config /etc/mimecast-forwarder/config.toml 2>&1); code=$?
 set -e
-[ "$code" = 78 ] && echo "$out" | grep -q mimecast.client_id || fail "check-config without credentials: $code $out"
+[ "$code" = 78 ] && grep -q mimecast.client_id <<<"$out" || fail "check-config without credentials: $code $out"
 # With credentials, as the service user, it is valid.
-env MIMECAST_CLIENT_ID=ci MIMECAST_CLIENT_SECRET=ci-secret DD_API_KEY=ci-key \
+out=$(env MIMECAST_CLIENT_ID=ci MIMECAST_CLIENT_SECRET=ci-secret DD_API_KEY=ci-key \
     setpriv --reuid=mimecast-forwarder --regid=mimecast-forwarder --clear-groups \
-    mimecast-forwarder check-config --config /etc/mimecast-forwarder/config.toml | grep -q '\[redacted\]'
+    mimecast-forwarder check-config --config /etc/mimecast-forwarder/config.toml 2>&1) || fail "check-config: $out"
+grep -q '\[redacted\]' <<<"$out" || fail "check-config did not print the redacted settings: $out"
 
 echo "-- the README's set-up: secrets in files readable by the service's group"
 sed -i -e 's|^# client_id = .*|client_id = "ci-client"|' \

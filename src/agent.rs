@@ -363,7 +363,15 @@ impl Agent {
         }
         let i = self.feeds.iter().position(|f| f.feed == req.feed).context("fetched an unknown feed")?;
         let now = Instant::now();
-        match fetched.result {
+        // A `next` equal to the token just used would read the same page forever: make it a visible, backed-off
+        // error instead of a silent loop.
+        let result = fetched.result.and_then(|page| match (&page.next, &req.page_token) {
+            (Some(next), Some(current)) if next == current && !page.records.is_empty() => {
+                Err(client::FetchError::Malformed("Mimecast returned the page token it was given as `next`".into()))
+            }
+            _ => Ok(page),
+        });
+        match result {
             Ok(page) => {
                 let last = page.is_last();
                 let records: Vec<NewRecord> = page

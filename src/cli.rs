@@ -133,7 +133,7 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
             return exit::CONFIG;
         }
     };
-    println!("# {} is valid; effective settings (secrets redacted):\n{}", path.display(), cfg.render());
+    crate::say!("# {} is valid; effective settings (secrets redacted):\n{}", path.display(), cfg.render());
     if !connect {
         return exit::OK;
     }
@@ -151,17 +151,17 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
     };
     let mut ok = true;
     match crate::mimecast::auth::fetch_token(&http, &creds, Instant::now()) {
-        Ok(_) => println!("mimecast: OK, a token was issued by {}", cfg.mimecast.base_url),
+        Ok(_) => crate::say!("mimecast: OK, a token was issued by {}", cfg.mimecast.base_url),
         Err(e) => {
             ok = false;
-            println!("mimecast: FAILED: {e}");
+            crate::say!("mimecast: FAILED: {e}");
         }
     }
     match crate::datadog::sink::validate_key(&http, &cfg.datadog.validate_url, &cfg.datadog.api_key) {
-        Ok(()) => println!("datadog: OK, the API key is valid ({})", cfg.datadog.validate_url),
+        Ok(()) => crate::say!("datadog: OK, the API key is valid ({})", cfg.datadog.validate_url),
         Err(e) => {
             ok = false;
-            println!("datadog: FAILED: {e}");
+            crate::say!("datadog: FAILED: {e}");
         }
     }
     if ok { exit::OK } else { exit::UNAVAILABLE }
@@ -189,11 +189,11 @@ pub fn status(path: &Path, json: bool) -> i32 {
         .and_then(|s| crate::status::gather(&s, &cfg, crate::datetime::now()));
     match report {
         Ok(r) if json => {
-            println!("{r}");
+            crate::say!("{r}");
             exit::OK
         }
         Ok(r) => {
-            print!("{}", crate::status::render(&r, crate::datetime::now()));
+            crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end());
             exit::OK
         }
         Err(e) => {

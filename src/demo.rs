@@ -31,9 +31,12 @@ const LATE: u64 = 25;
 pub fn run() -> i32 {
     match run_demo(Duration::from_secs(30)) {
         Ok(s) => {
-            println!(
+            crate::say!(
                 "\nsummary: generated {} / delivered {} / duplicates {} / lost {}",
-                s.generated, s.delivered, s.duplicates, s.lost
+                s.generated,
+                s.delivered,
+                s.duplicates,
+                s.lost
             );
             if s.lost == 0 { 0 } else { 1 }
         }
@@ -77,7 +80,7 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
         summary_every: Duration::from_secs(3),
         ..Tuning::default()
     };
-    println!(
+    crate::say!(
         "demo: {} records in six feeds at a simulated Mimecast ({}), {LATE} more indexed late; \
          a simulated Datadog intake ({}) will go down for a while",
         expected.len() - LATE as usize,
@@ -93,27 +96,27 @@ pub fn run_demo(limit: Duration) -> anyhow::Result<Summary> {
             let t = start.elapsed();
             // The script: an outage of 503s, then refused connections, then recovery; late records meanwhile.
             if phase == 0 && t > Duration::from_millis(300) {
-                println!("t+{:>4.1}s  Datadog starts answering 503", t.as_secs_f64());
+                crate::say!("t+{:>4.1}s  Datadog starts answering 503", t.as_secs_f64());
                 datadog.set_down(Some(503));
                 phase = 1;
             } else if phase == 1 && t > Duration::from_secs(3) {
-                println!("t+{:>4.1}s  Datadog refuses connections", t.as_secs_f64());
+                crate::say!("t+{:>4.1}s  Datadog refuses connections", t.as_secs_f64());
                 datadog.set_down(None);
                 datadog.refuse_connections(true);
                 phase = 2;
             } else if phase == 2 && t > Duration::from_secs(5) {
-                println!("t+{:>4.1}s  Datadog is back", t.as_secs_f64());
+                crate::say!("t+{:>4.1}s  Datadog is back", t.as_secs_f64());
                 datadog.refuse_connections(false);
                 phase = 3;
             }
             if !late_added && t > Duration::from_secs(2) {
-                println!("t+{:>4.1}s  Mimecast indexes {LATE} audit records late (20 s old)", t.as_secs_f64());
+                crate::say!("t+{:>4.1}s  Mimecast indexes {LATE} audit records late (20 s old)", t.as_secs_f64());
                 mimecast.add(Feed::Audit, late.clone());
                 late_added = true;
             }
             let arrived = dd::record_keys(&datadog.accepted()).len();
             if t >= next_print {
-                println!("t+{:>4.1}s  delivered {arrived} of {total}", t.as_secs_f64());
+                crate::say!("t+{:>4.1}s  delivered {arrived} of {total}", t.as_secs_f64());
                 next_print += Duration::from_secs(1);
             }
             if (phase == 3 && late_added && arrived >= total) || t > limit {

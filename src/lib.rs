@@ -15,6 +15,15 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that ignores a closed stdout (`status | head -1`) instead of panicking.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod agent;
 pub mod backoff;
 pub mod cli;

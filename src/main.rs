@@ -12,11 +12,11 @@ fn main() {
     init_logging(if args.first().map(String::as_str) == Some("demo") { "warn" } else { "info" });
     let code = match cli::parse(&args) {
         Ok(Command::Help(text)) => {
-            print!("{text}");
+            mimecast_forwarder::say!("{}", text.trim_end());
             exit::OK
         }
         Ok(Command::Version) => {
-            println!("mimecast-forwarder {}", env!("CARGO_PKG_VERSION"));
+            mimecast_forwarder::say!("mimecast-forwarder {}", env!("CARGO_PKG_VERSION"));
             exit::OK
         }
         Ok(Command::Run { config, once }) => run(&cli::config_path(config), once),

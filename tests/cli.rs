@@ -110,6 +110,15 @@ fn help_version_and_usage_errors() {
 }
 
 #[test]
+fn a_closed_stdout_is_not_a_crash() {
+    // `mimecast-forwarder status | head -1`: the reader is gone before the writer writes.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = cmd(&["--help"]).stdout(writer).status().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn run_once_delivers_or_exits_75_with_records_kept() {
     let rig = Rig::new();
     let expected = rig.add_records(&Feed::ALL, 120, 500);

@@ -147,6 +147,19 @@ fn a_truncated_or_malformed_page_is_retried_not_lost() {
 }
 
 #[test]
+fn a_page_that_repeats_its_own_token_is_an_error_not_a_loop() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::Dlp], 120, 300);
+    rig.mc.fault_after(Some(Feed::Dlp), 1, Fault::RepeatToken);
+    let cfg = rig.config(&[("mimecast", "page_size = 50\nmax_window_secs = 7400\nlog_types = [\"dlp\"]")]);
+    assert_eq!(rig.once(&cfg).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let log = rig.mc.requests();
+    assert_eq!(log[1].page_token, log[2].page_token, "the page is asked again after the error");
+    assert!(log.len() <= 6, "{} requests", log.len());
+}
+
+#[test]
 fn a_429_waits_at_least_the_reset_time() {
     let rig = Rig::new();
     let expected = rig.add_records(&[Feed::Audit], 30, 300);

@@ -32,6 +32,8 @@ pub enum Fault {
     ExpireTokens,
     /// HTTP 200 whose JSON body is cut in half (a proxy or a link that gave up).
     Truncated,
+    /// A page whose `next` is the page token of the request itself.
+    RepeatToken,
 }
 
 /// One request the simulator served, for assertions.
@@ -244,7 +246,7 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
         Some(Fault::Status(s)) => return (Reply::json(s, &json!({"meta": {"status": s}})), 0),
         Some(Fault::Drop) => return (Reply::Drop, 0),
         Some(Fault::Stall(d)) => return (Reply::Stall(d), 0),
-        Some(Fault::ExpireTokens) | Some(Fault::Truncated) | None => {}
+        Some(Fault::ExpireTokens | Fault::Truncated | Fault::RepeatToken) | None => {}
     }
     if st.forbidden.contains(&feed) {
         return (Reply::json(403, &fail("err_forbidden", "the application lacks this permission", false)), 0);
@@ -261,6 +263,12 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
                 },
                 0,
             )
+        }
+        Ok((mut v, n)) if matches!(fault, Some(Fault::RepeatToken)) => {
+            if let Some(t) = body.and_then(|b| b.pointer("/meta/pagination/pageToken")) {
+                v["meta"]["pagination"]["next"] = t.clone();
+            }
+            (Reply::json(200, &v), n)
         }
         Ok((v, n)) => (Reply::json(200, &v), n),
         Err(message) => (Reply::json(400, &fail("err_validation", &message, false)), 0),
