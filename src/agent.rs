@@ -491,7 +491,7 @@ impl Agent {
             records = batch::fair_order(self.store.candidates(MAX_LOGS)?);
         }
         let had_records = !records.is_empty();
-        let Some(b) = self.pack(records)? else {
+        let Some((b, payload)) = self.pack(records)? else {
             if had_records {
                 // Every candidate went to dead letters (too large): look again at once.
                 self.sink.due = Some(now);
@@ -503,8 +503,6 @@ impl Agent {
         };
         let (http, url, key) =
             (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone());
-        let payload = b.1;
-        let b = b.0;
         Ok(Some(smol::unblock(move || {
             let sent = sink::send(&http, &url, &key, &payload);
             (b, sent)

@@ -267,3 +267,50 @@ fn demo_runs_and_loses_nothing() {
     assert!(out.contains("Datadog starts answering 503") && out.contains("Datadog is back"), "{out}");
     assert!(start.elapsed() < Duration::from_secs(35));
 }
+
+#[test]
+fn repeated_kill_9_at_random_moments_under_faults_loses_nothing() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 400, 400);
+    let path = write_config(&rig, &[("mimecast", "page_size = 40")]);
+    let p = path.to_str().unwrap();
+    let mut rng = fastrand::Rng::with_seed(2026);
+    let kills = 6;
+    let mut drops_after_accept = 0;
+    for _ in 0..kills {
+        for _ in 0..3 {
+            let feed = Feed::ALL[rng.usize(0..6)];
+            let fault = match rng.u8(0..4) {
+                0 => Fault::Drop,
+                1 => Fault::Status(503),
+                2 => Fault::FailOk { retryable: true },
+                _ => Fault::RateLimit("50".into()),
+            };
+            rig.mc.fault_after(Some(feed), rng.usize(0..5), fault);
+            if rng.bool() {
+                rig.dd.fault(dd::Fault::Status(503));
+            } else {
+                rig.dd.fault(dd::Fault::AcceptThenDrop);
+                drops_after_accept += 1;
+            }
+        }
+        let mut child = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        signal(&child, "-KILL");
+        child.wait().unwrap();
+    }
+    // `--once` gives up after three failures in a row, and injected faults may still be pending: run it until it
+    // reports an empty queue, as cron would.
+    let mut codes = Vec::new();
+    while codes.last() != Some(&0) && codes.len() < 10 {
+        codes.push(run(&["run", "--once", "--config", p]).0);
+    }
+    assert_eq!(codes.last(), Some(&0), "exit codes {codes:?}");
+    let got = dd::record_keys(&rig.dd.accepted());
+    let missing = expected.keys().filter(|k| !got.contains_key(*k)).count();
+    assert_eq!(missing, 0, "records lost");
+    assert_eq!(got.len(), expected.len(), "records that were never generated");
+    // Each kill may resend the batch in flight, and each accept-then-drop is resent once.
+    let dups: usize = got.values().map(|n| n - 1).sum();
+    assert!(dups <= (kills + drops_after_accept) * 1000, "{dups} duplicates");
+}
