@@ -230,6 +230,27 @@ fn waiting_on_a_stalled_intake_or_a_full_queue_burns_no_cpu() {
 }
 
 #[test]
+fn sigterm_lets_the_send_in_flight_finish_so_nothing_is_sent_twice() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::Audit], 300, 500);
+    let path = write_config(&rig, &[]);
+    rig.dd.fault(dd::Fault::Delay(Duration::from_millis(1500)));
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("the slow send", Duration::from_secs(10), || rig.dd.requests() >= 1);
+    let start = Instant::now();
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    let accepted = dd::record_keys(&rig.dd.accepted());
+    assert!(!accepted.is_empty(), "the send in flight completed");
+    let still_queued = rig.queued().into_iter().filter(|q| accepted.contains_key(&q.key)).count();
+    assert_eq!(still_queued, 0, "its batch left the queue before exit");
+    let (code, _, err) = run(&["run", "--once", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
 fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
     let rig = Rig::new();
     let expected = rig.add_records(&[Feed::TtpUrl], 500, 300);

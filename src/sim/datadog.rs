@@ -26,6 +26,8 @@ pub enum Fault {
     Stall(Duration),
     /// Accept the batch, then drop the connection before answering (the one in-flight duplicate).
     AcceptThenDrop,
+    /// Wait, then handle the request as usual (a slow intake).
+    Delay(Duration),
 }
 
 #[derive(Default)]
@@ -160,6 +162,11 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
             drop(st);
             std::thread::sleep(d);
             return Reply::Drop;
+        }
+        Some(Fault::Delay(d)) => {
+            drop(st);
+            std::thread::sleep(d);
+            st = lock(state);
         }
         Some(Fault::AcceptThenDrop) | None => {}
     }
