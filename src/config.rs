@@ -584,6 +584,17 @@ mod tests {
         assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(load(&path, &no_env).unwrap().warnings.is_empty());
+
+        let secret = dir.path().join("dd_api_key");
+        std::fs::write(&secret, "k\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let text =
+            format!("[mimecast]\nclient_id = \"i\"\n[datadog]\napi_key_file = {:?}\n", secret.display().to_string());
+        std::fs::write(&path, text).unwrap();
+        let env = |k: &str| (k == "MIMECAST_CLIENT_SECRET").then(|| "s".to_string());
+        let warnings = load(&path, &env).unwrap().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("dd_api_key") && !warnings[0].contains("k\n"), "{warnings:?}");
     }
 
     #[test]
