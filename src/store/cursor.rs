@@ -36,10 +36,10 @@ impl Store {
                 |r| {
                     let from: Option<i64> = r.get(1)?;
                     let to: Option<i64> = r.get(2)?;
-                    let window = from.zip(to).map(|(from, to)| Window { from, to });
+                    let token: Option<String> = r.get(3)?;
                     Ok(Cursor {
                         watermark: r.get(0)?,
-                        window: window.map(|w| (w, r.get::<_, Option<String>>(3).ok().flatten())),
+                        window: from.zip(to).map(|(from, to)| (Window { from, to }, token)),
                         last_success: r.get(4)?,
                         last_error: r.get(5)?,
                         last_error_at: r.get(6)?,
