@@ -186,13 +186,16 @@ pub fn reset_wait(value: &str, now_ms: i64) -> Option<Duration> {
     Some(Duration::from_millis(ms.max(0.0) as u64))
 }
 
-/// Spend the quota gently: when the last call of the quota is used, wait for the reset before the next.
+/// Spend the quota gently: once less than a tenth of it is left, spread the remaining calls over the time to the
+/// reset, and wait for the reset itself when the last call is used.
 fn throttle(r: &Response, now_ms: i64) -> Option<Duration> {
     let remaining: u64 = r.header("X-RateLimit-Remaining")?.trim().parse().ok()?;
-    if remaining > 1 {
+    let limit: u64 = r.header("X-RateLimit-Limit").and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    if remaining > (limit / 10).max(1) {
         return None;
     }
-    r.header("X-RateLimit-Reset").and_then(|v| reset_wait(v, now_ms))
+    let reset = r.header("X-RateLimit-Reset").and_then(|v| reset_wait(v, now_ms))?;
+    Some(if remaining <= 1 { reset } else { reset / remaining as u32 })
 }
 
 fn now_ms() -> i64 {
@@ -252,5 +255,14 @@ mod tests {
         assert_eq!(throttle(&r, 0), Some(Duration::from_millis(700)));
         let r = resp(200, &[("X-RateLimit-Remaining", "50"), ("X-RateLimit-Reset", "700")], "");
         assert_eq!(throttle(&r, 0), None);
+        let quota = |remaining: &str| {
+            let h =
+                [("X-RateLimit-Limit", "1000"), ("X-RateLimit-Remaining", remaining), ("X-RateLimit-Reset", "60000")];
+            throttle(&resp(200, &h, ""), 0)
+        };
+        assert_eq!(quota("500"), None);
+        assert_eq!(quota("100"), Some(Duration::from_millis(600)), "the last tenth is spread to the reset");
+        assert_eq!(quota("10"), Some(Duration::from_secs(6)));
+        assert_eq!(quota("0"), Some(Duration::from_secs(60)));
     }
 }
