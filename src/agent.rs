@@ -14,7 +14,7 @@ use smol::Task;
 use smol::future::FutureExt as _;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, WhenFull};
+use crate::config::Config;
 use crate::datadog::batch::{self, MAX_LOG_BYTES, MAX_LOGS};
 use crate::datadog::disposition::{Disposition, disposition};
 use crate::datadog::logobj::{self, Late, Shape};
@@ -177,11 +177,7 @@ impl Agent {
             store.init_cursor(feed, start)?;
             feeds.push(FeedState { feed, due: now, failures: 0, done: false, pages: 0, queued: 0, skipped: 0 });
         }
-        let creds = Credentials {
-            base_url: cfg.mimecast.base_url.clone(),
-            client_id: cfg.mimecast.client_id.clone(),
-            client_secret: cfg.mimecast.client_secret.clone(),
-        };
+        let creds = Credentials::of(&cfg.mimecast);
         let shape = Shape {
             hostname: cfg.datadog.hostname.clone(),
             ddtags: cfg.datadog.tags.join(","),
@@ -287,7 +283,7 @@ impl Agent {
 
     fn queue_full(&mut self) -> anyhow::Result<bool> {
         let c = self.store.counters()?;
-        let full = self.cfg.queue.when_full == WhenFull::Pause && c.queue_bytes as u64 >= self.cfg.queue.max_bytes;
+        let full = self.cfg.queue.paused_at(c.queue_bytes);
         if full != self.paused {
             if full {
                 log::warn!(

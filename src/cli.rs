@@ -144,11 +144,7 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
             return exit::CONFIG;
         }
     };
-    let creds = crate::mimecast::auth::Credentials {
-        base_url: cfg.mimecast.base_url.clone(),
-        client_id: cfg.mimecast.client_id.clone(),
-        client_secret: cfg.mimecast.client_secret.clone(),
-    };
+    let creds = crate::mimecast::auth::Credentials::of(&cfg.mimecast);
     let mut ok = true;
     match crate::mimecast::auth::fetch_token(&http, &creds, Instant::now()) {
         Ok(_) => crate::say!("mimecast: OK, a token was issued by {}", cfg.mimecast.base_url),

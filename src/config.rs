@@ -158,6 +158,13 @@ pub struct QueueConfig {
     pub when_full: WhenFull,
 }
 
+impl QueueConfig {
+    /// Whether polling pauses with this many queued bytes (only `when_full = "pause"` ever pauses).
+    pub fn paused_at(&self, queue_bytes: i64) -> bool {
+        self.when_full == WhenFull::Pause && queue_bytes as u64 >= self.max_bytes
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
     Pause,
@@ -205,8 +212,7 @@ pub struct Loaded {
 /// Reads and validates the config at `path`; `env` looks up environment variables (a parameter for tests).
 pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
-    let raw: RawConfig =
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+    let raw = parse(&text, path)?;
     let mut warnings = Vec::new();
     let holds_secret = raw.mimecast.client_secret.is_some() || raw.datadog.api_key.is_some();
     if holds_secret && readable_by_others(path) {
@@ -221,9 +227,12 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded,
 
 /// Parses TOML text without secrets from the environment; for tests and the shipped example.
 pub fn from_str(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let raw: RawConfig =
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<string>".into(), message: e.to_string() })?;
+    let raw = parse(text, Path::new("<string>"))?;
     validate(raw, env, &mut Vec::new())
+}
+
+fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
 }
 
 fn readable_by_others(path: &Path) -> bool {

@@ -12,7 +12,7 @@ use crate::store::{Store, StoreError};
 pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError> {
     let c = store.counters()?;
     let oldest_age = store.oldest_queued_at()?.map(|t| (now - t).max(0));
-    let paused = cfg.queue.when_full == crate::config::WhenFull::Pause && c.queue_bytes as u64 >= cfg.queue.max_bytes;
+    let paused = cfg.queue.paused_at(c.queue_bytes);
     let ts = |t: Option<i64>| t.map(|t| Value::String(datetime::rfc3339(t))).unwrap_or(Value::Null);
     let (dd_success, dd_error) = (store.state("datadog_last_success")?, store.state("datadog_last_error")?);
     let mut feeds = serde_json::Map::new();

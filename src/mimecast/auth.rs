@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::Secret;
+use crate::config::{MimecastConfig, Secret};
 use crate::http::{Http, HttpError};
 
 /// A bearer token and when it stops being usable.
@@ -52,6 +52,16 @@ pub struct Credentials {
     pub base_url: String,
     pub client_id: String,
     pub client_secret: Secret,
+}
+
+impl Credentials {
+    pub fn of(cfg: &MimecastConfig) -> Credentials {
+        Credentials {
+            base_url: cfg.base_url.clone(),
+            client_id: cfg.client_id.clone(),
+            client_secret: cfg.client_secret.clone(),
+        }
+    }
 }
 
 /// Fetches a new token. Blocking: run through `smol::unblock`.
