@@ -64,14 +64,11 @@ pub fn render(r: &Value, now: i64) -> String {
     let mut out = String::new();
     let q = &r["queue"];
     let n = |v: &Value| v.as_i64().unwrap_or(0);
-    let age = |v: &Value| match v.as_str().and_then(datetime::parse) {
-        Some(t) => format!("{} ({} ago)", v.as_str().unwrap_or_default(), human(now - t)),
-        None => "never".into(),
-    };
-    let when = |v: &Value| match v.as_str().and_then(datetime::parse) {
-        Some(t) => format!(" (at {}, {} ago)", v.as_str().unwrap_or_default(), human(now - t)),
-        None => String::new(),
-    };
+    // A report timestamp and how long ago it was, when it is one.
+    let stamp = |v: &Value| v.as_str().and_then(|s| Some((s.to_owned(), human(now - datetime::parse(s)?))));
+    let ago = |v: &Value| stamp(v).map(|(t, a)| format!("{t} ({a} ago)"));
+    let age = |v: &Value| ago(v).unwrap_or_else(|| "never".into());
+    let when = |v: &Value| stamp(v).map(|(t, a)| format!(" (at {t}, {a} ago)")).unwrap_or_default();
     let mut problems = Vec::new();
     if let Some(e) = r["datadog"]["last_error"].as_str() {
         problems.push(format!("Datadog{}: {e}", when(&r["datadog"]["last_error_at"])));
@@ -124,10 +121,7 @@ pub fn render(r: &Value, now: i64) -> String {
         out.push_str(&format!(
             "{name:<27} {:<8} {:<37} {}\n",
             if f["enabled"].as_bool() == Some(true) { "yes" } else { "no" },
-            f["watermark"]
-                .as_str()
-                .map(|w| format!("{w} ({} ago)", human(now - datetime::parse(w).unwrap_or(now))))
-                .unwrap_or_else(|| "-".into()),
+            ago(&f["watermark"]).unwrap_or_else(|| "-".into()),
             age(&f["last_success"]),
         ));
     }
