@@ -200,26 +200,13 @@ impl Store {
     /// Removes records that Datadog accepted, in one transaction, and counts late ones.
     pub fn delivered(&mut self, seqs: &[i64], restamped: i64, kept: i64, now: i64) -> Result<u64, StoreError> {
         let tx = self.conn.transaction().ctx("starting a delivery transaction")?;
-        let (mut n, mut bytes) = (0i64, 0i64);
-        {
-            let mut del =
-                tx.prepare_cached("DELETE FROM queue WHERE seq = ?1 RETURNING bytes").ctx("preparing delete")?;
-            for &seq in seqs {
-                if let Some(b) = del.query_row([seq], |r| r.get::<_, i64>(0)).optional().ctx("deleting a record")? {
-                    n += 1;
-                    bytes += b;
-                }
-            }
-        }
-        bump(&tx, "queue_records", -n)?;
-        bump(&tx, "queue_bytes", -bytes)?;
-        bump(&tx, "delivered", n)?;
+        let n = remove(&tx, seqs, "delivered")?;
         bump(&tx, "restamped", restamped)?;
         bump(&tx, "kept", kept)?;
         set_state(&tx, "datadog_last_success", &now.to_string())?;
         set_state(&tx, "datadog_last_error", "")?;
         tx.commit().ctx("committing a delivery")?;
-        Ok(n as u64)
+        Ok(n)
     }
 
     /// Moves one record to the dead-letter table, kept with the reason, in one transaction.
@@ -233,12 +220,7 @@ impl Store {
             )
             .ctx("copying a dead letter")?;
         if moved == 1 {
-            let bytes: i64 = tx
-                .query_row("DELETE FROM queue WHERE seq = ?1 RETURNING bytes", [seq], |r| r.get(0))
-                .ctx("removing a dead letter from the queue")?;
-            bump(&tx, "queue_records", -1)?;
-            bump(&tx, "queue_bytes", -bytes)?;
-            bump(&tx, "dead_letters", 1)?;
+            remove(&tx, &[seq], "dead_letters")?;
         }
         tx.commit().ctx("committing a dead letter")?;
         Ok(moved == 1)
@@ -286,28 +268,36 @@ fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreE
     if excess <= 0 {
         return Ok(0);
     }
-    let (mut n, mut freed) = (0i64, 0i64);
+    let mut victims = Vec::new();
     {
         let mut oldest = tx.prepare_cached("SELECT seq, bytes FROM queue ORDER BY seq").ctx("preparing drop")?;
-        let mut del = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1").ctx("preparing drop delete")?;
         let mut rows = oldest.query([]).ctx("reading the oldest records")?;
-        let mut victims = Vec::new();
         while excess > 0 {
             let Some(row) = rows.next().ctx("reading an old record")? else { break };
             let (seq, bytes): (i64, i64) = (row.get(0).ctx("seq")?, row.get(1).ctx("bytes")?);
             victims.push(seq);
             excess -= bytes;
-            freed += bytes;
         }
-        drop(rows);
-        for seq in victims {
-            del.execute([seq]).ctx("dropping an old record")?;
-            n += 1;
+    }
+    remove(tx, &victims, "dropped")
+}
+
+/// Deletes queued records and keeps `queue_records` and `queue_bytes` true in the same transaction; `counter`
+/// counts why they left (delivered, dead letters, dropped). Every removal from the queue goes through here.
+fn remove(tx: &rusqlite::Transaction, seqs: &[i64], counter: &str) -> Result<u64, StoreError> {
+    let (mut n, mut bytes) = (0i64, 0i64);
+    {
+        let mut del = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1 RETURNING bytes").ctx("preparing delete")?;
+        for &seq in seqs {
+            if let Some(b) = del.query_row([seq], |r| r.get::<_, i64>(0)).optional().ctx("deleting a record")? {
+                n += 1;
+                bytes += b;
+            }
         }
     }
     bump(tx, "queue_records", -n)?;
-    bump(tx, "queue_bytes", -freed)?;
-    bump(tx, "dropped", n)?;
+    bump(tx, "queue_bytes", -bytes)?;
+    bump(tx, counter, n)?;
     Ok(n as u64)
 }
 
