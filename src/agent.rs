@@ -3,6 +3,7 @@
 //! and every task is awaited in the loop below, none detached. Every decision is made on this thread, between
 //! awaits, from one closed set of [`Event`]s.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -99,6 +100,8 @@ pub enum Mode {
 pub struct Outcome {
     /// Records still queued at exit.
     pub queued: i64,
+    /// `--once`: a feed or the intake gave up during this pass (a cron user must see it: exit 69).
+    pub gave_up: bool,
 }
 
 /// Everything that can wake the main loop.
@@ -115,12 +118,24 @@ struct Batch {
     seqs: Vec<i64>,
     restamped: i64,
     kept: i64,
+    /// A piece of a bisection: `Some(true)` for the second half of a split, `Some(false)` for the first.
+    half: Option<bool>,
+}
+
+/// A piece of a refused batch waiting to be sent on its own.
+struct Piece {
+    seqs: Vec<i64>,
+    second: bool,
 }
 
 struct FeedState {
     feed: Feed,
     due: Instant,
     failures: u32,
+    /// Times the window in progress was restarted because its page token was refused; reset when it completes.
+    restarts: u32,
+    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress.
+    tokens: HashSet<String>,
     /// `--once`: this feed has finished its pass (caught up, or gave up).
     done: bool,
     pages: u64,
@@ -128,12 +143,33 @@ struct FeedState {
     skipped: u64,
 }
 
+impl FeedState {
+    fn new(feed: Feed, due: Instant) -> FeedState {
+        FeedState {
+            feed,
+            due,
+            failures: 0,
+            restarts: 0,
+            tokens: HashSet::new(),
+            done: false,
+            pages: 0,
+            queued: 0,
+            skipped: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct SinkState {
     due: Option<Instant>,
     failures: u32,
-    /// Halves of batches that were split (413, or 400 to isolate a bad log), sent before anything new.
-    splits: Vec<Vec<i64>>,
+    /// Pieces of a refused batch (413, or 400 to isolate a bad log), sent before anything new, oldest split
+    /// first, so that the two halves of a split are always sent one after the other.
+    splits: VecDeque<Piece>,
+    /// Some piece of the bisection in progress was accepted: the intake takes logs, so a refusal is the logs'.
+    bisect_accepted: bool,
+    /// The first half of the current pair was refused.
+    first_half_refused: bool,
     /// `--once`: gave up for this pass.
     done: bool,
     delivered_since: u64,
@@ -152,6 +188,10 @@ struct Agent {
     sink: SinkState,
     shape: Shape,
     paused: bool,
+    /// `--once`: the wall-clock time the pass started; windows end no later than this (less `settle_secs`).
+    pass_start: i64,
+    /// `--once`: a feed or the intake gave up this pass.
+    gave_up: bool,
 }
 
 /// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
@@ -161,11 +201,12 @@ pub async fn run(
     mode: Mode,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Outcome> {
+    let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
     let store = Store::open(&cfg.queue.path).with_context(|| format!("opening queue {}", cfg.queue.path.display()))?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
     let mut agent = Agent::new(cfg.clone(), tuning.clone(), mode, store, http)?;
     agent.main_loop(shutdown).await?;
-    Ok(Outcome { queued: agent.store.counters()?.queue_records })
+    Ok(Outcome { queued: agent.store.counters()?.queue_records, gave_up: agent.gave_up })
 }
 
 impl Agent {
@@ -175,7 +216,7 @@ impl Agent {
         let mut feeds = Vec::new();
         for &feed in &cfg.mimecast.feeds {
             store.init_cursor(feed, start)?;
-            feeds.push(FeedState { feed, due: now, failures: 0, done: false, pages: 0, queued: 0, skipped: 0 });
+            feeds.push(FeedState::new(feed, now));
         }
         let creds = Credentials::of(&cfg.mimecast);
         let shape = Shape {
@@ -185,7 +226,22 @@ impl Agent {
             max_event_age_secs: cfg.datadog.max_event_age_secs as i64,
         };
         let sink = SinkState { due: Some(now), ..SinkState::default() };
-        Ok(Agent { cfg, tuning, mode, store, http, creds, token: None, feeds, sink, shape, paused: false })
+        let pass_start = tuning.clock.now();
+        Ok(Agent {
+            cfg,
+            tuning,
+            mode,
+            store,
+            http,
+            creds,
+            token: None,
+            feeds,
+            sink,
+            shape,
+            paused: false,
+            pass_start,
+            gave_up: false,
+        })
     }
 
     async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -300,6 +356,15 @@ impl Agent {
         Ok(full)
     }
 
+    /// "Now" for window ends: the clock, except that a `--once` pass reads up to the moment it started, so a
+    /// slow pass cannot chase a moving end forever.
+    fn horizon(&self) -> i64 {
+        match self.mode {
+            Mode::Once => self.pass_start.min(self.tuning.clock.now()),
+            Mode::Daemon => self.tuning.clock.now(),
+        }
+    }
+
     fn settings(&self) -> Settings {
         let m = &self.cfg.mimecast;
         Settings {
@@ -326,7 +391,7 @@ impl Agent {
             let cursor = self.store.cursor(feed)?.context("cursor row missing")?;
             let (window, page_token) = match cursor.window {
                 Some((w, token)) => (w, token),
-                None => match window::next_window(cursor.watermark, self.tuning.clock.now(), settings) {
+                None => match window::next_window(cursor.watermark, self.horizon(), settings) {
                     Some(w) => (w, None),
                     None => {
                         self.idle(i, now);
@@ -359,11 +424,16 @@ impl Agent {
         }
         let i = self.feeds.iter().position(|f| f.feed == req.feed).context("fetched an unknown feed")?;
         let now = Instant::now();
-        // A `next` equal to the token just used would read the same page forever: make it a visible, backed-off
-        // error instead of a silent loop.
-        let result = fetched.result.and_then(|page| match (&page.next, &req.page_token) {
-            (Some(next), Some(current)) if next == current && !page.records.is_empty() => {
-                Err(client::FetchError::Malformed("Mimecast returned the page token it was given as `next`".into()))
+        // A `next` seen before in this window (the token just used, or an earlier one: A -> B -> A) would read the
+        // same pages forever: make it a visible, backed-off error instead of a silent loop that burns the quota.
+        let seen = &self.feeds[i].tokens;
+        let result = fetched.result.and_then(|page| match &page.next {
+            Some(next) if !page.is_last() && (req.page_token.as_ref() == Some(next) || seen.contains(next)) => {
+                Err(client::FetchError::Malformed(format!(
+                    "Mimecast handed out a page token it had already given in this window ({}): a pagination \
+                     cycle; the window is not advanced",
+                    excerpt(next)
+                )))
             }
             _ => Ok(page),
         });
@@ -400,7 +470,7 @@ impl Agent {
                         self.store.counters()?.dropped
                     );
                 }
-                if out.queued > 0 && self.sink.due.is_none() {
+                if out.queued > 0 && self.sink.due.is_none_or(|d| d > now) && self.sink.failures == 0 {
                     self.sink.due = Some(now);
                 }
                 let f = &mut self.feeds[i];
@@ -411,6 +481,8 @@ impl Agent {
                 f.due = now + fetched.throttle.unwrap_or_default();
                 if last {
                     self.window_done(i, req.window, now);
+                } else if let Some(next) = &commit.next_token {
+                    self.feeds[i].tokens.insert(next.clone());
                 }
             }
             Err(e) => self.fetch_failed(i, &req, e, now)?,
@@ -433,8 +505,15 @@ impl Agent {
             f.queued,
             f.skipped
         );
-        (f.pages, f.queued, f.skipped) = (0, 0, 0);
-        if !window::behind(w, self.tuning.clock.now(), settings) {
+        (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
+        f.tokens.clear();
+        // A daemon that is behind by less than one poll interval waits for it: how long the pages took must not
+        // decide how often the feed is read. A `--once` pass goes on until it reached where it started.
+        let slack = match self.mode {
+            Mode::Once => 0,
+            Mode::Daemon => self.cfg.mimecast.poll_interval_secs as i64,
+        };
+        if !window::behind(w, self.horizon(), settings, slack) {
             self.idle(i, now);
         }
     }
@@ -443,29 +522,38 @@ impl Agent {
         let feed = req.feed;
         self.store.feed_error(feed, &e.to_string(), self.tuning.clock.now())?;
         let f = &mut self.feeds[i];
-        f.failures += 1;
         let retry = e.retry(req.page_token.is_some());
-        let backoff = self.tuning.mimecast_backoff.next(f.failures);
+        // A restart reads page 1 again, whose success resets `failures`: restarts are counted per window instead,
+        // so a token that is refused every time backs off rather than looping at full speed.
+        let attempts = if retry == Retry::RestartWindow {
+            f.restarts += 1;
+            f.tokens.clear();
+            f.restarts
+        } else {
+            f.failures += 1;
+            f.failures
+        };
+        let backoff = self.tuning.mimecast_backoff.next(attempts);
         let delay = match retry {
-            Retry::Backoff => backoff,
+            Retry::Backoff | Retry::RestartWindow => backoff,
             Retry::Slow => self.tuning.slow_retry,
             Retry::AtLeast(wait) => wait.max(backoff),
-            Retry::RestartWindow => Duration::ZERO,
         };
         f.due = now + delay;
-        let give_up = self.mode == Mode::Once && (retry == Retry::Slow || f.failures >= self.tuning.once_attempts);
+        let give_up = self.mode == Mode::Once && (retry == Retry::Slow || attempts >= self.tuning.once_attempts);
         if retry == Retry::Slow {
             log::error!("{feed}: {e}; retrying in {}s", delay.as_secs());
         } else {
-            log::warn!("{feed}: {e}; attempt {} failed, retrying in {:.1}s", f.failures, delay.as_secs_f64());
+            log::warn!("{feed}: {e}; attempt {attempts} failed, retrying in {:.1}s", delay.as_secs_f64());
         }
         if retry == Retry::RestartWindow {
             log::warn!("{feed}: page token refused; reading the window again from its first page");
             self.store.restart_window(feed)?;
         }
         if give_up {
-            log::error!("{feed}: giving up for this pass after {} failure(s)", f.failures);
+            log::error!("{feed}: giving up for this pass after {attempts} failure(s)");
             f.done = true;
+            self.gave_up = true;
         }
         Ok(())
     }
@@ -477,26 +565,31 @@ impl Agent {
             return Ok(None);
         }
         let mut records = Vec::new();
-        while let Some(seqs) = self.sink.splits.pop() {
-            records = self.store.load(&seqs)?;
+        let mut half = None;
+        while let Some(piece) = self.sink.splits.pop_front() {
+            records = self.store.load(&piece.seqs)?;
             if !records.is_empty() {
+                half = Some(piece.second);
                 break;
             }
         }
         if records.is_empty() {
+            self.end_bisection();
             records = batch::fair_order(self.store.candidates(MAX_LOGS)?);
         }
         let had_records = !records.is_empty();
-        let Some((b, payload)) = self.pack(records)? else {
+        let Some((mut b, payload)) = self.pack(records)? else {
             if had_records {
                 // Every candidate went to dead letters (too large): look again at once.
                 self.sink.due = Some(now);
             } else {
-                self.sink.due = None; // Idle until a page queues something.
+                // Idle until a page queues something, or `dead-letters requeue` (another process) does.
+                self.sink.due = Some(now + Duration::from_secs(self.cfg.mimecast.poll_interval_secs));
                 self.log_drain_summary(true);
             }
             return Ok(None);
         };
+        b.half = half;
         let (http, url, key) =
             (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone());
         Ok(Some(smol::unblock(move || {
@@ -510,7 +603,7 @@ impl Agent {
     fn pack(&mut self, records: Vec<Queued>) -> anyhow::Result<Option<(Batch, Vec<u8>)>> {
         let now = self.tuning.clock.now();
         let mut logs: Vec<String> = Vec::new();
-        let mut b = Batch { seqs: Vec::new(), restamped: 0, kept: 0 };
+        let mut b = Batch { seqs: Vec::new(), restamped: 0, kept: 0, half: None };
         let mut packer = batch::Packer::default();
         for q in records {
             let built = logobj::build(q.feed, &q.body, q.event_time, &self.shape, now);
@@ -552,32 +645,17 @@ impl Agent {
                 }
                 self.sink.failures = 0;
                 self.sink.due = Some(now);
+                if b.half.is_some() {
+                    self.sink.bisect_accepted = true;
+                    self.sink.first_half_refused = false;
+                }
                 self.sink.delivered_since += n;
                 self.sink.since.get_or_insert(now);
                 self.log_drain_summary(false);
             }
-            Disposition::Split => {
-                let mut first = b.seqs;
-                let second = first.split_off(first.len() / 2);
-                log::warn!(
-                    "Datadog refused a batch ({}); splitting it into {} + {}",
-                    sent.detail,
-                    first.len(),
-                    second.len()
-                );
-                self.sink.splits.push(second);
-                self.sink.splits.push(first);
-                self.sink.due = Some(now);
-            }
-            Disposition::DeadLetter => {
-                let reason = format!("Datadog refused this log: {}", sent.detail);
-                log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder status`)");
-                for &seq in &b.seqs {
-                    self.store.dead_letter(seq, &reason, secs)?;
-                }
-                self.sink.due = Some(now);
-            }
+            Disposition::Split | Disposition::DeadLetter => self.refused(b, &sent, now, secs)?,
             Disposition::Hold => {
+                self.put_back(b);
                 self.sink.failures += 1;
                 let msg = format!(
                     "Datadog refused the API key or the intake URL ({}); every record stays queued; fix datadog.api_key \
@@ -591,6 +669,7 @@ impl Agent {
                 self.sink.done = self.mode == Mode::Once;
             }
             Disposition::Retry(after) => {
+                self.put_back(b);
                 self.sink.failures += 1;
                 let delay = after.unwrap_or_default().max(self.tuning.datadog_backoff.next(self.sink.failures));
                 log::warn!(
@@ -607,7 +686,84 @@ impl Agent {
                 }
             }
         }
+        if self.sink.done {
+            self.gave_up = true;
+        }
         Ok(())
+    }
+
+    /// A 400 or 413: bisect to find the log Datadog refuses, but only while the halves behave differently.
+    ///
+    /// Pieces are sent oldest split first, so the two halves of a split go one after the other. Once any piece
+    /// was accepted, the intake demonstrably takes logs: a refused piece is split again and a refused single log
+    /// is a dead letter. Until then, both halves of a split refused alike means the fault is not in one log (a
+    /// proxy, an intake change): the sink holds and backs off as for a 5xx, nothing becomes a dead letter, and
+    /// the bisection goes one level deeper at the next attempt, so that two bad logs in different halves are
+    /// still found once the rest is accepted.
+    fn refused(&mut self, b: Batch, sent: &Sent, now: Instant, secs: i64) -> anyhow::Result<()> {
+        // A lone log refused on its own has nothing to be compared with: it counts as refused alike too.
+        let lone = b.half.is_none() && b.seqs.len() == 1;
+        let alike = lone || (b.half == Some(true) && self.sink.first_half_refused && !self.sink.bisect_accepted);
+        self.sink.first_half_refused = b.half == Some(false);
+        if b.seqs.len() == 1 && self.sink.bisect_accepted {
+            let reason = format!("Datadog refused this log: {}", sent.detail);
+            log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder dead-letters list`)");
+            self.store.dead_letter(b.seqs[0], &reason, secs)?;
+            self.sink.due = Some(now);
+            return Ok(());
+        }
+        if b.seqs.len() == 1 {
+            // Nothing accepted yet: this single log may be as innocent as the rest. Send it again later.
+            if let Some(second) = b.half {
+                self.sink.splits.push_back(Piece { seqs: b.seqs, second });
+            }
+        } else {
+            let mut first = b.seqs;
+            let second = first.split_off(first.len() / 2);
+            log::warn!(
+                "Datadog refused {} logs ({}); sending them as {} + {}",
+                first.len() + second.len(),
+                sent.detail,
+                first.len(),
+                second.len()
+            );
+            self.sink.splits.push_back(Piece { seqs: first, second: false });
+            self.sink.splits.push_back(Piece { seqs: second, second: true });
+        }
+        if !alike {
+            self.sink.due = Some(now);
+            return Ok(());
+        }
+        self.sink.failures += 1;
+        let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+        let msg = format!(
+            "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an intake \
+             change?); the records stay queued, none is dead-lettered; retrying in {:.0}s",
+            sent.detail,
+            delay.as_secs_f64()
+        );
+        log::error!("{msg}");
+        self.store.set_state("datadog_last_error", &format!("{secs} {msg}"))?;
+        self.sink.due = Some(now + delay);
+        if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
+            log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
+            self.sink.done = true;
+            self.gave_up = true;
+        }
+        Ok(())
+    }
+
+    /// A piece that could not be sent this time goes back to the front, so the bisection resumes where it was.
+    fn put_back(&mut self, b: Batch) {
+        if let Some(second) = b.half {
+            self.sink.splits.push_front(Piece { seqs: b.seqs, second });
+        }
+    }
+
+    /// The bisection is over: every piece was sent or dead-lettered.
+    fn end_bisection(&mut self) {
+        self.sink.bisect_accepted = false;
+        self.sink.first_half_refused = false;
     }
 
     /// One info line per drain: when the queue runs empty, or every `summary_every` while it is busy.
@@ -627,6 +783,12 @@ impl Agent {
         self.sink.delivered_since = 0;
         self.sink.since = None;
     }
+}
+
+/// The start of a server-given string, for a log line: enough to recognise it, never a page of it.
+fn excerpt(s: &str) -> String {
+    let cut: String = s.chars().take(40).collect();
+    if cut.len() < s.len() { format!("{cut}…") } else { cut }
 }
 
 /// Resolves on the first SIGTERM or SIGINT. The signal handler only writes a byte to a socket (signal-hook's

@@ -232,7 +232,51 @@ pub fn from_str(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
 }
 
 fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: describe(&e, text) })
+}
+
+/// A TOML error without the source excerpt that `toml` prints by default: the excerpt is the offending line,
+/// and that line may hold a secret (an unquoted `client_secret`, `api_key = ["…"]`, a duplicated key). The
+/// message names the line and the key; a value is shown only when its key is not a secret's.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim();
+    let Some(span) = e.span() else { return scrub_all(message, text) };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    // A value split over lines (an array) starts on an earlier line: look back to the line holding its key.
+    let holder = text.lines().take(line_no).filter(|l| l.contains('=')).last().unwrap_or(line);
+    if is_secret_key(key) || is_secret_key(holder.split('=').next().unwrap_or("")) {
+        return format!(
+            "line {line_no}: the value of a secret key is not valid TOML or not a string; it is not shown here"
+        );
+    }
+    let at = if key.is_empty() || key.starts_with('[') { String::new() } else { format!(" ({key})") };
+    format!("line {line_no}{at}: {}", scrub_all(message, text))
+}
+
+/// Removes from `message` every value written on a secret's line of `text`.
+fn scrub_all(message: &str, text: &str) -> String {
+    let mut out = message.to_owned();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else { continue };
+        if !is_secret_key(key) {
+            continue;
+        }
+        let value = value.trim().trim_matches(|c| matches!(c, '"' | '\'' | '[' | ']' | ' '));
+        if value.len() >= 3 {
+            out = out.replace(value, "[redacted]");
+        }
+    }
+    out
+}
+
+/// Key names that hold a secret, misspelled ones included: `client_secret`, `api_key`, `client_secert`, …
+fn is_secret_key(key: &str) -> bool {
+    let k = key.trim().to_ascii_lowercase();
+    !k.ends_with("_file")
+        && ["secret", "secert", "api_key", "apikey", "api-key", "token", "password"].iter().any(|s| k.contains(s))
 }
 
 fn readable_by_others(path: &Path) -> bool {
@@ -580,6 +624,28 @@ mod tests {
         for shown in [format!("{c:?}"), c.render()] {
             assert!(!shown.contains("s3cr3t"), "{shown}");
         }
+    }
+
+    #[test]
+    fn syntax_errors_never_show_a_secret() {
+        let cases = [
+            "[mimecast]\nclient_id = \"id\"\nclient_secret = hunter2hunter2\n",
+            "[mimecast]\nclient_id = \"id\"\nclient_secret = \"hunter2hunter2\"\n[datadog]\napi_key = [\"hunter2hunter2\"]\n",
+            "[mimecast]\nclient_id = \"id\"\nclient_secret = \"hunter2hunter2\"\nclient_secret = \"hunter2hunter2\"\n",
+            "[mimecast]\nclient_id = \"id\"\nclient_secert = \"hunter2hunter2\"\n",
+            "[mimecast]\nclient_id = \"id\"\nclient_secret = 31337313373\n",
+            "[datadog]\napi_key = [\n  \"hunter2hunter2\",\n  3,\n]\n",
+            "[mimecast]\nclient_secret = \"hunter2hunter2\"\npoll_interval_secs = \"hunter2hunter2\"\n",
+            "[mimecast]\nclient_secret = \"hunter2hunter2\n",
+        ];
+        for text in cases {
+            let e = err(text);
+            assert!(!e.contains("hunter2") && !e.contains("31337"), "{text}\n=> {e}");
+            assert!(e.contains("line "), "{e}");
+        }
+        // Errors elsewhere still say what is wrong, and where.
+        let e = err(&format!("{MINIMAL}[queue]\nmax_bytes = \"lots\"\n"));
+        assert!(e.contains("line 7 (max_bytes)") && e.contains("lots"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`store`]: the SQLite queue, cursors, dead letters and counters.
 //! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
 //! - [`agent`]: the main loop that ties polling and delivery together on one smol executor.
+//! - [`instance`]: the lock that lets only one `run` use a queue.
 //! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers.
 //! - [`status`]: the read-only report behind `mimecast-forwarder status`.
 //! - [`sim`]: loopback simulators of Mimecast and Datadog, used by `demo` and the tests.
@@ -32,6 +33,7 @@ pub mod datadog;
 pub mod datetime;
 pub mod demo;
 pub mod http;
+pub mod instance;
 pub mod mimecast;
 pub mod sim;
 pub mod status;

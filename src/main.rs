@@ -48,7 +48,15 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
             log::warn!("{} records remain queued; run again later", outcome.queued);
             exit::TEMP_FAIL
         }
+        Ok(outcome) if once && outcome.gave_up => {
+            log::error!("the queue is empty, but a feed or the intake gave up during this pass (see above)");
+            exit::UNAVAILABLE
+        }
         Ok(_) => exit::OK,
+        Err(e) if matches!(e.downcast_ref(), Some(mimecast_forwarder::instance::LockError::Held { .. })) => {
+            log::error!("{e:#}");
+            exit::TEMP_FAIL
+        }
         Err(e) => {
             log::error!("{e:#}");
             exit::SOFTWARE

@@ -24,9 +24,11 @@ pub fn next_window(watermark: i64, now: i64, s: Settings) -> Option<Window> {
     (to > watermark).then_some(Window { from, to })
 }
 
-/// Whether more settled time remains after this window (a catch-up that should continue at once).
-pub fn behind(window: Window, now: i64, s: Settings) -> bool {
-    window.to < now - s.settle_secs
+/// Whether more than `slack` seconds of settled time remain after this window: a catch-up that should continue
+/// at once. The daemon passes its poll interval as `slack`, so a window that merely took a while to read (its
+/// end fixed, `now` moving on) does not count as behind; `--once` passes 0 and a fixed `now`.
+pub fn behind(window: Window, now: i64, s: Settings, slack: i64) -> bool {
+    window.to < now.saturating_sub(s.settle_secs).saturating_sub(slack)
 }
 
 #[cfg(test)]
@@ -58,11 +60,21 @@ mod tests {
             assert!(w.from <= wm && w.to > wm && w.to - w.from <= 3600);
             wm = w.to;
             windows += 1;
-            if !behind(w, now, S) {
+            if !behind(w, now, S, 0) {
                 break;
             }
         }
         assert_eq!(wm, now - 60);
         assert_eq!(windows, 16);
+    }
+
+    #[test]
+    fn a_window_that_took_a_while_to_read_is_not_behind() {
+        let w = Window { from: 9_700, to: 10_060 };
+        // Read in 20 s: `now - settle` moved past the window's end, by less than one poll interval.
+        assert!(!behind(w, 10_140, S, 60));
+        assert!(behind(w, 10_140, S, 0));
+        // A real backlog is still behind.
+        assert!(behind(w, 20_000, S, 60));
     }
 }
