@@ -5,6 +5,9 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::io::Read as _;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -107,6 +110,8 @@ pub struct Outcome {
 /// Everything that can wake the main loop.
 enum Event {
     Shutdown,
+    /// SIGHUP: read the config file again.
+    Reload,
     Fetched(PageRequest, Fetched),
     Sent(Batch, Sent),
     /// A timer fired: a feed or the sink may be due.
@@ -194,6 +199,12 @@ struct Agent {
     gave_up: bool,
 }
 
+/// SIGHUP's socket and the config file it makes the agent read again (`systemctl reload`).
+pub struct Reload {
+    pub path: PathBuf,
+    pub signal: smol::Async<UnixStream>,
+}
+
 /// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
 pub async fn run(
     cfg: &Config,
@@ -201,11 +212,22 @@ pub async fn run(
     mode: Mode,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Outcome> {
+    run_with_reload(cfg, tuning, mode, shutdown, None).await
+}
+
+/// [`run`], re-reading the config file on each SIGHUP that `reload` receives.
+pub async fn run_with_reload(
+    cfg: &Config,
+    tuning: &Tuning,
+    mode: Mode,
+    shutdown: impl Future<Output = ()>,
+    reload: Option<Reload>,
+) -> anyhow::Result<Outcome> {
     let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
     let store = Store::open(&cfg.queue.path).with_context(|| format!("opening queue {}", cfg.queue.path.display()))?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
     let mut agent = Agent::new(cfg.clone(), tuning.clone(), mode, store, http)?;
-    agent.main_loop(shutdown).await?;
+    agent.main_loop(shutdown, reload).await?;
     Ok(Outcome { queued: agent.store.counters()?.queue_records, gave_up: agent.gave_up })
 }
 
@@ -219,12 +241,7 @@ impl Agent {
             feeds.push(FeedState::new(feed, now));
         }
         let creds = Credentials::of(&cfg.mimecast);
-        let shape = Shape {
-            hostname: cfg.datadog.hostname.clone(),
-            ddtags: cfg.datadog.tags.join(","),
-            late_records: cfg.datadog.late_records,
-            max_event_age_secs: cfg.datadog.max_event_age_secs as i64,
-        };
+        let shape = Shape::of(&cfg.datadog);
         let sink = SinkState { due: Some(now), ..SinkState::default() };
         let pass_start = tuning.clock.now();
         Ok(Agent {
@@ -244,7 +261,7 @@ impl Agent {
         })
     }
 
-    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>, reload: Option<Reload>) -> anyhow::Result<()> {
         let mut shutdown = pin!(shutdown);
         let mut fetch: Option<Task<(PageRequest, Fetched)>> = None;
         let mut send: Option<Task<(Batch, Sent)>> = None;
@@ -283,6 +300,15 @@ impl Agent {
                 Event::Shutdown
             })
             .or(async {
+                match &reload {
+                    Some(r) => {
+                        let _ = r.signal.readable().await;
+                        Event::Reload
+                    }
+                    None => std::future::pending().await,
+                }
+            })
+            .or(async {
                 smol::Timer::at(wake).await;
                 Event::Wake
             })
@@ -297,6 +323,12 @@ impl Agent {
                     self.on_sent(b, s)?;
                 }
                 Event::Wake => {}
+                Event::Reload => {
+                    if let Some(r) = &reload {
+                        drain(&r.signal);
+                        self.reload(&r.path)?;
+                    }
+                }
                 Event::Shutdown => {
                     // A fetch in flight is abandoned: nothing of it is committed, so it is read again next time.
                     drop(fetch);
@@ -318,6 +350,69 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// SIGHUP: a valid config takes effect at once; an invalid one is refused and the running one stays. The
+    /// queue path cannot change under a running agent (the lock and the open database belong to the old one).
+    fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
+        let refuse = |why: &dyn std::fmt::Display| {
+            log::error!("reload: {why}; the running configuration stays in effect");
+        };
+        let cfg = match crate::cli::load_config(path) {
+            Ok(c) => c,
+            Err(e) => {
+                refuse(&format!("config error: {e}"));
+                return Ok(());
+            }
+        };
+        if cfg.queue.path != self.cfg.queue.path {
+            refuse(&format!(
+                "queue.path changed from {} to {}, which needs a restart",
+                self.cfg.queue.path.display(),
+                cfg.queue.path.display()
+            ));
+            return Ok(());
+        }
+        let http = match Http::new(&cfg.http) {
+            Ok(h) => h,
+            Err(e) => {
+                refuse(&e);
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let start = self.tuning.clock.now() - cfg.mimecast.initial_lookback_secs as i64;
+        let mut feeds = Vec::new();
+        for &feed in &cfg.mimecast.feeds {
+            match self.feeds.iter().position(|f| f.feed == feed) {
+                Some(i) => feeds.push(self.feeds.swap_remove(i)),
+                None => {
+                    self.store.init_cursor(feed, start)?;
+                    feeds.push(FeedState::new(feed, now));
+                }
+            }
+        }
+        let creds = Credentials::of(&cfg.mimecast);
+        if creds.base_url != self.creds.base_url
+            || creds.client_id != self.creds.client_id
+            || creds.client_secret != self.creds.client_secret
+        {
+            self.token = None;
+        }
+        self.feeds = feeds;
+        self.creds = creds;
+        self.http = http;
+        self.shape = Shape::of(&cfg.datadog);
+        self.cfg = cfg;
+        self.paused = false;
+        self.queue_full()?;
+        self.sink.due = Some(now);
+        log::info!(
+            "reload: configuration read again from {}; feeds: {}",
+            path.display(),
+            self.feeds.iter().map(|f| f.feed.name()).collect::<Vec<_>>().join(", ")
+        );
+        Ok(())
     }
 
     /// The earliest moment a feed or the sink can start something. Only what could start counts: a feed while no
@@ -422,7 +517,11 @@ impl Agent {
         if let Some(t) = fetched.new_token {
             self.token = Some(t);
         }
-        let i = self.feeds.iter().position(|f| f.feed == req.feed).context("fetched an unknown feed")?;
+        let Some(i) = self.feeds.iter().position(|f| f.feed == req.feed) else {
+            // The feed was disabled by a reload while its page was in flight: nothing of it is kept.
+            log::info!("{}: disabled by a reload; its page in flight is not kept", req.feed);
+            return Ok(());
+        };
         let now = Instant::now();
         // A `next` seen before in this window (the token just used, or an earlier one: A -> B -> A) would read the
         // same pages forever: make it a visible, backed-off error instead of a silent loop that burns the quota.
@@ -783,6 +882,19 @@ impl Agent {
         self.sink.delivered_since = 0;
         self.sink.since = None;
     }
+}
+
+/// Reads everything waiting on a signal socket, so that it is readable again only for the next signal.
+fn drain(socket: &smol::Async<UnixStream>) {
+    let mut buf = [0u8; 64];
+    while matches!((&*socket.get_ref()).read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// The socket that SIGHUP writes to (signal-hook's pipe), for [`Reload`].
+pub fn reload_signal() -> std::io::Result<smol::Async<UnixStream>> {
+    let (rx, tx) = UnixStream::pair()?;
+    signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, tx)?;
+    smol::Async::new(rx)
 }
 
 /// The start of a server-given string, for a log line: enough to recognise it, never a page of it.

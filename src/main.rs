@@ -40,9 +40,13 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
         }
     };
     let mode = if once { Mode::Once } else { Mode::Daemon };
-    let result = agent::shutdown_signal()
-        .map_err(anyhow::Error::from)
-        .and_then(|signal| smol::block_on(agent::run(&cfg, &Tuning::default(), mode, signal)));
+    let signals = agent::shutdown_signal().and_then(|stop| {
+        let reload = agent::Reload { path: path.to_owned(), signal: agent::reload_signal()? };
+        Ok((stop, reload))
+    });
+    let result = signals.map_err(anyhow::Error::from).and_then(|(stop, reload)| {
+        smol::block_on(agent::run_with_reload(&cfg, &Tuning::default(), mode, stop, Some(reload)))
+    });
     match result {
         Ok(outcome) if once && outcome.queued > 0 => {
             log::warn!("{} records remain queued; run again later", outcome.queued);

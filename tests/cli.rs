@@ -335,3 +335,99 @@ fn repeated_kill_9_at_random_moments_under_faults_loses_nothing() {
     let dups: usize = got.values().map(|n| n - 1).sum();
     assert!(dups <= (kills + drops_after_accept) * 1000, "{dups} duplicates");
 }
+
+#[test]
+fn a_second_run_on_the_same_queue_is_refused_with_75_and_names_the_holder() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 100, 300);
+    let path = write_config(&rig, &[]);
+    let p = path.to_str().unwrap();
+    rig.dd.set_down(Some(503));
+    let mut daemon = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("the daemon to take the queue", Duration::from_secs(10), || rig.mc.requests().len() >= 6);
+    for args in [vec!["run", "--once", "--config", p], vec!["run", "--config", p]] {
+        let start = Instant::now();
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 75, "{args:?}: {err}");
+        assert!(start.elapsed() < Duration::from_secs(3), "refused at once, not after a wait");
+        assert!(
+            err.contains("in use by another mimecast-forwarder run")
+                && err.contains(&format!("pid {}", daemon.id()))
+                && err.contains("queue.db"),
+            "{err}"
+        );
+    }
+    signal(&daemon, "-TERM");
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    rig.dd.set_down(None);
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 0, "the lock went with its holder: {err}");
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn once_exits_69_when_a_feed_gave_up_though_the_queue_is_empty() {
+    let rig = Rig::new();
+    let path = write_config(&rig, &[("mimecast", "base_url = \"http://127.0.0.1:9\"")]);
+    let (code, out, err) = run(&["run", "--once", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("gave up"), "{err}");
+    no_secret(&(out + &err));
+    let (code, _, err) = run(&["run", "--help"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn config_errors_on_secret_lines_never_print_the_secret() {
+    let rig = Rig::new();
+    let secret_lines = [
+        "client_secret = sim-client-secret",
+        "client_secret = [\"sim-client-secret\"]",
+        "client_secret = \"sim-client-secret\"\nclient_secret = \"sim-client-secret\"",
+        "client_secert = \"sim-client-secret\"",
+    ];
+    for line in secret_lines {
+        let path = write_config(&rig, &[("mimecast", line)]);
+        for args in [vec!["check-config", "--config"], vec!["run", "--once", "--config"], vec!["status", "--config"]] {
+            let mut args = args.clone();
+            args.push(path.to_str().unwrap());
+            let (code, out, err) = run(&args);
+            assert_eq!(code, 78, "{line}: {args:?}: {err}");
+            assert!(err.contains("line "), "{err}");
+            no_secret(&(out + &err));
+        }
+    }
+}
+
+#[test]
+fn sighup_reads_the_config_again_and_a_bad_one_is_refused() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::Audit], 20, 300);
+    let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("the first delivery", Duration::from_secs(10), || rig.dd.accepted_count() >= 20);
+
+    // A bad config: refused, the daemon goes on.
+    std::fs::write(&path, "[mimecast]\nclient_secret = oops\n").unwrap();
+    signal(&child, "-HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP must not stop the daemon");
+
+    // A good one with another feed and another tag: both take effect.
+    rig.add_records(&[Feed::Dlp], 15, 300);
+    write_config(&rig, &[("mimecast", "log_types = [\"audit\", \"dlp\"]"), ("datadog", "tags = [\"env:reloaded\"]")]);
+    signal(&child, "-HUP");
+    wait_for("the new feed's records", Duration::from_secs(10), || rig.dd.accepted_count() >= 35);
+    let dlp: Vec<Value> = rig.dd.accepted().into_iter().filter(|l| l["service"] == "dlp").collect();
+    assert_eq!(dlp.len(), 15);
+    assert!(dlp.iter().all(|l| l["ddtags"] == "env:reloaded"), "{:?}", dlp[0]);
+
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("reload: config error") && err.contains("running configuration stays"), "{err}");
+    assert!(err.contains("reload: configuration read again"), "{err}");
+    assert!(!err.contains("oops"), "{err}");
+    no_secret(&err);
+}

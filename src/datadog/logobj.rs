@@ -23,6 +23,17 @@ pub struct Shape {
     pub max_event_age_secs: i64,
 }
 
+impl Shape {
+    pub fn of(cfg: &crate::config::DatadogConfig) -> Shape {
+        Shape {
+            hostname: cfg.hostname.clone(),
+            ddtags: cfg.tags.join(","),
+            late_records: cfg.late_records,
+            max_event_age_secs: cfg.max_event_age_secs as i64,
+        }
+    }
+}
+
 /// How a record's age was handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Late {
