@@ -107,6 +107,66 @@ fn a_400_isolates_the_bad_log_into_dead_letters() {
 }
 
 #[test]
+fn two_bad_logs_in_different_halves_are_both_isolated() {
+    let rig = Rig::new();
+    let mut recs = recent(Feed::Dlp, 200, 300);
+    // One in each half of the first split: both halves are refused alike, yet the rest must still arrive.
+    for i in [20, 170] {
+        recs[i]["subject"] = Value::String("POISON pill".into());
+    }
+    let mut expected = queue_direct(&rig, Feed::Dlp, &recs);
+    for i in [20, 170] {
+        expected.remove(&wire::record_key(Feed::Dlp, &recs[i]));
+    }
+    rig.dd.set_poison(Some("POISON"));
+    let cfg = rig.config(&[]);
+    // The first pass may hold after both halves were refused alike; cron would run it again.
+    let mut passes = 0;
+    while rig.once(&cfg).queued > 0 {
+        passes += 1;
+        assert!(passes < 5, "still queued after {passes} passes");
+    }
+    assert_delivered_once(&rig.dd, &expected);
+    let c = rig.store().counters().unwrap();
+    assert_eq!((c.dead_letters, c.delivered), (2, 198));
+}
+
+#[test]
+fn a_persistent_400_holds_the_queue_and_dead_letters_nothing() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 300, 300));
+    // A proxy or an intake change that refuses everything with 400: not one bad log.
+    rig.dd.set_down(Some(400));
+    let cfg = rig.config(&[]);
+    let started = Instant::now();
+    assert_eq!(rig.once(&cfg).queued, 300);
+    let requests = rig.dd.requests();
+    assert!(requests <= 12, "{requests} requests: bisected far past the first level");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let c = rig.store().counters().unwrap();
+    assert_eq!(c.dead_letters, 0, "nothing dead-lettered for a fault that is not in one log");
+    let err = rig.store().state("datadog_last_error").unwrap().unwrap();
+    assert!(err.contains("both halves") && err.contains("400"), "{err}");
+    // A lone record refused on its own is held too, not dead-lettered.
+    rig.dd.set_down(None);
+    assert_eq!(rig.once(&cfg).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn a_lone_log_refused_is_held_not_dead_lettered() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 1, 300));
+    rig.dd.set_down(Some(400));
+    let cfg = rig.config(&[]);
+    assert_eq!(rig.once(&cfg).queued, 1);
+    assert_eq!(rig.store().counters().unwrap().dead_letters, 0);
+    rig.dd.set_down(None);
+    assert_eq!(rig.once(&cfg).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
 fn a_refused_key_keeps_everything_until_it_is_accepted() {
     let rig = Rig::new();
     let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 300, 300));
