@@ -21,15 +21,19 @@ pub struct Cursor {
 impl Store {
     /// Creates the cursor of a feed that has none yet, starting at `watermark`.
     pub fn init_cursor(&mut self, feed: Feed, watermark: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute("INSERT OR IGNORE INTO cursor (feed, watermark) VALUES (?1, ?2)", params![feed.name(), watermark])
+        self.write(|conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO cursor (feed, watermark) VALUES (?1, ?2)",
+                params![feed.name(), watermark],
+            )
             .ctx("creating a cursor")?;
-        Ok(())
+            Ok(())
+        })
     }
 
     pub fn cursor(&self, feed: Feed) -> Result<Option<Cursor>, StoreError> {
-        self.conn
-            .query_row(
+        self.read(|conn| {
+            conn.query_row(
                 "SELECT watermark, window_from, window_to, page_token, last_success, last_error, last_error_at \
                  FROM cursor WHERE feed = ?1",
                 [feed.name()],
@@ -48,24 +52,27 @@ impl Store {
             )
             .optional()
             .ctx("reading a cursor")
+        })
     }
 
     /// Records a feed's failure for `status`; the cursor itself does not move.
     pub fn feed_error(&mut self, feed: Feed, message: &str, now: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute(
+        self.write(|conn| {
+            conn.execute(
                 "UPDATE cursor SET last_error = ?2, last_error_at = ?3 WHERE feed = ?1",
                 params![feed.name(), message, now],
             )
             .ctx("recording a feed error")?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Forgets the page token of the window in progress, so the window is read again from its first page.
     pub fn restart_window(&mut self, feed: Feed) -> Result<(), StoreError> {
-        self.conn
-            .execute("UPDATE cursor SET page_token = NULL WHERE feed = ?1", [feed.name()])
-            .ctx("restarting a window")?;
-        Ok(())
+        self.write(|conn| {
+            conn.execute("UPDATE cursor SET page_token = NULL WHERE feed = ?1", [feed.name()])
+                .ctx("restarting a window")?;
+            Ok(())
+        })
     }
 }

@@ -2,13 +2,18 @@
 //! One connection, owned by the agent's thread. Every change that must be atomic is one transaction here.
 
 mod cursor;
+mod error;
 mod queue;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
 pub use cursor::Cursor;
+pub(crate) use error::Context;
+pub use error::StoreError;
+use error::classify;
 pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
@@ -56,115 +61,100 @@ const MIGRATIONS: [&str; 1] = [r"
     CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 "];
 
-/// A database problem, with the path and what we were doing.
-#[derive(Debug)]
-pub enum StoreError {
-    /// The file is not a SQLite database or is damaged.
-    Corrupt {
-        path: PathBuf,
-        detail: String,
-    },
-    /// Written by a newer version of the agent.
-    TooNew {
-        path: PathBuf,
-        version: i64,
-    },
-    Sql {
-        context: &'static str,
-        error: rusqlite::Error,
-    },
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Corrupt { path, detail } => write!(
-                f,
-                "queue database {} is damaged or not a database ({detail}); stop the service, move the file aside \
-                 (its records may be recoverable with sqlite3 .recover) and start again to create a new queue",
-                path.display()
-            ),
-            StoreError::TooNew { path, version } => write!(
-                f,
-                "queue database {} has schema version {version}, newer than this build's {SCHEMA_VERSION}; \
-                 install the newer mimecast-forwarder again",
-                path.display()
-            ),
-            StoreError::Sql { context, error } => write!(f, "{context}: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-pub(crate) trait Context<T> {
-    fn ctx(self, context: &'static str) -> Result<T, StoreError>;
-}
-
-impl<T> Context<T> for Result<T, rusqlite::Error> {
-    fn ctx(self, context: &'static str) -> Result<T, StoreError> {
-        self.map_err(|error| StoreError::Sql { context, error })
-    }
-}
+/// How long a statement waits for a lock held by another process (`status`, `dead-letters`, a backup) before
+/// giving [`StoreError::Busy`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The open database.
 pub struct Store {
     conn: Connection,
+    path: PathBuf,
 }
 
 impl Store {
-    /// Opens (creating if needed) the queue at `path`, in WAL mode with `synchronous = FULL`, and migrates it.
+    /// Opens (creating if needed) the queue at `path`, in WAL mode with `synchronous = FULL`, migrates it and
+    /// checks it with `PRAGMA quick_check`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // systemd's StateDirectory= creates the directory in production; this covers tests and manual runs.
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path).map_err(|e| classify_open(path, e))?;
-        setup(&conn).map_err(|e| classify_open(path, e))?;
-        let store = Store { conn };
-        store.migrate(path)?;
+        Store::open_with(path, OpenFlags::default())
+    }
+
+    /// `open` with the given flags; tests use it to see how a read-only file is reported.
+    fn open_with(path: &Path, flags: OpenFlags) -> Result<Store, StoreError> {
+        let conn = Connection::open_with_flags(path, flags)
+            .ctx("opening the queue database")
+            .map_err(|e| classify(path, e))?;
+        let store = Store { conn, path: path.into() };
+        store.read(|conn| {
+            // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
+            if conn.is_readonly(rusqlite::MAIN_DB).ctx("opening the queue database")? {
+                return Err(StoreError::ReadOnly { path: path.into(), user: error::process_user() });
+            }
+            setup(conn).ctx("setting up the queue database")?;
+            migrate(conn, path)?;
+            quick_check(conn, path)
+        })?;
         Ok(store)
     }
 
-    /// Opens an existing queue read-only, for `status` while `run` is running.
+    /// Opens an existing queue read-only, for `status` while `run` is running. Checks it like `open` does, so
+    /// that damage in the middle of the file is reported.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(|e| classify_open(path, e))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).ctx("setting busy timeout")?;
-        let version: i64 =
-            conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| classify_open(path, e))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew { path: path.into(), version });
-        }
-        if version < SCHEMA_VERSION {
-            return Err(StoreError::Corrupt { path: path.into(), detail: format!("schema version {version}") });
-        }
-        Ok(Store { conn })
+                .ctx("opening the queue database")
+                .map_err(|e| classify(path, e))?;
+        let store = Store { conn, path: path.into() };
+        store.read(|conn| {
+            conn.busy_timeout(BUSY_TIMEOUT).ctx("setting busy timeout")?;
+            let version = schema_version(conn)?;
+            if version > SCHEMA_VERSION {
+                return Err(StoreError::TooNew { path: path.into(), version });
+            }
+            if version < SCHEMA_VERSION {
+                return Err(StoreError::Corrupt { path: path.into(), detail: format!("schema version {version}") });
+            }
+            quick_check(conn, path)
+        })?;
+        Ok(store)
     }
 
     /// An in-memory store for unit tests of the store logic.
     #[cfg(test)]
     pub fn in_memory() -> Store {
         let conn = Connection::open_in_memory().expect("in-memory SQLite opens");
-        let store = Store { conn };
-        store.migrate(Path::new(":memory:")).expect("migrations apply to an empty database");
-        store
+        let path = PathBuf::from(":memory:");
+        migrate(&conn, &path).expect("migrations apply to an empty database");
+        Store { conn, path }
     }
 
-    fn migrate(&self, path: &Path) -> Result<(), StoreError> {
-        let version: i64 =
-            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| classify_open(path, e))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew { path: path.into(), version });
-        }
-        for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self.conn.unchecked_transaction().ctx("starting migration")?;
-            tx.execute_batch(sql).map_err(|e| classify_open(path, e))?;
-            tx.pragma_update(None, "user_version", v as i64 + 1).ctx("recording schema version")?;
-            tx.commit().ctx("committing migration")?;
-        }
-        Ok(())
+    /// The database file this store was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes available on the filesystem holding the database, if the system says.
+    pub fn free_bytes(&self) -> Option<u64> {
+        error::free_bytes(&self.path)
+    }
+
+    /// How long a statement waits for another process's lock before giving [`StoreError::Busy`] (5 s unless
+    /// changed; tests shorten it).
+    pub fn set_busy_timeout(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.read(|conn| conn.busy_timeout(timeout).ctx("setting busy timeout"))
+    }
+
+    /// Runs `f` on the connection and classifies its error; every public method that only reads goes through here.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&self.conn).map_err(|e| classify(&self.path, e))
+    }
+
+    /// `read` for methods that write (a transaction needs the connection mutably).
+    fn write<T>(&mut self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&mut self.conn).map_err(|e| classify(&self.path, e))
     }
 
     #[cfg(test)]
@@ -176,7 +166,7 @@ impl Store {
 /// WAL lets `status` read while `run` writes. `synchronous = FULL` makes every commit durable on return
 /// (ARCHITECTURE.md explains the choice).
 fn setup(conn: &Connection) -> Result<(), rusqlite::Error> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         log::warn!("SQLite refused WAL mode (got {mode}); status may wait for the writer");
@@ -185,12 +175,39 @@ fn setup(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-fn classify_open(path: &Path, e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
-    match e.sqlite_error_code() {
-        Some(DatabaseCorrupt | NotADatabase) => StoreError::Corrupt { path: path.into(), detail: e.to_string() },
-        _ => StoreError::Sql { context: "opening the queue database", error: e },
+fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0)).ctx("reading the schema version")
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let version = schema_version(conn)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { path: path.into(), version });
     }
+    for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.unchecked_transaction().ctx("starting migration")?;
+        tx.execute_batch(sql).ctx("migrating the schema")?;
+        tx.pragma_update(None, "user_version", v as i64 + 1).ctx("recording schema version")?;
+        tx.commit().ctx("committing migration")?;
+    }
+    Ok(())
+}
+
+/// Damage in the middle of the file shows only when a damaged page is read; `quick_check` reads them all
+/// (without the slower index cross-checks of `integrity_check`).
+fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").ctx("checking the queue database")?;
+    let answer: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .ctx("checking the queue database")?
+        .collect::<Result<_, _>>()
+        .ctx("checking the queue database")?;
+    if answer == ["ok"] {
+        return Ok(());
+    }
+    // The first line of a report names the schema ("*** in database main ***"), which says nothing here.
+    let findings: Vec<&str> = answer.iter().map(String::as_str).filter(|l| !l.starts_with("***")).collect();
+    Err(StoreError::Corrupt { path: path.into(), detail: format!("quick_check: {}", findings.join("; ")) })
 }
 
 #[cfg(test)]
@@ -229,5 +246,66 @@ mod tests {
         s.conn().pragma_update(None, "user_version", 99).unwrap();
         drop(s);
         assert!(matches!(Store::open(&path), Err(StoreError::TooNew { version: 99, .. })));
+    }
+
+    /// A queue file of a few thousand records, closed, with `pages` pages in its middle overwritten.
+    pub(crate) fn damaged_queue(dir: &Path, pages: u64) -> PathBuf {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = dir.join("queue.db");
+        let mut s = Store::open(&path).unwrap();
+        s.init_cursor(crate::mimecast::Feed::Audit, 0).unwrap();
+        let records = (0..3000)
+            .map(|i| NewRecord { key: format!("k{i}"), event_time: Some(i), body: format!("{{\"n\":{i}}}").repeat(20) })
+            .collect();
+        let page = PageCommit {
+            feed: crate::mimecast::Feed::Audit,
+            window: crate::mimecast::window::Window { from: 0, to: 10 },
+            next_token: None,
+            records,
+            forget_before: 0,
+        };
+        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        drop(s);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(len > 100 * 4096, "the queue spans many pages ({len} bytes)");
+        f.seek(SeekFrom::Start(len / 2 / 4096 * 4096)).unwrap();
+        f.write_all(&vec![0x5a; 4096 * pages as usize]).unwrap();
+        path
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_found_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = damaged_queue(dir.path(), 3);
+        for e in [Store::open(&path).err().unwrap(), Store::open_read_only(&path).err().unwrap()] {
+            assert!(matches!(&e, StoreError::Corrupt { path: p, .. } if *p == path), "{e}");
+            assert!(e.to_string().contains(&path.display().to_string()) && e.to_string().contains("damaged"));
+        }
+    }
+
+    #[test]
+    fn a_file_opened_read_only_is_reported_with_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        drop(Store::open(&path).unwrap());
+        let e = Store::open_with(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).err().unwrap();
+        assert!(matches!(&e, StoreError::ReadOnly { path: p, user } if *p == path && user.contains("uid ")), "{e}");
+        assert!(e.to_string().contains("chown -R mimecast-forwarder:"), "{e}");
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_gives_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let mut s = Store::open(&path).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        s.set_busy_timeout(Duration::from_millis(20)).unwrap();
+        let e = s.set_state("x", "y").err().unwrap();
+        assert!(matches!(&e, StoreError::Busy { path: p } if *p == path) && e.is_transient(), "{e}");
+        assert_eq!(s.state("x").unwrap(), None, "reads go on meanwhile (WAL)");
+        other.execute_batch("ROLLBACK").unwrap();
+        s.set_state("x", "y").unwrap();
     }
 }

@@ -58,7 +58,7 @@ pub struct Counters {
     pub dead_letters: i64,
 }
 
-fn bump(tx: &rusqlite::Transaction, name: &str, by: i64) -> Result<(), StoreError> {
+pub(super) fn bump(tx: &rusqlite::Transaction, name: &str, by: i64) -> Result<(), StoreError> {
     if by != 0 {
         tx.execute(
             "INSERT INTO counter (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + ?2",
@@ -79,175 +79,204 @@ impl Store {
         max_bytes: u64,
         when_full: WhenFull,
     ) -> Result<PageOutcome, StoreError> {
-        let feed = page.feed.name();
-        let tx = self.conn.transaction().ctx("starting a page transaction")?;
-        let mut out = PageOutcome::default();
-        let mut bytes = 0i64;
-        {
-            let mut seen = tx
-                .prepare_cached("INSERT OR IGNORE INTO seen (feed, key, horizon) VALUES (?1, ?2, ?3)")
-                .ctx("preparing seen insert")?;
-            let mut queue = tx
-                .prepare_cached(
-                    "INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .ctx("preparing queue insert")?;
-            for r in &page.records {
-                let horizon = r.event_time.unwrap_or(page.window.to);
-                if seen.execute(params![feed, r.key, horizon]).ctx("recording a seen key")? == 0 {
-                    out.skipped += 1;
-                    continue;
+        self.write(|conn| {
+            let feed = page.feed.name();
+            let tx = conn.transaction().ctx("starting a page transaction")?;
+            let mut out = PageOutcome::default();
+            let mut bytes = 0i64;
+            {
+                let mut seen = tx
+                    .prepare_cached("INSERT OR IGNORE INTO seen (feed, key, horizon) VALUES (?1, ?2, ?3)")
+                    .ctx("preparing seen insert")?;
+                for r in &page.records {
+                    let horizon = r.event_time.unwrap_or(page.window.to);
+                    if seen.execute(params![feed, r.key, horizon]).ctx("recording a seen key")? == 0 {
+                        out.skipped += 1;
+                        continue;
+                    }
+                    bytes += insert(&tx, feed, &r.key, r.event_time, now, &r.body)?;
+                    out.queued += 1;
                 }
-                let len = r.body.len() as i64;
-                queue.execute(params![feed, r.key, r.event_time, now, len, r.body]).ctx("queueing a record")?;
-                out.queued += 1;
-                bytes += len;
             }
-        }
-        bump(&tx, "queue_records", out.queued as i64)?;
-        bump(&tx, "queue_bytes", bytes)?;
-        match &page.next_token {
-            Some(token) => {
-                tx.execute(
-                    "UPDATE cursor SET window_from = ?2, window_to = ?3, page_token = ?4 WHERE feed = ?1",
-                    params![feed, page.window.from, page.window.to, token],
-                )
-                .ctx("saving the page token")?;
+            bump(&tx, "queue_records", out.queued as i64)?;
+            bump(&tx, "queue_bytes", bytes)?;
+            match &page.next_token {
+                Some(token) => {
+                    tx.execute(
+                        "UPDATE cursor SET window_from = ?2, window_to = ?3, page_token = ?4 WHERE feed = ?1",
+                        params![feed, page.window.from, page.window.to, token],
+                    )
+                    .ctx("saving the page token")?;
+                }
+                None => {
+                    tx.execute(
+                        "UPDATE cursor SET watermark = ?2, window_from = NULL, window_to = NULL, page_token = NULL, \
+                         last_success = ?3, last_error = NULL, last_error_at = NULL WHERE feed = ?1",
+                        params![feed, page.window.to, now],
+                    )
+                    .ctx("advancing the watermark")?;
+                    tx.execute("DELETE FROM seen WHERE feed = ?1 AND horizon < ?2", params![feed, page.forget_before])
+                        .ctx("forgetting old seen keys")?;
+                }
             }
-            None => {
-                tx.execute(
-                    "UPDATE cursor SET watermark = ?2, window_from = NULL, window_to = NULL, page_token = NULL, \
-                     last_success = ?3, last_error = NULL, last_error_at = NULL WHERE feed = ?1",
-                    params![feed, page.window.to, now],
-                )
-                .ctx("advancing the watermark")?;
-                tx.execute("DELETE FROM seen WHERE feed = ?1 AND horizon < ?2", params![feed, page.forget_before])
-                    .ctx("forgetting old seen keys")?;
+            if when_full == WhenFull::DropOldest {
+                out.dropped = drop_oldest(&tx, max_bytes)?;
             }
-        }
-        if when_full == WhenFull::DropOldest {
-            out.dropped = drop_oldest(&tx, max_bytes)?;
-        }
-        tx.commit().ctx("committing a page")?;
-        Ok(out)
+            tx.commit().ctx("committing a page")?;
+            Ok(out)
+        })
     }
 
     /// The queue's running totals.
     pub fn counters(&self) -> Result<Counters, StoreError> {
-        let mut c = Counters::default();
-        let mut stmt = self.conn.prepare_cached("SELECT name, value FROM counter").ctx("reading counters")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).ctx("reading counters")?;
-        for row in rows {
-            let (name, value) = row.ctx("reading a counter")?;
-            match name.as_str() {
-                "queue_records" => c.queue_records = value,
-                "queue_bytes" => c.queue_bytes = value,
-                "delivered" => c.delivered = value,
-                "dropped" => c.dropped = value,
-                "restamped" => c.restamped = value,
-                "kept" => c.kept = value,
-                "dead_letters" => c.dead_letters = value,
-                _ => {}
+        self.read(|conn| {
+            let mut c = Counters::default();
+            let mut stmt = conn.prepare_cached("SELECT name, value FROM counter").ctx("reading counters")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).ctx("reading counters")?;
+            for row in rows {
+                let (name, value) = row.ctx("reading a counter")?;
+                match name.as_str() {
+                    "queue_records" => c.queue_records = value,
+                    "queue_bytes" => c.queue_bytes = value,
+                    "delivered" => c.delivered = value,
+                    "dropped" => c.dropped = value,
+                    "restamped" => c.restamped = value,
+                    "kept" => c.kept = value,
+                    "dead_letters" => c.dead_letters = value,
+                    _ => {}
+                }
             }
-        }
-        Ok(c)
+            Ok(c)
+        })
     }
 
     /// Up to `per_feed` of the oldest records of each feed, oldest first within a feed.
     pub fn candidates(&self, per_feed: usize) -> Result<Vec<Vec<Queued>>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
-            .ctx("preparing candidates")?;
-        let mut all = Vec::new();
-        for feed in Feed::ALL {
-            let rows = stmt
-                .query_map(params![feed.name(), per_feed as i64], |r| {
-                    Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
-                })
-                .ctx("reading candidates")?
-                .collect::<Result<Vec<_>, _>>()
-                .ctx("reading a candidate")?;
-            if !rows.is_empty() {
-                all.push(rows);
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
+                .ctx("preparing candidates")?;
+            let mut all = Vec::new();
+            for feed in Feed::ALL {
+                let rows = stmt
+                    .query_map(params![feed.name(), per_feed as i64], |r| {
+                        Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
+                    })
+                    .ctx("reading candidates")?
+                    .collect::<Result<Vec<_>, _>>()
+                    .ctx("reading a candidate")?;
+                if !rows.is_empty() {
+                    all.push(rows);
+                }
             }
-        }
-        Ok(all)
+            Ok(all)
+        })
     }
 
     /// The records with these sequence numbers that are still queued, in sequence order.
     pub fn load(&self, seqs: &[i64]) -> Result<Vec<Queued>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT feed, key, event_time, body FROM queue WHERE seq = ?1")
-            .ctx("preparing load")?;
-        let mut out = Vec::with_capacity(seqs.len());
-        for &seq in seqs {
-            let row = stmt
-                .query_row([seq], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .optional()
-                .ctx("loading a record")?;
-            if let Some((feed, key, event_time, body)) = row {
-                if let Some(feed) = Feed::from_name(&feed) {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT feed, key, event_time, body FROM queue WHERE seq = ?1")
+                .ctx("preparing load")?;
+            let mut out = Vec::with_capacity(seqs.len());
+            for &seq in seqs {
+                let row = stmt
+                    .query_row([seq], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()
+                    .ctx("loading a record")?;
+                if let Some((feed, key, event_time, body)) = row
+                    && let Some(feed) = Feed::from_name(&feed)
+                {
                     out.push(Queued { seq, feed, key, event_time, body });
                 }
             }
-        }
-        out.sort_by_key(|q| q.seq);
-        Ok(out)
+            out.sort_by_key(|q| q.seq);
+            Ok(out)
+        })
     }
 
     /// Removes records that Datadog accepted, in one transaction, and counts late ones.
     pub fn delivered(&mut self, seqs: &[i64], restamped: i64, kept: i64, now: i64) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction().ctx("starting a delivery transaction")?;
-        let n = remove(&tx, seqs, "delivered")?;
-        bump(&tx, "restamped", restamped)?;
-        bump(&tx, "kept", kept)?;
-        set_state(&tx, "datadog_last_success", &now.to_string())?;
-        set_state(&tx, "datadog_last_error", "")?;
-        tx.commit().ctx("committing a delivery")?;
-        Ok(n)
+        self.write(|conn| {
+            let tx = conn.transaction().ctx("starting a delivery transaction")?;
+            let n = remove(&tx, seqs, "delivered")?;
+            bump(&tx, "restamped", restamped)?;
+            bump(&tx, "kept", kept)?;
+            set_state(&tx, "datadog_last_success", &now.to_string())?;
+            set_state(&tx, "datadog_last_error", "")?;
+            tx.commit().ctx("committing a delivery")?;
+            Ok(n)
+        })
     }
 
     /// Moves one record to the dead-letter table, kept with the reason, in one transaction.
     pub fn dead_letter(&mut self, seq: i64, reason: &str, now: i64) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction().ctx("starting a dead-letter transaction")?;
-        let moved = tx
-            .execute(
-                "INSERT INTO dead_letter (feed, key, event_time, body, reason, at) \
-                 SELECT feed, key, event_time, body, ?2, ?3 FROM queue WHERE seq = ?1",
-                params![seq, reason, now],
-            )
-            .ctx("copying a dead letter")?;
-        if moved == 1 {
-            remove(&tx, &[seq], "dead_letters")?;
-        }
-        tx.commit().ctx("committing a dead letter")?;
-        Ok(moved == 1)
+        self.write(|conn| {
+            let tx = conn.transaction().ctx("starting a dead-letter transaction")?;
+            let moved = tx
+                .execute(
+                    "INSERT INTO dead_letter (feed, key, event_time, body, reason, at) \
+                     SELECT feed, key, event_time, body, ?2, ?3 FROM queue WHERE seq = ?1",
+                    params![seq, reason, now],
+                )
+                .ctx("copying a dead letter")?;
+            if moved == 1 {
+                remove(&tx, &[seq], "dead_letters")?;
+            }
+            tx.commit().ctx("committing a dead letter")?;
+            Ok(moved == 1)
+        })
     }
 
     /// Remembers a line of state (Datadog's last error, for `status`).
     pub fn set_state(&mut self, name: &str, value: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction().ctx("starting a state transaction")?;
-        set_state(&tx, name, value)?;
-        tx.commit().ctx("committing state")
+        self.write(|conn| {
+            let tx = conn.transaction().ctx("starting a state transaction")?;
+            set_state(&tx, name, value)?;
+            tx.commit().ctx("committing state")
+        })
     }
 
+    /// A line of state, or `None` when it is unset or empty.
     pub fn state(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.conn
-            .query_row("SELECT value FROM state WHERE name = ?1", [name], |r| r.get::<_, Option<String>>(0))
-            .optional()
-            .ctx("reading state")
-            .map(|v| v.flatten().filter(|s| !s.is_empty()))
+        self.read(|conn| {
+            conn.query_row("SELECT value FROM state WHERE name = ?1", [name], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .ctx("reading state")
+                .map(|v| v.flatten().filter(|s| !s.is_empty()))
+        })
     }
 
     /// `queued_at` of the oldest queued record.
     pub fn oldest_queued_at(&self) -> Result<Option<i64>, StoreError> {
-        self.conn
-            .query_row("SELECT queued_at FROM queue ORDER BY seq LIMIT 1", [], |r| r.get(0))
-            .optional()
-            .ctx("reading the oldest record")
+        self.read(|conn| {
+            conn.query_row("SELECT queued_at FROM queue ORDER BY seq LIMIT 1", [], |r| r.get(0))
+                .optional()
+                .ctx("reading the oldest record")
+        })
     }
+}
+
+/// Adds one record to the queue table and returns its size. The caller bumps `queue_records` and `queue_bytes`
+/// in the same transaction (as `remove` does for removals); every insertion into the queue goes through here.
+pub(super) fn insert(
+    tx: &rusqlite::Transaction,
+    feed: &str,
+    key: &str,
+    event_time: Option<i64>,
+    now: i64,
+    body: &str,
+) -> Result<i64, StoreError> {
+    let len = body.len() as i64;
+    tx.prepare_cached(
+        "INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .ctx("preparing queue insert")?
+    .execute(params![feed, key, event_time, now, len, body])
+    .ctx("queueing a record")?;
+    Ok(len)
 }
 
 fn set_state(tx: &rusqlite::Transaction, name: &str, value: &str) -> Result<(), StoreError> {

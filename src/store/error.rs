@@ -1,0 +1,205 @@
+//! What can go wrong with the queue database, said so that the operator knows what to do about it.
+//! SQLite reports a full disk, a lock held elsewhere, missing write access and damage by result code; [`classify`]
+//! turns those codes into their own variants, and every public `Store` method passes its errors through it.
+
+use std::path::{Path, PathBuf};
+
+use super::SCHEMA_VERSION;
+
+/// A database problem, with the path and what we were doing.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The file is not a SQLite database or is damaged (found at open by `PRAGMA quick_check`, or later when a
+    /// damaged page is read).
+    Corrupt { path: PathBuf, detail: String },
+    /// Written by a newer version of the agent.
+    TooNew { path: PathBuf, version: i64 },
+    /// The queue's filesystem is full (SQLITE_FULL). Transient: delivery frees space.
+    Full { path: PathBuf, free_bytes: Option<u64> },
+    /// Another process held the database lock for longer than the busy timeout (a backup, `sqlite3` by hand).
+    /// Transient.
+    Busy { path: PathBuf },
+    /// This process may not write the database file or its directory (SQLite also creates `-wal` and `-shm`
+    /// files beside it).
+    ReadOnly { path: PathBuf, user: String },
+    /// Any other SQLite failure, with what we were doing.
+    Sql { context: &'static str, error: rusqlite::Error },
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed without anyone changing anything (a full disk, a lock).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Full { .. } | StoreError::Busy { .. })
+    }
+
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Full { .. })
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Corrupt { path, detail } => write!(
+                f,
+                "queue database {} is damaged or not a database ({detail}); stop the service, move the file aside \
+                 (its records may be recoverable with sqlite3 .recover) and start again to create a new queue",
+                path.display()
+            ),
+            StoreError::TooNew { path, version } => write!(
+                f,
+                "queue database {} has schema version {version}, newer than this build's {SCHEMA_VERSION}; \
+                 install the newer mimecast-forwarder again",
+                path.display()
+            ),
+            StoreError::Full { path, free_bytes } => {
+                write!(f, "no space left on the filesystem of queue database {}", path.display())?;
+                if let Some(free) = free_bytes {
+                    write!(f, " ({free} bytes free)")?;
+                }
+                write!(f, "; free space there or grow the filesystem")
+            }
+            StoreError::Busy { path } => write!(
+                f,
+                "queue database {} is locked by another process for longer than the busy timeout (a backup, or \
+                 sqlite3 by hand?); try again once it lets go",
+                path.display()
+            ),
+            StoreError::ReadOnly { path, user } => write!(
+                f,
+                "queue database {} cannot be written by this process, running as {user}: the file and its \
+                 directory must be writable by that user (SQLite creates the -wal and -shm files beside it); fix \
+                 the ownership, for the packaged layout `chown -R mimecast-forwarder: /var/lib/mimecast-forwarder`",
+                path.display()
+            ),
+            StoreError::Sql { context, error } => write!(f, "{context}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Sql { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) trait Context<T> {
+    fn ctx(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, rusqlite::Error> {
+    fn ctx(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|error| StoreError::Sql { context, error })
+    }
+}
+
+/// Turns an `Sql` error whose SQLite code calls for action into the variant that says which; any other error is
+/// returned as it is. The one place where SQLite codes are interpreted.
+pub(crate) fn classify(path: &Path, e: StoreError) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    let StoreError::Sql { context, error } = &e else { return e };
+    let path = path.to_path_buf();
+    match error.sqlite_error_code() {
+        Some(C::DiskFull) => {
+            let free_bytes = free_bytes(&path);
+            StoreError::Full { path, free_bytes }
+        }
+        Some(C::DatabaseBusy | C::DatabaseLocked) => StoreError::Busy { path },
+        Some(C::ReadOnly | C::CannotOpen | C::PermissionDenied | C::AuthorizationForStatementDenied) => {
+            StoreError::ReadOnly { path, user: process_user() }
+        }
+        Some(C::DatabaseCorrupt | C::NotADatabase) => {
+            StoreError::Corrupt { path, detail: format!("{context}: {error}") }
+        }
+        _ => e,
+    }
+}
+
+/// Bytes available to this process on the filesystem holding the database `path`, if the system says.
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// This process's user, as "name (uid N)", or "uid N" when /etc/passwd does not name it.
+pub(crate) fn process_user() -> String {
+    let uid = rustix::process::getuid().as_raw();
+    user_name(&std::fs::read_to_string("/etc/passwd").unwrap_or_default(), uid)
+}
+
+fn user_name(passwd: &str, uid: u32) -> String {
+    let name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then_some(name)
+    });
+    match name {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sql(code: std::ffi::c_int) -> StoreError {
+        let error = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some("from SQLite".into()));
+        classify(Path::new("/q/queue.db"), StoreError::Sql { context: "doing a thing", error })
+    }
+
+    #[test]
+    fn sqlite_codes_become_what_to_do() {
+        use rusqlite::ffi;
+        let full = sql(ffi::SQLITE_FULL);
+        assert!(matches!(&full, StoreError::Full { path, .. } if path == Path::new("/q/queue.db")), "{full}");
+        assert!(full.is_disk_full() && full.is_transient());
+        assert!(full.to_string().contains("/q/queue.db"), "{full}");
+        for code in [ffi::SQLITE_BUSY, ffi::SQLITE_LOCKED, ffi::SQLITE_BUSY_SNAPSHOT] {
+            let e = sql(code);
+            assert!(matches!(e, StoreError::Busy { .. }) && e.is_transient() && !e.is_disk_full(), "{e}");
+        }
+        for code in [
+            ffi::SQLITE_READONLY,
+            ffi::SQLITE_READONLY_DBMOVED,
+            ffi::SQLITE_READONLY_CANTINIT,
+            ffi::SQLITE_CANTOPEN,
+            ffi::SQLITE_PERM,
+            ffi::SQLITE_AUTH,
+        ] {
+            let e = sql(code);
+            assert!(matches!(e, StoreError::ReadOnly { .. }) && !e.is_transient(), "{code}: {e}");
+            let text = e.to_string();
+            assert!(text.contains("/q/queue.db") && text.contains("running as ") && text.contains("chown -R"));
+        }
+        for code in [ffi::SQLITE_CORRUPT, ffi::SQLITE_NOTADB, ffi::SQLITE_CORRUPT_INDEX] {
+            let e = sql(code);
+            assert!(matches!(&e, StoreError::Corrupt { detail, .. } if detail.contains("doing a thing")), "{e}");
+            assert!(e.to_string().contains("damaged") && !e.is_transient());
+        }
+        for code in [ffi::SQLITE_CONSTRAINT, ffi::SQLITE_ERROR, ffi::SQLITE_IOERR] {
+            assert!(matches!(sql(code), StoreError::Sql { .. }), "{code}");
+        }
+    }
+
+    #[test]
+    fn names_the_user_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nmimecast-forwarder:x:998:998::/var/lib:/usr/sbin/nologin\n";
+        assert_eq!(user_name(passwd, 998), "mimecast-forwarder (uid 998)");
+        assert_eq!(user_name(passwd, 0), "root (uid 0)");
+        assert_eq!(user_name(passwd, 1234), "uid 1234");
+        assert_eq!(user_name("garbage\n::\n", 5), "uid 5");
+        assert!(process_user().contains("uid "));
+    }
+
+    #[test]
+    fn free_bytes_of_the_queue_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(&dir.path().join("queue.db")).is_some_and(|b| b > 0));
+        assert!(free_bytes(Path::new("queue.db")).is_some(), "a bare file name is in the current directory");
+    }
+}
