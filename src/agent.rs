@@ -29,7 +29,7 @@ use crate::mimecast::auth::{Credentials, Token};
 use crate::mimecast::client::{self, Fetched, PageRequest, Retry};
 use crate::mimecast::window::{self, Settings, Window};
 use crate::mimecast::{Feed, wire};
-use crate::store::{NewRecord, PageCommit, Queued, Store};
+use crate::store::{NewRecord, PageCommit, Queued, Store, StoreError};
 
 /// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
 #[derive(Clone)]
@@ -177,8 +177,19 @@ struct SinkState {
     first_half_refused: bool,
     /// `--once`: gave up for this pass.
     done: bool,
+    /// A batch Datadog accepted whose removal from the queue failed (disk full, database locked): removing it is
+    /// retried before anything else is sent, so that it is not sent twice.
+    undeleted: Option<Batch>,
     delivered_since: u64,
     since: Option<Instant>,
+}
+
+/// A transient store problem: the disk is full, or another process holds the database lock past the busy
+/// timeout. Polling waits; delivery goes on while the disk is full, since it is what frees space.
+struct Trouble {
+    until: Instant,
+    failures: u32,
+    disk_full: bool,
 }
 
 struct Agent {
@@ -197,6 +208,7 @@ struct Agent {
     pass_start: i64,
     /// `--once`: a feed or the intake gave up this pass.
     gave_up: bool,
+    trouble: Option<Trouble>,
 }
 
 /// SIGHUP's socket and the config file it makes the agent read again (`systemctl reload`).
@@ -258,6 +270,7 @@ impl Agent {
             paused: false,
             pass_start,
             gave_up: false,
+            trouble: None,
         })
     }
 
@@ -268,10 +281,12 @@ impl Agent {
         loop {
             let now = Instant::now();
             if fetch.is_none() {
-                fetch = self.start_fetch(now)?;
+                let started = self.start_fetch(now);
+                fetch = self.absorb(started, now)?.flatten();
             }
             if send.is_none() {
-                send = self.start_send(now)?;
+                let started = self.start_send(now);
+                send = self.absorb(started, now)?.flatten();
             }
             if self.mode == Mode::Once && fetch.is_none() && send.is_none() && self.pass_over()? {
                 return Ok(());
@@ -316,11 +331,13 @@ impl Agent {
             match event {
                 Event::Fetched(req, f) => {
                     fetch = None;
-                    self.on_fetched(req, f)?;
+                    let handled = self.on_fetched(req, f);
+                    self.absorb(handled, now)?;
                 }
                 Event::Sent(b, s) => {
                     send = None;
-                    self.on_sent(b, s)?;
+                    let handled = self.on_sent(b, s);
+                    self.absorb(handled, now)?;
                 }
                 Event::Wake => {}
                 Event::Reload => {
@@ -344,6 +361,13 @@ impl Agent {
                                 "shutting down with a Datadog request unanswered: that batch will be sent again"
                             ),
                         }
+                    }
+                    if let Some(b) = &self.sink.undeleted {
+                        log::warn!(
+                            "shutting down with {} delivered records still in the queue (it could not be written): \
+                             they will be sent again",
+                            b.seqs.len()
+                        );
                     }
                     log::info!("shutting down; {} records stay queued", self.store.counters()?.queue_records);
                     return Ok(());
@@ -415,11 +439,61 @@ impl Agent {
         Ok(())
     }
 
+    /// Lets a transient store error (disk full, database locked by another process) pause the agent instead of
+    /// ending it; every other error ends the run. Nothing is lost either way: what failed was not committed.
+    fn absorb<T>(&mut self, result: anyhow::Result<T>, now: Instant) -> anyhow::Result<Option<T>> {
+        let e = match result {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) => e,
+        };
+        let Some(store_error) = e.downcast_ref::<StoreError>().filter(|s| s.is_transient()) else {
+            return Err(e);
+        };
+        let disk_full = store_error.is_disk_full();
+        let t = self.trouble.get_or_insert(Trouble { until: now, failures: 0, disk_full });
+        t.failures += 1;
+        t.disk_full = disk_full;
+        // A full disk waits for a delivery to free space (or the slow retry); a lock is retried with backoff.
+        let delay = if disk_full { self.tuning.slow_retry } else { self.tuning.mimecast_backoff.next(t.failures) };
+        t.until = now + delay;
+        if disk_full {
+            let msg = format!(
+                "{store_error}; polling Mimecast paused until delivery frees space (or {}s pass); delivery goes on; \
+                 nothing is lost",
+                delay.as_secs()
+            );
+            log::error!("{msg}");
+            // Recorded for `status` if the disk still takes this small write; status also reads the free space.
+            let _ = self.store.set_state("disk_full", &format!("{} {msg}", self.tuning.clock.now()));
+        } else {
+            log::warn!("{store_error}; retrying in {:.1}s", delay.as_secs_f64());
+            // The send path shares the database: give it the same pause.
+            self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
+        }
+        Ok(None)
+    }
+
+    /// A write went through: the store's trouble is over.
+    fn store_recovered(&mut self) -> anyhow::Result<()> {
+        if let Some(t) = self.trouble.take() {
+            log::info!("queue database writable again: polling resumed");
+            if t.disk_full {
+                self.store.set_state("disk_full", "")?;
+            }
+        }
+        Ok(())
+    }
+
     /// The earliest moment a feed or the sink can start something. Only what could start counts: a feed while no
     /// fetch is in flight and the queue is not paused, the sink while no send is in flight. Counting the others
     /// would wake the loop at once, again and again, while it can only wait.
     fn next_wake(&self, now: Instant, fetching: bool, sending: bool) -> Instant {
-        let feeds = self.feeds.iter().filter(|f| !f.done && !fetching && !self.paused).map(|f| f.due);
+        let trouble = self.trouble.as_ref().map(|t| t.until);
+        let feeds = self
+            .feeds
+            .iter()
+            .filter(|f| !f.done && !fetching && !self.paused)
+            .map(|f| f.due.max(trouble.unwrap_or(f.due)));
         let sink = self.sink.due.filter(|_| !sending && !self.sink.done);
         feeds.chain(sink).min().unwrap_or(now + Duration::from_secs(60)).max(now)
     }
@@ -471,7 +545,7 @@ impl Agent {
 
     /// Picks the feed that is due soonest and starts fetching its next page.
     fn start_fetch(&mut self, now: Instant) -> anyhow::Result<Option<Task<(PageRequest, Fetched)>>> {
-        if self.queue_full()? {
+        if self.trouble.as_ref().is_some_and(|t| t.until > now) || self.queue_full()? {
             return Ok(None);
         }
         let settings = self.settings();
@@ -562,6 +636,7 @@ impl Agent {
                     self.cfg.queue.max_bytes,
                     self.cfg.queue.when_full,
                 )?;
+                self.store_recovered()?;
                 if out.dropped > 0 {
                     log::warn!(
                         "queue full: dropped the {} oldest records (when_full = \"drop-oldest\"); {} dropped in total",
@@ -663,6 +738,10 @@ impl Agent {
         if self.sink.done || self.sink.due.is_none_or(|d| d > now) {
             return Ok(None);
         }
+        if let Some(b) = self.sink.undeleted.take() {
+            self.remove_delivered(b, now)?;
+            return Ok(None);
+        }
         let mut records = Vec::new();
         let mut half = None;
         while let Some(piece) = self.sink.splits.pop_front() {
@@ -735,22 +814,11 @@ impl Agent {
         let secs = self.tuning.clock.now();
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
-                let n = self.store.delivered(&b.seqs, b.restamped, b.kept, secs)?;
-                if b.kept > 0 {
-                    log::warn!(
-                        "sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them",
-                        b.kept
-                    );
-                }
-                self.sink.failures = 0;
-                self.sink.due = Some(now);
                 if b.half.is_some() {
                     self.sink.bisect_accepted = true;
                     self.sink.first_half_refused = false;
                 }
-                self.sink.delivered_since += n;
-                self.sink.since.get_or_insert(now);
-                self.log_drain_summary(false);
+                self.remove_delivered(b, now)?;
             }
             Disposition::Split | Disposition::DeadLetter => self.refused(b, &sent, now, secs)?,
             Disposition::Hold => {
@@ -789,6 +857,38 @@ impl Agent {
             self.gave_up = true;
         }
         Ok(())
+    }
+
+    /// Removes a batch Datadog accepted. If the store cannot take the write now (disk full, locked), the batch is
+    /// kept aside and its removal retried before anything else is sent: sending more would send it twice.
+    fn remove_delivered(&mut self, b: Batch, now: Instant) -> anyhow::Result<()> {
+        let n = match self.store.delivered(&b.seqs, b.restamped, b.kept, self.tuning.clock.now()) {
+            Ok(n) => n,
+            Err(e) if e.is_transient() => {
+                self.sink.failures += 1;
+                let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+                log::error!(
+                    "Datadog accepted {} records, but removing them from the queue failed: {e}; retrying the removal \
+                     in {:.1}s before anything else is sent",
+                    b.seqs.len(),
+                    delay.as_secs_f64()
+                );
+                self.sink.undeleted = Some(b);
+                self.sink.due = Some(now + delay);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if b.kept > 0 {
+            log::warn!("sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them", b.kept);
+        }
+        self.sink.failures = 0;
+        self.sink.due = Some(now);
+        self.sink.delivered_since += n;
+        self.sink.since.get_or_insert(now);
+        self.log_drain_summary(false);
+        // Space was freed (or the lock is gone): polling may try again at once.
+        self.store_recovered()
     }
 
     /// A 400 or 413: bisect to find the log Datadog refuses, but only while the halves behave differently.

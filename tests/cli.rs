@@ -4,61 +4,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::bin::{cmd, no_secret, run, signal, wait_for, write_config};
 use common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::sim::datadog as dd;
-use mimecast_forwarder::sim::mimecast::{self as mc, Fault};
+use mimecast_forwarder::sim::mimecast::Fault;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mimecast-forwarder");
-
-fn write_config(rig: &Rig, extra: &[(&str, &str)]) -> PathBuf {
-    let path = rig.dir.path().join("config.toml");
-    std::fs::write(&path, rig.config_text(extra)).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
-fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_remove("MIMECAST_CLIENT_ID")
-        .env_remove("MIMECAST_CLIENT_SECRET")
-        .env_remove("DD_API_KEY")
-        .env_remove("JOURNAL_STREAM")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null());
-    c
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let Output { status, stdout, stderr } = cmd(args).output().unwrap();
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
-}
-
-fn no_secret(text: &str) {
-    for s in [mc::CLIENT_SECRET, dd::API_KEY] {
-        assert!(!text.contains(s), "a secret leaked into output:\n{text}");
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
-    assert!(ok.success());
-}
 
 #[test]
 fn check_config_validates_and_redacts() {

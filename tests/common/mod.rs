@@ -2,6 +2,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod bin;
+
 use std::collections::HashMap;
 use std::time::Duration;
 

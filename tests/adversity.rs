@@ -1,0 +1,170 @@
+//! The real binary against exhausted and damaged resources: a full disk, a database another process holds
+//! locked, a queue it may not write, a database damaged in the middle.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bin::{cmd, no_secret, run, signal, wait_for, write_config};
+use common::{Rig, assert_delivered_once};
+use mimecast_forwarder::mimecast::Feed;
+use serde_json::Value;
+
+/// A small tmpfs, unmounted when dropped; `None` (with the reason printed) where this machine refuses to mount.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk(at.to_owned())),
+            Ok(o) => {
+                eprintln!("SKIPPED: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn status_json(config: &str) -> Value {
+    let (code, out, err) = run(&["status", "--json", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn a_full_disk_pauses_polling_delivery_frees_space_and_nothing_is_lost() {
+    let rig = Rig::new();
+    let Some(disk) = SmallDisk::mount(&rig.dir.path().join("small"), "3m") else { return };
+    let expected = rig.add_records(&Feed::ALL, 1200, 900); // About 6.5 MB of records for a 3 MB disk.
+    let db = disk.0.join("queue.db");
+    let path = write_config(&rig, &[("queue", &format!("path = {:?}", db.display().to_string()))]);
+    let p = path.to_str().unwrap();
+    rig.dd.set_down(Some(503));
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let log = common::bin::stderr_lines(&mut child);
+    wait_for("the disk to fill", Duration::from_secs(60), || log.lock().unwrap().contains("no space left"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "a full disk must not end the process:\n{}", log.lock().unwrap());
+
+    // A restart while the disk is full starts and keeps going too (systemd would restart a crashed one).
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let log = common::bin::stderr_lines(&mut child);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "restarted on a full disk:\n{}", log.lock().unwrap());
+
+    let s = status_json(p);
+    assert!(s["queue"]["free_bytes"].as_u64().unwrap() < 1 << 20, "{s}");
+    let (_, text, _) = run(&["status", "--config", p]);
+    assert!(text.contains("ATTENTION") && text.contains("disk full") && text.contains("queue.db"), "{text}");
+
+    let started = Instant::now();
+    rig.dd.set_down(None);
+    wait_for("everything delivered", Duration::from_secs(120), || rig.dd.accepted_count() >= expected.len());
+    let recovered = started.elapsed();
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", log.lock().unwrap());
+    eprintln!(
+        "full disk: {} records through a 3 MB disk, drained in {recovered:?} after Datadog came back",
+        expected.len()
+    );
+    assert_delivered_once(&rig.dd, &expected);
+    no_secret(&log.lock().unwrap());
+}
+
+#[test]
+fn a_database_locked_by_another_process_is_waited_for_not_fatal() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 100, 300);
+    let path = write_config(&rig, &[]);
+    let p = path.to_str().unwrap();
+    drop(rig.store()); // Create the queue.
+    // A backup or `sqlite3` by hand holds the write lock for longer than the agent's 5 s busy timeout.
+    let holder = rusqlite::Connection::open(rig.db_path()).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let log = common::bin::stderr_lines(&mut child);
+    wait_for("the lock to be noticed", Duration::from_secs(20), || log.lock().unwrap().contains("locked"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(child.try_wait().unwrap().is_none(), "a held lock must not end the process:\n{}", log.lock().unwrap());
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+    wait_for("everything delivered", Duration::from_secs(60), || rig.dd.accepted_count() >= expected.len());
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn a_queue_this_user_may_not_write_names_the_path_and_the_user() {
+    let rig = Rig::new();
+    let path = write_config(&rig, &[]);
+    drop(rig.store()); // The queue exists, owned by root.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [rig.dir.path(), path.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let probe = Command::new("setpriv").args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot run a command as user nobody here (setpriv)");
+        return;
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::bin::BIN, "run", "--once", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{err}");
+    assert!(
+        err.contains(&rig.db_path().display().to_string()) || err.contains(&rig.dir.path().display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("nobody") && err.contains("65534"), "{err}");
+}
+
+#[test]
+fn damage_in_the_middle_of_the_queue_is_reported_with_what_to_do() {
+    let rig = Rig::new();
+    rig.add_records(&Feed::ALL, 300, 800);
+    let path = write_config(&rig, &[]);
+    let p = path.to_str().unwrap();
+    rig.dd.set_down(Some(503));
+    assert_eq!(run(&["run", "--once", "--config", p]).0, 75);
+    // Overwrite pages in the middle of the file (after a checkpoint folded the WAL into it).
+    let conn = rusqlite::Connection::open(rig.db_path()).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(rig.db_path()).unwrap();
+    let mid = bytes.len() / 2 / 4096 * 4096;
+    for b in &mut bytes[mid..mid + 3 * 4096] {
+        *b = 0xa5;
+    }
+    std::fs::write(rig.db_path(), &bytes).unwrap();
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 70, "{err}");
+    assert!(err.contains("damaged") && err.contains("queue.db") && err.contains("move the file aside"), "{err}");
+    let (code, _, err) = run(&["status", "--config", p]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("damaged"), "{err}");
+}

@@ -1,0 +1,73 @@
+//! Driving the real binary: a config file for a [`Rig`], commands with a clean environment, signals, waiting.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mimecast_forwarder::sim::datadog as dd;
+use mimecast_forwarder::sim::mimecast as mc;
+
+use super::Rig;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mimecast-forwarder");
+
+pub fn write_config(rig: &Rig, extra: &[(&str, &str)]) -> PathBuf {
+    let path = rig.dir.path().join("config.toml");
+    std::fs::write(&path, rig.config_text(extra)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+pub fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("MIMECAST_CLIENT_ID")
+        .env_remove("MIMECAST_CLIENT_SECRET")
+        .env_remove("DD_API_KEY")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    c
+}
+
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd(args).output().unwrap();
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
+}
+
+pub fn no_secret(text: &str) {
+    for s in [mc::CLIENT_SECRET, dd::API_KEY] {
+        assert!(!text.contains(s), "a secret leaked into output:\n{text}");
+    }
+}
+
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+/// Collects a child's stderr in the background, for tests that watch a running daemon's log.
+pub fn stderr_lines(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
+}
