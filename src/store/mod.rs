@@ -2,6 +2,7 @@
 //! One connection, owned by the agent's thread. Every change that must be atomic is one transaction here.
 
 mod cursor;
+mod dead_letter;
 mod error;
 mod queue;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use cursor::Cursor;
+pub use dead_letter::{DeadLetter, Requeued};
 pub(crate) use error::Context;
 pub use error::StoreError;
 use error::classify;
