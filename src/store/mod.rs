@@ -86,9 +86,13 @@ impl Store {
 
     /// `open` with the given flags; tests use it to see how a read-only file is reported.
     fn open_with(path: &Path, flags: OpenFlags) -> Result<Store, StoreError> {
-        let conn = Connection::open_with_flags(path, flags)
+        let mut conn = Connection::open_with_flags(path, flags)
             .ctx("opening the queue database")
             .map_err(|e| classify(path, e))?;
+        // Every transaction takes the write lock when it begins. A deferred one that reads first and then writes
+        // gets SQLITE_BUSY at once, without waiting, when another process (`dead-letters`, the agent) wrote in
+        // between: SQLite cannot upgrade a read snapshot that is no longer the latest.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         let store = Store { conn, path: path.into() };
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
