@@ -291,6 +291,19 @@ mod tests {
     }
 
     #[test]
+    fn damage_met_later_is_corrupt_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = damaged_queue(dir.path(), 3);
+        // As if the damage happened after a clean open: no quick_check on this connection.
+        let store = Store { conn: Connection::open(&path).unwrap(), path: path.clone() };
+        let e = store.candidates(10_000).err().unwrap();
+        assert!(
+            matches!(&e, StoreError::Corrupt { path: p, detail } if *p == path && detail.contains("candidate")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_file_opened_read_only_is_reported_with_the_user() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
