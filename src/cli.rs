@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::config::{self, Config, ConfigError};
 use crate::exit;
+use crate::store::{DeadLetter, Requeued, Store};
 
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,9 +13,18 @@ pub enum Command {
     Run { config: Option<PathBuf>, once: bool },
     CheckConfig { config: Option<PathBuf>, connect: bool },
     Status { config: Option<PathBuf>, json: bool },
+    DeadLetters { config: Option<PathBuf>, action: DeadLetterAction, json: bool },
     Demo,
     Help(&'static str),
     Version,
+}
+
+/// What `dead-letters` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    List,
+    /// Requeue these ids, or every dead letter (`--all`) when `None`.
+    Requeue(Option<Vec<i64>>),
 }
 
 pub const USAGE: &str = "\
@@ -24,6 +34,7 @@ Usage:
   mimecast-forwarder run [--config PATH] [--once]
   mimecast-forwarder check-config [--config PATH] [--connect]
   mimecast-forwarder status [--config PATH] [--json]
+  mimecast-forwarder dead-letters list|requeue [ID…|--all] [--config PATH] [--json]
   mimecast-forwarder demo
   mimecast-forwarder --version
 
@@ -54,7 +65,20 @@ mimecast-forwarder status [--config PATH] [--json]
 What is queued, how old and how big; each feed's watermark, last success and last error; dead letters; drops.
 Read-only and safe while `run` is running.
   --json   one JSON object, for scripts.
-Exit codes: 0; 78 bad config; 66 no queue database yet.
+Exit codes: 0; 78 bad config; 66 no queue database yet; 70 the database is damaged or unreadable.
+";
+
+const DEAD_LETTERS_HELP: &str = "\
+mimecast-forwarder dead-letters list|requeue [ID…|--all] [--config PATH] [--json]
+
+Dead letters are logs that Datadog refused one by one (HTTP 400); they are kept in the queue database.
+  list               one line per dead letter: id, feed, when it was refused, size, Datadog's reason.
+  requeue ID…        move these dead letters back into the queue, once the cause is fixed;
+  requeue --all      or all of them. `run` (the running service, or the next start) sends them.
+  --json             list: a JSON array; requeue: {\"requeued\": N, \"bytes\": B, \"not_found\": [ID…]}.
+Safe while `run` is running.
+Exit codes: 0; 64 usage; 65 some IDs are not dead letters (the others are requeued); 66 no queue database yet;
+70 database error; 78 bad config.
 ";
 
 const DEMO_HELP: &str = "\
@@ -78,28 +102,54 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         "run" => RUN_HELP,
         "check-config" => CHECK_HELP,
         "status" => STATUS_HELP,
+        "dead-letters" => DEAD_LETTERS_HELP,
         "demo" => DEMO_HELP,
         other => return Err(format!("unknown command {other:?}")),
     };
+    // `dead-letters` takes its action first: `dead-letters list`, `dead-letters requeue 3 7`.
+    let action = match sub {
+        "dead-letters" => match it.next() {
+            Some(a @ ("list" | "requeue")) => Some(a),
+            Some("-h" | "--help") => return Ok(Command::Help(help)),
+            Some(a) => return Err(format!("dead-letters needs list or requeue, not {a:?}")),
+            None => return Err("dead-letters needs list or requeue".into()),
+        },
+        _ => None,
+    };
+    let (mut ids, mut all) = (Vec::new(), false);
     while let Some(arg) = it.next() {
-        match (sub, arg) {
-            (_, "-h" | "--help") => return Ok(Command::Help(help)),
-            ("run" | "check-config" | "status", "--config") => {
+        match (sub, action, arg) {
+            (_, _, "-h" | "--help") => return Ok(Command::Help(help)),
+            ("run" | "check-config" | "status" | "dead-letters", _, "--config") => {
                 config = Some(PathBuf::from(it.next().ok_or("--config needs a path")?));
             }
-            ("run" | "check-config" | "status", a) if a.starts_with("--config=") => {
+            ("run" | "check-config" | "status" | "dead-letters", _, a) if a.starts_with("--config=") => {
                 config = Some(PathBuf::from(&a["--config=".len()..]));
             }
-            ("run", "--once") => once = true,
-            ("check-config", "--connect") => connect = true,
-            ("status", "--json") => json = true,
-            (_, a) => return Err(format!("unexpected argument {a:?} for {sub}")),
+            ("run", _, "--once") => once = true,
+            ("check-config", _, "--connect") => connect = true,
+            ("status" | "dead-letters", _, "--json") => json = true,
+            ("dead-letters", Some("requeue"), "--all") => all = true,
+            ("dead-letters", Some("requeue"), a) if !a.starts_with('-') => {
+                ids.push(a.parse().map_err(|_| format!("dead-letters requeue: {a:?} is not a dead-letter id"))?);
+            }
+            (_, _, a) => return Err(format!("unexpected argument {a:?} for {sub}")),
         }
     }
-    Ok(match sub {
-        "run" => Command::Run { config, once },
-        "check-config" => Command::CheckConfig { config, connect },
-        "status" => Command::Status { config, json },
+    Ok(match (sub, action) {
+        ("run", _) => Command::Run { config, once },
+        ("check-config", _) => Command::CheckConfig { config, connect },
+        ("status", _) => Command::Status { config, json },
+        ("dead-letters", Some("list")) => Command::DeadLetters { config, action: DeadLetterAction::List, json },
+        ("dead-letters", _) => {
+            let which = match (ids.is_empty(), all) {
+                (false, false) => Some(ids),
+                (true, true) => None,
+                (true, false) => return Err("dead-letters requeue needs dead-letter ids or --all".into()),
+                (false, true) => return Err("dead-letters requeue takes ids or --all, not both".into()),
+            };
+            Command::DeadLetters { config, action: DeadLetterAction::Requeue(which), json }
+        }
         _ => Command::Demo,
     })
 }
@@ -163,40 +213,128 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
     if ok { exit::OK } else { exit::UNAVAILABLE }
 }
 
-/// `status`. Credentials are not needed to read the queue, so missing ones are not an error here.
-pub fn status(path: &Path, json: bool) -> i32 {
+/// The config for commands that only read or tidy the queue (`status`, `dead-letters`). They need no
+/// credentials, so missing ones get placeholders instead of failing; a config error is reported here and given
+/// back as the exit code.
+fn load_queue_config(path: &Path) -> Result<Config, i32> {
     let placeholder = |name: &str| {
         real_env(name).or_else(|| {
             matches!(name, "MIMECAST_CLIENT_ID" | "MIMECAST_CLIENT_SECRET" | "DD_API_KEY").then(|| "-".to_owned())
         })
     };
-    let cfg = match config::load(path, &placeholder) {
-        Ok(l) => l.config,
-        Err(e) => {
-            eprintln!("config error: {e}");
-            return exit::CONFIG;
-        }
-    };
-    if !cfg.queue.path.exists() {
-        eprintln!("no queue database at {} yet: `mimecast-forwarder run` creates it", cfg.queue.path.display());
-        return exit::NO_INPUT;
+    config::load(path, &placeholder).map(|l| l.config).map_err(|e| {
+        eprintln!("config error: {e}");
+        exit::CONFIG
+    })
+}
+
+/// Opens the configured queue, which must exist already; says why not and gives back the exit code.
+fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, i32> {
+    let path = &cfg.queue.path;
+    if !path.exists() {
+        eprintln!("no queue database at {} yet: `mimecast-forwarder run` creates it", path.display());
+        return Err(exit::NO_INPUT);
     }
-    let report = crate::store::Store::open_read_only(&cfg.queue.path)
-        .and_then(|s| crate::status::gather(&s, &cfg, crate::datetime::now()));
-    match report {
-        Ok(r) if json => {
-            crate::say!("{r}");
-            exit::OK
-        }
-        Ok(r) => {
-            crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end());
-            exit::OK
-        }
-        Err(e) => {
+    let store = if read_only { Store::open_read_only(path) } else { Store::open(path) };
+    store.map_err(|e| {
+        eprintln!("error: {e}");
+        exit::SOFTWARE
+    })
+}
+
+/// `status`.
+pub fn status(path: &Path, json: bool) -> i32 {
+    let report = load_queue_config(path).and_then(|cfg| {
+        let store = open_queue(&cfg, true)?;
+        crate::status::gather(&store, &cfg, crate::datetime::now()).map_err(|e| {
             eprintln!("error: {e}");
             exit::SOFTWARE
-        }
+        })
+    });
+    match report {
+        Ok(r) if json => crate::say!("{r}"),
+        Ok(r) => crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end()),
+        Err(code) => return code,
     }
+    exit::OK
+}
+
+/// sysexits' EX_DATAERR: `dead-letters requeue` was given ids that are not dead letters.
+const DATA_ERR: i32 = 65;
+
+/// `dead-letters list|requeue`. Listing opens the queue read-only; requeueing writes, waiting out the running
+/// agent's short transactions (the store's busy timeout).
+pub fn dead_letters(path: &Path, action: &DeadLetterAction, json: bool) -> i32 {
+    let store = load_queue_config(path).and_then(|cfg| open_queue(&cfg, *action == DeadLetterAction::List));
+    let result = match (store, action) {
+        (Err(code), _) => return code,
+        (Ok(store), DeadLetterAction::List) => store.dead_letters().map(|list| list_dead_letters(&list, json)),
+        (Ok(mut store), DeadLetterAction::Requeue(ids)) => {
+            store.requeue(ids.as_deref(), crate::datetime::now()).map(|out| report_requeue(&out, json))
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        exit::SOFTWARE
+    })
+}
+
+fn list_dead_letters(list: &[DeadLetter], json: bool) -> i32 {
+    use crate::datetime::rfc3339;
+    if json {
+        let items: Vec<serde_json::Value> = list
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "id": d.id, "feed": d.feed, "key": d.key, "event_time": d.event_time.map(rfc3339),
+                    "reason": d.reason, "at": rfc3339(d.at), "bytes": d.bytes,
+                })
+            })
+            .collect();
+        crate::say!("{}", serde_json::Value::Array(items));
+        return exit::OK;
+    }
+    if list.is_empty() {
+        crate::say!("no dead letters");
+        return exit::OK;
+    }
+    crate::say!("{:>8}  {:<26}  {:<20}  {:>9}  reason", "id", "feed", "refused at", "bytes");
+    for d in list {
+        // One line each: Datadog's answer may span lines; the JSON form has it whole.
+        let reason: String = d.reason.split_whitespace().collect::<Vec<_>>().join(" ");
+        let reason = match reason.char_indices().nth(120) {
+            Some((cut, _)) => format!("{}…", &reason[..cut]),
+            None => reason,
+        };
+        crate::say!("{:>8}  {:<26}  {:<20}  {:>9}  {reason}", d.id, d.feed, rfc3339(d.at), d.bytes);
+    }
+    crate::say!(
+        "{} dead letter(s); `mimecast-forwarder dead-letters requeue ID…|--all` moves them back into the queue",
+        list.len()
+    );
+    exit::OK
+}
+
+fn report_requeue(out: &Requeued, json: bool) -> i32 {
+    if json {
+        crate::say!("{}", serde_json::json!({"requeued": out.records, "bytes": out.bytes, "not_found": out.not_found}));
+    } else {
+        crate::say!(
+            "requeued {} dead letter(s), {} bytes: `mimecast-forwarder run` sends them (a running service at its \
+             next poll)",
+            out.records,
+            out.bytes
+        );
+    }
+    if out.not_found.is_empty() {
+        return exit::OK;
+    }
+    let ids: Vec<String> = out.not_found.iter().map(i64::to_string).collect();
+    eprintln!(
+        "no dead letter with id {} (requeued already? see `mimecast-forwarder dead-letters list`)",
+        ids.join(", ")
+    );
+    DATA_ERR
 }
 
 #[cfg(test)]
@@ -223,5 +361,37 @@ mod tests {
         assert!(p(&["run", "--json"]).is_err());
         assert!(p(&["frobnicate"]).is_err());
         assert!(p(&["run", "--config"]).is_err());
+    }
+
+    #[test]
+    fn parses_dead_letters() {
+        use DeadLetterAction::{List, Requeue};
+        let dl = |config: Option<&str>, action, json| {
+            Ok(Command::DeadLetters { config: config.map(PathBuf::from), action, json })
+        };
+        assert_eq!(p(&["dead-letters", "list"]), dl(None, List, false));
+        assert_eq!(p(&["dead-letters", "list", "--json", "--config", "/c"]), dl(Some("/c"), List, true));
+        assert_eq!(
+            p(&["dead-letters", "requeue", "3", "--config=/c", "7"]),
+            dl(Some("/c"), Requeue(Some(vec![3, 7])), false)
+        );
+        assert_eq!(p(&["dead-letters", "requeue", "--all", "--json"]), dl(None, Requeue(None), true));
+        assert_eq!(p(&["dead-letters", "--help"]), Ok(Command::Help(DEAD_LETTERS_HELP)));
+        assert_eq!(p(&["dead-letters", "requeue", "--help"]), Ok(Command::Help(DEAD_LETTERS_HELP)));
+        for bad in [
+            &["dead-letters"][..],
+            &["dead-letters", "purge"],
+            &["dead-letters", "requeue"],
+            &["dead-letters", "requeue", "--json"],
+            &["dead-letters", "requeue", "1", "--all"],
+            &["dead-letters", "requeue", "x1"],
+            &["dead-letters", "requeue", "-1"],
+            &["dead-letters", "list", "1"],
+            &["dead-letters", "list", "--all"],
+            &["status", "--all"],
+            &["status", "list"],
+        ] {
+            assert!(p(bad).is_err(), "{bad:?}");
+        }
     }
 }

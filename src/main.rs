@@ -22,6 +22,9 @@ fn main() {
         Ok(Command::Run { config, once }) => run(&cli::config_path(config), once),
         Ok(Command::CheckConfig { config, connect }) => cli::check_config(&cli::config_path(config), connect),
         Ok(Command::Status { config, json }) => cli::status(&cli::config_path(config), json),
+        Ok(Command::DeadLetters { config, action, json }) => {
+            cli::dead_letters(&cli::config_path(config), &action, json)
+        }
         Ok(Command::Demo) => mimecast_forwarder::demo::run(),
         Err(e) => {
             eprintln!("error: {e}\n\n{}", cli::USAGE);

@@ -32,11 +32,8 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError
         };
         feeds.insert(feed.name().into(), entry);
     }
-    // Stored as "<unix secs> <message>", so the report can say when the error happened.
-    let (dd_error_at, dd_error) = match dd_error.as_deref().and_then(|e| e.split_once(' ')) {
-        Some((at, msg)) => (at.parse().ok(), Some(msg.to_owned())),
-        None => (None, dd_error),
-    };
+    let (dd_error_at, dd_error) = stamped(dd_error);
+    let (disk_full_at, disk_full) = stamped(store.state("disk_full")?);
     Ok(json!({
         "queue": {
             "records": c.queue_records,
@@ -45,6 +42,9 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError
             "oldest_age_secs": oldest_age,
             "paused": paused,
             "path": cfg.queue.path.display().to_string(),
+            "free_bytes": store.free_bytes(),
+            "disk_full": disk_full,
+            "disk_full_at": ts(disk_full_at),
         },
         "delivered": {"records": c.delivered},
         "dead_letters": {"records": c.dead_letters},
@@ -58,6 +58,17 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError
         "feeds": feeds,
     }))
 }
+
+/// Splits state stored as "<unix secs> <message>" (so that the report can say when it happened).
+fn stamped(value: Option<String>) -> (Option<i64>, Option<String>) {
+    match value.as_deref().and_then(|e| e.split_once(' ')) {
+        Some((at, msg)) => (at.parse().ok(), Some(msg.to_owned())),
+        None => (None, value),
+    }
+}
+
+/// Below this much free space on the queue's filesystem, `status` reports the disk as full.
+const DISK_LOW_BYTES: u64 = 1 << 20;
 
 /// The report for a person at 3 a.m.: the verdict first, then the numbers.
 pub fn render(r: &Value, now: i64) -> String {
@@ -77,6 +88,19 @@ pub fn render(r: &Value, now: i64) -> String {
         if let Some(e) = f["last_error"].as_str() {
             problems.push(format!("feed {name}{}: {e}", when(&f["last_error_at"])));
         }
+    }
+    let free = q["free_bytes"].as_u64();
+    if free.is_some_and(|b| b < DISK_LOW_BYTES) || q["disk_full"].is_string() {
+        let path = q["path"].as_str().unwrap_or("the queue");
+        let has = match (free, q["disk_full"].as_str()) {
+            (Some(b), _) => format!("{path} has {b} bytes free"),
+            (None, Some(msg)) => format!("{path}: {msg}"),
+            (None, None) => path.to_owned(),
+        };
+        problems.push(format!(
+            "disk full: {has}; polling is paused until delivery frees space{}",
+            when(&q["disk_full_at"])
+        ));
     }
     if q["paused"].as_bool() == Some(true) {
         problems.push("queue is full: polling Mimecast is paused until Datadog drains it".into());
@@ -109,6 +133,9 @@ pub fn render(r: &Value, now: i64) -> String {
         100.0 * n(&q["bytes"]) as f64 / max as f64,
         q["oldest_age_secs"].as_i64().map(|a| format!(", oldest queued {} ago", human(a))).unwrap_or_default()
     ));
+    if let Some(b) = free {
+        out.push_str(&format!("free space   {b} bytes on the filesystem of {}\n", q["path"].as_str().unwrap_or("")));
+    }
     out.push_str(&format!("delivered    {} records in total\n", n(&r["delivered"]["records"])));
     out.push_str(&format!(
         "late         {} restamped, {} sent unchanged (at risk)\n",
@@ -177,5 +204,37 @@ mod tests {
             text.starts_with("ATTENTION") && text.contains("feed audit (at 1970-01-01T00:34:10Z, 10s ago): HTTP 403"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_with_the_path() {
+        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+        let mut store = Store::in_memory();
+        let mut r = gather(&store, &cfg, 2_000).unwrap();
+        assert!(r["queue"]["free_bytes"].as_u64().is_some(), "{r}");
+        assert!(r["queue"]["disk_full"].is_null());
+        let path = cfg.queue.path.display().to_string();
+
+        // Little space left, though the agent has not hit it yet.
+        r["queue"]["free_bytes"] = json!(4096);
+        let text = render(&r, 2_000);
+        let line = format!("disk full: {path} has 4096 bytes free; polling is paused until delivery frees space");
+        assert!(text.starts_with("ATTENTION") && text.contains(&line), "{text}");
+        r["queue"]["free_bytes"] = json!(DISK_LOW_BYTES);
+        assert!(render(&r, 2_000).starts_with("OK"));
+
+        // The agent met SQLITE_FULL: reported even when space came back in the meantime.
+        store.set_state("disk_full", "1990 no space left on the filesystem of queue database /q").unwrap();
+        let mut r = gather(&store, &cfg, 2_000).unwrap();
+        assert_eq!(r["queue"]["disk_full"], "no space left on the filesystem of queue database /q");
+        assert_eq!(r["queue"]["disk_full_at"], "1970-01-01T00:33:10Z");
+        r["queue"]["free_bytes"] = json!(5_000_000_000u64);
+        let text = render(&r, 2_000);
+        assert!(text.contains(&format!("disk full: {path} has 5000000000 bytes free")), "{text}");
+        assert!(text.contains("(at 1970-01-01T00:33:10Z, 10s ago)"), "{text}");
+        r["queue"]["free_bytes"] = Value::Null;
+        assert!(render(&r, 2_000).contains(&format!("disk full: {path}: no space left")));
+        store.set_state("disk_full", "").unwrap();
+        assert!(gather(&store, &cfg, 2_000).unwrap()["queue"]["disk_full"].is_null());
     }
 }

@@ -2,6 +2,7 @@
 //! One connection, owned by the agent's thread. Every change that must be atomic is one transaction here.
 
 mod cursor;
+mod dead_letter;
 mod error;
 mod queue;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use cursor::Cursor;
+pub use dead_letter::{DeadLetter, Requeued};
 pub(crate) use error::Context;
 pub use error::StoreError;
 use error::classify;
@@ -84,9 +86,13 @@ impl Store {
 
     /// `open` with the given flags; tests use it to see how a read-only file is reported.
     fn open_with(path: &Path, flags: OpenFlags) -> Result<Store, StoreError> {
-        let conn = Connection::open_with_flags(path, flags)
+        let mut conn = Connection::open_with_flags(path, flags)
             .ctx("opening the queue database")
             .map_err(|e| classify(path, e))?;
+        // Every transaction takes the write lock when it begins. A deferred one that reads first and then writes
+        // gets SQLITE_BUSY at once, without waiting, when another process (`dead-letters`, the agent) wrote in
+        // between: SQLite cannot upgrade a read snapshot that is no longer the latest.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         let store = Store { conn, path: path.into() };
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
@@ -282,6 +288,19 @@ mod tests {
             assert!(matches!(&e, StoreError::Corrupt { path: p, .. } if *p == path), "{e}");
             assert!(e.to_string().contains(&path.display().to_string()) && e.to_string().contains("damaged"));
         }
+    }
+
+    #[test]
+    fn damage_met_later_is_corrupt_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = damaged_queue(dir.path(), 3);
+        // As if the damage happened after a clean open: no quick_check on this connection.
+        let store = Store { conn: Connection::open(&path).unwrap(), path: path.clone() };
+        let e = store.candidates(10_000).err().unwrap();
+        assert!(
+            matches!(&e, StoreError::Corrupt { path: p, detail } if *p == path && detail.contains("candidate")),
+            "{e}"
+        );
     }
 
     #[test]

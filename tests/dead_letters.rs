@@ -1,0 +1,172 @@
+//! `dead-letters list|requeue` and `status` through the real binary, on a queue made with the store's API; and
+//! `status` on a database damaged in the middle.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::Rig;
+use mimecast_forwarder::config::WhenFull;
+use mimecast_forwarder::mimecast::Feed;
+use mimecast_forwarder::mimecast::window::Window;
+use mimecast_forwarder::store::{NewRecord, PageCommit, Store};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mimecast-forwarder");
+
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).env_remove("MIMECAST_FORWARDER_CONFIG").env("RUST_LOG", "warn").stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = command(args).output().unwrap();
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
+}
+
+fn write_config(rig: &Rig, name: &str, extra: &[(&str, &str)]) -> PathBuf {
+    let path = rig.dir.path().join(name);
+    std::fs::write(&path, rig.config_text(extra)).unwrap();
+    path
+}
+
+/// Commits `n` audit records to the queue at `path`; returns their sequence numbers.
+fn queue_records(path: &Path, n: usize, size: usize) -> (Store, Vec<i64>) {
+    let mut store = Store::open(path).unwrap();
+    store.init_cursor(Feed::Audit, 0).unwrap();
+    let records = (0..n)
+        .map(|i| NewRecord {
+            key: format!("k{i}"),
+            event_time: Some(1_700_000_000),
+            body: format!("{{\"i\":{i},\"p\":\"{}\"}}", "x".repeat(size)),
+        })
+        .collect();
+    let page = PageCommit {
+        feed: Feed::Audit,
+        window: Window { from: 0, to: 10 },
+        next_token: None,
+        records,
+        forget_before: 0,
+    };
+    store.commit_page(&page, 1_700_000_100, u64::MAX, WhenFull::Pause).unwrap();
+    let seqs = store.candidates(n).unwrap()[0].iter().map(|q| q.seq).collect();
+    (store, seqs)
+}
+
+fn status_json(config: &str) -> Value {
+    let (code, out, err) = run(&["status", "--json", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn list_requeue_and_status_agree() {
+    let rig = Rig::new();
+    let config = write_config(&rig, "config.toml", &[]);
+    let c = config.to_str().unwrap();
+    assert_eq!(run(&["dead-letters", "list", "--config", c]).0, 66, "no queue database yet");
+
+    let (mut store, seqs) = queue_records(&rig.db_path(), 3, 10);
+    assert!(store.dead_letter(seqs[0], "HTTP 400: {\"errors\":[\"bad\"]}\nsecond line", 1_700_000_200).unwrap());
+    assert!(store.dead_letter(seqs[2], "HTTP 400: too big", 1_700_000_300).unwrap());
+    drop(store);
+
+    let (code, out, err) = run(&["dead-letters", "list", "--json", "--config", c]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[0]["id"], 1);
+    assert_eq!(list[0]["feed"], "audit");
+    assert_eq!(list[0]["key"], "k0");
+    assert_eq!(list[0]["at"], "2023-11-14T22:16:40Z");
+    assert_eq!(list[0]["event_time"], "2023-11-14T22:13:20Z");
+    assert_eq!(list[0]["bytes"], 24);
+    assert_eq!(list[1]["reason"], "HTTP 400: too big");
+
+    let (code, text, _) = run(&["dead-letters", "list", "--config", c]);
+    assert_eq!(code, 0);
+    assert!(text.contains("HTTP 400: {\"errors\":[\"bad\"]} second line"), "one line per dead letter:\n{text}");
+    assert!(text.contains("2 dead letter(s)"), "{text}");
+
+    let s = status_json(c);
+    assert_eq!((s["dead_letters"]["records"].as_i64(), s["queue"]["records"].as_i64()), (Some(2), Some(1)));
+
+    let (code, out, err) = run(&["dead-letters", "requeue", "1", "--config", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("requeued 1 dead letter(s), 24 bytes") && out.contains("run"), "{out}");
+    let s = status_json(c);
+    assert_eq!((s["dead_letters"]["records"].as_i64(), s["queue"]["records"].as_i64()), (Some(1), Some(2)));
+    assert_eq!(s["queue"]["bytes"], 48);
+
+    let (code, _, err) = run(&["dead-letters", "requeue", "1", "--config", c]);
+    assert_eq!(code, 65, "an id that is no longer a dead letter");
+    assert!(err.contains("no dead letter with id 1"), "{err}");
+    assert_eq!(run(&["dead-letters", "requeue", "--config", c]).0, 64, "ids or --all");
+
+    let (code, out, err) = run(&["dead-letters", "requeue", "--all", "--json", "--config", c]);
+    assert_eq!(code, 0, "{err}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((out["requeued"].as_u64(), out["not_found"].as_array().map(Vec::len)), (Some(1), Some(0)));
+    let s = status_json(c);
+    assert_eq!((s["dead_letters"]["records"].as_i64(), s["queue"]["records"].as_i64()), (Some(0), Some(3)));
+    assert_eq!(s["queue"]["bytes"], 72);
+    assert!(s["queue"]["free_bytes"].as_u64().is_some_and(|b| b > 0), "{s}");
+    assert!(s["queue"]["disk_full"].is_null());
+    assert_eq!(run(&["dead-letters", "list", "--config", c]).1.trim(), "no dead letters");
+}
+
+#[test]
+fn requeue_waits_out_another_writer() {
+    let rig = Rig::new();
+    let config = write_config(&rig, "config.toml", &[]);
+    let (mut store, seqs) = queue_records(&rig.db_path(), 1, 10);
+    store.dead_letter(seqs[0], "HTTP 400", 1).unwrap();
+    // Like `run` in the middle of a commit: the write lock is held for a moment.
+    let other = rusqlite::Connection::open(rig.db_path()).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let child = command(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    other.execute_batch("COMMIT").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(store.counters().unwrap().queue_records, 1);
+}
+
+/// A queue database of many pages, closed, with a few pages in its middle overwritten.
+fn damaged_queue(path: &Path) {
+    drop(queue_records(path, 3000, 200));
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.seek(SeekFrom::Start(len / 2 / 4096 * 4096)).unwrap();
+    f.write_all(&[0x5a; 3 * 4096]).unwrap();
+}
+
+#[test]
+fn status_on_a_database_damaged_in_the_middle_exits_70() {
+    let rig = Rig::new();
+    let db = rig.dir.path().join("damaged/queue.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    damaged_queue(&db);
+    let config = write_config(&rig, "damaged.toml", &[("queue", &format!("path = {:?}", db.display().to_string()))]);
+    let c = config.to_str().unwrap();
+    for args in
+        [&["status", "--config", c][..], &["status", "--json", "--config", c], &["dead-letters", "list", "--config", c]]
+    {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 70, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("damaged") && err.contains(&db.display().to_string()) && err.contains("move the file aside"),
+            "{err}"
+        );
+    }
+}
