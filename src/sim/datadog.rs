@@ -191,10 +191,10 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
     if logs.len() > MAX_LOGS {
         return error(413, "too many logs in one request");
     }
-    if let Some(p) = &st.poison {
-        if logs.iter().any(|l| l.get("message").and_then(Value::as_str).is_some_and(|m| m.contains(p.as_str()))) {
-            return error(400, "bad log");
-        }
+    if let Some(p) = &st.poison
+        && logs.iter().any(|l| l.get("message").and_then(Value::as_str).is_some_and(|m| m.contains(p.as_str())))
+    {
+        return error(400, "bad log");
     }
     st.batches.push((logs.len(), body.len()));
     if st.count_only {
