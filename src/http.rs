@@ -36,6 +36,16 @@ impl Response {
     }
 }
 
+/// A non-negative number a server sent in a header: digits first (no sign, no `inf` or `NaN` words), any size or
+/// exponent. Beyond f64's range it reads as infinity, which the caps then bound.
+pub fn server_number(text: &str) -> Option<f64> {
+    let text = text.trim();
+    if !text.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<f64>().ok().filter(|v| !v.is_nan())
+}
+
 /// A wait a server asked for (`Retry-After`, `X-RateLimit-Reset`), already capped: a server's number must never
 /// overflow `Instant` arithmetic or pause the agent for decades.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -195,6 +205,11 @@ mod tests {
             assert!(ServerWait::capped(odd, cap).wait <= cap, "{odd}");
         }
         assert_eq!(ServerWait::capped(f64::INFINITY, cap).wait, cap);
+        assert_eq!(server_number(" 12 "), Some(12.0));
+        assert_eq!(server_number("1e400"), Some(f64::INFINITY));
+        for bad in ["", "-1", "+1", "inf", "NaN", ".5", "1 2", "soon"] {
+            assert_eq!(server_number(bad), None, "{bad}");
+        }
     }
 
     #[test]

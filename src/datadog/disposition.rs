@@ -63,8 +63,7 @@ pub fn retry_after(value: Option<&str>) -> Option<Duration> {
 /// [`retry_after`] with what the server asked for, so a capped wait can be reported as such. Digits beyond u64
 /// and exponents (`1e300`) count as huge, not as absent.
 pub fn retry_after_asked(value: Option<&str>) -> Option<ServerWait> {
-    let secs: f64 = value?.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| ServerWait::capped(secs, MAX_SERVER_WAIT))
+    crate::http::server_number(value?).map(|secs| ServerWait::capped(secs, MAX_SERVER_WAIT))
 }
 
 #[cfg(test)]
@@ -104,7 +103,7 @@ mod tests {
         check(Answer::NoAnswer, 10, Retry(None));
         assert_eq!(retry_after(Some(" 12 ")), Some(Duration::from_secs(12)));
         assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
-        for huge in ["18446744073709551615", "99999999999999999999999", "1e300", "121"] {
+        for huge in ["18446744073709551615", "99999999999999999999999", "1e300", "1e400", "121"] {
             assert_eq!(retry_after(Some(huge)), Some(MAX_SERVER_WAIT), "{huge}");
         }
         for bad in ["-1", "inf", "NaN", ""] {

@@ -122,7 +122,8 @@ pub fn parse_token(body: &[u8], now: Instant) -> Result<Token, AuthError> {
 /// `expires_in`, clamped; see [`parse_token`].
 pub fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
     let secs = match expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        // With arbitrary_precision, as_f64 is None beyond f64's range; the text then reads as ±infinity.
+        Some(serde_json::Value::Number(n)) => n.as_f64().or_else(|| n.to_string().parse::<f64>().ok()),
         Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
         _ => None,
     };
@@ -175,6 +176,8 @@ mod tests {
         check("1799", 1799);
         check("18446744073709551615", 86400);
         check("1e300", 86400);
+        check("1e400", 86400);
+        check("-1e400", 60);
         check("99999999999999999999999999", 86400);
         check("-5", 60);
         check("0", 60);

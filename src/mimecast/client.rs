@@ -225,10 +225,7 @@ pub fn reset_wait(value: &str, now_ms: i64) -> Option<Duration> {
 
 /// [`reset_wait`] with what the server asked for, so a capped wait can be reported as such.
 pub fn reset_asked(value: &str, now_ms: i64) -> Option<ServerWait> {
-    let v: f64 = value.trim().parse().ok()?;
-    if !v.is_finite() || v < 0.0 {
-        return None;
-    }
+    let v = crate::http::server_number(value)?;
     let ms = if v > 1e12 {
         v - now_ms as f64
     } else if v > 1e9 {
@@ -293,6 +290,7 @@ mod tests {
         check("18446744073709551615", Some(300_000));
         check("999999999", Some(300_000));
         check("1e300", Some(300_000));
+        check("1e400", Some(300_000));
         check("inf", None);
         check("NaN", None);
         check("4102444800", Some(300_000)); // epoch seconds in 2100
