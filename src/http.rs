@@ -27,6 +27,64 @@ impl Response {
         let text: String = text.chars().take(200).collect();
         text.replace(['\n', '\r'], " ")
     }
+
+    /// The `Location` header of a redirect, cut to 200 characters and without control characters: it goes into
+    /// error messages and the server chose it.
+    pub fn location(&self) -> Option<String> {
+        let loc = self.header("Location")?;
+        Some(loc.chars().filter(|c| !c.is_control()).take(200).collect())
+    }
+}
+
+/// A non-negative number a server sent in a header: digits first (no sign, no `inf` or `NaN` words), any size or
+/// exponent. Beyond f64's range it reads as infinity, which the caps then bound.
+pub fn server_number(text: &str) -> Option<f64> {
+    let text = text.trim();
+    if !text.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<f64>().ok().filter(|v| !v.is_nan())
+}
+
+/// A wait a server asked for (`Retry-After`, `X-RateLimit-Reset`), already capped: a server's number must never
+/// overflow `Instant` arithmetic or pause the agent for decades.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerWait {
+    /// What the agent will wait: at most the cap.
+    pub wait: Duration,
+    /// What the server asked for, in seconds (finite, non-negative; may be astronomically large).
+    pub asked_secs: f64,
+}
+
+impl ServerWait {
+    /// Caps `asked_secs` (NaN and negatives count as 0) at `cap`. Never panics.
+    pub fn capped(asked_secs: f64, cap: Duration) -> ServerWait {
+        let asked_secs = if asked_secs.is_nan() || asked_secs < 0.0 { 0.0 } else { asked_secs };
+        let cap_secs = cap.as_secs_f64();
+        let wait =
+            if asked_secs >= cap_secs { cap } else { Duration::try_from_secs_f64(asked_secs).unwrap_or(cap).min(cap) };
+        ServerWait { wait, asked_secs }
+    }
+
+    /// The server asked for more than the cap allows.
+    pub fn was_capped(&self) -> bool {
+        self.asked_secs > self.wait.as_secs_f64()
+    }
+}
+
+impl std::fmt::Display for ServerWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.was_capped() {
+            let asked = if self.asked_secs < 1e6 {
+                format!("{:.0}", self.asked_secs)
+            } else {
+                format!("{:.1e}", self.asked_secs)
+            };
+            write!(f, "server asked {asked} s; waiting the {} s cap", self.wait.as_secs())
+        } else {
+            write!(f, "{:.1}s", self.wait.as_secs_f64())
+        }
+    }
 }
 
 /// Why no response arrived. Every variant is worth a retry; none carries a secret.
@@ -128,5 +186,37 @@ fn classify(e: ureq::Error) -> HttpError {
         ureq::Error::Io(ref io) if io.kind() == std::io::ErrorKind::TimedOut => HttpError::Timeout(msg),
         ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Http(_) => HttpError::Setup(msg),
         _ => HttpError::Transport(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_waits_are_capped_and_say_so() {
+        let cap = Duration::from_secs(300);
+        let w = ServerWait::capped(1.8e16, cap);
+        assert_eq!(w.wait, cap);
+        assert_eq!(w.to_string(), "server asked 1.8e16 s; waiting the 300 s cap");
+        let w = ServerWait::capped(2.5, cap);
+        assert_eq!((w.wait, w.was_capped(), w.to_string()), (Duration::from_millis(2500), false, "2.5s".into()));
+        for odd in [f64::NAN, -1.0, f64::INFINITY, f64::MAX, 0.0] {
+            assert!(ServerWait::capped(odd, cap).wait <= cap, "{odd}");
+        }
+        assert_eq!(ServerWait::capped(f64::INFINITY, cap).wait, cap);
+        assert_eq!(server_number(" 12 "), Some(12.0));
+        assert_eq!(server_number("1e400"), Some(f64::INFINITY));
+        for bad in ["", "-1", "+1", "inf", "NaN", ".5", "1 2", "soon"] {
+            assert_eq!(server_number(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn location_is_cut_and_cleaned() {
+        let long = format!("https://portal.example/\u{7}{}", "x".repeat(500));
+        let r = Response { status: 302, headers: vec![("location".into(), long)], body: vec![] };
+        let loc = r.location().expect("has a location");
+        assert!(loc.starts_with("https://portal.example/x") && loc.chars().count() == 200);
     }
 }

@@ -2,13 +2,20 @@
 
 use std::time::Duration;
 
+use crate::http::ServerWait;
+
+/// The longest the agent waits because the intake said so (`Retry-After`): the Datadog backoff cap.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(120);
+
 /// What came back from one send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    Status {
-        code: u16,
-        retry_after: Option<Duration>,
-    },
+    /// An HTTP status. A 2xx here is Datadog's answer only when it is 202 (the sink checks the body too and
+    /// reports any other 2xx as `NotDatadog`).
+    Status { code: u16, retry_after: Option<Duration> },
+    /// A 2xx that is not Datadog's answer (not 202, or a body that is not a JSON object): a captive portal or a
+    /// TLS-inspecting proxy answered, and nothing says Datadog has the batch.
+    NotDatadog { code: u16 },
     /// No HTTP answer: refused or dropped connection, timeout, truncated response.
     NoAnswer,
 }
@@ -28,16 +35,18 @@ pub enum Disposition {
     Retry(Option<Duration>),
 }
 
+/// The whole policy. A batch is deleted only on a 202: every other 2xx is someone else's answer and is retried.
 pub fn disposition(answer: Answer, batch_len: usize) -> Disposition {
     let code = match answer {
-        Answer::NoAnswer => return Disposition::Retry(None),
+        Answer::NoAnswer | Answer::NotDatadog { .. } => return Disposition::Retry(None),
         Answer::Status { code, retry_after } => match code {
             408 | 429 | 500..=599 => return Disposition::Retry(retry_after),
             _ => code,
         },
     };
     match code {
-        200..=299 => Disposition::Delete,
+        202 => Disposition::Delete,
+        200..=299 => Disposition::Retry(None),
         400 | 413 if batch_len > 1 => Disposition::Split,
         400 | 413 => Disposition::DeadLetter,
         // 401/403, and anything else (a redirect, 404) that says the key or the URL needs an operator.
@@ -45,9 +54,16 @@ pub fn disposition(answer: Answer, batch_len: usize) -> Disposition {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare at intakes and is treated as absent).
+/// `Retry-After` in seconds, at most [`MAX_SERVER_WAIT`] (the HTTP-date form is rare at intakes and is treated as
+/// absent).
 pub fn retry_after(value: Option<&str>) -> Option<Duration> {
-    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
+    retry_after_asked(value).map(|w| w.wait)
+}
+
+/// [`retry_after`] with what the server asked for, so a capped wait can be reported as such. Digits beyond u64
+/// and exponents (`1e300`) count as huge, not as absent.
+pub fn retry_after_asked(value: Option<&str>) -> Option<ServerWait> {
+    crate::http::server_number(value?).map(|secs| ServerWait::capped(secs, MAX_SERVER_WAIT))
 }
 
 #[cfg(test)]
@@ -63,7 +79,11 @@ mod tests {
     fn every_status_has_a_disposition() {
         let check = |a: Answer, n: usize, want: Disposition| assert_eq!(disposition(a, n), want, "{a:?} x{n}");
         check(status(202), 10, Delete);
-        check(status(200), 1, Delete);
+        // Only 202 is Datadog's "accepted"; another 2xx, or a 202 whose body is not Datadog's, keeps the batch.
+        check(status(200), 1, Retry(None));
+        check(status(204), 10, Retry(None));
+        check(Answer::NotDatadog { code: 202 }, 10, Retry(None));
+        check(Answer::NotDatadog { code: 200 }, 1, Retry(None));
         check(status(400), 10, Split);
         check(status(400), 1, DeadLetter);
         check(status(413), 2, Split);
@@ -83,5 +103,13 @@ mod tests {
         check(Answer::NoAnswer, 10, Retry(None));
         assert_eq!(retry_after(Some(" 12 ")), Some(Duration::from_secs(12)));
         assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        for huge in ["18446744073709551615", "99999999999999999999999", "1e300", "1e400", "121"] {
+            assert_eq!(retry_after(Some(huge)), Some(MAX_SERVER_WAIT), "{huge}");
+        }
+        for bad in ["-1", "inf", "NaN", ""] {
+            assert_eq!(retry_after(Some(bad)), None, "{bad}");
+        }
+        let w = retry_after_asked(Some("18446744073709551615")).expect("a number");
+        assert_eq!(w.to_string(), "server asked 1.8e19 s; waiting the 120 s cap");
     }
 }

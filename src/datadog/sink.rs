@@ -7,7 +7,7 @@ use flate2::write::GzEncoder;
 
 use super::disposition::{self, Answer};
 use crate::config::Secret;
-use crate::http::Http;
+use crate::http::{Http, Response};
 
 /// The answer, with a short description for logs and `status`.
 #[derive(Debug, Clone)]
@@ -25,21 +25,58 @@ pub fn send(http: &Http, url: &str, api_key: &Secret, payload: &[u8]) -> Sent {
     let headers =
         [("DD-API-KEY", api_key.expose()), ("Content-Type", "application/json"), ("Content-Encoding", "gzip")];
     match http.post(url, &headers, body) {
-        Ok(r) => Sent {
-            answer: Answer::Status { code: r.status, retry_after: disposition::retry_after(r.header("Retry-After")) },
-            detail: format!("HTTP {}: {}", r.status, r.excerpt()),
-        },
+        Ok(r) => answer(&r),
         Err(e) => Sent { answer: Answer::NoAnswer, detail: e.to_string() },
     }
+}
+
+/// Reads an intake response. Pure. Everything in it is checked: a 2xx counts only as Datadog's 202 with a JSON
+/// object body, a `Retry-After` is capped, and a redirect says where to.
+pub fn answer(r: &Response) -> Sent {
+    if (200..=299).contains(&r.status) && !is_datadog_ack(r) {
+        let kind = r.header("Content-Type").map(|c| c.chars().filter(|c| !c.is_control()).take(60).collect());
+        return Sent {
+            answer: Answer::NotDatadog { code: r.status },
+            detail: format!(
+                "HTTP {} that is not Datadog's answer ({}: {}): a captive portal or TLS-inspecting proxy?; the batch \
+                 stays queued",
+                r.status,
+                kind.unwrap_or_else(|| "no Content-Type".to_owned()),
+                r.excerpt()
+            ),
+        };
+    }
+    let wait = disposition::retry_after_asked(r.header("Retry-After"));
+    let mut detail = match (r.status, r.location()) {
+        (300..=399, Some(loc)) => format!("HTTP {}: redirected to {loc}", r.status),
+        (300..=399, None) => format!("HTTP {}: redirected (no Location header)", r.status),
+        _ => format!("HTTP {}: {}", r.status, r.excerpt()),
+    };
+    if let Some(w) = wait.filter(|w| w.was_capped()) {
+        detail.push_str(&format!("; Retry-After: {w}"));
+    }
+    Sent { answer: Answer::Status { code: r.status, retry_after: wait.map(|w| w.wait) }, detail }
+}
+
+/// Datadog accepts with 202 and a JSON object (`{}`); anything else in a 2xx came from something in between.
+fn is_datadog_ack(r: &Response) -> bool {
+    r.status == 202 && serde_json::from_slice::<serde_json::Value>(&r.body).is_ok_and(|v| v.is_object())
 }
 
 /// Checks the API key with `GET /api/v1/validate`, for `check-config --connect`.
 pub fn validate_key(http: &Http, url: &str, api_key: &Secret) -> Result<(), String> {
     match http.get(url, &[("DD-API-KEY", api_key.expose()), ("Accept", "application/json")]) {
-        Ok(r) if r.status == 200 => Ok(()),
+        // A captive portal answers 200 too: only Datadog's `{"valid": true}` counts.
+        Ok(r) if r.status == 200 && is_valid(&r.body) => Ok(()),
+        Ok(r) if r.status == 200 => Err(format!("GET {url} answered HTTP 200 that is not Datadog's: {}", r.excerpt())),
         Ok(r) => Err(format!("GET {url} answered HTTP {}: {}", r.status, r.excerpt())),
         Err(e) => Err(format!("GET {url}: {e}")),
     }
+}
+
+fn is_valid(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("valid") == Some(&serde_json::Value::Bool(true)))
 }
 
 fn gzip(payload: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -47,4 +84,60 @@ fn gzip(payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut enc = GzEncoder::new(Vec::with_capacity(payload.len() / 4), Compression::new(3));
     enc.write_all(payload)?;
     enc.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datadog::disposition::{Disposition, disposition};
+
+    fn resp(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
+        Response {
+            status,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn only_datadogs_202_deletes() {
+        let check = |r: Response, want: Disposition, detail: &str| {
+            let sent = answer(&r);
+            assert_eq!(disposition(sent.answer, 10), want, "{r:?}");
+            assert!(sent.detail.contains(detail), "{}", sent.detail);
+        };
+        check(resp(202, &[("Content-Type", "application/json")], "{}"), Disposition::Delete, "HTTP 202");
+        let portal = "<html><body>Please log in</body></html>";
+        check(
+            resp(200, &[("Content-Type", "text/html")], portal),
+            Disposition::Retry(None),
+            "HTTP 200 that is not Datadog's answer (text/html: <html><body>Please log in",
+        );
+        check(resp(202, &[], portal), Disposition::Retry(None), "(no Content-Type: <html>");
+        check(resp(204, &[], ""), Disposition::Retry(None), "captive portal or TLS-inspecting proxy?");
+        check(resp(200, &[], "{}"), Disposition::Retry(None), "the batch stays queued");
+        check(resp(202, &[], "[]"), Disposition::Retry(None), "not Datadog's answer");
+        check(
+            resp(302, &[("Location", "https://portal.example/")], ""),
+            Disposition::Hold,
+            "redirected to https://portal.example/",
+        );
+        check(
+            resp(429, &[("Retry-After", "18446744073709551615")], ""),
+            Disposition::Retry(Some(disposition::MAX_SERVER_WAIT)),
+            "Retry-After: server asked 1.8e19 s; waiting the 120 s cap",
+        );
+        check(
+            resp(503, &[("Retry-After", "3")], ""),
+            Disposition::Retry(Some(std::time::Duration::from_secs(3))),
+            "HTTP 503",
+        );
+    }
+
+    #[test]
+    fn validation_needs_datadogs_answer() {
+        assert!(is_valid(br#"{"valid":true}"#));
+        assert!(!is_valid(br#"{"valid":false}"#));
+        assert!(!is_valid(b"<html>"));
+    }
 }

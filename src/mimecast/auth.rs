@@ -5,6 +5,13 @@ use std::time::{Duration, Instant};
 use crate::config::{MimecastConfig, Secret};
 use crate::http::{Http, HttpError};
 
+/// Bounds on a token lifetime the server gives: at least a minute (a shorter one would refetch on every call), at
+/// most a day (a longer one is a broken value, and a token is refreshed on its first 401 anyway).
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Mimecast's documented ~30 minutes, assumed when `expires_in` is missing or not a number.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(1799);
+
 /// A bearer token and when it stops being usable.
 #[derive(Clone)]
 pub struct Token {
@@ -21,7 +28,7 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// Usable for a call now: not within `margin` of expiry (we refresh ahead rather than race the clock).
     pub fn fresh(&self, now: Instant, margin: Duration) -> bool {
-        now + margin < self.expires_at
+        now.checked_add(margin).is_some_and(|t| t < self.expires_at)
     }
 }
 
@@ -30,6 +37,8 @@ impl Token {
 pub enum AuthError {
     /// 400/401/403 from the token endpoint: the client id or secret is wrong or revoked.
     Refused { status: u16, detail: String },
+    /// 3xx from the token endpoint: `base_url` points at a login page or a proxy, not at the API.
+    Redirect { status: u16, location: Option<String> },
     /// Another status, a malformed answer or no answer: worth a retry.
     Transient(String),
 }
@@ -40,6 +49,12 @@ impl std::fmt::Display for AuthError {
             AuthError::Refused { status, detail } => write!(
                 f,
                 "POST /oauth/token refused the client credentials (HTTP {status}): {detail}; check client_id and the client secret"
+            ),
+            AuthError::Redirect { status, location } => write!(
+                f,
+                "POST /oauth/token answered HTTP {status}: redirected to {}; mimecast.base_url must point at the API \
+                 itself (not a login page or proxy)",
+                location.as_deref().unwrap_or("(no Location header)")
             ),
             AuthError::Transient(m) => write!(f, "POST /oauth/token failed: {m}"),
         }
@@ -81,12 +96,16 @@ pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Tok
         .map_err(|e: HttpError| AuthError::Transient(e.to_string()))?;
     match resp.status {
         200 => parse_token(&resp.body, now),
+        300..=399 => Err(AuthError::Redirect { status: resp.status, location: resp.location() }),
         400 | 401 | 403 => Err(AuthError::Refused { status: resp.status, detail: resp.excerpt() }),
         s => Err(AuthError::Transient(format!("HTTP {s}: {}", resp.excerpt()))),
     }
 }
 
-fn parse_token(body: &[u8], now: Instant) -> Result<Token, AuthError> {
+/// Reads a token response. `expires_in` is clamped to [`MIN_TOKEN_LIFETIME`, `MAX_TOKEN_LIFETIME`]: a number of
+/// any JSON kind (negative, zero, fractional, beyond u64) or a numeric string is clamped; a missing or non-numeric
+/// value means [`DEFAULT_TOKEN_LIFETIME`]. No input panics.
+pub fn parse_token(body: &[u8], now: Instant) -> Result<Token, AuthError> {
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| AuthError::Transient(format!("malformed token response: {e}")))?;
     let access = v
@@ -94,9 +113,27 @@ fn parse_token(body: &[u8], now: Instant) -> Result<Token, AuthError> {
         .and_then(|t| t.as_str())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| AuthError::Transient("token response has no access_token".into()))?;
-    // Always read expires_in; if it is missing, assume Mimecast's documented ~30 minutes.
-    let secs = v.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(1799);
-    Ok(Token { access: Secret::new(access.to_owned()), expires_at: now + Duration::from_secs(secs) })
+    let lifetime = token_lifetime(v.get("expires_in"));
+    // The lifetime is at most a day; an Instant that cannot hold a day more is read as "expires now".
+    let expires_at = now.checked_add(lifetime).unwrap_or(now);
+    Ok(Token { access: Secret::new(access.to_owned()), expires_at })
+}
+
+/// `expires_in`, clamped; see [`parse_token`].
+pub fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
+    let secs = match expires_in {
+        // With arbitrary_precision, as_f64 is None beyond f64's range; the text then reads as ±infinity.
+        Some(serde_json::Value::Number(n)) => n.as_f64().or_else(|| n.to_string().parse::<f64>().ok()),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match secs.filter(|s| !s.is_nan()) {
+        None => DEFAULT_TOKEN_LIFETIME,
+        Some(s) => {
+            let clamped = s.clamp(MIN_TOKEN_LIFETIME.as_secs_f64(), MAX_TOKEN_LIFETIME.as_secs_f64());
+            Duration::from_secs(clamped as u64)
+        }
+    }
 }
 
 /// `application/x-www-form-urlencoded` for one value.
@@ -126,6 +163,33 @@ mod tests {
         assert!(parse_token(b"{}", now).is_err());
         assert!(parse_token(b"not json", now).is_err());
         assert!(!format!("{t:?}").contains("abc"));
+    }
+
+    #[test]
+    fn token_lifetimes_are_clamped() {
+        let check = |expires_in: &str, want: u64| {
+            let body = format!(r#"{{"access_token":"abc","expires_in":{expires_in}}}"#);
+            let now = Instant::now();
+            let t = parse_token(body.as_bytes(), now).expect(expires_in);
+            assert_eq!(t.expires_at - now, Duration::from_secs(want), "{expires_in}");
+        };
+        check("1799", 1799);
+        check("18446744073709551615", 86400);
+        check("1e300", 86400);
+        check("1e400", 86400);
+        check("-1e400", 60);
+        check("99999999999999999999999999", 86400);
+        check("-5", 60);
+        check("0", 60);
+        check("1799.9", 1799);
+        check(r#""3600""#, 3600);
+        check(r#""soon""#, 1799);
+        check("null", 1799);
+        check("[1]", 1799);
+        let t = parse_token(br#"{"access_token":"abc"}"#, Instant::now()).expect("no expires_in");
+        assert!(t.fresh(Instant::now(), Duration::from_secs(1700)));
+        // Margins no Instant can hold never panic; they just say "not fresh".
+        assert!(!t.fresh(Instant::now(), Duration::MAX));
     }
 
     #[test]

@@ -6,7 +6,11 @@ use super::Feed;
 use super::auth::{self, AuthError, Credentials, Token};
 use super::window::Window;
 use super::wire::{self, Page, WireError};
-use crate::http::{Http, HttpError, Response};
+use crate::http::{Http, HttpError, Response, ServerWait};
+
+/// The longest the agent waits because Mimecast said so (`X-RateLimit-Reset`): the Mimecast backoff cap. A larger
+/// value is a broken or hostile header, not a plan; it is capped and the cap is said in the error.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(300);
 
 /// What to fetch: one page of one feed's window.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,13 +29,19 @@ pub enum FetchError {
     Unauthorized,
     /// 403: the API application lacks this feed's permission.
     Forbidden(Feed),
-    /// 429, with the wait from `X-RateLimit-Reset` when it was readable.
-    RateLimited(Option<Duration>),
-    /// `fail[]` (with HTTP 200 or 4xx) or another 4xx.
+    /// 429, with the wait from `X-RateLimit-Reset` (capped at [`MAX_SERVER_WAIT`]) when it was readable.
+    RateLimited(Option<ServerWait>),
+    /// `fail[]` (with HTTP 200 or 4xx) or another 4xx. `code` holds the `fail[]` error codes ("" without `fail[]`).
     Failed {
         status: u16,
         retryable: bool,
+        code: String,
         message: String,
+    },
+    /// 3xx: `base_url` points at something that redirects (a login page, a proxy), not at the API.
+    Redirect {
+        status: u16,
+        location: Option<String>,
     },
     /// 408 or 5xx.
     Server {
@@ -56,17 +66,31 @@ pub enum Retry {
 }
 
 impl FetchError {
+    /// How to retry. Only a refusal of the page token itself restarts the window (when one was sent): any other
+    /// non-retryable failure needs an operator, and re-reading the window would not help.
     pub fn retry(&self, had_page_token: bool) -> Retry {
         match self {
-            FetchError::Auth(AuthError::Refused { .. }) | FetchError::Unauthorized | FetchError::Forbidden(_) => {
-                Retry::Slow
+            FetchError::Auth(AuthError::Refused { .. } | AuthError::Redirect { .. })
+            | FetchError::Unauthorized
+            | FetchError::Forbidden(_)
+            | FetchError::Redirect { .. } => Retry::Slow,
+            FetchError::RateLimited(Some(w)) => Retry::AtLeast(w.wait),
+            FetchError::Failed { retryable: false, code, message, .. }
+                if had_page_token && about_page_token(code, message) =>
+            {
+                Retry::RestartWindow
             }
-            FetchError::RateLimited(Some(wait)) => Retry::AtLeast(*wait),
-            FetchError::Failed { retryable: false, .. } if had_page_token => Retry::RestartWindow,
             FetchError::Failed { retryable: false, .. } => Retry::Slow,
             _ => Retry::Backoff,
         }
     }
+}
+
+/// Whether a failure is about the page token. Mimecast's code vocabulary is unconfirmed, so the code and the
+/// message are both read: `err_invalid_page_token`, "pageToken", or "page" and "token" together.
+fn about_page_token(code: &str, message: &str) -> bool {
+    let text = format!("{code} {message}").to_ascii_lowercase();
+    text.contains("pagetoken") || text.contains("page_token") || (text.contains("page") && text.contains("token"))
 }
 
 impl std::fmt::Display for FetchError {
@@ -79,12 +103,18 @@ impl std::fmt::Display for FetchError {
                 "HTTP 403: the API application lacks the permission \"{}\" needed for the {feed} feed",
                 feed.spec().permission
             ),
-            FetchError::RateLimited(Some(w)) => write!(f, "HTTP 429 rate limited; reset in {:.1}s", w.as_secs_f64()),
+            FetchError::RateLimited(Some(w)) if w.was_capped() => write!(f, "HTTP 429 rate limited; reset: {w}"),
+            FetchError::RateLimited(Some(w)) => write!(f, "HTTP 429 rate limited; reset in {w}"),
             FetchError::RateLimited(None) => write!(f, "HTTP 429 rate limited"),
-            FetchError::Failed { status, retryable, message } => write!(
+            FetchError::Failed { status, retryable, message, .. } => write!(
                 f,
                 "HTTP {status} with fail[] ({}): {message}",
                 if *retryable { "retryable" } else { "not retryable" }
+            ),
+            FetchError::Redirect { status, location } => write!(
+                f,
+                "HTTP {status}: redirected to {}; mimecast.base_url must point at the API itself (not a login page or proxy)",
+                location.as_deref().unwrap_or("(no Location header)")
             ),
             FetchError::Server { status, detail } => write!(f, "HTTP {status}: {detail}"),
             FetchError::Network(e) => e.fmt(f),
@@ -136,7 +166,13 @@ pub fn fetch_page(
         }
     }
     let (result, throttle) = match resp {
-        Ok(r) => (classify(req.feed, &r), throttle(&r, now_ms())),
+        Ok(r) => {
+            let throttle = throttle_wait(&r, now_ms());
+            if let Some(w) = throttle.filter(ServerWait::was_capped) {
+                log::warn!("{}: X-RateLimit-Reset: {w}", req.feed);
+            }
+            (classify(req.feed, &r), throttle.map(|w| w.wait))
+        }
         Err(e) => (Err(FetchError::Network(e)), None),
     };
     Fetched { result, new_token, throttle }
@@ -156,26 +192,40 @@ pub fn classify(feed: Feed, r: &Response) -> Result<Page, FetchError> {
     match r.status {
         200..=299 => wire::parse_page(feed, &r.body).map_err(|e| match e {
             WireError::Malformed(m) => FetchError::Malformed(m),
-            WireError::Failed { retryable, message } => FetchError::Failed { status: r.status, retryable, message },
+            WireError::Failed { retryable, code, message } => {
+                FetchError::Failed { status: r.status, retryable, code, message }
+            }
         }),
+        300..=399 => Err(FetchError::Redirect { status: r.status, location: r.location() }),
         401 => Err(FetchError::Unauthorized),
         403 => Err(FetchError::Forbidden(feed)),
-        429 => Err(FetchError::RateLimited(r.header("X-RateLimit-Reset").and_then(|v| reset_wait(v, now_ms())))),
+        429 => Err(FetchError::RateLimited(rate_header(r, "Reset").and_then(|v| reset_asked(v, now_ms())))),
         408 | 500..=599 => Err(FetchError::Server { status: r.status, detail: r.excerpt() }),
         status => match wire::parse_page(feed, &r.body) {
-            Err(WireError::Failed { retryable, message }) => Err(FetchError::Failed { status, retryable, message }),
-            _ => Err(FetchError::Failed { status, retryable: false, message: r.excerpt() }),
+            Err(WireError::Failed { retryable, code, message }) => {
+                Err(FetchError::Failed { status, retryable, code, message })
+            }
+            _ => Err(FetchError::Failed { status, retryable: false, code: String::new(), message: r.excerpt() }),
         },
     }
 }
 
+/// One of the rate-limit headers, `name` being "Reset", "Remaining" or "Limit". Mimecast documents
+/// `X-RateLimit-*`; whether the API 2.0 gateway spells them `X-Rate-Limit-*` is unconfirmed, so both are read.
+pub fn rate_header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+    r.header(&format!("X-RateLimit-{name}")).or_else(|| r.header(&format!("X-Rate-Limit-{name}")))
+}
+
 /// `X-RateLimit-Reset` read both ways seen in the wild: Mimecast documents milliseconds to wait; one API 2.0
 /// client reads an epoch. Above 10^12 it is epoch milliseconds, above 10^9 epoch seconds, else a delay in ms.
+/// At most [`MAX_SERVER_WAIT`]; `None` when the value is not a non-negative number.
 pub fn reset_wait(value: &str, now_ms: i64) -> Option<Duration> {
-    let v: f64 = value.trim().parse().ok()?;
-    if !v.is_finite() || v < 0.0 {
-        return None;
-    }
+    reset_asked(value, now_ms).map(|w| w.wait)
+}
+
+/// [`reset_wait`] with what the server asked for, so a capped wait can be reported as such.
+pub fn reset_asked(value: &str, now_ms: i64) -> Option<ServerWait> {
+    let v = crate::http::server_number(value)?;
     let ms = if v > 1e12 {
         v - now_ms as f64
     } else if v > 1e9 {
@@ -183,19 +233,28 @@ pub fn reset_wait(value: &str, now_ms: i64) -> Option<Duration> {
     } else {
         v
     };
-    Some(Duration::from_millis(ms.max(0.0) as u64))
+    Some(ServerWait::capped(ms / 1000.0, MAX_SERVER_WAIT))
 }
 
 /// Spend the quota gently: once less than a tenth of it is left, spread the remaining calls over the time to the
-/// reset, and wait for the reset itself when the last call is used.
-fn throttle(r: &Response, now_ms: i64) -> Option<Duration> {
-    let remaining: u64 = r.header("X-RateLimit-Remaining")?.trim().parse().ok()?;
-    let limit: u64 = r.header("X-RateLimit-Limit").and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+/// reset, and wait for the reset itself when the last call is used. At most [`MAX_SERVER_WAIT`].
+pub fn throttle(r: &Response, now_ms: i64) -> Option<Duration> {
+    throttle_wait(r, now_ms).map(|w| w.wait)
+}
+
+fn throttle_wait(r: &Response, now_ms: i64) -> Option<ServerWait> {
+    let remaining: u64 = rate_header(r, "Remaining")?.trim().parse().ok()?;
+    let limit: u64 = rate_header(r, "Limit").and_then(|l| l.trim().parse().ok()).unwrap_or(0);
     if remaining > (limit / 10).max(1) {
         return None;
     }
-    let reset = r.header("X-RateLimit-Reset").and_then(|v| reset_wait(v, now_ms))?;
-    Some(if remaining <= 1 { reset } else { reset / remaining as u32 })
+    let reset = rate_header(r, "Reset").and_then(|v| reset_asked(v, now_ms))?;
+    if remaining <= 1 {
+        return Some(reset);
+    }
+    // `remaining` is at least 2 here; a huge one saturates the divisor rather than wrapping to zero.
+    let share = u32::try_from(remaining).unwrap_or(u32::MAX);
+    Some(ServerWait { wait: reset.wait / share, asked_secs: reset.asked_secs / remaining as f64 })
 }
 
 fn now_ms() -> i64 {
@@ -227,16 +286,82 @@ mod tests {
         check("1600000000", Some(0));
         check("soon", None);
         check("-5", None);
+        // Server-given waits are capped: no overflow, no decades-long pause.
+        check("18446744073709551615", Some(300_000));
+        check("999999999", Some(300_000));
+        check("1e300", Some(300_000));
+        check("1e400", Some(300_000));
+        check("inf", None);
+        check("NaN", None);
+        check("4102444800", Some(300_000)); // epoch seconds in 2100
+        let w = reset_asked("18446744073709551615", now).expect("a number");
+        assert_eq!(w.to_string(), "server asked 1.8e16 s; waiting the 300 s cap");
+        let e = FetchError::RateLimited(Some(w));
+        assert_eq!(e.retry(false), Retry::AtLeast(MAX_SERVER_WAIT));
+        assert!(e.to_string().contains("waiting the 300 s cap"), "{e}");
+    }
+
+    #[test]
+    fn rate_headers_are_read_in_both_spellings() {
+        let e = classify(Feed::Audit, &resp(429, &[("X-Rate-Limit-Reset", "1500")], "")).unwrap_err();
+        assert_eq!(e.retry(false), Retry::AtLeast(Duration::from_millis(1500)));
+        let r = resp(200, &[("x-rate-limit-remaining", "0"), ("X-Rate-Limit-Reset", "700")], "");
+        assert_eq!(throttle(&r, 0), Some(Duration::from_millis(700)));
+        // The documented spelling wins when both come.
+        let r =
+            resp(200, &[("X-Rate-Limit-Remaining", "0"), ("X-RateLimit-Reset", "5"), ("X-Rate-Limit-Reset", "9")], "");
+        assert_eq!(throttle(&r, 0), Some(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn only_page_token_failures_restart_the_window() {
+        let failed = |code: &str, message: &str| FetchError::Failed {
+            status: 400,
+            retryable: false,
+            code: code.into(),
+            message: message.into(),
+        };
+        for (code, message) in [
+            ("err_invalid_page_token", "x"),
+            ("err_validation", "err_invalid_page_token: the page token does not belong to this filter"),
+            ("?", "Invalid pageToken"),
+            ("ERR_PAGETOKEN_EXPIRED", ""),
+        ] {
+            assert_eq!(failed(code, message).retry(true), Retry::RestartWindow, "{code} {message}");
+            assert_eq!(failed(code, message).retry(false), Retry::Slow, "{code} {message}");
+        }
+        for (code, message) in [("err_validation", "from must be a datetime"), ("", "<html>Bad Request</html>")] {
+            assert_eq!(failed(code, message).retry(true), Retry::Slow, "{code} {message}");
+        }
+        let other = r#"{"fail":[{"errors":[{"code":"err_validation","message":"bad filter","retryable":false}]}]}"#;
+        assert_eq!(classify(Feed::Dlp, &resp(400, &[], other)).unwrap_err().retry(true), Retry::Slow);
+    }
+
+    #[test]
+    fn redirects_name_where_to() {
+        let e = classify(Feed::Audit, &resp(302, &[("Location", "https://login.example/sso")], "<html>")).unwrap_err();
+        assert_eq!(e, FetchError::Redirect { status: 302, location: Some("https://login.example/sso".into()) });
+        assert_eq!(e.retry(true), Retry::Slow);
+        assert_eq!(
+            e.to_string(),
+            "HTTP 302: redirected to https://login.example/sso; mimecast.base_url must point at the API itself \
+             (not a login page or proxy)"
+        );
+        let e = classify(Feed::Audit, &resp(307, &[], "")).unwrap_err();
+        assert!(e.to_string().contains("(no Location header)"), "{e}");
+        let auth = FetchError::Auth(AuthError::Redirect { status: 301, location: None });
+        assert_eq!(auth.retry(false), Retry::Slow);
     }
 
     #[test]
     fn statuses_map_to_errors() {
         let f = Feed::Dlp;
-        assert!(classify(f, &resp(200, &[], r#"{"data":[]}"#)).is_ok());
+        assert!(classify(f, &resp(200, &[], r#"{"meta":{},"data":[]}"#)).is_ok());
+        assert!(matches!(classify(f, &resp(200, &[], r#"{"data":[]}"#)), Err(FetchError::Malformed(_))));
         assert_eq!(classify(f, &resp(403, &[], "")), Err(FetchError::Forbidden(f)));
         assert_eq!(
             classify(f, &resp(429, &[("x-ratelimit-reset", "250")], "")),
-            Err(FetchError::RateLimited(Some(Duration::from_millis(250))))
+            Err(FetchError::RateLimited(Some(ServerWait { wait: Duration::from_millis(250), asked_secs: 0.25 })))
         );
         assert!(matches!(classify(f, &resp(503, &[], "")), Err(FetchError::Server { status: 503, .. })));
         let bad_token = r#"{"fail":[{"errors":[{"code":"err_invalid_page_token","message":"x","retryable":false}]}]}"#;
@@ -264,5 +389,14 @@ mod tests {
         assert_eq!(quota("100"), Some(Duration::from_millis(600)), "the last tenth is spread to the reset");
         assert_eq!(quota("10"), Some(Duration::from_secs(6)));
         assert_eq!(quota("0"), Some(Duration::from_secs(60)));
+        // A limit no real quota has must not wrap the divisor to zero.
+        let h = [
+            ("X-RateLimit-Limit", "18446744073709551615"),
+            ("X-RateLimit-Remaining", "4294967296"),
+            ("X-RateLimit-Reset", "60000"),
+        ];
+        assert!(throttle(&resp(200, &h, ""), 0).is_some_and(|w| w < Duration::from_micros(1)));
+        let h = [("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", "1e300")];
+        assert_eq!(throttle(&resp(200, &h, ""), 0), Some(MAX_SERVER_WAIT));
     }
 }

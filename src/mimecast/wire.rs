@@ -24,17 +24,19 @@ impl Page {
 /// Why a 200 response is not a page.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WireError {
-    /// Not the JSON envelope we expect (truncated, HTML from a proxy, a changed shape).
+    /// Not the JSON envelope we expect (truncated, HTML from a proxy, a changed shape, a record that is not an
+    /// object). Never read as a last page: that would move the cursor past records never read.
     Malformed(String),
-    /// A non-empty `fail[]`: the call failed even though HTTP said 200.
-    Failed { retryable: bool, message: String },
+    /// A non-empty `fail[]`: the call failed even though HTTP said 200. `code` holds the errors' codes joined by
+    /// "; " ("?" for an error without one), kept so the caller can tell a refused page token from the rest.
+    Failed { retryable: bool, code: String, message: String },
 }
 
 impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WireError::Malformed(m) => write!(f, "malformed response: {m}"),
-            WireError::Failed { retryable, message } => {
+            WireError::Failed { retryable, message, .. } => {
                 write!(f, "call failed ({}): {message}", if *retryable { "retryable" } else { "not retryable" })
             }
         }
@@ -51,37 +53,82 @@ pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&s
     json!({ "meta": { "pagination": pagination }, "data": [filter] }).to_string().into_bytes()
 }
 
-/// Parses a 200 response body into a page, or says why it is not one.
+/// Parses a 200 response body into a page, or says why it is not one. Every value is checked: only JSON objects
+/// are ever returned as records, and anything that does not look like the documented envelope is `Malformed`
+/// (a failed call, retried), never a last page.
 pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
     let doc: Value = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let obj = doc.as_object().ok_or_else(|| WireError::Malformed("not a JSON object".into()))?;
-    if let Some(fails) = obj.get("fail").and_then(Value::as_array).filter(|f| !f.is_empty()) {
-        return Err(failure(fails));
+    let obj = doc.as_object().ok_or_else(|| malformed("not a JSON object"))?;
+    match obj.get("fail") {
+        Some(Value::Array(fails)) if !fails.is_empty() => return Err(failure(fails)),
+        Some(Value::Array(_) | Value::Null) | None => {}
+        Some(_) => return Err(malformed("fail is not an array")),
     }
+    let meta = match obj.get("meta") {
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(malformed("meta is not an object")),
+        None => return Err(malformed("no meta object")),
+    };
     let data = match obj.get("data") {
         Some(Value::Array(d)) => d,
-        Some(Value::Null) | None => return Err(WireError::Malformed("no data array".into())),
-        Some(_) => return Err(WireError::Malformed("data is not an array".into())),
+        Some(Value::Null) | None => return Err(malformed("no data array")),
+        Some(_) => return Err(malformed("data is not an array")),
     };
     let records = match feed.spec().records_key {
-        None => data.clone(),
+        None => objects(data.iter(), "data[]")?,
         Some(key) => unwrap_records(feed, key, data)?,
     };
-    let next = obj
-        .get("meta")
-        .and_then(|m| m.get("pagination"))
-        .and_then(|p| p.get("next"))
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned);
-    Ok(Page { records, next })
+    Ok(Page { records, next: next_token(meta)? })
+}
+
+fn malformed(m: &str) -> WireError {
+    WireError::Malformed(m.to_owned())
+}
+
+/// `meta.pagination.next`: absent, JSON null or "" mean no next page. A JSON null is read as absent because a
+/// serializer that writes unset fields as null says just that, and a null cannot carry a token to go on with.
+fn next_token(meta: &serde_json::Map<String, Value>) -> Result<Option<String>, WireError> {
+    let pagination = match meta.get("pagination") {
+        Some(Value::Object(p)) => p,
+        Some(Value::Null) | None => return Ok(None),
+        Some(_) => return Err(malformed("meta.pagination is not an object")),
+    };
+    match pagination.get("next") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(Value::String(_) | Value::Null) | None => Ok(None),
+        Some(_) => Err(malformed("meta.pagination.next is not a string")),
+    }
+}
+
+/// The records of one array, each of which must be a JSON object.
+fn objects<'a>(items: impl Iterator<Item = &'a Value>, place: &str) -> Result<Vec<Value>, WireError> {
+    items
+        .map(|v| match v {
+            Value::Object(_) => Ok(v.clone()),
+            other => Err(WireError::Malformed(format!("a record in {place} is not an object: {}", kind(other)))),
+        })
+        .collect()
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn unwrap_records(feed: Feed, key: &str, data: &[Value]) -> Result<Vec<Value>, WireError> {
     let mut records = Vec::new();
     for item in data {
-        match item.get(key) {
-            Some(Value::Array(inner)) => records.extend(inner.iter().cloned()),
+        let Value::Object(wrapper) = item else {
+            return Err(WireError::Malformed(format!("a data[] item is {}, not an object", kind(item))));
+        };
+        match wrapper.get(key) {
+            Some(Value::Array(inner)) => records.extend(objects(inner.iter(), &format!("data[].{key}"))?),
             Some(Value::Null) => {}
             Some(_) => return Err(WireError::Malformed(format!("data[].{key} is not an array"))),
             // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record.
@@ -101,18 +148,21 @@ fn is_counter_only(item: &Value) -> bool {
 fn failure(fails: &[Value]) -> WireError {
     let mut retryable = false;
     let mut parts = Vec::new();
-    for f in fails {
-        for e in f.get("errors").and_then(Value::as_array).into_iter().flatten() {
+    let mut codes = Vec::new();
+    // The server chose these strings: keep a few, shortened, so an error message stays an error message.
+    for f in fails.iter().take(10) {
+        for e in f.get("errors").and_then(Value::as_array).into_iter().flatten().take(10) {
             retryable |= e.get("retryable").and_then(Value::as_bool).unwrap_or(false);
-            let code = e.get("code").and_then(Value::as_str).unwrap_or("?");
-            let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
+            let code: String = e.get("code").and_then(Value::as_str).unwrap_or("?").chars().take(100).collect();
+            let msg: String = e.get("message").and_then(Value::as_str).unwrap_or("").chars().take(300).collect();
             parts.push(format!("{code}: {msg}"));
+            codes.push(code);
         }
     }
     if parts.is_empty() {
         parts.push(format!("{} fail[] item(s) without errors", fails.len()));
     }
-    WireError::Failed { retryable, message: parts.join("; ") }
+    WireError::Failed { retryable, code: codes.join("; "), message: parts.join("; ") }
 }
 
 /// The stable per-record key: the feed's id where it has one, plus a SHA-256 of the canonical JSON (content with
@@ -187,21 +237,34 @@ mod tests {
         let p = parse(Feed::TtpUrl, r#"{"meta":{"pagination":{"next":"next"}},"data":[],"fail":[]}"#).unwrap();
         assert!(p.is_last());
 
-        let p = parse(Feed::TtpImpersonation, r#"{"data":[{"resultCount":0}]}"#).unwrap();
+        let p = parse(Feed::TtpImpersonation, r#"{"meta":{},"data":[{"resultCount":0}]}"#).unwrap();
         assert!(p.records.is_empty());
+
+        // No pagination, no records: a valid empty last page. A null or empty `next` is no next.
+        for body in [
+            r#"{"meta":{"status":200},"data":[]}"#,
+            r#"{"meta":{"pagination":null},"data":[]}"#,
+            r#"{"meta":{"pagination":{"next":null}},"data":[{"id":"a"}]}"#,
+            r#"{"meta":{"pagination":{"next":""}},"data":[{"id":"a"}],"fail":null}"#,
+        ] {
+            assert!(parse(Feed::Audit, body).unwrap().is_last(), "{body}");
+        }
     }
 
     #[test]
     fn rejections_accept_both_shapes() {
-        let wrapped = parse(Feed::Rejection, r#"{"data":[{"rejections":[{"id":"r1"}]}]}"#).unwrap();
-        let flat = parse(Feed::Rejection, r#"{"data":[{"id":"r1"}]}"#).unwrap();
+        let wrapped = parse(Feed::Rejection, r#"{"meta":{},"data":[{"rejections":[{"id":"r1"}]}]}"#).unwrap();
+        let flat = parse(Feed::Rejection, r#"{"meta":{},"data":[{"id":"r1"}]}"#).unwrap();
         assert_eq!(wrapped.records, flat.records);
     }
 
     #[test]
     fn fail_on_200_is_an_error_not_an_empty_page() {
         let body = r#"{"meta":{"status":200},"data":[],"fail":[{"key":{},"errors":[{"code":"err_x","message":"busy","retryable":true}]}]}"#;
-        assert_eq!(parse(Feed::Dlp, body), Err(WireError::Failed { retryable: true, message: "err_x: busy".into() }));
+        assert_eq!(
+            parse(Feed::Dlp, body),
+            Err(WireError::Failed { retryable: true, code: "err_x".into(), message: "err_x: busy".into() })
+        );
         let body = r#"{"fail":[{"errors":[{"code":"bad","message":"no","retryable":false}]}]}"#;
         assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Failed { retryable: false, .. })));
     }
@@ -211,6 +274,33 @@ mod tests {
         for body in ["", "{", "[]", r#"{"meta":{}}"#, r#"{"data":{}}"#, r#"{"data":[{"other":[]}]}"#, "<html>"] {
             assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Malformed(_))), "{body}");
         }
+    }
+
+    #[test]
+    fn hostile_envelopes_are_failed_calls_never_last_pages() {
+        let malformed = |feed: Feed, body: &str| {
+            let got = parse(feed, body);
+            assert!(matches!(got, Err(WireError::Malformed(_))), "{feed:?} {body}: {got:?}");
+        };
+        // meta missing or not an object, even with data that looks like a last page.
+        for body in
+            [r#"{"data":[]}"#, r#"{"meta":null,"data":[]}"#, r#"{"meta":[],"data":[]}"#, r#"{"meta":"ok","data":[]}"#]
+        {
+            malformed(Feed::Audit, body);
+        }
+        // pagination or next of the wrong type.
+        malformed(Feed::Audit, r#"{"meta":{"pagination":"t1"},"data":[]}"#);
+        malformed(Feed::Audit, r#"{"meta":{"pagination":{"next":7}},"data":[{"id":"a"}]}"#);
+        malformed(Feed::Audit, r#"{"meta":{"pagination":{"next":{"t":1}}},"data":[]}"#);
+        malformed(Feed::Audit, r#"{"meta":{},"data":[],"fail":"oops"}"#);
+        // Records that are not objects, flat and wrapped.
+        malformed(Feed::Audit, r#"{"meta":{},"data":[1,"two",null]}"#);
+        malformed(Feed::Audit, r#"{"meta":{},"data":[{"id":"a"},[]]}"#);
+        malformed(Feed::Dlp, r#"{"meta":{},"data":[{"dlpLogs":[1,"two",null]}]}"#);
+        malformed(Feed::Dlp, r#"{"meta":{},"data":[{"dlpLogs":[{"x":1}]},3]}"#);
+        malformed(Feed::TtpUrl, r#"{"meta":{},"data":[{"clickLogs":[{"x":1},"y"]}]}"#);
+        malformed(Feed::Rejection, r#"{"meta":{},"data":[1,"two",null]}"#);
+        malformed(Feed::Rejection, r#"{"meta":{},"data":[{"rejections":[true]}]}"#);
     }
 
     #[test]

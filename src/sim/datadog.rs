@@ -1,6 +1,6 @@
 //! A Datadog logs intake simulator: gzip/deflate/identity bodies, the documented limits enforced (1000 logs,
-//! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, and a record of
-//! every log it accepted.
+//! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, hostile answers (any
+//! `Retry-After`, a captive portal's HTML 200, redirects), and a record of every log it accepted.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -22,6 +22,12 @@ pub enum Fault {
     Status(u16),
     /// 429 with `Retry-After: secs`.
     RetryAfter(u64),
+    /// 429 with this `Retry-After` value, whatever it is (`18446744073709551615`, `1e300`, a date, garbage).
+    RetryAfterRaw(String),
+    /// 200 `text/html` from a captive portal; nothing is accepted.
+    CaptivePortal,
+    /// 302 to this `Location`; nothing is accepted.
+    Redirect(String),
     Drop,
     Stall(Duration),
     /// Accept the batch, then drop the connection before answering (the one in-flight duplicate).
@@ -37,6 +43,7 @@ struct State {
     batches: Vec<(usize, usize)>,
     faults: VecDeque<Fault>,
     down: Option<u16>,
+    portal: bool,
     poison: Option<String>,
     requests: usize,
     /// Count accepted logs without keeping them (benchmarks, where memory is measured).
@@ -100,6 +107,11 @@ impl DatadogSim {
         self.lock().down = status;
     }
 
+    /// Answer every request as a captive portal does (200 `text/html`, nothing accepted), or serve normally.
+    pub fn set_captive_portal(&self, on: bool) {
+        self.lock().portal = on;
+    }
+
     /// Close the port: connections are refused.
     pub fn refuse_connections(&self, on: bool) {
         self.server.refuse_connections(on);
@@ -138,6 +150,10 @@ fn error(status: u16, message: &str) -> Reply {
     Reply::json(status, &json!({"errors": [{"status": status.to_string(), "title": message}]}))
 }
 
+fn portal() -> Reply {
+    Reply::html(200, "<html><head><title>Guest Wi-Fi</title></head><body>Please accept the terms of use.</body></html>")
+}
+
 fn handle(state: &Mutex<State>, req: &Request) -> Reply {
     let mut st = lock(state);
     if req.method == "GET" && req.path == "/api/v1/validate" {
@@ -157,6 +173,9 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
         Some(Fault::RetryAfter(secs)) => {
             return error(429, "Too many requests").with_header("Retry-After", &secs.to_string());
         }
+        Some(Fault::RetryAfterRaw(v)) => return error(429, "Too many requests").with_header("Retry-After", &v),
+        Some(Fault::CaptivePortal) => return portal(),
+        Some(Fault::Redirect(location)) => return Reply::redirect(302, &location),
         Some(Fault::Drop) => return Reply::Drop,
         Some(Fault::Stall(d)) => {
             drop(st);
@@ -169,6 +188,9 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
             st = lock(state);
         }
         Some(Fault::AcceptThenDrop) | None => {}
+    }
+    if st.portal {
+        return portal();
     }
     if let Some(s) = st.down {
         return error(s, "Service Unavailable");
@@ -191,10 +213,10 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
     if logs.len() > MAX_LOGS {
         return error(413, "too many logs in one request");
     }
-    if let Some(p) = &st.poison {
-        if logs.iter().any(|l| l.get("message").and_then(Value::as_str).is_some_and(|m| m.contains(p.as_str()))) {
-            return error(400, "bad log");
-        }
+    if let Some(p) = &st.poison
+        && logs.iter().any(|l| l.get("message").and_then(Value::as_str).is_some_and(|m| m.contains(p.as_str())))
+    {
+        return error(400, "bad log");
     }
     st.batches.push((logs.len(), body.len()));
     if st.count_only {

@@ -46,6 +46,21 @@ impl Reply {
         }
     }
 
+    /// An HTML page, as a captive portal or a login page sends.
+    pub fn html(status: u16, body: &str) -> Reply {
+        Reply::Respond {
+            status,
+            headers: vec![("Content-Type".into(), "text/html; charset=utf-8".into())],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    /// A redirect to `location`, with the small HTML body servers usually add.
+    pub fn redirect(status: u16, location: &str) -> Reply {
+        Reply::html(status, &format!("<html><body>Moved to <a href=\"{location}\">here</a></body></html>"))
+            .with_header("Location", location)
+    }
+
     pub fn with_header(mut self, name: &str, value: &str) -> Reply {
         if let Reply::Respond { headers, .. } = &mut self {
             headers.push((name.into(), value.into()));
@@ -191,6 +206,12 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

@@ -1,6 +1,8 @@
 //! A Mimecast API 2.0 simulator: OAuth tokens that expire, the six feeds with time-window filtering, opaque page
 //! tokens bound to their filter, both orderings, and on-demand faults (429 with `X-RateLimit-Reset`, `fail[]`
-//! with HTTP 200, 5xx, dropped connections, stalls, expired tokens, 403 per feed).
+//! with HTTP 200, 5xx, dropped connections, stalls, expired tokens, 403 per feed), one-shot or persistent, and
+//! hostile answers (pages without `meta`, records that are not objects, redirects, any rate-limit header value in
+//! either spelling, slow pages, absurd token lifetimes, page tokens that cycle).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +36,18 @@ pub enum Fault {
     Truncated,
     /// A page whose `next` is the page token of the request itself.
     RepeatToken,
+    /// HTTP 200 page without its `meta` object.
+    MissingMeta,
+    /// HTTP 200 page whose records are replaced by `[1,"two",null]` (in the feed's own shape).
+    NonObjects,
+    /// 302 to this `Location`, as a login page or proxy in front of the API would answer.
+    Redirect(String),
+    /// 429 with this reset value under the `X-Rate-Limit-*` spelling (instead of `X-RateLimit-*`).
+    AltRateHeaders(String),
+    /// Wait, then answer as usual (a slow page).
+    Delay(Duration),
+    /// 400 `err_invalid_page_token` if the request carries a page token; a first page is served as usual.
+    RefusePageToken,
 }
 
 /// One request the simulator served, for assertions.
@@ -61,6 +75,12 @@ struct State {
     faults: Vec<Pending>,
     forbidden: Vec<Feed>,
     rejection_flat: bool,
+    /// A fault every request of a feed (any feed if `None`) gets, after the one-shot faults.
+    always: Option<(Option<Feed>, Fault)>,
+    /// The token answer's `expires_in`, as raw JSON text, instead of the real lifetime.
+    expires_in_raw: Option<String>,
+    token_redirect: Option<String>,
+    token_cycle: bool,
     log: Vec<Logged>,
     secret: String,
 }
@@ -81,6 +101,10 @@ impl MimecastSim {
             faults: Vec::new(),
             forbidden: Vec::new(),
             rejection_flat: false,
+            always: None,
+            expires_in_raw: None,
+            token_redirect: None,
+            token_cycle: false,
             log: Vec::new(),
             secret: CLIENT_SECRET.into(),
         }));
@@ -115,6 +139,34 @@ impl MimecastSim {
 
     pub fn fault(&self, feed: Option<Feed>, fault: Fault) {
         self.fault_after(feed, 0, fault);
+    }
+
+    /// Every request of every feed gets `fault` (after any one-shot fault), until `set_always(None)`. For example
+    /// `set_always(Some(Fault::RefusePageToken))` refuses the page token of every page from the second on.
+    pub fn set_always(&self, fault: Option<Fault>) {
+        self.set_always_for(None, fault);
+    }
+
+    /// [`MimecastSim::set_always`] for one feed only (`None`: every feed).
+    pub fn set_always_for(&self, feed: Option<Feed>, fault: Option<Fault>) {
+        self.lock().always = fault.map(|f| (feed, f));
+    }
+
+    /// Token answers carry this raw JSON as `expires_in` (e.g. `18446744073709551615`, `-5`, `"soon"`); the
+    /// token itself still lives as long as [`MimecastSim::set_token_lifetime`] says. `None`: the real lifetime.
+    pub fn set_token_expires_in_raw(&self, raw: Option<&str>) {
+        self.lock().expires_in_raw = raw.map(str::to_owned);
+    }
+
+    /// The token endpoint answers 302 to this `Location` (a login page in front of the API), or works again.
+    pub fn set_token_redirect(&self, location: Option<&str>) {
+        self.lock().token_redirect = location.map(str::to_owned);
+    }
+
+    /// Page tokens cycle A → B → A: the page after page 2 returns page 1's `next` again, so a window never ends
+    /// (it needs more than two pages of records). A `next` equal to the request's own token is `RepeatToken`.
+    pub fn set_token_cycle(&self, on: bool) {
+        self.lock().token_cycle = on;
     }
 
     /// Answers 403 for this feed, as when the API application lacks its permission.
@@ -175,7 +227,13 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
     let filter = body.as_ref().and_then(|b| b.get("data")).and_then(|d| d.get(0)).cloned();
     let page_token =
         body.as_ref().and_then(|b| b.pointer("/meta/pagination/pageToken")).and_then(Value::as_str).map(str::to_owned);
-    let fault = take_fault(&mut st, feed);
+    let mut fault = take_fault(&mut st, feed);
+    if let Some(Fault::Delay(d)) = fault {
+        drop(st);
+        std::thread::sleep(d);
+        st = lock(state);
+        fault = None;
+    }
     if matches!(fault, Some(Fault::ExpireTokens)) {
         st.tokens.clear();
     }
@@ -194,10 +252,13 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
 }
 
 fn take_fault(st: &mut State, feed: Feed) -> Option<Fault> {
-    let i = st.faults.iter().position(|p| p.feed.is_none_or(|f| f == feed))?;
+    let always = st.always.as_ref().filter(|(f, _)| f.is_none_or(|f| f == feed)).map(|(_, fault)| fault.clone());
+    let Some(i) = st.faults.iter().position(|p| p.feed.is_none_or(|f| f == feed)) else {
+        return always;
+    };
     if st.faults[i].skip > 0 {
         st.faults[i].skip -= 1;
-        return None;
+        return always;
     }
     Some(st.faults.remove(i).fault)
 }
@@ -207,6 +268,9 @@ fn token(state: &Mutex<State>, req: &Request) -> Reply {
     let field =
         |name: &str| form.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(|v| v.replace('+', " "));
     let mut st = lock(state);
+    if let Some(location) = &st.token_redirect {
+        return Reply::redirect(302, location);
+    }
     let ok = field("grant_type").as_deref() == Some("client_credentials")
         && field("client_id").as_deref() == Some(CLIENT_ID)
         && field("client_secret").as_deref() == Some(st.secret.as_str());
@@ -217,10 +281,15 @@ fn token(state: &Mutex<State>, req: &Request) -> Reply {
     let token = format!("sim-token-{}", st.issued);
     let lifetime = st.token_lifetime;
     st.tokens.insert(token.clone(), Instant::now() + lifetime);
-    Reply::json(
-        200,
-        &json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs(), "scope": ""}),
-    )
+    let expires_in = st.expires_in_raw.clone().unwrap_or_else(|| lifetime.as_secs().to_string());
+    // Written by hand so that any JSON number text (beyond u64, exponents) reaches the client as sent.
+    let body =
+        format!(r#"{{"access_token":{},"token_type":"Bearer","expires_in":{expires_in},"scope":""}}"#, json!(token));
+    Reply::Respond {
+        status: 200,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: body.into_bytes(),
+    }
 }
 
 fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault: Option<Fault>) -> (Reply, usize) {
@@ -246,7 +315,28 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
         Some(Fault::Status(s)) => return (Reply::json(s, &json!({"meta": {"status": s}})), 0),
         Some(Fault::Drop) => return (Reply::Drop, 0),
         Some(Fault::Stall(d)) => return (Reply::Stall(d), 0),
-        Some(Fault::ExpireTokens | Fault::Truncated | Fault::RepeatToken) | None => {}
+        Some(Fault::Redirect(location)) => return (Reply::redirect(302, &location), 0),
+        Some(Fault::AltRateHeaders(reset)) => {
+            let reply = Reply::json(429, &json!({"detail": "Over throttling limit"}))
+                .with_header("X-Rate-Limit-Limit", "100")
+                .with_header("X-Rate-Limit-Remaining", "0")
+                .with_header("X-Rate-Limit-Reset", &reset);
+            return (reply, 0);
+        }
+        Some(Fault::RefusePageToken) if body.and_then(|b| b.pointer("/meta/pagination/pageToken")).is_some() => {
+            let refusal = fail("err_invalid_page_token", "the page token is invalid or expired", false);
+            return (Reply::json(400, &refusal), 0);
+        }
+        Some(
+            Fault::ExpireTokens
+            | Fault::Truncated
+            | Fault::RepeatToken
+            | Fault::MissingMeta
+            | Fault::NonObjects
+            | Fault::Delay(_)
+            | Fault::RefusePageToken,
+        )
+        | None => {}
     }
     if st.forbidden.contains(&feed) {
         return (Reply::json(403, &fail("err_forbidden", "the application lacks this permission", false)), 0);
@@ -269,6 +359,20 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
                 v["meta"]["pagination"]["next"] = t.clone();
             }
             (Reply::json(200, &v), n)
+        }
+        Ok((mut v, n)) if matches!(fault, Some(Fault::MissingMeta)) => {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("meta");
+            }
+            (Reply::json(200, &v), n)
+        }
+        Ok((mut v, _)) if matches!(fault, Some(Fault::NonObjects)) => {
+            let junk = json!([1, "two", null]);
+            match feed.spec().records_key {
+                Some(key) if v["data"].get(0).is_some_and(|d| d.get(key).is_some()) => v["data"][0][key] = junk,
+                _ => v["data"] = junk,
+            }
+            (Reply::json(200, &v), 0)
         }
         Ok((v, n)) => (Reply::json(200, &v), n),
         Err(message) => (Reply::json(400, &fail("err_validation", &message, false)), 0),
@@ -318,7 +422,11 @@ fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), 
     let slice: Vec<Value> = matching.iter().skip(offset).take(page_size).map(|(_, v)| v.clone()).collect();
     let n = slice.len();
     // Quirk of the real API: `next` also comes on a full last page and on the empty page after it.
-    let next = (offset + n < total || n == page_size || n == 0).then(|| format!("{fingerprint}.{}", offset + n));
+    let mut next = (offset + n < total || n == page_size || n == 0).then(|| format!("{fingerprint}.{}", offset + n));
+    if st.token_cycle && offset >= 2 * page_size && next.is_some() {
+        // Page 3 (and any later one) points back at page 2: A → B → A → …
+        next = Some(format!("{fingerprint}.{page_size}"));
+    }
     let data = match spec.records_key {
         None => Value::Array(slice),
         Some(_) if feed == Feed::Rejection && st.rejection_flat => Value::Array(slice),

@@ -24,7 +24,7 @@ pub fn generate(feed: Feed, i: u64, time: i64, size: usize) -> Value {
             "eventTime": t,
             "route": "inbound",
             "policy": "Content Inspection - Watermark",
-            "action": if i % 2 == 0 { "hold" } else { "notification" },
+            "action": if i.is_multiple_of(2) { "hold" } else { "notification" },
             "messageId": format!("<{}.sim@mail.example.net>", i / 2)
         }),
         Feed::Rejection => json!({
@@ -36,7 +36,7 @@ pub fn generate(feed: Feed, i: u64, time: i64, size: usize) -> Value {
             "created": t,
             "ipAddress": "192.0.2.12",
             "remoteName": "dummy.net",
-            "manageRecipient": if i % 2 == 0 { json!("false") } else { json!(false) },
+            "manageRecipient": if i.is_multiple_of(2) { json!("false") } else { json!(false) },
             "id": format!("eNpVT1tPwjAU_sim-rejection-{i}"),
             "spamScore": i % 100,
             "detectionLevel": "aggressive"
@@ -83,7 +83,7 @@ pub fn generate(feed: Feed, i: u64, time: i64, size: usize) -> Value {
             "userOverride": "None",
             "scanResult": "clean",
             "category": "Business",
-            "sendingIp": if i % 5 == 0 { "Internal IP" } else { "192.0.2.33" },
+            "sendingIp": if i.is_multiple_of(5) { "Internal IP" } else { "192.0.2.33" },
             "userAwarenessAction": "Continue",
             "date": t,
             "actions": "Allow",
