@@ -209,6 +209,9 @@ struct Agent {
     /// `--once`: a feed or the intake gave up this pass.
     gave_up: bool,
     trouble: Option<Trouble>,
+    /// The most WAL a page commit has taken so far (doubled after one failed for want of space): how much room
+    /// the next one may need.
+    page_wal: u64,
 }
 
 /// SIGHUP's socket and the config file it makes the agent read again (`systemctl reload`).
@@ -236,15 +239,40 @@ pub async fn run_with_reload(
     reload: Option<Reload>,
 ) -> anyhow::Result<Outcome> {
     let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
-    let store = Store::open(&cfg.queue.path).with_context(|| format!("opening queue {}", cfg.queue.path.display()))?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
-    let mut agent = Agent::new(cfg.clone(), tuning.clone(), mode, store, http)?;
+    let mut shutdown = pin!(shutdown);
+    // A database locked by another process, or a full disk, at start is waited out like any later one.
+    let mut failures = 0;
+    let mut agent = loop {
+        let opened = Store::open(&cfg.queue.path)
+            .and_then(|store| Agent::new(cfg.clone(), tuning.clone(), mode, store, http.clone()));
+        match opened {
+            Ok(agent) => break agent,
+            Err(e) if e.is_transient() => {
+                failures += 1;
+                let delay = tuning.mimecast_backoff.next(failures);
+                log::warn!("{e}; trying again in {:.1}s", delay.as_secs_f64());
+                let stopped = async {
+                    (&mut shutdown).await;
+                    true
+                }
+                .or(async {
+                    smol::Timer::after(delay).await;
+                    false
+                });
+                if stopped.await {
+                    return Ok(Outcome { queued: 0, gave_up: true });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     agent.main_loop(shutdown, reload).await?;
     Ok(Outcome { queued: agent.store.counters()?.queue_records, gave_up: agent.gave_up })
 }
 
 impl Agent {
-    fn new(cfg: Config, tuning: Tuning, mode: Mode, mut store: Store, http: Http) -> anyhow::Result<Agent> {
+    fn new(cfg: Config, tuning: Tuning, mode: Mode, mut store: Store, http: Http) -> Result<Agent, StoreError> {
         let now = Instant::now();
         let start = tuning.clock.now() - cfg.mimecast.initial_lookback_secs as i64;
         let mut feeds = Vec::new();
@@ -271,6 +299,7 @@ impl Agent {
             pass_start,
             gave_up: false,
             trouble: None,
+            page_wal: 256 * 1024,
         })
     }
 
@@ -449,34 +478,92 @@ impl Agent {
         let Some(store_error) = e.downcast_ref::<StoreError>().filter(|s| s.is_transient()) else {
             return Err(e);
         };
-        let disk_full = store_error.is_disk_full();
-        let t = self.trouble.get_or_insert(Trouble { until: now, failures: 0, disk_full });
-        t.failures += 1;
-        t.disk_full = disk_full;
-        // A full disk waits for a delivery to free space (or the slow retry); a lock is retried with backoff.
-        let delay = if disk_full { self.tuning.slow_retry } else { self.tuning.mimecast_backoff.next(t.failures) };
-        t.until = now + delay;
-        if disk_full {
-            let msg = format!(
-                "{store_error}; polling Mimecast paused until delivery frees space (or {}s pass); delivery goes on; \
-                 nothing is lost",
-                delay.as_secs()
-            );
-            log::error!("{msg}");
-            // Recorded for `status` if the disk still takes this small write; status also reads the free space.
-            let _ = self.store.set_state("disk_full", &format!("{} {msg}", self.tuning.clock.now()));
-        } else {
-            log::warn!("{store_error}; retrying in {:.1}s", delay.as_secs_f64());
-            // The send path shares the database: give it the same pause.
-            self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
+        if store_error.is_disk_full() {
+            let msg = store_error.to_string();
+            // Something else filled the disk: the WAL may hold space that a checkpoint gives back.
+            let _ = self.store.checkpoint();
+            self.disk_full(&msg, now);
+            return Ok(None);
         }
+        let t = self.trouble.get_or_insert(Trouble { until: now, failures: 0, disk_full: false });
+        t.failures += 1;
+        let delay = self.tuning.mimecast_backoff.next(t.failures);
+        t.until = now + delay;
+        log::warn!("{store_error}; retrying in {:.1}s", delay.as_secs_f64());
+        // The send path shares the database: give it the same pause.
+        self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
         Ok(None)
     }
 
-    /// A write went through: the store's trouble is over.
+    /// A full disk is back-pressure: polling waits until a delivery frees space (or the slow retry passes);
+    /// delivery goes on, since it is what frees space.
+    fn disk_full(&mut self, why: &str, now: Instant) {
+        let first = !self.trouble.as_ref().is_some_and(|t| t.disk_full);
+        let t = self.trouble.get_or_insert(Trouble { until: now, failures: 0, disk_full: true });
+        t.failures += 1;
+        t.disk_full = true;
+        // A delivery also ends the wait; an empty queue has none, so the wait itself grows up to the slow retry.
+        let delay = self.tuning.mimecast_backoff.ceiling(t.failures).min(self.tuning.slow_retry);
+        t.until = now + delay;
+        let msg = format!(
+            "disk full: {why}; polling Mimecast paused until delivery frees space (or {}s pass); delivery goes on; \
+             nothing is lost",
+            delay.as_secs()
+        );
+        if first {
+            log::error!("{msg}");
+        } else {
+            log::debug!("{msg}");
+        }
+        // Recorded for `status` if the disk still takes this small write; status also reads the free space.
+        let _ = self.store.set_state("disk_full", &format!("{} {msg}", self.tuning.clock.now()));
+    }
+
+    /// Whether the queue's filesystem has room for another page and what follows it. A page first grows the
+    /// WAL, then, at a checkpoint, the database file (less what it reuses of free pages); a checkpoint may need
+    /// as much new space as the WAL holds. So the agent checkpoints before the WAL could outgrow the free space,
+    /// and stops polling while a page would not fit: it never fills the disk itself, and deletes (delivery)
+    /// and checkpoints always have room.
+    fn room_for_a_page(&mut self, now: Instant) -> anyhow::Result<bool> {
+        // Room for deletes and state lines; a delivered batch on a full disk is removed in small steps.
+        const MARGIN: u64 = 64 * 1024;
+        let page = self.page_wal;
+        let space = self.store.space()?;
+        let Some(free) = space.fs_free else { return Ok(true) };
+        let need = |s: crate::store::Space| page + page.saturating_sub(s.reusable) + MARGIN;
+        if free < space.wal + need(space) && space.wal > 0 {
+            // Fold the WAL into the database while the free space can still take it.
+            self.store.checkpoint()?;
+        }
+        let space = self.store.space()?;
+        let free = space.fs_free.unwrap_or(free);
+        if free >= space.wal + need(space) {
+            return Ok(true);
+        }
+        let why = format!(
+            "the filesystem of queue database {} has {free} bytes free ({} reusable inside the queue), less than \
+             the {} that the next page may need",
+            self.store.path().display(),
+            space.reusable,
+            space.wal + need(space)
+        );
+        self.disk_full(&why, now);
+        Ok(false)
+    }
+
+    /// Writes a line of state that only informs `status`; a full disk or a held lock must not stop the work it
+    /// describes.
+    fn remember(&mut self, name: &str, value: &str) -> anyhow::Result<()> {
+        match self.store.set_state(name, value) {
+            Err(e) if !e.is_transient() => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// A page was committed: the store's trouble is over.
     fn store_recovered(&mut self) -> anyhow::Result<()> {
         if let Some(t) = self.trouble.take() {
-            log::info!("queue database writable again: polling resumed");
+            log::info!("queue database takes pages again: polling resumed");
             if t.disk_full {
                 self.store.set_state("disk_full", "")?;
             }
@@ -568,6 +655,9 @@ impl Agent {
                     }
                 },
             };
+            if !self.room_for_a_page(now)? {
+                return Ok(None);
+            }
             let req = PageRequest { feed, window, page_token, page_size: self.cfg.mimecast.page_size };
             let (http, creds, token, margin) =
                 (self.http.clone(), self.creds.clone(), self.token.clone(), self.tuning.token_margin);
@@ -630,12 +720,18 @@ impl Agent {
                     // Keys whose time is before every future window's start can never be read again.
                     forget_before: req.window.to - self.cfg.mimecast.overlap_secs as i64 - 3600,
                 };
-                let out = self.store.commit_page(
+                let wal_before = self.store.space()?.wal;
+                let committed = self.store.commit_page(
                     &commit,
                     self.tuning.clock.now(),
                     self.cfg.queue.max_bytes,
                     self.cfg.queue.when_full,
-                )?;
+                );
+                if committed.as_ref().is_err_and(StoreError::is_disk_full) {
+                    self.page_wal = self.page_wal.saturating_mul(2);
+                }
+                let out = committed?;
+                self.page_wal = self.page_wal.max(self.store.space()?.wal.saturating_sub(wal_before));
                 self.store_recovered()?;
                 if out.dropped > 0 {
                     log::warn!(
@@ -694,7 +790,10 @@ impl Agent {
 
     fn fetch_failed(&mut self, i: usize, req: &PageRequest, e: client::FetchError, now: Instant) -> anyhow::Result<()> {
         let feed = req.feed;
-        self.store.feed_error(feed, &e.to_string(), self.tuning.clock.now())?;
+        match self.store.feed_error(feed, &e.to_string(), self.tuning.clock.now()) {
+            Err(store_error) if !store_error.is_transient() => return Err(store_error.into()),
+            _ => {}
+        }
         let f = &mut self.feeds[i];
         let retry = e.retry(req.page_token.is_some());
         // A restart reads page 1 again, whose success resets `failures`: restarts are counted per window instead,
@@ -831,7 +930,7 @@ impl Agent {
                     self.tuning.slow_retry.as_secs()
                 );
                 log::error!("{msg}");
-                self.store.set_state("datadog_last_error", &format!("{secs} {msg}"))?;
+                self.remember("datadog_last_error", &format!("{secs} {msg}"))?;
                 self.sink.due = Some(now + self.tuning.slow_retry);
                 self.sink.done = self.mode == Mode::Once;
             }
@@ -845,7 +944,7 @@ impl Agent {
                     self.sink.failures,
                     delay.as_secs_f64()
                 );
-                self.store.set_state("datadog_last_error", &format!("{secs} {}", sent.detail))?;
+                self.remember("datadog_last_error", &format!("{secs} {}", sent.detail))?;
                 self.sink.due = Some(now + delay);
                 if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
                     log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
@@ -861,8 +960,14 @@ impl Agent {
 
     /// Removes a batch Datadog accepted. If the store cannot take the write now (disk full, locked), the batch is
     /// kept aside and its removal retried before anything else is sent: sending more would send it twice.
-    fn remove_delivered(&mut self, b: Batch, now: Instant) -> anyhow::Result<()> {
-        let n = match self.store.delivered(&b.seqs, b.restamped, b.kept, self.tuning.clock.now()) {
+    fn remove_delivered(&mut self, mut b: Batch, now: Instant) -> anyhow::Result<()> {
+        let mut result = self.store.delivered(&b.seqs, b.restamped, b.kept, self.tuning.clock.now());
+        if result.as_ref().is_err_and(StoreError::is_disk_full) {
+            // One transaction deleting a whole batch needs WAL room for every page it touches. On a full disk,
+            // delete it in small steps, each followed by a checkpoint that gives the WAL's space back.
+            result = self.remove_in_steps(&mut b);
+        }
+        let n = match result {
             Ok(n) => n,
             Err(e) if e.is_transient() => {
                 self.sink.failures += 1;
@@ -888,7 +993,27 @@ impl Agent {
         self.sink.since.get_or_insert(now);
         self.log_drain_summary(false);
         // Space was freed (or the lock is gone): polling may try again at once.
-        self.store_recovered()
+        match &mut self.trouble {
+            Some(t) if t.disk_full => t.until = now,
+            _ => self.trouble = None,
+        }
+        Ok(())
+    }
+
+    /// Removes a delivered batch from the queue a few records per transaction. What was removed leaves `b`, so
+    /// a failure part way keeps only the rest for the retry.
+    fn remove_in_steps(&mut self, b: &mut Batch) -> Result<u64, StoreError> {
+        const STEP: usize = 32;
+        let mut removed = 0;
+        self.store.checkpoint()?;
+        while !b.seqs.is_empty() {
+            let step: Vec<i64> = b.seqs.iter().copied().take(STEP).collect();
+            removed += self.store.delivered(&step, b.restamped, b.kept, self.tuning.clock.now())?;
+            b.seqs.drain(..step.len());
+            (b.restamped, b.kept) = (0, 0);
+            self.store.checkpoint()?;
+        }
+        Ok(removed)
     }
 
     /// A 400 or 413: bisect to find the log Datadog refuses, but only while the halves behave differently.
@@ -942,7 +1067,7 @@ impl Agent {
             delay.as_secs_f64()
         );
         log::error!("{msg}");
-        self.store.set_state("datadog_last_error", &format!("{secs} {msg}"))?;
+        self.remember("datadog_last_error", &format!("{secs} {msg}"))?;
         self.sink.due = Some(now + delay);
         if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
             log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);

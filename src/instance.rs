@@ -33,7 +33,15 @@ impl std::fmt::Display for LockError {
                  cron job) may use a queue at a time: stop the other one or give this one its own queue.path",
                 queue.display()
             ),
-            LockError::Io { path, error } => write!(f, "cannot lock {}: {error}", path.display()),
+            LockError::Io { path, error } if error.kind() == std::io::ErrorKind::PermissionDenied => write!(
+                f,
+                "cannot create or lock {}: {error}; this process runs as {}, and the queue's directory must be \
+                 writable by that user (for the packaged layout `chown -R mimecast-forwarder: \
+                 /var/lib/mimecast-forwarder`)",
+                path.display(),
+                crate::store::process_user()
+            ),
+            LockError::Io { path, error } => write!(f, "cannot create or lock {}: {error}", path.display()),
         }
     }
 }

@@ -16,6 +16,7 @@ pub use dead_letter::{DeadLetter, Requeued};
 pub(crate) use error::Context;
 pub use error::StoreError;
 use error::classify;
+pub(crate) use error::process_user;
 pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
@@ -66,6 +67,16 @@ const MIGRATIONS: [&str; 1] = [r"
 /// How long a statement waits for a lock held by another process (`status`, `dead-letters`, a backup) before
 /// giving [`StoreError::Busy`].
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// See [`Store::space`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// `None` where the filesystem cannot say.
+    pub fs_free: Option<u64>,
+    pub reusable: u64,
+    /// The WAL file's size: what a checkpoint may need as new space in the database file, at most.
+    pub wal: u64,
+}
 
 /// The open database.
 pub struct Store {
@@ -145,6 +156,26 @@ impl Store {
     /// Bytes available on the filesystem holding the database, if the system says.
     pub fn free_bytes(&self) -> Option<u64> {
         error::free_bytes(&self.path)
+    }
+
+    /// Room for the next writes: the filesystem's free bytes, and the bytes of free pages inside the database
+    /// that new records reuse without growing the file (every write still goes through the WAL first).
+    pub fn space(&self) -> Result<Space, StoreError> {
+        let reusable = self.read(|conn| {
+            let pages: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).ctx("reading free pages")?;
+            let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ctx("reading the page size")?;
+            Ok((pages.max(0) as u64).saturating_mul(size.max(0) as u64))
+        })?;
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = std::fs::metadata(PathBuf::from(wal)).map(|m| m.len()).unwrap_or(0);
+        Ok(Space { fs_free: self.free_bytes(), reusable, wal })
+    }
+
+    /// Folds the WAL into the database and truncates it, giving its space back to the filesystem. SQLite only
+    /// does this by itself every 1000 pages; on a nearly full disk the WAL is what holds the last free space.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.read(|conn| conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL"))
     }
 
     /// How long a statement waits for another process's lock before giving [`StoreError::Busy`] (5 s unless
