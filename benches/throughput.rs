@@ -46,10 +46,10 @@ fn run_once(config: &std::path::Path) -> (Duration, u64, i32) {
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak_kb = 0;
     loop {
-        if let Ok(s) = std::fs::read_to_string(&status_path) {
-            if let Some(kb) = s.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
-                peak_kb = peak_kb.max(kb.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0));
-            }
+        if let Ok(s) = std::fs::read_to_string(&status_path)
+            && let Some(kb) = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))
+        {
+            peak_kb = peak_kb.max(kb.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0));
         }
         if let Some(status) = child.try_wait().unwrap() {
             return (start.elapsed(), peak_kb, status.code().unwrap_or(-1));

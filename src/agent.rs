@@ -1112,7 +1112,7 @@ impl Agent {
 /// Reads everything waiting on a signal socket, so that it is readable again only for the next signal.
 fn drain(socket: &smol::Async<UnixStream>) {
     let mut buf = [0u8; 64];
-    while matches!((&*socket.get_ref()).read(&mut buf), Ok(n) if n > 0) {}
+    while matches!(socket.get_ref().read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// The socket that SIGHUP writes to (signal-hook's pipe), for [`Reload`].
