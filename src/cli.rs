@@ -46,9 +46,12 @@ const RUN_HELP: &str = "\
 mimecast-forwarder run [--config PATH] [--once]
 
 Polls the enabled Mimecast feeds into the SQLite queue and drains the queue to Datadog, in the foreground,
-logging to stderr. SIGTERM or SIGINT stops it cleanly.
+logging to stderr. SIGTERM or SIGINT stops it cleanly; SIGHUP (systemctl reload) reads the config again and
+keeps the running one if the new one is invalid. Only one run may use a queue at a time.
   --once   one pass: poll every feed up to now, drain until empty or refused, exit.
-Exit codes: 0 clean stop (--once: queue empty); 75 records remain queued (--once); 78 bad config; 70 internal error.
+Exit codes: 0 clean stop (--once: queue empty and every feed answered); 75 records remain queued (--once), or
+another run holds the queue; 69 (--once) the queue is empty but a feed or the intake gave up; 78 bad config;
+70 internal error (a damaged or unwritable queue, with what to do).
 ";
 
 const CHECK_HELP: &str = "\
