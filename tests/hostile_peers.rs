@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use common::bin::{cmd, no_secret, run, signal, stderr_lines, wait_for, write_config};
 use common::{Rig, assert_delivered_once, fast_tuning, run_daemon_until};
 use mimecast_forwarder::agent::{self, Mode, Outcome, Tuning};
-use mimecast_forwarder::config::Config;
+use mimecast_forwarder::config::{Config, HttpConfig};
 use mimecast_forwarder::datetime;
+use mimecast_forwarder::http::{Http, Response};
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, Fault as DdFault};
+use mimecast_forwarder::sim::http::{Reply, Request, Server};
 use mimecast_forwarder::sim::mimecast::{Fault, Logged};
 use mimecast_forwarder::sim::records;
 use serde_json::Value;
@@ -411,4 +413,244 @@ fn a_429_with_x_rate_limit_reset_waits_the_reset() {
     let waited = log[1].at - log[0].at;
     assert!(waited >= Duration::from_millis(1200), "retried after {waited:?}, before the reset");
     assert_eq!(log[0].filter, log[1].filter, "the same page is asked again");
+}
+
+// ---- Beyond the list: a rewriting proxy in front of the simulators ----
+
+type Before = Box<dyn Fn(&mut Request) + Send + Sync>;
+type After = Box<dyn Fn(&Request, Response) -> Reply + Send + Sync>;
+
+/// Forwards every request to `upstream` (after `before` may change it) and answers what `after` makes of the
+/// upstream's response: a proxy, CDN or broken gateway between the agent and a peer.
+fn proxy(upstream: String, before: Before, after: After) -> Server {
+    let http = Http::new(&HttpConfig { timeout_secs: 10, proxy: None, ca_file: None }).unwrap();
+    Server::start(move |req| {
+        let mut req = req.clone();
+        before(&mut req);
+        let skip = ["host", "content-length", "connection", "accept-encoding", "user-agent"];
+        let headers: Vec<(&str, &str)> = req
+            .headers
+            .iter()
+            .filter(|(k, _)| !skip.contains(&k.to_ascii_lowercase().as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let url = format!("{upstream}{}", req.path);
+        let resp =
+            if req.method == "GET" { http.get(&url, &headers) } else { http.post(&url, &headers, req.body.clone()) };
+        match resp {
+            Ok(r) => after(&req, r),
+            Err(_) => Reply::Drop,
+        }
+    })
+    .unwrap()
+}
+
+/// The upstream's answer as it came, less the framing headers the proxy's server writes itself.
+fn relay(r: Response) -> Reply {
+    let headers = r
+        .headers
+        .into_iter()
+        .filter(|(k, _)| {
+            !["content-length", "connection", "transfer-encoding"].contains(&k.to_ascii_lowercase().as_str())
+        })
+        .collect();
+    Reply::Respond { status: r.status, headers, body: r.body }
+}
+
+/// A proxy in front of the Mimecast simulator that changes only the answers to page requests.
+fn pages_via(rig: &Rig, change: impl Fn(&mut Response) + Send + Sync + 'static) -> Server {
+    proxy(
+        rig.mc.url(),
+        Box::new(|_| {}),
+        Box::new(move |req, mut r| {
+            if req.path != "/oauth/token" {
+                change(&mut r);
+            }
+            relay(r)
+        }),
+    )
+}
+
+/// One feed's pass through `mc` (a proxy's URL, or the simulator's own).
+fn audit_config(rig: &Rig, mc: &str) -> Config {
+    rig.config(&[("mimecast", &format!("base_url = {mc:?}\npage_size = 10\nlog_types = [\"audit\"]"))])
+}
+
+fn recent_audit(rig: &Rig, n: u64) -> HashMap<String, Feed> {
+    let (recs, keys) = spaced(Feed::Audit, n, 5, 30);
+    rig.mc.add(Feed::Audit, recs.into_iter().map(|(_, r)| r));
+    keys
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(body).unwrap();
+    e.finish().unwrap()
+}
+
+/// Guards: a page token is opaque and may be long; one cut anywhere (a column size, an excerpt taken for a log
+/// line, a header limit) would be refused and the window restarted forever. A 1 MB `next` goes back byte for byte.
+#[test]
+fn a_page_token_of_1_mb_is_sent_back_intact() {
+    let rig = Rig::new();
+    let expected = recent_audit(&rig, 25);
+    let pad = "T".repeat(1 << 20);
+    let (strip, add) = (pad.clone(), pad);
+    // The proxy lengthens every `next` by 1 MB and takes the padding off again on the way back.
+    let p = proxy(
+        rig.mc.url(),
+        Box::new(move |req| {
+            let Ok(mut v) = serde_json::from_slice::<Value>(&req.body) else { return };
+            if let Some(Value::String(t)) = v.pointer_mut("/meta/pagination/pageToken") {
+                *t = t.strip_prefix(strip.as_str()).unwrap_or("cut-short").to_owned();
+            }
+            req.body = v.to_string().into_bytes();
+        }),
+        Box::new(move |_, mut r| {
+            if let Ok(mut v) = serde_json::from_slice::<Value>(&r.body)
+                && let Some(Value::String(t)) = v.pointer_mut("/meta/pagination/next")
+            {
+                *t = format!("{add}{t}");
+                r.body = v.to_string().into_bytes();
+            }
+            relay(r)
+        }),
+    );
+    let cfg = audit_config(&rig, &p.url());
+    let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
+    assert!(!out.gave_up && out.queued == 0, "{out:?}");
+    assert_delivered_once(&rig.dd, &expected);
+    let log = rig.mc.requests();
+    assert!(log.iter().all(|r| r.status == 200), "a token was refused: {log:?}");
+    assert_eq!(log.iter().filter(|r| r.page_token.is_some()).count(), 2, "pages 2 and 3 of 10 + 10 + 5");
+}
+
+/// Guards: a token answer that is valid JSON but not an object (`[{…}]`) must be a failed token call (named, no
+/// token cached, retried), never a panic or a request sent with an empty bearer.
+#[test]
+fn a_token_answer_that_is_an_array_is_a_named_error() {
+    let rig = Rig::new();
+    let expected = recent_audit(&rig, 5);
+    let p = proxy(
+        rig.mc.url(),
+        Box::new(|_| {}),
+        Box::new(|req, mut r| {
+            if req.path == "/oauth/token" {
+                r.body = [&b"["[..], &r.body, b"]"].concat();
+            }
+            relay(r)
+        }),
+    );
+    let cfg = audit_config(&rig, &p.url());
+    let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
+    assert!(out.gave_up);
+    assert_eq!(feed_error(&rig, &cfg, Feed::Audit), "POST /oauth/token failed: token response has no access_token");
+    assert!(rig.mc.requests().is_empty(), "no page was asked without a token");
+    assert_eq!(once_within(&audit_config(&rig, &rig.mc.url()), &fast_tuning(), Duration::from_secs(30)).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+/// Guards: a gzip-encoded page (a CDN or proxy compressing) must be read, not taken for garbage; and a gzip bomb
+/// or a 70 MB answer must be refused at the 64 MB body limit, not inflated into memory, with the limit named.
+#[test]
+fn gzip_pages_are_read_and_bombs_and_huge_bodies_are_refused_at_the_limit() {
+    let rig = Rig::new();
+    let expected = recent_audit(&rig, 25);
+    let p = pages_via(&rig, |r| {
+        r.body = gzip(&r.body);
+        r.headers.push(("Content-Encoding".into(), "gzip".into()));
+    });
+    let out = once_within(&audit_config(&rig, &p.url()), &fast_tuning(), Duration::from_secs(30));
+    assert!(!out.gave_up && out.queued == 0, "{out:?}");
+    assert_delivered_once(&rig.dd, &expected);
+
+    // 200 MB of spaces in under 1 MB of gzip, and 70 MB sent as is.
+    let bomb = gzip(&vec![b' '; 200 << 20]);
+    assert!(bomb.len() < 1 << 20);
+    let huge = vec![b' '; 70 << 20];
+    for (name, body, encoding) in [("bomb", bomb, Some("gzip")), ("70 MB", huge, None)] {
+        let rig = Rig::new();
+        let expected = recent_audit(&rig, 5);
+        let p = pages_via(&rig, move |r| {
+            r.body = body.clone();
+            if let Some(e) = encoding {
+                r.headers.push(("Content-Encoding".into(), e.into()));
+            }
+        });
+        let cfg = audit_config(&rig, &p.url());
+        let start = Instant::now();
+        let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(60));
+        assert!(out.gave_up, "{name}");
+        assert!(start.elapsed() < Duration::from_secs(20), "{name}: {:?}", start.elapsed());
+        let err = feed_error(&rig, &cfg, Feed::Audit);
+        assert!(err.contains("larger than") && err.contains("67108864"), "{name}: {err}");
+        assert_eq!(rig.store().cursor(Feed::Audit).unwrap().unwrap().last_success, None, "{name}");
+        assert_eq!(once_within(&audit_config(&rig, &rig.mc.url()), &fast_tuning(), Duration::from_secs(30)).queued, 0);
+        assert_delivered_once(&rig.dd, &expected);
+    }
+}
+
+/// Guards: a response header of 200 KB (a broken gateway) and a `Location` with terminal control characters
+/// must be refused as a bad answer and retried: no crash, no window moved, and no control character carried into
+/// `status` or the log.
+#[test]
+fn huge_headers_and_control_characters_in_location_are_refused_cleanly() {
+    let rig = Rig::new();
+    let expected = recent_audit(&rig, 5);
+    let p = pages_via(&rig, |r| r.headers.push(("X-Padding".into(), "p".repeat(200_000))));
+    let cfg = audit_config(&rig, &p.url());
+    assert!(once_within(&cfg, &fast_tuning(), Duration::from_secs(30)).gave_up);
+    let err = feed_error(&rig, &cfg, Feed::Audit);
+    assert!(err.contains("header is too big"), "{err}");
+
+    rig.mc.set_always(Some(Fault::Redirect("https://portal.example/\u{1b}[2J\u{7}\u{7f}login".into())));
+    let cfg = audit_config(&rig, &rig.mc.url());
+    assert!(once_within(&cfg, &fast_tuning(), Duration::from_secs(30)).gave_up);
+    let err = feed_error(&rig, &cfg, Feed::Audit);
+    assert!(!err.chars().any(char::is_control), "{err:?}");
+    assert!(err.contains("invalid header value"), "{err}");
+    rig.mc.set_always(None);
+    assert_eq!(once_within(&cfg, &fast_tuning(), Duration::from_secs(30)).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+/// Guards: the same record twice in one page (a paging bug upstream) is one record: queued and delivered once,
+/// and the page commit does not fail on its own duplicate key.
+#[test]
+fn the_same_record_twice_in_one_page_is_delivered_once() {
+    let rig = Rig::new();
+    let (recs, expected) = spaced(Feed::Audit, 8, 5, 30);
+    let recs: Vec<Value> = recs.into_iter().map(|(_, r)| r).collect();
+    rig.mc.add(Feed::Audit, recs.iter().cloned().chain(recs.iter().cloned()));
+    let cfg = rig.config(&[("mimecast", "page_size = 100\nlog_types = [\"audit\"]")]);
+    let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
+    assert!(!out.gave_up && out.queued == 0, "{out:?}");
+    assert!(rig.mc.requests().iter().any(|r| r.records == 16), "both copies came in one page");
+    assert_delivered_once(&rig.dd, &expected);
+    assert_eq!(rig.dd.accepted().len(), 8);
+}
+
+/// Guards: a record with 300 fields (every field becomes a log attribute) is delivered whole: no field dropped
+/// from the message, none lost to a reserved-name clash.
+#[test]
+fn a_record_with_300_fields_is_delivered_whole() {
+    let rig = Rig::new();
+    let mut r = records::generate(Feed::Audit, 1, datetime::now() - 30, 100);
+    for i in 0..300 {
+        r[format!("field{i:03}")] = Value::String(format!("v{i}"));
+    }
+    r["host"] = "mail.example".into();
+    rig.mc.add(Feed::Audit, [r.clone()]);
+    let cfg = rig.config(&[("mimecast", "log_types = [\"audit\"]")]);
+    assert_eq!(once_within(&cfg, &fast_tuning(), Duration::from_secs(30)).queued, 0);
+    let logs = rig.dd.accepted();
+    assert_eq!(logs.len(), 1);
+    let message: Value = serde_json::from_str(logs[0]["message"].as_str().unwrap()).unwrap();
+    assert_eq!(message, r, "the message is the record, verbatim");
+    assert_eq!(logs[0]["field299"], "v299");
+    assert_eq!(
+        (&logs[0]["mimecast.host"], &logs[0]["hostname"]),
+        (&Value::from("mail.example"), &Value::from("test-host"))
+    );
 }
