@@ -702,6 +702,14 @@ impl Agent {
         });
         match result {
             Ok(page) => {
+                if page.repaired > 0 {
+                    log::warn!(
+                        "{}: a page held {} character(s) no JSON reader accepts (invalid UTF-8, unpaired UTF-16 \
+                         surrogates); they were replaced with U+FFFD so the feed goes on",
+                        req.feed,
+                        page.repaired
+                    );
+                }
                 let last = page.is_last();
                 let records: Vec<NewRecord> = page
                     .records
@@ -1124,7 +1132,7 @@ pub fn reload_signal() -> std::io::Result<smol::Async<UnixStream>> {
 
 /// The start of a server-given string, for a log line: enough to recognise it, never a page of it.
 fn excerpt(s: &str) -> String {
-    let cut: String = s.chars().take(40).collect();
+    let cut = crate::http::printable(s, 40);
     if cut.len() < s.len() { format!("{cut}…") } else { cut }
 }
 

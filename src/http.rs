@@ -23,9 +23,20 @@ impl Response {
 
     /// The start of the body, for error messages: enough to diagnose, never a whole page.
     pub fn excerpt(&self) -> String {
-        let text = String::from_utf8_lossy(&self.body);
-        let text: String = text.chars().take(200).collect();
-        text.replace(['\n', '\r'], " ")
+        printable(&String::from_utf8_lossy(&self.body), 200)
+    }
+
+    /// Replaces every occurrence of our own secrets in the body and the header values. A server may echo a
+    /// request back (a 401 that quotes the form it got, a proxy that shows the headers), and whatever it says
+    /// ends up in logs and `status`. Secrets shorter than 4 bytes are not searched for: they would match noise.
+    pub fn scrub(mut self, secrets: &[&str]) -> Response {
+        for secret in secrets.iter().map(|s| s.as_bytes()).filter(|s| s.len() >= 4) {
+            self.body = replace_all(&self.body, secret);
+            for (_, v) in &mut self.headers {
+                *v = v.replace(std::str::from_utf8(secret).unwrap_or_default(), "[redacted]");
+            }
+        }
+        self
     }
 
     /// The `Location` header of a redirect, cut to 200 characters and without control characters: it goes into
@@ -34,6 +45,27 @@ impl Response {
         let loc = self.header("Location")?;
         Some(loc.chars().filter(|c| !c.is_control()).take(200).collect())
     }
+}
+
+/// Server text made safe to print: at most `max` characters, control characters (newlines, escape sequences
+/// that could redraw an operator's terminal) shown as spaces.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars().take(max).map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+fn replace_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(needle) {
+            out.extend_from_slice(b"[redacted]");
+            i += needle.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// A non-negative number a server sent in a header: digits first (no sign, no `inf` or `NaN` words), any size or
@@ -192,6 +224,21 @@ fn classify(e: ureq::Error) -> HttpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoed_secrets_are_scrubbed_and_control_characters_never_printed() {
+        let r = Response {
+            status: 401,
+            headers: vec![("X-Echo".into(), "DD-API-KEY: s3cr3t-key".into())],
+            body: b"invalid_client for client_secret=s3cr3t-key%21&x \x1b[2J\x07".to_vec(),
+        }
+        .scrub(&["s3cr3t-key", "s3cr3t-key%21", "ab"]);
+        let all = format!("{} {:?}", r.excerpt(), r.headers);
+        assert!(!all.contains("s3cr3t"), "{all}");
+        assert!(r.excerpt().contains("client_secret=[redacted]"), "{}", r.excerpt());
+        assert!(!r.excerpt().contains(['\x1b', '\x07']), "{:?}", r.excerpt());
+        assert_eq!(printable("a\nb\u{9b}c", 10), "a b c");
+    }
 
     #[test]
     fn server_waits_are_capped_and_say_so() {

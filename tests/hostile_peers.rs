@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::bin::{cmd, no_secret, run, signal, stderr_lines, wait_for, write_config};
-use common::{Rig, assert_delivered_once, fast_tuning, run_daemon_until};
+use common::{Rig, assert_delivered_once, fast_tuning, queue_direct, run_daemon_until};
 use mimecast_forwarder::agent::{self, Mode, Outcome, Tuning};
 use mimecast_forwarder::config::{Config, HttpConfig};
 use mimecast_forwarder::datetime;
@@ -653,4 +653,48 @@ fn a_record_with_300_fields_is_delivered_whole() {
         (&logs[0]["mimecast.host"], &logs[0]["hostname"]),
         (&Value::from("mail.example"), &Value::from("test-host"))
     );
+}
+
+/// Guards: a server that echoes the request in its error (a token endpoint quoting the form it got, a proxy that
+/// shows the request headers) must not put our secrets into the log, `status` or a dead letter; and terminal
+/// control characters in a server's text must not reach an operator's terminal through `status`.
+#[test]
+fn echoed_secrets_and_control_characters_never_reach_the_log_or_status() {
+    let rig = Rig::new();
+    recent_audit(&rig, 5);
+    let echo_token = proxy(
+        rig.mc.url(),
+        Box::new(|_| {}),
+        Box::new(|req, r| {
+            if req.path == "/oauth/token" {
+                let body = format!("invalid_client for request {} \x1b[2J\x07", String::from_utf8_lossy(&req.body));
+                return Reply::Respond { status: 401, headers: vec![], body: body.into_bytes() };
+            }
+            relay(r)
+        }),
+    );
+    let echo_headers = proxy(
+        rig.dd.intake_url().trim_end_matches("/api/v2/logs").to_owned(),
+        Box::new(|_| {}),
+        Box::new(|req, _| {
+            let shown: Vec<String> = req.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let body = format!("<html>\x1b]0;pwned\x07 upstream down; you sent {}</html>", shown.join("; "));
+            Reply::Respond { status: 503, headers: vec![], body: body.into_bytes() }
+        }),
+    );
+    let cfg = rig.config(&[
+        ("mimecast", &format!("base_url = {:?}\nlog_types = [\"audit\"]", echo_token.url())),
+        ("datadog", &format!("intake_url = \"{}/api/v2/logs\"", echo_headers.url())),
+    ]);
+    queue_direct(&rig, Feed::Dlp, &[serde_json::json!({"eventTime": "2026-11-28T00:00:00+0000", "x": 1})]);
+    let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
+    assert_eq!(out.queued, 1);
+    let s = status(&rig, &cfg).to_string();
+    let text = mimecast_forwarder::status::render(&status(&rig, &cfg), mimecast_forwarder::datetime::now());
+    for shown in [&s, &text] {
+        assert!(shown.contains("[redacted]"), "the echo is there, scrubbed: {shown}");
+        assert!(!shown.contains(mimecast_forwarder::sim::mimecast::CLIENT_SECRET), "{shown}");
+        assert!(!shown.contains(mimecast_forwarder::sim::datadog::API_KEY), "{shown}");
+        assert!(!shown.contains(['\x1b', '\x07']), "{shown:?}");
+    }
 }

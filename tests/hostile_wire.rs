@@ -104,7 +104,11 @@ fn all_values(v: &Value, out: &mut Vec<Value>) {
 /// `parse_page` never panics, and an `Ok` page holds only objects that were in the input.
 fn check_no_invention(feed: Feed, bytes: &[u8]) -> Result<(), TestCaseError> {
     if let Ok(page) = wire::parse_page(feed, bytes) {
-        let input: Value = serde_json::from_slice(bytes).expect("a page was read from valid JSON");
+        let Ok(input) = serde_json::from_slice::<Value>(bytes) else {
+            // Only a page with characters no parser takes (replaced with U+FFFD) is read from invalid JSON.
+            prop_assert!(page.repaired > 0, "{feed:?}: a page read from invalid JSON without saying so");
+            return Ok(());
+        };
         let mut inside = Vec::new();
         all_values(&input, &mut inside);
         for r in &page.records {

@@ -25,7 +25,7 @@ pub fn send(http: &Http, url: &str, api_key: &Secret, payload: &[u8]) -> Sent {
     let headers =
         [("DD-API-KEY", api_key.expose()), ("Content-Type", "application/json"), ("Content-Encoding", "gzip")];
     match http.post(url, &headers, body) {
-        Ok(r) => answer(&r),
+        Ok(r) => answer(&r.scrub(&[api_key.expose()])),
         Err(e) => Sent { answer: Answer::NoAnswer, detail: e.to_string() },
     }
 }
@@ -65,7 +65,10 @@ fn is_datadog_ack(r: &Response) -> bool {
 
 /// Checks the API key with `GET /api/v1/validate`, for `check-config --connect`.
 pub fn validate_key(http: &Http, url: &str, api_key: &Secret) -> Result<(), String> {
-    match http.get(url, &[("DD-API-KEY", api_key.expose()), ("Accept", "application/json")]) {
+    match http
+        .get(url, &[("DD-API-KEY", api_key.expose()), ("Accept", "application/json")])
+        .map(|r| r.scrub(&[api_key.expose()]))
+    {
         // A captive portal answers 200 too: only Datadog's `{"valid": true}` counts.
         Ok(r) if r.status == 200 && is_valid(&r.body) => Ok(()),
         Ok(r) if r.status == 200 => Err(format!("GET {url} answered HTTP 200 that is not Datadog's: {}", r.excerpt())),

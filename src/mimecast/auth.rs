@@ -81,11 +81,10 @@ impl Credentials {
 
 /// Fetches a new token. Blocking: run through `smol::unblock`.
 pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Token, AuthError> {
-    let body = format!(
-        "client_id={}&client_secret={}&grant_type=client_credentials",
-        form_encode(&creds.client_id),
-        form_encode(creds.client_secret.expose())
-    );
+    let secret = creds.client_secret.expose();
+    let encoded = form_encode(secret);
+    let body =
+        format!("client_id={}&client_secret={encoded}&grant_type=client_credentials", form_encode(&creds.client_id),);
     let url = format!("{}/oauth/token", creds.base_url);
     let resp = http
         .post(
@@ -93,7 +92,8 @@ pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Tok
             &[("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")],
             body.into_bytes(),
         )
-        .map_err(|e: HttpError| AuthError::Transient(e.to_string()))?;
+        .map_err(|e: HttpError| AuthError::Transient(e.to_string()))?
+        .scrub(&[secret, &encoded]);
     match resp.status {
         200 => parse_token(&resp.body, now),
         300..=399 => Err(AuthError::Redirect { status: resp.status, location: resp.location() }),
@@ -113,6 +113,11 @@ pub fn parse_token(body: &[u8], now: Instant) -> Result<Token, AuthError> {
         .and_then(|t| t.as_str())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| AuthError::Transient("token response has no access_token".into()))?;
+    // It goes into an Authorization header: a token with spaces or control characters could never be sent, and
+    // would be cached as fresh until it expires.
+    if !access.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AuthError::Transient("token response has an access_token that cannot be sent in a header".into()));
+    }
     let lifetime = token_lifetime(v.get("expires_in"));
     // The lifetime is at most a day; an Instant that cannot hold a day more is read as "expires now".
     let expires_at = now.checked_add(lifetime).unwrap_or(now);
@@ -161,6 +166,8 @@ mod tests {
         assert!(t.fresh(now, Duration::from_secs(120)));
         assert!(!t.fresh(now + Duration::from_secs(500), Duration::from_secs(120)));
         assert!(parse_token(b"{}", now).is_err());
+        assert!(parse_token(b"{\"access_token\":\"a\\r\\nX-Evil: 1\"}", now).is_err());
+        assert!(parse_token(b"{\"access_token\":\"a b\"}", now).is_err());
         assert!(parse_token(b"not json", now).is_err());
         assert!(!format!("{t:?}").contains("abc"));
     }

@@ -180,11 +180,9 @@ pub fn fetch_page(
 
 fn post(http: &Http, url: &str, token: &Token, body: Vec<u8>) -> Result<Response, HttpError> {
     let bearer = format!("Bearer {}", token.access.expose());
-    http.post(
-        url,
-        &[("Authorization", &bearer), ("Content-Type", "application/json"), ("Accept", "application/json")],
-        body,
-    )
+    let headers =
+        [("Authorization", bearer.as_str()), ("Content-Type", "application/json"), ("Accept", "application/json")];
+    http.post(url, &headers, body).map(|r| r.scrub(&[token.access.expose()]))
 }
 
 /// Maps a response to a page or an error. Pure.

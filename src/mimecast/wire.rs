@@ -6,12 +6,16 @@ use sha2::{Digest, Sha256};
 use super::Feed;
 use super::window::Window;
 use crate::datetime;
+use crate::http::printable;
 
 /// One parsed page of a feed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
     pub records: Vec<Value>,
     pub next: Option<String>,
+    /// Characters that no JSON parser accepts (invalid UTF-8, unpaired UTF-16 surrogates) were replaced with
+    /// U+FFFD to read this page: how many.
+    pub repaired: usize,
 }
 
 impl Page {
@@ -57,7 +61,19 @@ pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&s
 /// are ever returned as records, and anything that does not look like the documented envelope is `Malformed`
 /// (a failed call, retried), never a last page.
 pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
-    let doc: Value = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    // A serializer that cut a string inside an emoji (an unpaired surrogate) or wrote Latin-1 makes the whole page
+    // unreadable, and a page that is never read stops its feed for good: read such a page with the offending
+    // characters replaced, and say so, rather than stall.
+    let (doc, repaired): (Value, usize) = match serde_json::from_slice(body) {
+        Ok(doc) => (doc, 0),
+        Err(e) => {
+            let (text, repaired) = repair(body);
+            match serde_json::from_str(&text) {
+                Ok(doc) if repaired > 0 => (doc, repaired),
+                _ => return Err(WireError::Malformed(e.to_string())),
+            }
+        }
+    };
     let obj = doc.as_object().ok_or_else(|| malformed("not a JSON object"))?;
     match obj.get("fail") {
         Some(Value::Array(fails)) if !fails.is_empty() => return Err(failure(fails)),
@@ -78,7 +94,7 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
         None => objects(data.iter(), "data[]")?,
         Some(key) => unwrap_records(feed, key, data)?,
     };
-    Ok(Page { records, next: next_token(meta)? })
+    Ok(Page { records, next: next_token(meta)?, repaired })
 }
 
 fn malformed(m: &str) -> WireError {
@@ -153,8 +169,8 @@ fn failure(fails: &[Value]) -> WireError {
     for f in fails.iter().take(10) {
         for e in f.get("errors").and_then(Value::as_array).into_iter().flatten().take(10) {
             retryable |= e.get("retryable").and_then(Value::as_bool).unwrap_or(false);
-            let code: String = e.get("code").and_then(Value::as_str).unwrap_or("?").chars().take(100).collect();
-            let msg: String = e.get("message").and_then(Value::as_str).unwrap_or("").chars().take(300).collect();
+            let code = printable(e.get("code").and_then(Value::as_str).unwrap_or("?"), 100);
+            let msg = printable(e.get("message").and_then(Value::as_str).unwrap_or(""), 300);
             parts.push(format!("{code}: {msg}"));
             codes.push(code);
         }
@@ -163,6 +179,45 @@ fn failure(fails: &[Value]) -> WireError {
         parts.push(format!("{} fail[] item(s) without errors", fails.len()));
     }
     WireError::Failed { retryable, code: codes.join("; "), message: parts.join("; ") }
+}
+
+/// The body as text with invalid UTF-8 and unpaired `\uD800`..`\uDFFF` escapes replaced by U+FFFD, and how
+/// many were replaced. A backslash only ever appears inside a JSON string, so escapes can be read without
+/// tracking strings.
+fn repair(body: &[u8]) -> (String, usize) {
+    let lossy = String::from_utf8_lossy(body);
+    let mut repaired = if std::str::from_utf8(body).is_err() { lossy.matches('\u{fffd}').count().max(1) } else { 0 };
+    let text = lossy.as_ref();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let surrogate = |s: &str| -> Option<u16> {
+        let hex = s.get(2..6)?;
+        let v = u16::from_str_radix(hex, 16).ok()?;
+        (s.starts_with("\\u") && (0xD800..=0xDFFF).contains(&v)).then_some(v)
+    };
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        match surrogate(rest) {
+            Some(0xD800..=0xDBFF) if surrogate(&rest[6..]).is_some_and(|lo| lo >= 0xDC00) => {
+                out.push_str(&rest[..12]);
+                rest = &rest[12..];
+            }
+            Some(_) => {
+                out.push_str("\\ufffd");
+                rest = &rest[6..];
+                repaired += 1;
+            }
+            None => {
+                // Any other escape: copy the backslash and the escaped character as they are.
+                let n = rest[1..].chars().next().map_or(1, |c| 1 + c.len_utf8());
+                out.push_str(&rest[..n]);
+                rest = &rest[n..];
+            }
+        }
+    }
+    out.push_str(rest);
+    (out, repaired)
 }
 
 /// The stable per-record key: the feed's id where it has one, plus a SHA-256 of the canonical JSON (content with
@@ -267,6 +322,24 @@ mod tests {
         );
         let body = r#"{"fail":[{"errors":[{"code":"bad","message":"no","retryable":false}]}]}"#;
         assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Failed { retryable: false, .. })));
+    }
+
+    #[test]
+    fn unreadable_characters_are_replaced_not_a_stalled_feed() {
+        let page =
+            |s: &[u8]| parse_page(Feed::Audit, &[br#"{"meta":{},"data":[{"id":"a","s":""#, s, br#""}]}"#].concat());
+        for (bad, want) in [
+            (&br"\ud83d"[..], "\u{fffd}"),
+            (&br"x\udc00y"[..], "x\u{fffd}y"),
+            (&b"caf\xe9"[..], "caf\u{fffd}"),
+            (&br"\ud83d\ude00 ok \\ud83d"[..], "\u{1f600} ok \\ud83d"),
+        ] {
+            let p = page(bad).unwrap_or_else(|e| panic!("{bad:?}: {e}"));
+            assert_eq!(p.records[0]["s"], want, "{bad:?}");
+        }
+        assert_eq!(page(br"\ud83d").unwrap().repaired, 1);
+        assert_eq!(page(br"\ud83d\ude00").unwrap().repaired, 0);
+        assert!(page(br"\ud83d\u").is_err(), "other damage is still an error");
     }
 
     #[test]
