@@ -17,6 +17,16 @@ pub struct Response {
 }
 
 impl Response {
+    /// A response built by hand, for unit tests of the code that reads responses.
+    #[cfg(test)]
+    pub(crate) fn fake(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
+        Response {
+            status,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }

@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bin::{cmd, no_secret, run, signal, wait_for, write_config};
+use common::bin::{cmd, no_secret, run, signal, status_json, wait_for, write_config};
 use common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
-use serde_json::Value;
 
 /// A small tmpfs, unmounted when dropped; `None` (with the reason printed) where this machine refuses to mount.
 struct SmallDisk(PathBuf);
@@ -39,12 +38,6 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-fn status_json(config: &str) -> Value {
-    let (code, out, err) = run(&["status", "--json", "--config", config]);
-    assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&out).unwrap()
 }
 
 #[test]
@@ -118,6 +111,18 @@ fn a_database_locked_by_another_process_is_waited_for_not_fatal() {
     assert_delivered_once(&rig.dd, &expected);
 }
 
+/// `run --once` as user nobody: its exit code and stderr.
+fn once_as_nobody(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::bin::BIN, "run", "--once", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn a_queue_this_user_may_not_write_names_the_path_and_the_user() {
     let rig = Rig::new();
@@ -133,30 +138,16 @@ fn a_queue_this_user_may_not_write_names_the_path_and_the_user() {
         return;
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::bin::BIN, "run", "--once", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(70), "{err}");
+    let (code, err) = once_as_nobody(&path);
+    assert_eq!(code, Some(70), "{err}");
     assert!(err.contains(&rig.dir.path().display().to_string()), "{err}");
     assert!(err.contains("nobody") && err.contains("65534"), "{err}");
 
     // The directory writable (the lock file can be made), the database file not: SQLite would open it read-only
     // and fail at the first write with no path; the agent says which file and which user.
     std::fs::set_permissions(rig.dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::bin::BIN, "run", "--once", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(70), "{err}");
+    let (code, err) = once_as_nobody(&path);
+    assert_eq!(code, Some(70), "{err}");
     assert!(err.contains(&rig.db_path().display().to_string()) && err.contains("cannot be written"), "{err}");
     assert!(err.contains("nobody") && err.contains("65534"), "{err}");
 }

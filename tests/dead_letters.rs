@@ -6,35 +6,17 @@
 mod common;
 
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::Rig;
+use common::bin::{run, status_json, write_config};
 use mimecast_forwarder::config::WhenFull;
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::mimecast::window::Window;
 use mimecast_forwarder::store::{NewRecord, PageCommit, Store};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mimecast-forwarder");
-
-fn command(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args).env_remove("MIMECAST_FORWARDER_CONFIG").env("RUST_LOG", "warn").stdin(Stdio::null());
-    c
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let Output { status, stdout, stderr } = command(args).output().unwrap();
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
-}
-
-fn write_config(rig: &Rig, name: &str, extra: &[(&str, &str)]) -> PathBuf {
-    let path = rig.dir.path().join(name);
-    std::fs::write(&path, rig.config_text(extra)).unwrap();
-    path
-}
 
 /// Commits `n` audit records to the queue at `path`; returns their sequence numbers.
 fn queue_records(path: &Path, n: usize, size: usize) -> (Store, Vec<i64>) {
@@ -59,16 +41,10 @@ fn queue_records(path: &Path, n: usize, size: usize) -> (Store, Vec<i64>) {
     (store, seqs)
 }
 
-fn status_json(config: &str) -> Value {
-    let (code, out, err) = run(&["status", "--json", "--config", config]);
-    assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
 #[test]
 fn list_requeue_and_status_agree() {
     let rig = Rig::new();
-    let config = write_config(&rig, "config.toml", &[]);
+    let config = write_config(&rig, &[]);
     let c = config.to_str().unwrap();
     assert_eq!(run(&["dead-letters", "list", "--config", c]).0, 66, "no queue database yet");
 
@@ -124,13 +100,13 @@ fn list_requeue_and_status_agree() {
 #[test]
 fn requeue_waits_out_another_writer() {
     let rig = Rig::new();
-    let config = write_config(&rig, "config.toml", &[]);
+    let config = write_config(&rig, &[]);
     let (mut store, seqs) = queue_records(&rig.db_path(), 1, 10);
     store.dead_letter(seqs[0], "HTTP 400", 1).unwrap();
     // Like `run` in the middle of a commit: the write lock is held for a moment.
     let other = rusqlite::Connection::open(rig.db_path()).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let child = command(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
+    let child = common::bin::cmd(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -157,7 +133,7 @@ fn status_on_a_database_damaged_in_the_middle_exits_70() {
     let db = rig.dir.path().join("damaged/queue.db");
     std::fs::create_dir_all(db.parent().unwrap()).unwrap();
     damaged_queue(&db);
-    let config = write_config(&rig, "damaged.toml", &[("queue", &format!("path = {:?}", db.display().to_string()))]);
+    let config = write_config(&rig, &[("queue", &format!("path = {:?}", db.display().to_string()))]);
     let c = config.to_str().unwrap();
     for args in
         [&["status", "--config", c][..], &["status", "--json", "--config", c], &["dead-letters", "list", "--config", c]]

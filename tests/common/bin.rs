@@ -71,3 +71,10 @@ pub fn stderr_lines(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<String
     });
     log
 }
+
+/// `status --json`, which must succeed.
+pub fn status_json(config: &str) -> serde_json::Value {
+    let (code, out, err) = run(&["status", "--json", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
