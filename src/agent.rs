@@ -209,8 +209,7 @@ struct Agent {
     /// `--once`: a feed or the intake gave up this pass.
     gave_up: bool,
     trouble: Option<Trouble>,
-    /// The most WAL a page commit has taken so far (doubled after one failed for want of space): how much room
-    /// the next one may need.
+    /// The most WAL a page commit has taken so far: how much room the next one may need.
     page_wal: u64,
 }
 
@@ -535,7 +534,15 @@ impl Agent {
             // Fold the WAL into the database while the free space can still take it.
             self.store.checkpoint()?;
         }
-        let space = self.store.space()?;
+        let mut space = self.store.space()?;
+        if space.fs_free.is_some_and(|f| f < space.wal + need(space)) && space.reusable > 0 {
+            // Delivery emptied pages inside the file, but the WAL needs room on the filesystem: give free pages
+            // back, a step that the free space can take (moving a page costs a WAL frame).
+            let step = space.fs_free.unwrap_or(0) / 2;
+            if self.store.release_free_pages(step.min(space.reusable))? {
+                space = self.store.space()?;
+            }
+        }
         let free = space.fs_free.unwrap_or(free);
         if free >= space.wal + need(space) {
             return Ok(true);
@@ -735,9 +742,6 @@ impl Agent {
                     self.cfg.queue.max_bytes,
                     self.cfg.queue.when_full,
                 );
-                if committed.as_ref().is_err_and(StoreError::is_disk_full) {
-                    self.page_wal = self.page_wal.saturating_mul(2);
-                }
                 let out = committed?;
                 self.page_wal = self.page_wal.max(self.store.space()?.wal.saturating_sub(wal_before));
                 self.store_recovered()?;

@@ -178,6 +178,22 @@ impl Store {
         self.read(|conn| conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL"))
     }
 
+    /// Gives up to `max_bytes` of free pages back to the filesystem: the file shrinks at the checkpoint that
+    /// follows. Queues created before incremental vacuum was enabled keep their free pages (a `VACUUM` by hand,
+    /// with the service stopped, enables it). Returns whether this queue can release pages at all.
+    pub fn release_free_pages(&self, max_bytes: u64) -> Result<bool, StoreError> {
+        self.read(|conn| {
+            let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).ctx("reading auto_vacuum")?;
+            if mode != 2 {
+                return Ok(false);
+            }
+            let pages = (max_bytes / 4096).max(1);
+            conn.execute_batch(&format!("PRAGMA incremental_vacuum({pages})")).ctx("releasing free pages")?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL")?;
+            Ok(true)
+        })
+    }
+
     /// How long a statement waits for another process's lock before giving [`StoreError::Busy`] (5 s unless
     /// changed; tests shorten it).
     pub fn set_busy_timeout(&self, timeout: Duration) -> Result<(), StoreError> {
@@ -220,6 +236,11 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let version = schema_version(conn)?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::TooNew { path: path.into(), version });
+    }
+    if version == 0 {
+        // Before the first table: free pages can then be given back to the filesystem (`release_free_pages`),
+        // which a queue on a nearly full disk needs once delivery has emptied it.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").ctx("enabling incremental vacuum")?;
     }
     for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.unchecked_transaction().ctx("starting migration")?;
