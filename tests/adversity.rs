@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bin::{cmd, no_secret, run, signal, status_json, wait_for, write_config};
+use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, status_json, wait_for, write_config};
 use common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
 
@@ -50,7 +50,7 @@ fn a_full_disk_pauses_polling_delivery_frees_space_and_nothing_is_lost() {
     let path = write_config(&rig, &[("queue", &queue), ("mimecast", "page_size = 100")]);
     let p = path.to_str().unwrap();
     rig.dd.set_down(Some(503));
-    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
     let log = common::bin::stderr_lines(&mut child);
     wait_for("the disk to fill", Duration::from_secs(60), || log.lock().unwrap().contains("disk full"));
     std::thread::sleep(Duration::from_millis(500));
@@ -59,7 +59,7 @@ fn a_full_disk_pauses_polling_delivery_frees_space_and_nothing_is_lost() {
     // A restart while the disk is full starts and keeps going too (systemd would restart a crashed one).
     signal(&child, "-KILL");
     child.wait().unwrap();
-    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
     let log = common::bin::stderr_lines(&mut child);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(child.try_wait().unwrap().is_none(), "restarted on a full disk:\n{}", log.lock().unwrap());
@@ -98,7 +98,7 @@ fn a_database_locked_by_another_process_is_waited_for_not_fatal() {
     // A backup or `sqlite3` by hand holds the write lock for longer than the agent's 5 s busy timeout.
     let holder = rusqlite::Connection::open(rig.db_path()).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
     let log = common::bin::stderr_lines(&mut child);
     wait_for("the lock to be noticed", Duration::from_secs(20), || log.lock().unwrap().contains("locked"));
     std::thread::sleep(Duration::from_secs(1));

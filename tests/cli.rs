@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::bin::{cmd, no_secret, run, signal, wait_for, write_config};
+use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, wait_for, write_config};
 use common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::sim::datadog as dd;
@@ -115,7 +115,7 @@ fn sigterm_stops_cleanly_status_works_meanwhile_and_a_restart_carries_on() {
     let path = write_config(&rig, &[]);
     let p = path.to_str().unwrap();
     rig.dd.set_down(Some(503)); // Records pile up in the queue while `run` runs.
-    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
     wait_for("the queue to fill", Duration::from_secs(20), || {
         rig.db_path().exists() && run(&["status", "--json", "--config", p]).1.contains("\"records\":900")
     });
@@ -170,7 +170,7 @@ fn waiting_on_a_stalled_intake_or_a_full_queue_burns_no_cpu() {
     rig.add_records(&Feed::ALL, 100, 500);
     let path = write_config(&rig, &[("queue", "max_bytes = 20000")]);
     rig.dd.fault(dd::Fault::Stall(Duration::from_secs(6)));
-    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn_daemon();
     // The queue fills up to max_bytes (polling pauses) while the first send hangs.
     wait_for("the stalled send", Duration::from_secs(10), || rig.dd.requests() >= 1);
     std::thread::sleep(Duration::from_millis(300));
@@ -189,7 +189,7 @@ fn sigterm_lets_the_send_in_flight_finish_so_nothing_is_sent_twice() {
     let expected = rig.add_records(&[Feed::Audit], 300, 500);
     let path = write_config(&rig, &[]);
     rig.dd.fault(dd::Fault::Delay(Duration::from_millis(1500)));
-    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn_daemon();
     wait_for("the slow send", Duration::from_secs(10), || rig.dd.requests() >= 1);
     let start = Instant::now();
     signal(&child, "-TERM");
@@ -213,7 +213,7 @@ fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
     rig.dd.refuse_connections(true);
     // Pages 1..4 are served; the 5th request hangs, and the process is killed while waiting for it.
     rig.mc.fault_after(Some(Feed::TtpUrl), 4, Fault::Stall(Duration::from_secs(20)));
-    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn_daemon();
     wait_for("the 5th page request", Duration::from_secs(20), || rig.mc.requests().len() >= 5);
     signal(&child, "-KILL");
     child.wait().unwrap();
@@ -269,7 +269,7 @@ fn repeated_kill_9_at_random_moments_under_faults_loses_nothing() {
                 drops_after_accept += 1;
             }
         }
-        let mut child = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn_daemon();
         std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
         signal(&child, "-KILL");
         child.wait().unwrap();
@@ -297,7 +297,7 @@ fn a_second_run_on_the_same_queue_is_refused_with_75_and_names_the_holder() {
     let path = write_config(&rig, &[]);
     let p = path.to_str().unwrap();
     rig.dd.set_down(Some(503));
-    let mut daemon = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn().unwrap();
+    let mut daemon = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn_daemon();
     wait_for("the daemon to take the queue", Duration::from_secs(10), || rig.mc.requests().len() >= 6);
     for args in [vec!["run", "--once", "--config", p], vec!["run", "--config", p]] {
         let start = Instant::now();
@@ -359,7 +359,7 @@ fn sighup_reads_the_config_again_and_a_bad_one_is_refused() {
     let rig = Rig::new();
     rig.add_records(&[Feed::Audit], 20, 300);
     let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
-    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn_daemon();
     wait_for("the first delivery", Duration::from_secs(10), || rig.dd.accepted_count() >= 20);
 
     // A bad config: refused, the daemon goes on.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::bin::{cmd, no_secret, run, signal, stderr_lines, wait_for, write_config};
+use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, stderr_lines, wait_for, write_config};
 use common::{Rig, assert_delivered_once, fast_tuning, queue_direct, run_daemon_until};
 use mimecast_forwarder::agent::{self, Mode, Outcome, Tuning};
 use mimecast_forwarder::config::{Config, HttpConfig};
@@ -89,7 +89,7 @@ fn absurd_retry_after_and_token_lifetime_do_not_crash_the_binary() {
     rig.dd.fault(DdFault::RetryAfterRaw("18446744073709551615".into()));
     let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\", \"dlp\"]")]);
     let p = path.to_str().unwrap();
-    let mut child = cmd(&["run", "--once", "--config", p]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", "--once", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
     let log = stderr_lines(&mut child);
     let mut exited = None;
     wait_for("the 429 to be handled", Duration::from_secs(30), || {

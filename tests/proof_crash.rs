@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::Rig;
-use common::bin::{cmd, signal, wait_for, write_config};
+use common::bin::{SpawnDaemon, cmd, signal, wait_for, write_config};
 use mimecast_forwarder::datadog::batch::MAX_LOGS;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, DatadogSim, record_keys};
@@ -262,7 +262,7 @@ fn inject_mimecast_faults(rig: &Rig, rng: &mut fastrand::Rng, k: usize) {
 /// Runs the daemon for 100–600 ms, kills it with SIGKILL, lets the intake answer what it was holding, and
 /// reads the queue the process left.
 fn kill_once(rig: &Rig, config: &str, rng: &mut fastrand::Rng, intake: &mut Intake, log: &File) -> Kill {
-    let mut child = cmd(&["run", "--config", config]).stderr(log.try_clone().unwrap()).spawn().unwrap();
+    let mut child = cmd(&["run", "--config", config]).stderr(log.try_clone().unwrap()).spawn_daemon();
     std::thread::sleep(Duration::from_millis(rng.u64(100..600)));
     let batches = rig.dd.batches().len();
     let killed_at = Instant::now();

@@ -78,3 +78,38 @@ pub fn status_json(config: &str) -> serde_json::Value {
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).unwrap()
 }
+
+/// A spawned agent that is killed when dropped, so that a failing test never leaves a daemon behind (one would
+/// hold the test run's output pipe open, and CI would wait for it forever).
+pub struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `Command::spawn` into a [`Daemon`].
+pub trait SpawnDaemon {
+    fn spawn_daemon(&mut self) -> Daemon;
+}
+
+impl SpawnDaemon for Command {
+    fn spawn_daemon(&mut self) -> Daemon {
+        Daemon(self.spawn().expect("the agent starts"))
+    }
+}
