@@ -592,11 +592,18 @@ impl Agent {
         feeds.chain(sink).min().unwrap_or(now + Duration::from_secs(60)).max(now)
     }
 
-    /// `--once`: every feed finished its pass and the queue is empty or Datadog gave up.
-    fn pass_over(&self) -> anyhow::Result<bool> {
-        let stuck = self.paused && self.sink.done;
-        let feeds_done = stuck || self.feeds.iter().all(|f| f.done);
+    /// `--once`: every feed finished its pass and the queue is empty or Datadog gave up. Polling that waits for
+    /// delivery to make room (a full queue or disk) is over too once delivery cannot make any: the intake gave up,
+    /// or, for a disk, the queue is empty and what fills the disk is not ours (a pass that gives up).
+    fn pass_over(&mut self) -> anyhow::Result<bool> {
         let queue_empty = self.store.counters()?.queue_records == 0 && self.sink.splits.is_empty();
+        let disk_full = self.trouble.as_ref().is_some_and(|t| t.disk_full);
+        let stuck = (self.paused || disk_full) && (self.sink.done || queue_empty);
+        if stuck && disk_full {
+            log::error!("polling stopped for this pass: the disk stays full with nothing left to deliver");
+            self.gave_up = true;
+        }
+        let feeds_done = stuck || self.feeds.iter().all(|f| f.done);
         Ok(feeds_done && (self.sink.done || queue_empty))
     }
 

@@ -177,3 +177,18 @@ fn damage_in_the_middle_of_the_queue_is_reported_with_what_to_do() {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("damaged"), "{err}");
 }
+
+#[test]
+fn once_on_a_disk_too_full_for_a_page_ends_and_says_so() {
+    let rig = Rig::new();
+    let Some(disk) = SmallDisk::mount(&rig.dir.path().join("tiny"), "400k") else { return };
+    rig.add_records(&[Feed::Audit], 50, 300);
+    let queue = format!("path = {:?}", disk.0.join("queue.db").display().to_string());
+    let path = write_config(&rig, &[("queue", &queue), ("mimecast", "log_types = [\"audit\"]")]);
+    let started = Instant::now();
+    let (code, _, err) = run(&["run", "--once", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("disk full") && err.contains("queue.db"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "the pass ended instead of waiting for space");
+    assert_eq!(rig.mc.requests().len(), 0, "no page fetched that could not be stored");
+}
