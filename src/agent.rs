@@ -211,6 +211,12 @@ struct Agent {
     trouble: Option<Trouble>,
     /// The most WAL a page commit has taken so far: how much room the next one may need.
     page_wal: u64,
+    /// A "disk full" note for `status` may be stored: clear it at the next page committed.
+    disk_note: bool,
+    /// Bumped when a reload changes the Mimecast credentials; a fetch started under other ones brings back a
+    /// token that is not kept.
+    creds_generation: u64,
+    fetch_generation: u64,
 }
 
 /// SIGHUP's socket and the config file it makes the agent read again (`systemctl reload`).
@@ -247,7 +253,7 @@ pub async fn run_with_reload(
             .and_then(|store| Agent::new(cfg.clone(), tuning.clone(), mode, store, http.clone()));
         match opened {
             Ok(agent) => break agent,
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() && (mode == Mode::Daemon || failures + 1 < tuning.once_attempts) => {
                 failures += 1;
                 let delay = tuning.mimecast_backoff.next(failures);
                 log::warn!("{e}; trying again in {:.1}s", delay.as_secs_f64());
@@ -260,7 +266,7 @@ pub async fn run_with_reload(
                     false
                 });
                 if stopped.await {
-                    return Ok(Outcome { queued: 0, gave_up: true });
+                    return Ok(Outcome { queued: 0, gave_up: false });
                 }
             }
             Err(e) => return Err(e.into()),
@@ -299,6 +305,9 @@ impl Agent {
             gave_up: false,
             trouble: None,
             page_wal: 256 * 1024,
+            disk_note: true,
+            creds_generation: 0,
+            fetch_generation: 0,
         })
     }
 
@@ -360,12 +369,12 @@ impl Agent {
                 Event::Fetched(req, f) => {
                     fetch = None;
                     let handled = self.on_fetched(req, f);
-                    self.absorb(handled, now)?;
+                    self.absorb(handled, Instant::now())?;
                 }
                 Event::Sent(b, s) => {
                     send = None;
                     let handled = self.on_sent(b, s);
-                    self.absorb(handled, now)?;
+                    self.absorb(handled, Instant::now())?;
                 }
                 Event::Wake => {}
                 Event::Reload => {
@@ -434,15 +443,26 @@ impl Agent {
         };
         let now = Instant::now();
         let start = self.tuning.clock.now() - cfg.mimecast.initial_lookback_secs as i64;
+        // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed.
+        for &feed in cfg.mimecast.feeds.iter().filter(|f| !self.feeds.iter().any(|s| s.feed == **f)) {
+            if let Err(e) = self.store.init_cursor(feed, start) {
+                if e.is_transient() {
+                    refuse(&e);
+                    return Ok(());
+                }
+                return Err(e.into());
+            }
+        }
         let mut feeds = Vec::new();
         for &feed in &cfg.mimecast.feeds {
             match self.feeds.iter().position(|f| f.feed == feed) {
                 Some(i) => feeds.push(self.feeds.swap_remove(i)),
-                None => {
-                    self.store.init_cursor(feed, start)?;
-                    feeds.push(FeedState::new(feed, now));
-                }
+                None => feeds.push(FeedState::new(feed, now)),
             }
+        }
+        // A feed waiting out a slow retry (refused credentials, a permission) tries again with the new config.
+        for f in feeds.iter_mut().filter(|f| f.failures > 0) {
+            (f.due, f.failures) = (now, 0);
         }
         let creds = Credentials::of(&cfg.mimecast);
         if creds.base_url != self.creds.base_url
@@ -450,6 +470,7 @@ impl Agent {
             || creds.client_secret != self.creds.client_secret
         {
             self.token = None;
+            self.creds_generation += 1;
         }
         self.feeds = feeds;
         self.creds = creds;
@@ -482,13 +503,18 @@ impl Agent {
             // Something else filled the disk: the WAL may hold space that a checkpoint gives back.
             let _ = self.store.checkpoint();
             self.disk_full(&msg, now);
+            // If the send path failed (a dead letter that did not fit), it must not retry at once, again and again.
+            self.sink.failures += 1;
+            let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+            self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
             return Ok(None);
         }
         let t = self.trouble.get_or_insert(Trouble { until: now, failures: 0, disk_full: false });
         t.failures += 1;
-        let delay = self.tuning.mimecast_backoff.next(t.failures);
+        let (delay, failures) = (self.tuning.mimecast_backoff.next(t.failures), t.failures);
         t.until = now + delay;
         log::warn!("{store_error}; retrying in {:.1}s", delay.as_secs_f64());
+        self.give_up_polling_if_once(failures);
         // The send path shares the database: give it the same pause.
         self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
         Ok(None)
@@ -514,8 +540,21 @@ impl Agent {
         } else {
             log::debug!("{msg}");
         }
+        let failures = t.failures;
+        self.give_up_polling_if_once(failures);
         // Recorded for `status` if the disk still takes this small write; status also reads the free space.
         let _ = self.store.set_state("disk_full", &format!("{} {msg}", self.tuning.clock.now()));
+        self.disk_note = true;
+    }
+
+    /// `--once` does not wait on the store for ever: after as many failures as a feed may have, polling stops for
+    /// this pass (delivery goes on where it can), and the pass says so with exit 69 or 75.
+    fn give_up_polling_if_once(&mut self, failures: u32) {
+        if self.mode == Mode::Once && failures >= self.tuning.once_attempts && self.feeds.iter().any(|f| !f.done) {
+            log::error!("polling stops for this pass: the queue database could not take pages {failures} times");
+            self.feeds.iter_mut().for_each(|f| f.done = true);
+            self.gave_up = true;
+        }
     }
 
     /// Whether the queue's filesystem has room for another page and what follows it. A page first grows the
@@ -569,11 +608,12 @@ impl Agent {
 
     /// A page was committed: the store's trouble is over.
     fn store_recovered(&mut self) -> anyhow::Result<()> {
-        if let Some(t) = self.trouble.take() {
+        if self.trouble.take().is_some() {
             log::info!("queue database takes pages again: polling resumed");
-            if t.disk_full {
-                self.store.set_state("disk_full", "")?;
-            }
+        }
+        // The note may be left from an earlier run, even when this one never saw the disk full.
+        if std::mem::take(&mut self.disk_note) {
+            self.remember("disk_full", "")?;
         }
         Ok(())
     }
@@ -675,6 +715,7 @@ impl Agent {
             let req = PageRequest { feed, window, page_token, page_size: self.cfg.mimecast.page_size };
             let (http, creds, token, margin) =
                 (self.http.clone(), self.creds.clone(), self.token.clone(), self.tuning.token_margin);
+            self.fetch_generation = self.creds_generation;
             return Ok(Some(smol::unblock(move || {
                 let f = client::fetch_page(&http, &creds, token, &req, margin);
                 (req, f)
@@ -692,7 +733,7 @@ impl Agent {
     }
 
     fn on_fetched(&mut self, req: PageRequest, fetched: Fetched) -> anyhow::Result<()> {
-        if let Some(t) = fetched.new_token {
+        if let Some(t) = fetched.new_token.filter(|_| self.fetch_generation == self.creds_generation) {
             self.token = Some(t);
         }
         let Some(i) = self.feeds.iter().position(|f| f.feed == req.feed) else {
@@ -751,7 +792,6 @@ impl Agent {
                 );
                 let out = committed?;
                 self.page_wal = self.page_wal.max(self.store.space()?.wal.saturating_sub(wal_before));
-                self.store_recovered()?;
                 if out.dropped > 0 {
                     log::warn!(
                         "queue full: dropped the {} oldest records (when_full = \"drop-oldest\"); {} dropped in total",
@@ -773,6 +813,7 @@ impl Agent {
                 } else if let Some(next) = &commit.next_token {
                     self.feeds[i].tokens.insert(next.clone());
                 }
+                self.store_recovered()?;
             }
             Err(e) => self.fetch_failed(i, &req, e, now)?,
         }
@@ -905,8 +946,12 @@ impl Agent {
             let built = logobj::build(q.feed, &q.body, q.event_time, &self.shape, now);
             if built.json.len() > MAX_LOG_BYTES {
                 let reason = format!("log of {} bytes exceeds Datadog's 1 MB limit; not sent", built.json.len());
-                log::error!("{}: record {} {reason}; kept as a dead letter", q.feed, q.key);
                 self.store.dead_letter(q.seq, &reason, now)?;
+                log::error!(
+                    "{}: record {} {reason}; kept as a dead letter",
+                    q.feed,
+                    crate::http::printable(&q.key, 200)
+                );
                 continue;
             }
             if !packer.try_add(built.json.len()) {
@@ -999,6 +1044,11 @@ impl Agent {
                 );
                 self.sink.undeleted = Some(b);
                 self.sink.due = Some(now + delay);
+                if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
+                    log::error!("giving up for this pass: the delivered batch will be sent again by the next one");
+                    self.sink.done = true;
+                    self.gave_up = true;
+                }
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -1046,8 +1096,13 @@ impl Agent {
     fn refused(&mut self, b: Batch, sent: &Sent, now: Instant, secs: i64) -> anyhow::Result<()> {
         // A lone log refused on its own has nothing to be compared with: it counts as refused alike too.
         let lone = b.half.is_none() && b.seqs.len() == 1;
-        let alike = lone || (b.half == Some(true) && self.sink.first_half_refused && !self.sink.bisect_accepted);
+        let alike = lone || (b.half == Some(true) && self.sink.first_half_refused);
         self.sink.first_half_refused = b.half == Some(false);
+        if alike {
+            // Whatever was accepted before, the intake now refuses a whole pair: it may refuse everything (a
+            // proxy, an intake change). Nothing becomes a dead letter until a piece is accepted again.
+            self.sink.bisect_accepted = false;
+        }
         if b.seqs.len() == 1 && self.sink.bisect_accepted {
             let reason = format!("Datadog refused this log: {}", sent.detail);
             log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder dead-letters list`)");

@@ -538,7 +538,7 @@ impl Config {
             h.timeout_secs,
             h.proxy
                 .as_deref()
-                .map(|p| format!("{p:?}"))
+                .map(|p| format!("{:?}", crate::http::without_password(p)))
                 .unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
             h.ca_file
                 .as_deref()

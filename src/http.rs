@@ -57,6 +57,16 @@ impl Response {
     }
 }
 
+/// A URL with its `user:password@` part redacted (a proxy URL may carry credentials).
+pub fn without_password(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let host_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..host_end].rfind('@') {
+        Some(at) => format!("{}[redacted]@{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Server text made safe to print: at most `max` characters, control characters (newlines, escape sequences
 /// that could redraw an operator's terminal) shown as spaces.
 pub fn printable(text: &str, max: usize) -> String {
@@ -169,7 +179,8 @@ impl Http {
             .user_agent(concat!("mimecast-forwarder/", env!("CARGO_PKG_VERSION")))
             .max_redirects(0);
         if let Some(proxy) = &cfg.proxy {
-            let p = ureq::Proxy::new(proxy).map_err(|e| HttpError::Setup(format!("proxy {proxy}: {e}")))?;
+            let p = ureq::Proxy::new(proxy)
+                .map_err(|e| HttpError::Setup(format!("proxy {}: {e}", without_password(proxy))))?;
             builder = builder.proxy(Some(p));
         }
         if let Some(path) = &cfg.ca_file {
@@ -248,6 +259,8 @@ mod tests {
         assert!(r.excerpt().contains("client_secret=[redacted]"), "{}", r.excerpt());
         assert!(!r.excerpt().contains(['\x1b', '\x07']), "{:?}", r.excerpt());
         assert_eq!(printable("a\nb\u{9b}c", 10), "a b c");
+        assert_eq!(without_password("http://u:p@proxy:3128/x"), "http://[redacted]@proxy:3128/x");
+        assert_eq!(without_password("http://proxy:3128"), "http://proxy:3128");
     }
 
     #[test]

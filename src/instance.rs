@@ -57,11 +57,16 @@ pub fn lock_path(queue: &Path) -> PathBuf {
 
 /// Takes the queue's lock without waiting, and writes this process's pid and start time into it.
 pub fn acquire(queue: &Path, now: i64) -> Result<Instance, LockError> {
-    let path = lock_path(queue);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = queue.parent().filter(|d| !d.as_os_str().is_empty()) {
         // systemd's StateDirectory= creates the directory in production; this covers tests and manual runs.
         let _ = std::fs::create_dir_all(dir);
     }
+    // One lock per database file, however it is named: a symlink or a relative path finds the same lock.
+    let real = std::fs::canonicalize(queue).ok().or_else(|| {
+        let dir = queue.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Some(std::fs::canonicalize(dir).ok()?.join(queue.file_name()?))
+    });
+    let path = lock_path(real.as_deref().unwrap_or(queue));
     let io = |error| LockError::Io { path: path.clone(), error };
     let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
     match file.try_lock() {
@@ -96,5 +101,16 @@ mod tests {
         assert!(msg.contains("queue.db") && msg.contains(&format!("pid {}", std::process::id())), "{msg}");
         drop(first);
         assert!(acquire(&queue, 0).is_ok());
+    }
+
+    #[test]
+    fn a_symlink_to_the_queue_finds_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("queue.db");
+        std::fs::write(&queue, b"").unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&queue, &link).unwrap();
+        let _first = acquire(&queue, 0).unwrap();
+        assert!(matches!(acquire(&link, 0), Err(LockError::Held { .. })));
     }
 }

@@ -60,7 +60,11 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
             exit::UNAVAILABLE
         }
         Ok(_) => exit::OK,
-        Err(e) if matches!(e.downcast_ref(), Some(mimecast_forwarder::instance::LockError::Held { .. })) => {
+        // Another run holds the queue, or the database stayed locked or the disk full: try again later.
+        Err(e)
+            if matches!(e.downcast_ref(), Some(mimecast_forwarder::instance::LockError::Held { .. }))
+                || e.downcast_ref::<mimecast_forwarder::store::StoreError>().is_some_and(|s| s.is_transient()) =>
+        {
             log::error!("{e:#}");
             exit::TEMP_FAIL
         }

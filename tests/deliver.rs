@@ -314,3 +314,24 @@ fn a_stalled_mimecast_does_not_stall_delivery() {
     assert!(start.elapsed() < Duration::from_secs(3), "delivered in {:?}", start.elapsed());
     assert_delivered_once(&rig.dd, &expected);
 }
+
+#[test]
+fn an_intake_that_starts_refusing_everything_mid_bisection_dead_letters_nothing() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 8, 300));
+    // The batch of 8 is refused, its first half accepted, then the intake refuses every piece that follows
+    // (a proxy, an intake change): B, B1, B2, and the four single logs of B.
+    rig.dd.fault(Fault::Status(400));
+    rig.dd.fault(Fault::Delay(Duration::ZERO));
+    for _ in 0..7 {
+        rig.dd.fault(Fault::Status(400));
+    }
+    let cfg = rig.config(&[]);
+    let mut passes = 0;
+    while rig.once(&cfg).queued > 0 {
+        passes += 1;
+        assert!(passes < 5, "still queued after {passes} passes");
+    }
+    assert_eq!(rig.store().counters().unwrap().dead_letters, 0, "good logs were dead-lettered");
+    assert_delivered_once(&rig.dd, &expected);
+}

@@ -110,6 +110,12 @@ impl Store {
             if conn.is_readonly(rusqlite::MAIN_DB).ctx("opening the queue database")? {
                 return Err(StoreError::ReadOnly { path: path.into(), user: error::process_user() });
             }
+            if schema_version(conn)? == 0 {
+                // Before the first table and before WAL mode writes the header: free pages can then be given
+                // back to the filesystem (`release_free_pages`), which a queue on a nearly full disk needs once
+                // delivery has emptied it.
+                conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").ctx("enabling incremental vacuum")?;
+            }
             setup(conn).ctx("setting up the queue database")?;
             migrate(conn, path)?;
             quick_check(conn, path)
@@ -188,7 +194,10 @@ impl Store {
                 return Ok(false);
             }
             let pages = (max_bytes / 4096).max(1);
-            conn.execute_batch(&format!("PRAGMA incremental_vacuum({pages})")).ctx("releasing free pages")?;
+            // The pragma frees one page per step of its statement: step it to the end.
+            let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})")).ctx("releasing free pages")?;
+            let mut rows = stmt.query([]).ctx("releasing free pages")?;
+            while rows.next().ctx("releasing free pages")?.is_some() {}
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL")?;
             Ok(true)
         })
@@ -237,11 +246,6 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     if version > SCHEMA_VERSION {
         return Err(StoreError::TooNew { path: path.into(), version });
     }
-    if version == 0 {
-        // Before the first table: free pages can then be given back to the filesystem (`release_free_pages`),
-        // which a queue on a nearly full disk needs once delivery has emptied it.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").ctx("enabling incremental vacuum")?;
-    }
     for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.unchecked_transaction().ctx("starting migration")?;
         tx.execute_batch(sql).ctx("migrating the schema")?;
@@ -283,6 +287,41 @@ mod tests {
         let mode: String = s.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         assert!(Store::open_read_only(&path).is_ok());
+    }
+
+    #[test]
+    fn free_pages_go_back_to_the_filesystem() {
+        use crate::config::WhenFull;
+        use crate::mimecast::{Feed, window::Window};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let mut s = Store::open(&path).unwrap();
+        s.init_cursor(Feed::Audit, 0).unwrap();
+        let records = (0..2000)
+            .map(|i| NewRecord {
+                key: format!("k{i}"),
+                event_time: None,
+                body: format!("{{\"p\":\"{}\"}}", "x".repeat(900)),
+            })
+            .collect();
+        let page = PageCommit {
+            feed: Feed::Audit,
+            window: Window { from: 0, to: 1 },
+            next_token: None,
+            records,
+            forget_before: 0,
+        };
+        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause).unwrap();
+        let seqs: Vec<i64> = s.candidates(5000).unwrap()[0].iter().map(|q| q.seq).collect();
+        s.delivered(&seqs, 0, 0, 2).unwrap();
+        s.checkpoint().unwrap();
+        let before = s.space().unwrap().reusable;
+        let size_before = std::fs::metadata(&path).unwrap().len();
+        assert!(before > 1_000_000, "{before}");
+        assert!(s.release_free_pages(before / 2).unwrap());
+        let after = s.space().unwrap().reusable;
+        assert!(after <= before / 2 + 4096, "released {} of {before}", before - after);
+        assert!(std::fs::metadata(&path).unwrap().len() < size_before - before / 3, "the file shrank");
     }
 
     #[test]
