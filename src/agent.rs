@@ -3,7 +3,7 @@
 //! and every task is awaited in the loop below, none detached. Every decision is made on this thread, between
 //! awaits, from one closed set of [`Event`]s.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::io::Read as _;
 use std::os::unix::net::UnixStream;
@@ -20,6 +20,7 @@ use smol::future::FutureExt as _;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::datadog::batch::{self, MAX_LOG_BYTES, MAX_LOGS};
+use crate::datadog::bisect::{Bisection, Half, Piece, Verdict};
 use crate::datadog::disposition::{Disposition, disposition};
 use crate::datadog::logobj::{self, Late, Shape};
 use crate::datadog::sink::{self, Sent};
@@ -123,14 +124,8 @@ struct Batch {
     seqs: Vec<i64>,
     restamped: i64,
     kept: i64,
-    /// A piece of a bisection: `Some(true)` for the second half of a split, `Some(false)` for the first.
-    half: Option<bool>,
-}
-
-/// A piece of a refused batch waiting to be sent on its own.
-struct Piece {
-    seqs: Vec<i64>,
-    second: bool,
+    /// Where the batch stands in a bisection of a refused one.
+    half: Half,
 }
 
 struct FeedState {
@@ -168,13 +163,8 @@ impl FeedState {
 struct SinkState {
     due: Option<Instant>,
     failures: u32,
-    /// Pieces of a refused batch (413, or 400 to isolate a bad log), sent before anything new, oldest split
-    /// first, so that the two halves of a split are always sent one after the other.
-    splits: VecDeque<Piece>,
-    /// Some piece of the bisection in progress was accepted: the intake takes logs, so a refusal is the logs'.
-    bisect_accepted: bool,
-    /// The first half of the current pair was refused.
-    first_half_refused: bool,
+    /// Pieces of a refused batch (413, or 400 to isolate a bad log), sent before anything new.
+    bisection: Bisection,
     /// `--once`: gave up for this pass.
     done: bool,
     /// A batch Datadog accepted whose removal from the queue failed (disk full, database locked): removing it is
@@ -636,7 +626,7 @@ impl Agent {
     /// delivery to make room (a full queue or disk) is over too once delivery cannot make any: the intake gave up,
     /// or, for a disk, the queue is empty and what fills the disk is not ours (a pass that gives up).
     fn pass_over(&mut self) -> anyhow::Result<bool> {
-        let queue_empty = self.store.counters()?.queue_records == 0 && self.sink.splits.is_empty();
+        let queue_empty = self.store.counters()?.queue_records == 0 && !self.sink.bisection.is_active();
         let disk_full = self.trouble.as_ref().is_some_and(|t| t.disk_full);
         let stuck = (self.paused || disk_full) && (self.sink.done || queue_empty);
         if stuck && disk_full {
@@ -902,16 +892,15 @@ impl Agent {
             return Ok(None);
         }
         let mut records = Vec::new();
-        let mut half = None;
-        while let Some(piece) = self.sink.splits.pop_front() {
+        let mut half = Half::Whole;
+        while let Some(piece) = self.sink.bisection.next_piece() {
             records = self.store.load(&piece.seqs)?;
             if !records.is_empty() {
-                half = Some(piece.second);
+                half = piece.half;
                 break;
             }
         }
         if records.is_empty() {
-            self.end_bisection();
             records = batch::fair_order(self.store.candidates(MAX_LOGS)?);
         }
         let had_records = !records.is_empty();
@@ -940,7 +929,7 @@ impl Agent {
     fn pack(&mut self, records: Vec<Queued>) -> anyhow::Result<Option<(Batch, Vec<u8>)>> {
         let now = self.tuning.clock.now();
         let mut logs: Vec<String> = Vec::new();
-        let mut b = Batch { seqs: Vec::new(), restamped: 0, kept: 0, half: None };
+        let mut b = Batch { seqs: Vec::new(), restamped: 0, kept: 0, half: Half::Whole };
         let mut packer = batch::Packer::default();
         for q in records {
             let built = logobj::build(q.feed, &q.body, q.event_time, &self.shape, now);
@@ -977,15 +966,15 @@ impl Agent {
         let secs = self.tuning.clock.now();
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
-                if b.half.is_some() {
-                    self.sink.bisect_accepted = true;
-                    self.sink.first_half_refused = false;
-                }
+                let proven_bad = self.sink.bisection.accepted(b.half);
                 self.remove_delivered(b, now)?;
+                // The refused first half of this pair: its sibling is accepted, so the fault is in it.
+                let detail = "refused on its own while the rest of its batch was accepted";
+                self.dead_letters(&proven_bad, detail, now, secs)?;
             }
             Disposition::Split | Disposition::DeadLetter => self.refused(b, &sent, now, secs)?,
             Disposition::Hold => {
-                self.put_back(b);
+                self.sink.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
                 self.sink.failures += 1;
                 let msg = format!(
                     "Datadog refused the API key or the intake URL ({}); every record stays queued; fix datadog.api_key \
@@ -999,7 +988,7 @@ impl Agent {
                 self.sink.done = self.mode == Mode::Once;
             }
             Disposition::Retry(after) => {
-                self.put_back(b);
+                self.sink.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
                 self.sink.failures += 1;
                 let delay = after.unwrap_or_default().max(self.tuning.datadog_backoff.next(self.sink.failures));
                 log::warn!(
@@ -1085,83 +1074,48 @@ impl Agent {
         Ok(removed)
     }
 
-    /// A 400 or 413: bisect to find the log Datadog refuses, but only while the halves behave differently.
-    ///
-    /// Pieces are sent oldest split first, so the two halves of a split go one after the other. Once any piece
-    /// was accepted, the intake demonstrably takes logs: a refused piece is split again and a refused single log
-    /// is a dead letter. Until then, both halves of a split refused alike means the fault is not in one log (a
-    /// proxy, an intake change): the sink holds and backs off as for a 5xx, nothing becomes a dead letter, and
-    /// the bisection goes one level deeper at the next attempt, so that two bad logs in different halves are
-    /// still found once the rest is accepted.
-    fn refused(&mut self, b: Batch, sent: &Sent, now: Instant, secs: i64) -> anyhow::Result<()> {
-        // A lone log refused on its own has nothing to be compared with: it counts as refused alike too.
-        let lone = b.half.is_none() && b.seqs.len() == 1;
-        let alike = lone || (b.half == Some(true) && self.sink.first_half_refused);
-        self.sink.first_half_refused = b.half == Some(false);
-        if alike {
-            // Whatever was accepted before, the intake now refuses a whole pair: it may refuse everything (a
-            // proxy, an intake change). Nothing becomes a dead letter until a piece is accepted again.
-            self.sink.bisect_accepted = false;
-        }
-        if b.seqs.len() == 1 && self.sink.bisect_accepted {
-            let reason = format!("Datadog refused this log: {}", sent.detail);
+    /// Logs the bisection proved bad: kept in the dead-letter table with the intake's reason.
+    fn dead_letters(&mut self, seqs: &[i64], detail: &str, now: Instant, secs: i64) -> anyhow::Result<()> {
+        let reason = format!("Datadog refused this log: {detail}");
+        for &seq in seqs {
+            self.store.dead_letter(seq, &reason, secs)?;
             log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder dead-letters list`)");
-            self.store.dead_letter(b.seqs[0], &reason, secs)?;
-            self.sink.due = Some(now);
-            return Ok(());
         }
-        if b.seqs.len() == 1 {
-            // Nothing accepted yet: this single log may be as innocent as the rest. Send it again later.
-            if let Some(second) = b.half {
-                self.sink.splits.push_back(Piece { seqs: b.seqs, second });
-            }
-        } else {
-            let mut first = b.seqs;
-            let second = first.split_off(first.len() / 2);
-            log::warn!(
-                "Datadog refused {} logs ({}); sending them as {} + {}",
-                first.len() + second.len(),
-                sent.detail,
-                first.len(),
-                second.len()
-            );
-            self.sink.splits.push_back(Piece { seqs: first, second: false });
-            self.sink.splits.push_back(Piece { seqs: second, second: true });
-        }
-        if !alike {
-            self.sink.due = Some(now);
-            return Ok(());
-        }
-        self.sink.failures += 1;
-        let delay = self.tuning.datadog_backoff.next(self.sink.failures);
-        let msg = format!(
-            "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an intake \
-             change?); the records stay queued, none is dead-lettered; retrying in {:.0}s",
-            sent.detail,
-            delay.as_secs_f64()
-        );
-        log::error!("{msg}");
-        self.remember("datadog_last_error", &format!("{secs} {msg}"))?;
-        self.sink.due = Some(now + delay);
-        if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
-            log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
-            self.sink.done = true;
-            self.gave_up = true;
-        }
+        self.sink.due = Some(now);
         Ok(())
     }
 
-    /// A piece that could not be sent this time goes back to the front, so the bisection resumes where it was.
-    fn put_back(&mut self, b: Batch) {
-        if let Some(second) = b.half {
-            self.sink.splits.push_front(Piece { seqs: b.seqs, second });
+    /// A 400 or 413: the bisection ([`Bisection`]) says whether to go on, hold, or keep one log aside.
+    fn refused(&mut self, b: Batch, sent: &Sent, now: Instant, secs: i64) -> anyhow::Result<()> {
+        let n = b.seqs.len();
+        match self.sink.bisection.refused(Piece { seqs: b.seqs, half: b.half }) {
+            Verdict::DeadLetters(seqs) => self.dead_letters(&seqs, &sent.detail, now, secs)?,
+            Verdict::Continue => {
+                if n > 1 {
+                    log::warn!("Datadog refused {n} logs ({}); sending them in two halves", sent.detail);
+                }
+                self.sink.due = Some(now);
+            }
+            Verdict::Hold => {
+                self.sink.failures += 1;
+                let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+                let msg = format!(
+                    "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an \
+                     intake change?); the records stay queued, none is dead-lettered; retrying in {:.0}s",
+                    sent.detail,
+                    delay.as_secs_f64()
+                );
+                log::error!("{msg}");
+                self.remember("datadog_last_error", &format!("{secs} {msg}"))?;
+                self.sink.due = Some(now + delay);
+                if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
+                    log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
+                    self.sink.done = true;
+                    self.gave_up = true;
+                }
+            }
         }
-    }
-
-    /// The bisection is over: every piece was sent or dead-lettered.
-    fn end_bisection(&mut self) {
-        self.sink.bisect_accepted = false;
-        self.sink.first_half_refused = false;
+        Ok(())
     }
 
     /// One info line per drain: when the queue runs empty, or every `summary_every` while it is busy.

@@ -2,6 +2,7 @@
 //! and the blocking send.
 
 pub mod batch;
+pub mod bisect;
 pub mod disposition;
 pub mod logobj;
 pub mod sink;
