@@ -74,6 +74,9 @@ pub fn printable(text: &str, max: usize) -> String {
 }
 
 fn replace_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
+    if !haystack.windows(needle.len()).any(|w| w == needle) {
+        return haystack.to_vec();
+    }
     let mut out = Vec::with_capacity(haystack.len());
     let mut i = 0;
     while i < haystack.len() {
