@@ -309,14 +309,17 @@ impl Agent {
             let now = Instant::now();
             if fetch.is_none() {
                 let started = self.start_fetch(now);
-                fetch = self.absorb(started, now)?.flatten();
+                fetch = self.absorb(started, now, false)?.flatten();
             }
             if send.is_none() {
                 let started = self.start_send(now);
-                send = self.absorb(started, now)?.flatten();
+                send = self.absorb(started, now, true)?.flatten();
             }
-            if self.mode == Mode::Once && fetch.is_none() && send.is_none() && self.pass_over()? {
-                return Ok(());
+            if self.mode == Mode::Once && fetch.is_none() && send.is_none() {
+                let over = self.pass_over();
+                if self.absorb(over, now, false)? == Some(true) {
+                    return Ok(());
+                }
             }
             let wake = self.next_wake(now, fetch.is_some(), send.is_some());
             let event = async {
@@ -359,12 +362,12 @@ impl Agent {
                 Event::Fetched(req, f) => {
                     fetch = None;
                     let handled = self.on_fetched(req, f);
-                    self.absorb(handled, Instant::now())?;
+                    self.absorb(handled, Instant::now(), false)?;
                 }
                 Event::Sent(b, s) => {
                     send = None;
                     let handled = self.on_sent(b, s);
-                    self.absorb(handled, Instant::now())?;
+                    self.absorb(handled, Instant::now(), true)?;
                 }
                 Event::Wake => {}
                 Event::Reload => {
@@ -383,7 +386,10 @@ impl Agent {
                             None
                         });
                         match done.await {
-                            Some((b, s)) => self.on_sent(b, s)?,
+                            Some((b, s)) => {
+                                let handled = self.on_sent(b, s);
+                                self.absorb(handled, Instant::now(), true)?;
+                            }
                             None => log::warn!(
                                 "shutting down with a Datadog request unanswered: that batch will be sent again"
                             ),
@@ -396,7 +402,10 @@ impl Agent {
                             b.seqs.len()
                         );
                     }
-                    log::info!("shutting down; {} records stay queued", self.store.counters()?.queue_records);
+                    match self.store.counters() {
+                        Ok(c) => log::info!("shutting down; {} records stay queued", c.queue_records),
+                        Err(e) => log::info!("shutting down ({e})"),
+                    }
                     return Ok(());
                 }
             }
@@ -480,7 +489,8 @@ impl Agent {
 
     /// Lets a transient store error (disk full, database locked by another process) pause the agent instead of
     /// ending it; every other error ends the run. Nothing is lost either way: what failed was not committed.
-    fn absorb<T>(&mut self, result: anyhow::Result<T>, now: Instant) -> anyhow::Result<Option<T>> {
+    /// `sending`: the error came from the send path, which must then back off too rather than retry at once.
+    fn absorb<T>(&mut self, result: anyhow::Result<T>, now: Instant, sending: bool) -> anyhow::Result<Option<T>> {
         let e = match result {
             Ok(v) => return Ok(Some(v)),
             Err(e) => e,
@@ -493,10 +503,12 @@ impl Agent {
             // Something else filled the disk: the WAL may hold space that a checkpoint gives back.
             let _ = self.store.checkpoint();
             self.disk_full(&msg, now);
-            // If the send path failed (a dead letter that did not fit), it must not retry at once, again and again.
-            self.sink.failures += 1;
-            let delay = self.tuning.datadog_backoff.next(self.sink.failures);
-            self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
+            if sending {
+                // A dead letter that did not fit, say: not again at once, again and again.
+                self.sink.failures += 1;
+                let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+                self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
+            }
             return Ok(None);
         }
         let t = self.trouble.get_or_insert(Trouble { until: now, failures: 0, disk_full: false });
