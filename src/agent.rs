@@ -464,10 +464,7 @@ impl Agent {
             (f.due, f.failures) = (now, 0);
         }
         let creds = Credentials::of(&cfg.mimecast);
-        if creds.base_url != self.creds.base_url
-            || creds.client_id != self.creds.client_id
-            || creds.client_secret != self.creds.client_secret
-        {
+        if creds != self.creds {
             self.token = None;
             self.creds_generation += 1;
         }
@@ -505,9 +502,7 @@ impl Agent {
             self.disk_full(&msg, now);
             if sending {
                 // A dead letter that did not fit, say: not again at once, again and again.
-                self.sink.failures += 1;
-                let delay = self.tuning.datadog_backoff.next(self.sink.failures);
-                self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
+                self.sink_failed(Duration::ZERO, now);
             }
             return Ok(None);
         }
@@ -518,7 +513,7 @@ impl Agent {
         log::warn!("{store_error}; retrying in {:.1}s", delay.as_secs_f64());
         self.give_up_polling_if_once(failures);
         // The send path shares the database: give it the same pause.
-        self.sink.due = Some(self.sink.due.map_or(now + delay, |d| d.max(now + delay)));
+        self.delay_sink(now + delay);
         Ok(None)
     }
 
@@ -568,14 +563,14 @@ impl Agent {
         // Room for deletes and state lines; a delivered batch on a full disk is removed in small steps.
         const MARGIN: u64 = 64 * 1024;
         let page = self.page_wal;
-        let space = self.store.space()?;
+        let mut space = self.store.space()?;
         let Some(free) = space.fs_free else { return Ok(true) };
         let need = |s: crate::store::Space| page + page.saturating_sub(s.reusable) + MARGIN;
         if free < space.wal + need(space) && space.wal > 0 {
             // Fold the WAL into the database while the free space can still take it.
             self.store.checkpoint()?;
+            space = self.store.space()?;
         }
-        let mut space = self.store.space()?;
         if space.fs_free.is_some_and(|f| f < space.wal + need(space)) && space.reusable > 0 {
             // Delivery emptied pages inside the file, but the WAL needs room on the filesystem: give free pages
             // back, a step that the free space can take (moving a page costs a WAL frame).
@@ -602,10 +597,7 @@ impl Agent {
     /// Writes a line of state that only informs `status`; a full disk or a held lock must not stop the work it
     /// describes.
     fn remember(&mut self, name: &str, value: &str) -> anyhow::Result<()> {
-        match self.store.set_state(name, value) {
-            Err(e) if !e.is_transient() => Err(e.into()),
-            _ => Ok(()),
-        }
+        informational(self.store.set_state(name, value))
     }
 
     /// A page was committed: the store's trouble is over.
@@ -785,15 +777,14 @@ impl Agent {
                     // Keys whose time is before every future window's start can never be read again.
                     forget_before: req.window.to - self.cfg.mimecast.overlap_secs as i64 - 3600,
                 };
-                let wal_before = self.store.space()?.wal;
-                let committed = self.store.commit_page(
+                let wal_before = self.store.wal_bytes();
+                let out = self.store.commit_page(
                     &commit,
                     self.tuning.clock.now(),
                     self.cfg.queue.max_bytes,
                     self.cfg.queue.when_full,
-                );
-                let out = committed?;
-                self.page_wal = self.page_wal.max(self.store.space()?.wal.saturating_sub(wal_before));
+                )?;
+                self.page_wal = self.page_wal.max(self.store.wal_bytes().saturating_sub(wal_before));
                 if out.dropped > 0 {
                     log::warn!(
                         "queue full: dropped the {} oldest records (when_full = \"drop-oldest\"); {} dropped in total",
@@ -852,10 +843,7 @@ impl Agent {
 
     fn fetch_failed(&mut self, i: usize, req: &PageRequest, e: client::FetchError, now: Instant) -> anyhow::Result<()> {
         let feed = req.feed;
-        match self.store.feed_error(feed, &e.to_string(), self.tuning.clock.now()) {
-            Err(store_error) if !store_error.is_transient() => return Err(store_error.into()),
-            _ => {}
-        }
+        informational(self.store.feed_error(feed, &e.to_string(), self.tuning.clock.now()))?;
         let f = &mut self.feeds[i];
         let retry = e.retry(req.page_token.is_some());
         // A restart reads page 1 again, whose success resets `failures`: restarts are counted per window instead,
@@ -998,11 +986,11 @@ impl Agent {
                 self.remember("datadog_last_error", &format!("{secs} {msg}"))?;
                 self.sink.due = Some(now + self.tuning.slow_retry);
                 self.sink.done = self.mode == Mode::Once;
+                self.gave_up |= self.sink.done;
             }
             Disposition::Retry(after) => {
                 self.sink.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
-                self.sink.failures += 1;
-                let delay = after.unwrap_or_default().max(self.tuning.datadog_backoff.next(self.sink.failures));
+                let delay = self.sink_failed(after.unwrap_or_default(), now);
                 log::warn!(
                     "Datadog intake: {}; attempt {} failed, retrying in {:.1}s; records stay queued",
                     sent.detail,
@@ -1010,15 +998,7 @@ impl Agent {
                     delay.as_secs_f64()
                 );
                 self.remember("datadog_last_error", &format!("{secs} {}", sent.detail))?;
-                self.sink.due = Some(now + delay);
-                if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
-                    log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
-                    self.sink.done = true;
-                }
             }
-        }
-        if self.sink.done {
-            self.gave_up = true;
         }
         Ok(())
     }
@@ -1035,8 +1015,7 @@ impl Agent {
         let n = match result {
             Ok(n) => n,
             Err(e) if e.is_transient() => {
-                self.sink.failures += 1;
-                let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+                let delay = self.sink_failed(Duration::ZERO, now);
                 log::error!(
                     "Datadog accepted {} records, but removing them from the queue failed: {e}; retrying the removal \
                      in {:.1}s before anything else is sent",
@@ -1044,12 +1023,6 @@ impl Agent {
                     delay.as_secs_f64()
                 );
                 self.sink.undeleted = Some(b);
-                self.sink.due = Some(now + delay);
-                if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
-                    log::error!("giving up for this pass: the delivered batch will be sent again by the next one");
-                    self.sink.done = true;
-                    self.gave_up = true;
-                }
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -1109,8 +1082,7 @@ impl Agent {
                 self.sink.due = Some(now);
             }
             Verdict::Hold => {
-                self.sink.failures += 1;
-                let delay = self.tuning.datadog_backoff.next(self.sink.failures);
+                let delay = self.sink_failed(Duration::ZERO, now);
                 let msg = format!(
                     "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an \
                      intake change?); the records stay queued, none is dead-lettered; retrying in {:.0}s",
@@ -1119,15 +1091,28 @@ impl Agent {
                 );
                 log::error!("{msg}");
                 self.remember("datadog_last_error", &format!("{secs} {msg}"))?;
-                self.sink.due = Some(now + delay);
-                if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts {
-                    log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
-                    self.sink.done = true;
-                    self.gave_up = true;
-                }
             }
         }
         Ok(())
+    }
+
+    /// The sink failed again: it waits the backoff (and at least `at_least`), and a `--once` pass gives up after
+    /// `once_attempts` failures in a row. Returns the wait, for the log line.
+    fn sink_failed(&mut self, at_least: Duration, now: Instant) -> Duration {
+        self.sink.failures += 1;
+        let delay = at_least.max(self.tuning.datadog_backoff.next(self.sink.failures));
+        self.delay_sink(now + delay);
+        if self.mode == Mode::Once && self.sink.failures >= self.tuning.once_attempts && !self.sink.done {
+            log::error!("Datadog intake: giving up for this pass after {} failures", self.sink.failures);
+            self.sink.done = true;
+            self.gave_up = true;
+        }
+        delay
+    }
+
+    /// The sink starts nothing before `until`; a later wait already set stands.
+    fn delay_sink(&mut self, until: Instant) {
+        self.sink.due = Some(self.sink.due.map_or(until, |d| d.max(until)));
     }
 
     /// One info line per drain: when the queue runs empty, or every `summary_every` while it is busy.
@@ -1146,6 +1131,15 @@ impl Agent {
         );
         self.sink.delivered_since = 0;
         self.sink.since = None;
+    }
+}
+
+/// The result of a write that only informs `status` (an error line, a note): a full disk or a held lock is
+/// ignored, since it must not stop the work the line describes; any other store error still counts.
+fn informational(written: Result<(), StoreError>) -> anyhow::Result<()> {
+    match written {
+        Err(e) if !e.is_transient() => Err(e.into()),
+        _ => Ok(()),
     }
 }
 

@@ -40,10 +40,10 @@ impl Response {
     /// request back (a 401 that quotes the form it got, a proxy that shows the headers), and whatever it says
     /// ends up in logs and `status`. Secrets shorter than 4 bytes are not searched for: they would match noise.
     pub fn scrub(mut self, secrets: &[&str]) -> Response {
-        for secret in secrets.iter().map(|s| s.as_bytes()).filter(|s| s.len() >= 4) {
-            self.body = replace_all(&self.body, secret);
+        for secret in secrets.iter().filter(|s| s.len() >= 4) {
+            self.body = replace_all(&self.body, secret.as_bytes());
             for (_, v) in &mut self.headers {
-                *v = v.replace(std::str::from_utf8(secret).unwrap_or_default(), "[redacted]");
+                *v = v.replace(secret, "[redacted]");
             }
         }
         self

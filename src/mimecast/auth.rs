@@ -62,7 +62,7 @@ impl std::fmt::Display for AuthError {
 }
 
 /// The client credentials of `[mimecast]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
     pub base_url: String,
     pub client_id: String,
@@ -84,7 +84,7 @@ pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Tok
     let secret = creds.client_secret.expose();
     let encoded = form_encode(secret);
     let body =
-        format!("client_id={}&client_secret={encoded}&grant_type=client_credentials", form_encode(&creds.client_id),);
+        format!("client_id={}&client_secret={encoded}&grant_type=client_credentials", form_encode(&creds.client_id));
     let url = format!("{}/oauth/token", creds.base_url);
     let resp = http
         .post(

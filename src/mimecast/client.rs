@@ -90,7 +90,7 @@ impl FetchError {
 /// message are both read: `err_invalid_page_token`, "pageToken", or "page" and "token" together.
 fn about_page_token(code: &str, message: &str) -> bool {
     let text = format!("{code} {message}").to_ascii_lowercase();
-    text.contains("pagetoken") || text.contains("page_token") || (text.contains("page") && text.contains("token"))
+    text.contains("page") && text.contains("token")
 }
 
 impl std::fmt::Display for FetchError {

@@ -172,16 +172,20 @@ impl Store {
             let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ctx("reading the page size")?;
             Ok((pages.max(0) as u64).saturating_mul(size.max(0) as u64))
         })?;
+        Ok(Space { fs_free: self.free_bytes(), reusable, wal: self.wal_bytes() })
+    }
+
+    /// The WAL file's size (0 when there is none): one `stat`, cheap enough around every page commit.
+    pub fn wal_bytes(&self) -> u64 {
         let mut wal = self.path.as_os_str().to_owned();
         wal.push("-wal");
-        let wal = std::fs::metadata(PathBuf::from(wal)).map(|m| m.len()).unwrap_or(0);
-        Ok(Space { fs_free: self.free_bytes(), reusable, wal })
+        std::fs::metadata(PathBuf::from(wal)).map(|m| m.len()).unwrap_or(0)
     }
 
     /// Folds the WAL into the database and truncates it, giving its space back to the filesystem. SQLite only
     /// does this by itself every 1000 pages; on a nearly full disk the WAL is what holds the last free space.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        self.read(|conn| conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL"))
+        self.read(truncate_wal)
     }
 
     /// Gives up to `max_bytes` of free pages back to the filesystem: the file shrinks at the checkpoint that
@@ -198,7 +202,7 @@ impl Store {
             let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})")).ctx("releasing free pages")?;
             let mut rows = stmt.query([]).ctx("releasing free pages")?;
             while rows.next().ctx("releasing free pages")?.is_some() {}
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL")?;
+            truncate_wal(conn)?;
             Ok(true)
         })
     }
@@ -253,6 +257,11 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         tx.commit().ctx("committing migration")?;
     }
     Ok(())
+}
+
+/// `wal_checkpoint(TRUNCATE)`: the WAL folded into the database and cut to nothing.
+fn truncate_wal(conn: &Connection) -> Result<(), StoreError> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL")
 }
 
 /// Damage in the middle of the file shows only when a damaged page is read; `quick_check` reads them all
