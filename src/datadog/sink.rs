@@ -94,10 +94,6 @@ mod tests {
     use super::*;
     use crate::datadog::disposition::{Disposition, disposition};
 
-    fn resp(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
-        Response::fake(status, headers, body)
-    }
-
     #[test]
     fn only_datadogs_202_deletes() {
         let check = |r: Response, want: Disposition, detail: &str| {
@@ -105,29 +101,29 @@ mod tests {
             assert_eq!(disposition(sent.answer, 10), want, "{r:?}");
             assert!(sent.detail.contains(detail), "{}", sent.detail);
         };
-        check(resp(202, &[("Content-Type", "application/json")], "{}"), Disposition::Delete, "HTTP 202");
+        check(Response::fake(202, &[("Content-Type", "application/json")], "{}"), Disposition::Delete, "HTTP 202");
         let portal = "<html><body>Please log in</body></html>";
         check(
-            resp(200, &[("Content-Type", "text/html")], portal),
+            Response::fake(200, &[("Content-Type", "text/html")], portal),
             Disposition::Retry(None),
             "HTTP 200 that is not Datadog's answer (text/html: <html><body>Please log in",
         );
-        check(resp(202, &[], portal), Disposition::Retry(None), "(no Content-Type: <html>");
-        check(resp(204, &[], ""), Disposition::Retry(None), "captive portal or TLS-inspecting proxy?");
-        check(resp(200, &[], "{}"), Disposition::Retry(None), "the batch stays queued");
-        check(resp(202, &[], "[]"), Disposition::Retry(None), "not Datadog's answer");
+        check(Response::fake(202, &[], portal), Disposition::Retry(None), "(no Content-Type: <html>");
+        check(Response::fake(204, &[], ""), Disposition::Retry(None), "captive portal or TLS-inspecting proxy?");
+        check(Response::fake(200, &[], "{}"), Disposition::Retry(None), "the batch stays queued");
+        check(Response::fake(202, &[], "[]"), Disposition::Retry(None), "not Datadog's answer");
         check(
-            resp(302, &[("Location", "https://portal.example/")], ""),
+            Response::fake(302, &[("Location", "https://portal.example/")], ""),
             Disposition::Hold,
             "redirected to https://portal.example/",
         );
         check(
-            resp(429, &[("Retry-After", "18446744073709551615")], ""),
+            Response::fake(429, &[("Retry-After", "18446744073709551615")], ""),
             Disposition::Retry(Some(disposition::MAX_SERVER_WAIT)),
             "Retry-After: server asked 1.8e19 s; waiting the 120 s cap",
         );
         check(
-            resp(503, &[("Retry-After", "3")], ""),
+            Response::fake(503, &[("Retry-After", "3")], ""),
             Disposition::Retry(Some(std::time::Duration::from_secs(3))),
             "HTTP 503",
         );

@@ -263,10 +263,6 @@ fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
-    fn resp(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
-        Response::fake(status, headers, body)
-    }
-
     #[test]
     fn reset_is_read_both_ways() {
         let now = 1_700_000_000_000;
@@ -297,13 +293,16 @@ mod tests {
 
     #[test]
     fn rate_headers_are_read_in_both_spellings() {
-        let e = classify(Feed::Audit, &resp(429, &[("X-Rate-Limit-Reset", "1500")], "")).unwrap_err();
+        let e = classify(Feed::Audit, &Response::fake(429, &[("X-Rate-Limit-Reset", "1500")], "")).unwrap_err();
         assert_eq!(e.retry(false), Retry::AtLeast(Duration::from_millis(1500)));
-        let r = resp(200, &[("x-rate-limit-remaining", "0"), ("X-Rate-Limit-Reset", "700")], "");
+        let r = Response::fake(200, &[("x-rate-limit-remaining", "0"), ("X-Rate-Limit-Reset", "700")], "");
         assert_eq!(throttle(&r, 0), Some(Duration::from_millis(700)));
         // The documented spelling wins when both come.
-        let r =
-            resp(200, &[("X-Rate-Limit-Remaining", "0"), ("X-RateLimit-Reset", "5"), ("X-Rate-Limit-Reset", "9")], "");
+        let r = Response::fake(
+            200,
+            &[("X-Rate-Limit-Remaining", "0"), ("X-RateLimit-Reset", "5"), ("X-Rate-Limit-Reset", "9")],
+            "",
+        );
         assert_eq!(throttle(&r, 0), Some(Duration::from_millis(5)));
     }
 
@@ -328,12 +327,13 @@ mod tests {
             assert_eq!(failed(code, message).retry(true), Retry::Slow, "{code} {message}");
         }
         let other = r#"{"fail":[{"errors":[{"code":"err_validation","message":"bad filter","retryable":false}]}]}"#;
-        assert_eq!(classify(Feed::Dlp, &resp(400, &[], other)).unwrap_err().retry(true), Retry::Slow);
+        assert_eq!(classify(Feed::Dlp, &Response::fake(400, &[], other)).unwrap_err().retry(true), Retry::Slow);
     }
 
     #[test]
     fn redirects_name_where_to() {
-        let e = classify(Feed::Audit, &resp(302, &[("Location", "https://login.example/sso")], "<html>")).unwrap_err();
+        let e = classify(Feed::Audit, &Response::fake(302, &[("Location", "https://login.example/sso")], "<html>"))
+            .unwrap_err();
         assert_eq!(e, FetchError::Redirect { status: 302, location: Some("https://login.example/sso".into()) });
         assert_eq!(e.retry(true), Retry::Slow);
         assert_eq!(
@@ -341,7 +341,7 @@ mod tests {
             "HTTP 302: redirected to https://login.example/sso; mimecast.base_url must point at the API itself \
              (not a login page or proxy)"
         );
-        let e = classify(Feed::Audit, &resp(307, &[], "")).unwrap_err();
+        let e = classify(Feed::Audit, &Response::fake(307, &[], "")).unwrap_err();
         assert!(e.to_string().contains("(no Location header)"), "{e}");
         let auth = FetchError::Auth(AuthError::Redirect { status: 301, location: None });
         assert_eq!(auth.retry(false), Retry::Slow);
@@ -350,34 +350,34 @@ mod tests {
     #[test]
     fn statuses_map_to_errors() {
         let f = Feed::Dlp;
-        assert!(classify(f, &resp(200, &[], r#"{"meta":{},"data":[]}"#)).is_ok());
-        assert!(matches!(classify(f, &resp(200, &[], r#"{"data":[]}"#)), Err(FetchError::Malformed(_))));
-        assert_eq!(classify(f, &resp(403, &[], "")), Err(FetchError::Forbidden(f)));
+        assert!(classify(f, &Response::fake(200, &[], r#"{"meta":{},"data":[]}"#)).is_ok());
+        assert!(matches!(classify(f, &Response::fake(200, &[], r#"{"data":[]}"#)), Err(FetchError::Malformed(_))));
+        assert_eq!(classify(f, &Response::fake(403, &[], "")), Err(FetchError::Forbidden(f)));
         assert_eq!(
-            classify(f, &resp(429, &[("x-ratelimit-reset", "250")], "")),
+            classify(f, &Response::fake(429, &[("x-ratelimit-reset", "250")], "")),
             Err(FetchError::RateLimited(Some(ServerWait { wait: Duration::from_millis(250), asked_secs: 0.25 })))
         );
-        assert!(matches!(classify(f, &resp(503, &[], "")), Err(FetchError::Server { status: 503, .. })));
+        assert!(matches!(classify(f, &Response::fake(503, &[], "")), Err(FetchError::Server { status: 503, .. })));
         let bad_token = r#"{"fail":[{"errors":[{"code":"err_invalid_page_token","message":"x","retryable":false}]}]}"#;
-        let e = classify(f, &resp(400, &[], bad_token)).unwrap_err();
+        let e = classify(f, &Response::fake(400, &[], bad_token)).unwrap_err();
         assert_eq!(e.retry(true), Retry::RestartWindow);
         assert_eq!(e.retry(false), Retry::Slow);
         let fail_200 = r#"{"data":[],"fail":[{"errors":[{"code":"x","message":"y","retryable":true}]}]}"#;
-        assert_eq!(classify(f, &resp(200, &[], fail_200)).unwrap_err().retry(false), Retry::Backoff);
+        assert_eq!(classify(f, &Response::fake(200, &[], fail_200)).unwrap_err().retry(false), Retry::Backoff);
         assert_eq!(FetchError::Forbidden(f).retry(false), Retry::Slow);
         assert!(FetchError::Forbidden(f).to_string().contains("Data Leak Prevention"));
     }
 
     #[test]
     fn throttles_when_quota_runs_out() {
-        let r = resp(200, &[("X-RateLimit-Remaining", "1"), ("X-RateLimit-Reset", "700")], "");
+        let r = Response::fake(200, &[("X-RateLimit-Remaining", "1"), ("X-RateLimit-Reset", "700")], "");
         assert_eq!(throttle(&r, 0), Some(Duration::from_millis(700)));
-        let r = resp(200, &[("X-RateLimit-Remaining", "50"), ("X-RateLimit-Reset", "700")], "");
+        let r = Response::fake(200, &[("X-RateLimit-Remaining", "50"), ("X-RateLimit-Reset", "700")], "");
         assert_eq!(throttle(&r, 0), None);
         let quota = |remaining: &str| {
             let h =
                 [("X-RateLimit-Limit", "1000"), ("X-RateLimit-Remaining", remaining), ("X-RateLimit-Reset", "60000")];
-            throttle(&resp(200, &h, ""), 0)
+            throttle(&Response::fake(200, &h, ""), 0)
         };
         assert_eq!(quota("500"), None);
         assert_eq!(quota("100"), Some(Duration::from_millis(600)), "the last tenth is spread to the reset");
@@ -389,8 +389,8 @@ mod tests {
             ("X-RateLimit-Remaining", "4294967296"),
             ("X-RateLimit-Reset", "60000"),
         ];
-        assert!(throttle(&resp(200, &h, ""), 0).is_some_and(|w| w < Duration::from_micros(1)));
+        assert!(throttle(&Response::fake(200, &h, ""), 0).is_some_and(|w| w < Duration::from_micros(1)));
         let h = [("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", "1e300")];
-        assert_eq!(throttle(&resp(200, &h, ""), 0), Some(MAX_SERVER_WAIT));
+        assert_eq!(throttle(&Response::fake(200, &h, ""), 0), Some(MAX_SERVER_WAIT));
     }
 }
