@@ -41,7 +41,7 @@ pub fn run() -> i32 {
             if s.lost == 0 { 0 } else { 1 }
         }
         Err(e) => {
-            eprintln!("demo failed: {e:#}");
+            eprintln!("demo failed: {}", crate::error::describe(e.as_ref()));
             crate::exit::SOFTWARE
         }
     }

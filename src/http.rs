@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::config::HttpConfig;
+use crate::error::Cause;
 
 /// Larger bodies are refused rather than buffered: a Mimecast page of 500 records is well under a megabyte.
 const MAX_BODY: u64 = 64 * 1024 * 1024;
@@ -142,29 +143,49 @@ impl std::fmt::Display for ServerWait {
     }
 }
 
-/// Why no response arrived. Every variant is worth a retry; none carries a secret.
+/// Why no response arrived. Every variant is worth a retry; none carries a secret. The error behind each is
+/// its `source()`; the message already quotes it, as operators read only the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HttpError {
-    Timeout(String),
-    Connect(String),
+    Timeout(Cause),
+    Connect(Cause),
     /// The connection broke mid-exchange, or the peer spoke broken HTTP or sent a truncated body.
-    Transport(String),
-    /// Bad URL, proxy or TLS settings: a configuration problem, reported as such.
-    Setup(String),
+    Transport(Cause),
+    /// Bad URL, proxy or TLS settings: a configuration problem, reported as such. `what` names the setting ("" when
+    /// the cause says it all); `cause` is the error it gave, if any.
+    Setup {
+        what: String,
+        cause: Option<Cause>,
+    },
 }
 
 impl std::fmt::Display for HttpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HttpError::Timeout(m) => write!(f, "timed out: {m}"),
-            HttpError::Connect(m) => write!(f, "could not connect: {m}"),
-            HttpError::Transport(m) => write!(f, "connection failed: {m}"),
-            HttpError::Setup(m) => write!(f, "bad HTTP settings: {m}"),
+            HttpError::Timeout(c) => write!(f, "timed out: {c}"),
+            HttpError::Connect(c) => write!(f, "could not connect: {c}"),
+            HttpError::Transport(c) => write!(f, "connection failed: {c}"),
+            HttpError::Setup { what, cause: None } => write!(f, "bad HTTP settings: {what}"),
+            HttpError::Setup { what, cause: Some(c) } if what.is_empty() => write!(f, "bad HTTP settings: {c}"),
+            HttpError::Setup { what, cause: Some(c) } => write!(f, "bad HTTP settings: {what}: {c}"),
         }
     }
 }
 
-impl std::error::Error for HttpError {}
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HttpError::Timeout(c) | HttpError::Connect(c) | HttpError::Transport(c) => Some(c.get()),
+            HttpError::Setup { cause, .. } => cause.as_ref().map(Cause::get),
+        }
+    }
+}
+
+impl HttpError {
+    fn setup(what: String, cause: impl std::error::Error + Send + Sync + 'static) -> HttpError {
+        HttpError::Setup { what, cause: Some(Cause::new(cause)) }
+    }
+}
 
 /// A cloneable blocking client (ureq's Agent shares its connection pool between clones).
 #[derive(Clone)]
@@ -183,12 +204,12 @@ impl Http {
             .max_redirects(0);
         if let Some(proxy) = &cfg.proxy {
             let p = ureq::Proxy::new(proxy)
-                .map_err(|e| HttpError::Setup(format!("proxy {}: {e}", without_password(proxy))))?;
+                .map_err(|e| HttpError::setup(format!("proxy {}", without_password(proxy)), e))?;
             builder = builder.proxy(Some(p));
         }
         if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| HttpError::Setup(format!("reading ca_file {}: {e}", path.display())))?;
+            let pem =
+                std::fs::read(path).map_err(|e| HttpError::setup(format!("reading ca_file {}", path.display()), e))?;
             let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
                     Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -196,7 +217,8 @@ impl Http {
                 })
                 .collect();
             if certs.is_empty() {
-                return Err(HttpError::Setup(format!("ca_file {} holds no PEM certificate", path.display())));
+                let what = format!("ca_file {} holds no PEM certificate", path.display());
+                return Err(HttpError::Setup { what, cause: None });
             }
             let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
             builder = builder.tls_config(tls);
@@ -234,15 +256,17 @@ fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resu
 }
 
 fn classify(e: ureq::Error) -> HttpError {
-    let msg = e.to_string();
-    match e {
-        ureq::Error::Timeout(_) => HttpError::Timeout(msg),
-        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => HttpError::Connect(msg),
-        ureq::Error::Io(ref io) if io.kind() == std::io::ErrorKind::ConnectionRefused => HttpError::Connect(msg),
-        ureq::Error::Io(ref io) if io.kind() == std::io::ErrorKind::TimedOut => HttpError::Timeout(msg),
-        ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Http(_) => HttpError::Setup(msg),
-        _ => HttpError::Transport(msg),
-    }
+    let kind: fn(Cause) -> HttpError = match &e {
+        ureq::Error::Timeout(_) => HttpError::Timeout,
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => HttpError::Connect,
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => HttpError::Connect,
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => HttpError::Timeout,
+        ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Http(_) => {
+            return HttpError::setup(String::new(), e);
+        }
+        _ => HttpError::Transport,
+    };
+    kind(Cause::new(e))
 }
 
 #[cfg(test)]
@@ -283,6 +307,32 @@ mod tests {
         for bad in ["", "-1", "+1", "inf", "NaN", ".5", "1 2", "soon"] {
             assert_eq!(server_number(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_keep_what_caused_them_and_say_it_once() {
+        use std::error::Error as _;
+        let cfg = |proxy: Option<&str>, ca_file: Option<&str>| HttpConfig {
+            timeout_secs: 5,
+            proxy: proxy.map(str::to_owned),
+            ca_file: ca_file.map(std::path::PathBuf::from),
+        };
+        let Err(e) = Http::new(&cfg(None, Some("/nonexistent/ca.pem"))) else { panic!("a missing ca_file") };
+        let source = e.source().expect("the io error");
+        assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
+        assert!(e.to_string().starts_with("bad HTTP settings: reading ca_file /nonexistent/ca.pem: "), "{e}");
+        assert_eq!(crate::error::describe(&e), e.to_string(), "the cause is said once");
+
+        let Err(e) = Http::new(&cfg(Some("ftp://user:hunter22@proxy:21"), None)) else { panic!("not a proxy scheme") };
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<ureq::Error>().is_some()), "{e:?}");
+        assert!(!crate::error::describe(&e).contains("hunter22"), "{e}");
+
+        // Nothing listens on port 1 of the loopback address.
+        let http = Http::new(&cfg(None, None)).unwrap();
+        let e = http.get("http://127.0.0.1:1/", &[]).unwrap_err();
+        assert!(matches!(e, HttpError::Connect(_)), "{e:?}");
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<ureq::Error>().is_some()), "{e:?}");
+        assert_eq!(crate::error::describe(&e), e.to_string());
     }
 
     #[test]

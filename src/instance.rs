@@ -46,7 +46,14 @@ impl std::fmt::Display for LockError {
     }
 }
 
-impl std::error::Error for LockError {}
+impl std::error::Error for LockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LockError::Held { .. } => None,
+            LockError::Io { error, .. } => Some(error),
+        }
+    }
+}
 
 /// The lock file of a queue database.
 pub fn lock_path(queue: &Path) -> PathBuf {
@@ -101,6 +108,21 @@ mod tests {
         assert!(msg.contains("queue.db") && msg.contains(&format!("pid {}", std::process::id())), "{msg}");
         drop(first);
         assert!(acquire(&queue, 0).is_ok());
+    }
+
+    #[test]
+    fn an_unusable_lock_file_keeps_the_io_error_as_its_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the lock file should be: opening it for writing fails.
+        let queue = dir.path().join("queue.db");
+        std::fs::create_dir(lock_path(&queue)).unwrap();
+        let e = acquire(&queue, 0).unwrap_err();
+        assert!(matches!(e, LockError::Io { .. }), "{e}");
+        let source = e.source().expect("the io error");
+        assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
+        let line = crate::error::describe(&e);
+        assert_eq!(line.matches(&source.to_string()).count(), 1, "{line}");
     }
 
     #[test]

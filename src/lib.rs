@@ -9,7 +9,8 @@
 //! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
 //! - [`agent`]: the main loop that ties polling and delivery together on one smol executor.
 //! - [`instance`]: the lock that lets only one `run` use a queue.
-//! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers.
+//! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers; [`error`] holds
+//!   what the error enums share.
 //! - [`status`]: the read-only report behind `mimecast-forwarder status`.
 //! - [`sim`]: loopback simulators of Mimecast and Datadog, used by `demo` and the tests.
 //! - [`demo`]: the whole pipeline against the simulators.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod datadog;
 pub mod datetime;
 pub mod demo;
+pub mod error;
 pub mod http;
 pub mod instance;
 pub mod mimecast;

@@ -65,11 +65,11 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
             if matches!(e.downcast_ref(), Some(mimecast_forwarder::instance::LockError::Held { .. }))
                 || e.downcast_ref::<mimecast_forwarder::store::StoreError>().is_some_and(|s| s.is_transient()) =>
         {
-            log::error!("{e:#}");
+            log::error!("{}", mimecast_forwarder::error::describe(e.as_ref()));
             exit::TEMP_FAIL
         }
         Err(e) => {
-            log::error!("{e:#}");
+            log::error!("{}", mimecast_forwarder::error::describe(e.as_ref()));
             exit::SOFTWARE
         }
     }

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::config::{MimecastConfig, Secret};
+use crate::error::Cause;
 use crate::http::{Http, HttpError};
 
 /// Bounds on a token lifetime the server gives: at least a minute (a shorter one would refetch on every call), at
@@ -39,7 +40,11 @@ pub enum AuthError {
     Refused { status: u16, detail: String },
     /// 3xx from the token endpoint: `base_url` points at a login page or a proxy, not at the API.
     Redirect { status: u16, location: Option<String> },
-    /// Another status, a malformed answer or no answer: worth a retry.
+    /// No answer from the token endpoint: worth a retry.
+    Network(HttpError),
+    /// An answer that is not JSON (a proxy's page, a cut body): worth a retry.
+    NotJson(Cause),
+    /// Another status, or JSON without a usable token: worth a retry.
     Transient(String),
 }
 
@@ -56,7 +61,19 @@ impl std::fmt::Display for AuthError {
                  itself (not a login page or proxy)",
                 location.as_deref().unwrap_or("(no Location header)")
             ),
+            AuthError::Network(e) => write!(f, "POST /oauth/token failed: {e}"),
+            AuthError::NotJson(e) => write!(f, "POST /oauth/token failed: malformed token response: {e}"),
             AuthError::Transient(m) => write!(f, "POST /oauth/token failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for AuthError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AuthError::Network(e) => Some(e),
+            AuthError::NotJson(e) => Some(e.get()),
+            AuthError::Refused { .. } | AuthError::Redirect { .. } | AuthError::Transient(_) => None,
         }
     }
 }
@@ -92,7 +109,7 @@ pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Tok
             &[("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")],
             body.into_bytes(),
         )
-        .map_err(|e: HttpError| AuthError::Transient(e.to_string()))?
+        .map_err(AuthError::Network)?
         .scrub(&[secret, &encoded]);
     match resp.status {
         200 => parse_token(&resp.body, now),
@@ -106,8 +123,7 @@ pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Tok
 /// any JSON kind (negative, zero, fractional, beyond u64) or a numeric string is clamped; a missing or non-numeric
 /// value means [`DEFAULT_TOKEN_LIFETIME`]. No input panics.
 pub fn parse_token(body: &[u8], now: Instant) -> Result<Token, AuthError> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| AuthError::Transient(format!("malformed token response: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| AuthError::NotJson(Cause::new(e)))?;
     let access = v
         .get("access_token")
         .and_then(|t| t.as_str())
@@ -168,7 +184,11 @@ mod tests {
         assert!(parse_token(b"{}", now).is_err());
         assert!(parse_token(b"{\"access_token\":\"a\\r\\nX-Evil: 1\"}", now).is_err());
         assert!(parse_token(b"{\"access_token\":\"a b\"}", now).is_err());
-        assert!(parse_token(b"not json", now).is_err());
+        let e = parse_token(b"not json", now).unwrap_err();
+        assert!(matches!(e, AuthError::NotJson(_)), "{e:?}");
+        let source = std::error::Error::source(&e).expect("the JSON error");
+        assert!(source.downcast_ref::<serde_json::Error>().is_some(), "{source:?}");
+        assert!(e.to_string().starts_with("POST /oauth/token failed: malformed token response: "), "{e}");
         assert!(!format!("{t:?}").contains("abc"));
     }
 

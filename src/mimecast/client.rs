@@ -6,6 +6,7 @@ use super::Feed;
 use super::auth::{self, AuthError, Credentials, Token};
 use super::window::Window;
 use super::wire::{self, Page, WireError};
+use crate::error::Cause;
 use crate::http::{Http, HttpError, Response, ServerWait};
 
 /// The longest the agent waits because Mimecast said so (`X-RateLimit-Reset`): the Mimecast backoff cap. A larger
@@ -50,6 +51,8 @@ pub enum FetchError {
     },
     Network(HttpError),
     Malformed(String),
+    /// A 2xx whose body is not JSON at all: the parser's error.
+    NotJson(Cause),
 }
 
 /// How the poller should retry a failed fetch.
@@ -119,6 +122,25 @@ impl std::fmt::Display for FetchError {
             FetchError::Server { status, detail } => write!(f, "HTTP {status}: {detail}"),
             FetchError::Network(e) => e.fmt(f),
             FetchError::Malformed(m) => write!(f, "malformed response: {m}"),
+            FetchError::NotJson(e) => write!(f, "malformed response: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Said in the wrapped error's own words, so its causes are ours.
+            FetchError::Auth(e) => e.source(),
+            FetchError::Network(e) => e.source(),
+            FetchError::NotJson(e) => Some(e.get()),
+            FetchError::Unauthorized
+            | FetchError::Forbidden(_)
+            | FetchError::RateLimited(_)
+            | FetchError::Failed { .. }
+            | FetchError::Redirect { .. }
+            | FetchError::Server { .. }
+            | FetchError::Malformed(_) => None,
         }
     }
 }
@@ -190,6 +212,7 @@ pub fn classify(feed: Feed, r: &Response) -> Result<Page, FetchError> {
     match r.status {
         200..=299 => wire::parse_page(feed, &r.body).map_err(|e| match e {
             WireError::Malformed(m) => FetchError::Malformed(m),
+            WireError::NotJson(e) => FetchError::NotJson(e),
             WireError::Failed { retryable, code, message } => {
                 FetchError::Failed { status: r.status, retryable, code, message }
             }
@@ -345,6 +368,24 @@ mod tests {
         assert!(e.to_string().contains("(no Location header)"), "{e}");
         let auth = FetchError::Auth(AuthError::Redirect { status: 301, location: None });
         assert_eq!(auth.retry(false), Retry::Slow);
+    }
+
+    #[test]
+    fn wrapped_errors_keep_their_causes() {
+        use std::error::Error as _;
+        let e = classify(Feed::Audit, &Response::fake(200, &[], "<html>")).unwrap_err();
+        assert!(matches!(e, FetchError::NotJson(_)), "{e:?}");
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<serde_json::Error>().is_some()), "{e:?}");
+        assert_eq!(e.retry(true), Retry::Backoff);
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = FetchError::Auth(AuthError::Network(HttpError::Connect(Cause::new(refused))));
+        assert_eq!(e.to_string(), "POST /oauth/token failed: could not connect: refused");
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<HttpError>().is_some()), "{e:?}");
+        assert_eq!(crate::error::describe(&e), e.to_string(), "each cause said once");
+        assert_eq!(e.retry(false), Retry::Backoff);
+        let e = FetchError::Network(HttpError::Timeout(Cause::new(std::io::Error::other("deadline"))));
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()), "{e:?}");
+        assert_eq!(e.to_string(), "timed out: deadline");
     }
 
     #[test]

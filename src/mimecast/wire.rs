@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use super::Feed;
 use super::window::Window;
 use crate::datetime;
+use crate::error::Cause;
 use crate::http::printable;
 
 /// One parsed page of a feed.
@@ -31,6 +32,8 @@ pub enum WireError {
     /// Not the JSON envelope we expect (truncated, HTML from a proxy, a changed shape, a record that is not an
     /// object). Never read as a last page: that would move the cursor past records never read.
     Malformed(String),
+    /// Not JSON at all (truncated, an HTML page), even after repairing characters: the parser's error.
+    NotJson(Cause),
     /// A non-empty `fail[]`: the call failed even though HTTP said 200. `code` holds the errors' codes joined by
     /// "; " ("?" for an error without one), kept so the caller can tell a refused page token from the rest.
     Failed { retryable: bool, code: String, message: String },
@@ -40,9 +43,19 @@ impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WireError::Malformed(m) => write!(f, "malformed response: {m}"),
+            WireError::NotJson(e) => write!(f, "malformed response: {e}"),
             WireError::Failed { retryable, message, .. } => {
                 write!(f, "call failed ({}): {message}", if *retryable { "retryable" } else { "not retryable" })
             }
+        }
+    }
+}
+
+impl std::error::Error for WireError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WireError::NotJson(e) => Some(e.get()),
+            WireError::Malformed(_) | WireError::Failed { .. } => None,
         }
     }
 }
@@ -58,8 +71,8 @@ pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&s
 }
 
 /// Parses a 200 response body into a page, or says why it is not one. Every value is checked: only JSON objects
-/// are ever returned as records, and anything that does not look like the documented envelope is `Malformed`
-/// (a failed call, retried), never a last page.
+/// are ever returned as records, and anything that does not look like the documented envelope is `Malformed` or
+/// `NotJson` (a failed call, retried), never a last page.
 pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
     // A serializer that cut a string inside an emoji (an unpaired surrogate) or wrote Latin-1 makes the whole page
     // unreadable, and a page that is never read stops its feed for good: read such a page with the offending
@@ -70,7 +83,7 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
             let (text, repaired) = repair(body);
             match serde_json::from_str(&text) {
                 Ok(doc) if repaired > 0 => (doc, repaired),
-                _ => return Err(WireError::Malformed(e.to_string())),
+                _ => return Err(WireError::NotJson(Cause::new(e))),
             }
         }
     };
@@ -344,8 +357,16 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_errors() {
-        for body in ["", "{", "[]", r#"{"meta":{}}"#, r#"{"data":{}}"#, r#"{"data":[{"other":[]}]}"#, "<html>"] {
+        for body in ["[]", r#"{"meta":{}}"#, r#"{"data":{}}"#, r#"{"data":[{"other":[]}]}"#] {
             assert!(matches!(parse(Feed::Dlp, body), Err(WireError::Malformed(_))), "{body}");
+        }
+        for body in ["", "{", "<html>"] {
+            let e = parse(Feed::Dlp, body).unwrap_err();
+            assert!(matches!(e, WireError::NotJson(_)), "{body}: {e:?}");
+            // The parser's own error is the source, and the message says it once.
+            let source = std::error::Error::source(&e).expect("the JSON error");
+            assert!(source.downcast_ref::<serde_json::Error>().is_some(), "{source:?}");
+            assert_eq!(e.to_string(), format!("malformed response: {source}"));
         }
     }
 

@@ -187,6 +187,18 @@ mod tests {
     }
 
     #[test]
+    fn the_sqlite_error_is_the_source_and_said_once() {
+        use std::error::Error as _;
+        let sqlite = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT);
+        let error = rusqlite::Error::SqliteFailure(sqlite, Some("UNIQUE constraint failed: queue.key".into()));
+        let e = StoreError::Sql { context: "queueing a page", error };
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<rusqlite::Error>().is_some()), "{e:?}");
+        let line = crate::error::describe(anyhow::Error::from(e).context("polling audit").as_ref());
+        assert!(line.starts_with("polling audit: queueing a page: UNIQUE constraint failed: queue.key"), "{line}");
+        assert_eq!(line.matches("UNIQUE").count(), 1, "{line}");
+    }
+
+    #[test]
     fn names_the_user_from_passwd() {
         let passwd = "root:x:0:0:root:/root:/bin/bash\nmimecast-forwarder:x:998:998::/var/lib:/usr/sbin/nologin\n";
         assert_eq!(user_name(passwd, 998), "mimecast-forwarder (uid 998)");
