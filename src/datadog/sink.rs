@@ -7,7 +7,7 @@ use flate2::write::GzEncoder;
 
 use super::disposition::{self, Answer};
 use crate::config::Secret;
-use crate::http::{Http, Response};
+use crate::http::{Http, HttpError, Response};
 
 /// The answer, with a short description for logs and `status`.
 #[derive(Debug, Clone)]
@@ -63,17 +63,50 @@ fn is_datadog_ack(r: &Response) -> bool {
     r.status == 202 && serde_json::from_slice::<serde_json::Value>(&r.body).is_ok_and(|v| v.is_object())
 }
 
+/// Why `GET /api/v1/validate` did not confirm the API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// HTTP 200 without Datadog's `{"valid": true}`: a captive portal or a proxy answered.
+    NotDatadog { url: String, excerpt: String },
+    /// Another status: 403 for a wrong key, 404 for a wrong site.
+    Refused { url: String, status: u16, excerpt: String },
+    /// No answer.
+    Network { url: String, error: HttpError },
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::NotDatadog { url, excerpt } => {
+                write!(f, "GET {url} answered HTTP 200 that is not Datadog's: {excerpt}")
+            }
+            KeyError::Refused { url, status, excerpt } => write!(f, "GET {url} answered HTTP {status}: {excerpt}"),
+            KeyError::Network { url, error } => write!(f, "GET {url}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KeyError::Network { error, .. } => Some(error),
+            KeyError::NotDatadog { .. } | KeyError::Refused { .. } => None,
+        }
+    }
+}
+
 /// Checks the API key with `GET /api/v1/validate`, for `check-config --connect`.
-pub fn validate_key(http: &Http, url: &str, api_key: &Secret) -> Result<(), String> {
+pub fn validate_key(http: &Http, url: &str, api_key: &Secret) -> Result<(), KeyError> {
+    let url = url.to_owned();
     match http
-        .get(url, &[("DD-API-KEY", api_key.expose()), ("Accept", "application/json")])
+        .get(&url, &[("DD-API-KEY", api_key.expose()), ("Accept", "application/json")])
         .map(|r| r.scrub(&[api_key.expose()]))
     {
         // A captive portal answers 200 too: only Datadog's `{"valid": true}` counts.
         Ok(r) if r.status == 200 && is_valid(&r.body) => Ok(()),
-        Ok(r) if r.status == 200 => Err(format!("GET {url} answered HTTP 200 that is not Datadog's: {}", r.excerpt())),
-        Ok(r) => Err(format!("GET {url} answered HTTP {}: {}", r.status, r.excerpt())),
-        Err(e) => Err(format!("GET {url}: {e}")),
+        Ok(r) if r.status == 200 => Err(KeyError::NotDatadog { url, excerpt: r.excerpt() }),
+        Ok(r) => Err(KeyError::Refused { url, status: r.status, excerpt: r.excerpt() }),
+        Err(error) => Err(KeyError::Network { url, error }),
     }
 }
 
@@ -134,5 +167,33 @@ mod tests {
         assert!(is_valid(br#"{"valid":true}"#));
         assert!(!is_valid(br#"{"valid":false}"#));
         assert!(!is_valid(b"<html>"));
+    }
+
+    #[test]
+    fn a_key_check_says_what_answered_and_never_the_key() {
+        use std::error::Error as _;
+
+        use crate::sim::http::{Reply, Server};
+        let key = Secret::new("0123456789abcdef-key".into());
+        let http = Http::new(&crate::config::HttpConfig { timeout_secs: 5, proxy: None, ca_file: None }).unwrap();
+        let check = |status: u16, body: &'static str| {
+            let server = Server::start(move |req| {
+                // "echo" shows the request's headers in the answer, as some proxies do.
+                let body = if body == "echo" { format!("you sent {:?}", req.headers) } else { body.to_owned() };
+                Reply::Respond { status, headers: vec![], body: body.into_bytes() }
+            })
+            .unwrap();
+            validate_key(&http, &format!("{}/api/v1/validate", server.url()), &key)
+        };
+        assert_eq!(check(200, r#"{"valid":true}"#), Ok(()));
+        let e = check(200, "<html>log in</html>").unwrap_err();
+        assert!(matches!(&e, KeyError::NotDatadog { excerpt, .. } if excerpt.contains("log in")), "{e}");
+        let e = check(403, "echo").unwrap_err();
+        assert!(matches!(e, KeyError::Refused { status: 403, .. }), "{e}");
+        let shown = e.to_string();
+        assert!(shown.contains("[redacted]") && !shown.contains(key.expose()), "{shown}");
+        let e = validate_key(&http, "http://127.0.0.1:1/api/v1/validate", &key).unwrap_err();
+        assert!(matches!(e, KeyError::Network { .. }), "{e}");
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<HttpError>().is_some()), "{e:?}");
     }
 }
