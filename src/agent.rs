@@ -709,9 +709,10 @@ impl Agent {
             let req = PageRequest { feed, window, page_token, page_size: self.cfg.mimecast.page_size };
             let (http, creds, token, margin) =
                 (self.http.clone(), self.creds.clone(), self.token.clone(), self.tuning.token_margin);
+            let unix_ms = self.tuning.clock.now().saturating_mul(1000);
             self.fetch_generation = self.creds_generation;
             return Ok(Some(smol::unblock(move || {
-                let f = client::fetch_page(&http, &creds, token, &req, margin);
+                let f = client::fetch_page(&http, &creds, token, &req, margin, now, unix_ms);
                 (req, f)
             })));
         }

@@ -227,7 +227,7 @@ proptest! {
                 prop_assert!(w <= client::MAX_SERVER_WAIT, "throttle {headers:?}: {w:?}");
             }
             let r = resp(429, headers.clone(), Vec::new());
-            if let Err(FetchError::RateLimited(Some(w))) = client::classify(Feed::Audit, &r) {
+            if let Err(FetchError::RateLimited(Some(w))) = client::classify(Feed::Audit, &r, now_ms) {
                 prop_assert!(w.wait <= client::MAX_SERVER_WAIT);
                 prop_assert!(matches!(FetchError::RateLimited(Some(w)).retry(true), Retry::AtLeast(d) if d <= client::MAX_SERVER_WAIT));
             }
@@ -315,7 +315,15 @@ fn audit_sim(n: u64) -> (MimecastSim, PageRequest) {
 }
 
 fn fetch(sim: &MimecastSim, req: &PageRequest) -> client::Fetched {
-    client::fetch_page(&http(), &creds(sim), None, req, Duration::from_secs(1))
+    client::fetch_page(
+        &http(),
+        &creds(sim),
+        None,
+        req,
+        Duration::from_secs(1),
+        Instant::now(),
+        mimecast_forwarder::datetime::now() * 1000,
+    )
 }
 
 #[test]

@@ -213,10 +213,12 @@ mod tests {
         check(r#""soon""#, 1799);
         check("null", 1799);
         check("[1]", 1799);
-        let t = parse_token(br#"{"access_token":"abc"}"#, Instant::now()).expect("no expires_in");
-        assert!(t.fresh(Instant::now(), Duration::from_secs(1700)));
+        let now = Instant::now();
+        let t = parse_token(br#"{"access_token":"abc"}"#, now).expect("no expires_in");
+        assert!(t.fresh(now, Duration::from_secs(1700)));
+        assert!(!t.fresh(now + Duration::from_secs(1700), Duration::from_secs(100)));
         // Margins no Instant can hold never panic; they just say "not fresh".
-        assert!(!t.fresh(Instant::now(), Duration::MAX));
+        assert!(!t.fresh(now, Duration::MAX));
     }
 
     #[test]

@@ -155,17 +155,24 @@ pub struct Fetched {
 }
 
 /// Fetches one page. Blocking: run through `smol::unblock`.
+///
+/// The caller's clock is the only one: `now` decides whether the cached token is fresh and when a new one expires,
+/// `unix_ms` (the wall clock, in milliseconds) is what an epoch `X-RateLimit-Reset` is measured from. Both are
+/// read when the fetch starts; the exchange itself takes at most the HTTP timeout, so a token is taken to expire
+/// that much early at worst, and a reset waited for that much longer.
 pub fn fetch_page(
     http: &Http,
     creds: &Credentials,
     cached: Option<Token>,
     req: &PageRequest,
     margin: Duration,
+    now: Instant,
+    unix_ms: i64,
 ) -> Fetched {
     let mut new_token = None;
-    let mut token = match cached.filter(|t| t.fresh(Instant::now(), margin)) {
+    let mut token = match cached.filter(|t| t.fresh(now, margin)) {
         Some(t) => t,
-        None => match auth::fetch_token(http, creds, Instant::now()) {
+        None => match auth::fetch_token(http, creds, now) {
             Ok(t) => {
                 new_token = Some(t.clone());
                 t
@@ -178,7 +185,7 @@ pub fn fetch_page(
     let mut resp = post(http, &url, &token, body.clone());
     if matches!(&resp, Ok(r) if r.status == 401) {
         // Expired or revoked: fetch a new token and retry the call once.
-        match auth::fetch_token(http, creds, Instant::now()) {
+        match auth::fetch_token(http, creds, now) {
             Ok(t) => {
                 token = t.clone();
                 new_token = Some(t);
@@ -189,11 +196,11 @@ pub fn fetch_page(
     }
     let (result, throttle) = match resp {
         Ok(r) => {
-            let throttle = throttle_wait(&r, now_ms());
+            let throttle = throttle_wait(&r, unix_ms);
             if let Some(w) = throttle.filter(ServerWait::was_capped) {
                 log::warn!("{}: X-RateLimit-Reset: {w}", req.feed);
             }
-            (classify(req.feed, &r), throttle.map(|w| w.wait))
+            (classify(req.feed, &r, unix_ms), throttle.map(|w| w.wait))
         }
         Err(e) => (Err(FetchError::Network(e)), None),
     };
@@ -207,8 +214,9 @@ fn post(http: &Http, url: &str, token: &Token, body: Vec<u8>) -> Result<Response
     http.post(url, &headers, body).map(|r| r.scrub(&[token.access.expose()]))
 }
 
-/// Maps a response to a page or an error. Pure.
-pub fn classify(feed: Feed, r: &Response) -> Result<Page, FetchError> {
+/// Maps a response to a page or an error. Pure: `unix_ms` is the wall clock in milliseconds, for an epoch
+/// `X-RateLimit-Reset`.
+pub fn classify(feed: Feed, r: &Response, unix_ms: i64) -> Result<Page, FetchError> {
     match r.status {
         200..=299 => wire::parse_page(feed, &r.body).map_err(|e| match e {
             WireError::Malformed(m) => FetchError::Malformed(m),
@@ -220,7 +228,7 @@ pub fn classify(feed: Feed, r: &Response) -> Result<Page, FetchError> {
         300..=399 => Err(FetchError::Redirect { status: r.status, location: r.location() }),
         401 => Err(FetchError::Unauthorized),
         403 => Err(FetchError::Forbidden(feed)),
-        429 => Err(FetchError::RateLimited(rate_header(r, "Reset").and_then(|v| reset_asked(v, now_ms())))),
+        429 => Err(FetchError::RateLimited(rate_header(r, "Reset").and_then(|v| reset_asked(v, unix_ms)))),
         408 | 500..=599 => Err(FetchError::Server { status: r.status, detail: r.excerpt() }),
         status => match wire::parse_page(feed, &r.body) {
             Err(WireError::Failed { retryable, code, message }) => {
@@ -278,10 +286,6 @@ fn throttle_wait(r: &Response, now_ms: i64) -> Option<ServerWait> {
     Some(ServerWait { wait: reset.wait / share, asked_secs: reset.asked_secs / remaining as f64 })
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,8 +319,20 @@ mod tests {
     }
 
     #[test]
+    fn an_epoch_reset_is_measured_from_the_callers_clock() {
+        let r = Response::fake(429, &[("X-RateLimit-Reset", "1700000005")], "");
+        let wait = |unix_ms| match classify(Feed::Audit, &r, unix_ms) {
+            Err(FetchError::RateLimited(Some(w))) => w.wait,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(wait(1_700_000_000_000), Duration::from_secs(5));
+        assert_eq!(wait(1_700_000_004_000), Duration::from_secs(1));
+        assert_eq!(wait(1_800_000_000_000), Duration::ZERO, "a reset in the past is no wait");
+    }
+
+    #[test]
     fn rate_headers_are_read_in_both_spellings() {
-        let e = classify(Feed::Audit, &Response::fake(429, &[("X-Rate-Limit-Reset", "1500")], "")).unwrap_err();
+        let e = classify(Feed::Audit, &Response::fake(429, &[("X-Rate-Limit-Reset", "1500")], ""), 0).unwrap_err();
         assert_eq!(e.retry(false), Retry::AtLeast(Duration::from_millis(1500)));
         let r = Response::fake(200, &[("x-rate-limit-remaining", "0"), ("X-Rate-Limit-Reset", "700")], "");
         assert_eq!(throttle(&r, 0), Some(Duration::from_millis(700)));
@@ -350,12 +366,12 @@ mod tests {
             assert_eq!(failed(code, message).retry(true), Retry::Slow, "{code} {message}");
         }
         let other = r#"{"fail":[{"errors":[{"code":"err_validation","message":"bad filter","retryable":false}]}]}"#;
-        assert_eq!(classify(Feed::Dlp, &Response::fake(400, &[], other)).unwrap_err().retry(true), Retry::Slow);
+        assert_eq!(classify(Feed::Dlp, &Response::fake(400, &[], other), 0).unwrap_err().retry(true), Retry::Slow);
     }
 
     #[test]
     fn redirects_name_where_to() {
-        let e = classify(Feed::Audit, &Response::fake(302, &[("Location", "https://login.example/sso")], "<html>"))
+        let e = classify(Feed::Audit, &Response::fake(302, &[("Location", "https://login.example/sso")], "<html>"), 0)
             .unwrap_err();
         assert_eq!(e, FetchError::Redirect { status: 302, location: Some("https://login.example/sso".into()) });
         assert_eq!(e.retry(true), Retry::Slow);
@@ -364,7 +380,7 @@ mod tests {
             "HTTP 302: redirected to https://login.example/sso; mimecast.base_url must point at the API itself \
              (not a login page or proxy)"
         );
-        let e = classify(Feed::Audit, &Response::fake(307, &[], "")).unwrap_err();
+        let e = classify(Feed::Audit, &Response::fake(307, &[], ""), 0).unwrap_err();
         assert!(e.to_string().contains("(no Location header)"), "{e}");
         let auth = FetchError::Auth(AuthError::Redirect { status: 301, location: None });
         assert_eq!(auth.retry(false), Retry::Slow);
@@ -373,7 +389,7 @@ mod tests {
     #[test]
     fn wrapped_errors_keep_their_causes() {
         use std::error::Error as _;
-        let e = classify(Feed::Audit, &Response::fake(200, &[], "<html>")).unwrap_err();
+        let e = classify(Feed::Audit, &Response::fake(200, &[], "<html>"), 0).unwrap_err();
         assert!(matches!(e, FetchError::NotJson(_)), "{e:?}");
         assert!(e.source().is_some_and(|s| s.downcast_ref::<serde_json::Error>().is_some()), "{e:?}");
         assert_eq!(e.retry(true), Retry::Backoff);
@@ -391,20 +407,20 @@ mod tests {
     #[test]
     fn statuses_map_to_errors() {
         let f = Feed::Dlp;
-        assert!(classify(f, &Response::fake(200, &[], r#"{"meta":{},"data":[]}"#)).is_ok());
-        assert!(matches!(classify(f, &Response::fake(200, &[], r#"{"data":[]}"#)), Err(FetchError::Malformed(_))));
-        assert_eq!(classify(f, &Response::fake(403, &[], "")), Err(FetchError::Forbidden(f)));
+        assert!(classify(f, &Response::fake(200, &[], r#"{"meta":{},"data":[]}"#), 0).is_ok());
+        assert!(matches!(classify(f, &Response::fake(200, &[], r#"{"data":[]}"#), 0), Err(FetchError::Malformed(_))));
+        assert_eq!(classify(f, &Response::fake(403, &[], ""), 0), Err(FetchError::Forbidden(f)));
         assert_eq!(
-            classify(f, &Response::fake(429, &[("x-ratelimit-reset", "250")], "")),
+            classify(f, &Response::fake(429, &[("x-ratelimit-reset", "250")], ""), 0),
             Err(FetchError::RateLimited(Some(ServerWait { wait: Duration::from_millis(250), asked_secs: 0.25 })))
         );
-        assert!(matches!(classify(f, &Response::fake(503, &[], "")), Err(FetchError::Server { status: 503, .. })));
+        assert!(matches!(classify(f, &Response::fake(503, &[], ""), 0), Err(FetchError::Server { status: 503, .. })));
         let bad_token = r#"{"fail":[{"errors":[{"code":"err_invalid_page_token","message":"x","retryable":false}]}]}"#;
-        let e = classify(f, &Response::fake(400, &[], bad_token)).unwrap_err();
+        let e = classify(f, &Response::fake(400, &[], bad_token), 0).unwrap_err();
         assert_eq!(e.retry(true), Retry::RestartWindow);
         assert_eq!(e.retry(false), Retry::Slow);
         let fail_200 = r#"{"data":[],"fail":[{"errors":[{"code":"x","message":"y","retryable":true}]}]}"#;
-        assert_eq!(classify(f, &Response::fake(200, &[], fail_200)).unwrap_err().retry(false), Retry::Backoff);
+        assert_eq!(classify(f, &Response::fake(200, &[], fail_200), 0).unwrap_err().retry(false), Retry::Backoff);
         assert_eq!(FetchError::Forbidden(f).retry(false), Retry::Slow);
         assert!(FetchError::Forbidden(f).to_string().contains("Data Leak Prevention"));
     }
