@@ -5,8 +5,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::io::Read as _;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
@@ -209,10 +207,10 @@ struct Agent {
     fetch_generation: u64,
 }
 
-/// SIGHUP's socket and the config file it makes the agent read again (`systemctl reload`).
+/// SIGHUP and the config file it makes the agent read again (`systemctl reload`).
 pub struct Reload {
     pub path: PathBuf,
-    pub signal: smol::Async<UnixStream>,
+    pub signal: crate::signals::Hangups,
 }
 
 /// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
@@ -347,7 +345,7 @@ impl Agent {
             .or(async {
                 match &reload {
                     Some(r) => {
-                        let _ = r.signal.readable().await;
+                        r.signal.next().await;
                         Event::Reload
                     }
                     None => std::future::pending().await,
@@ -372,7 +370,6 @@ impl Agent {
                 Event::Wake => {}
                 Event::Reload => {
                     if let Some(r) = &reload {
-                        drain(&r.signal);
                         self.reload(&r.path)?;
                     }
                 }
@@ -1144,35 +1141,8 @@ fn informational(written: Result<(), StoreError>) -> anyhow::Result<()> {
     }
 }
 
-/// Reads everything waiting on a signal socket, so that it is readable again only for the next signal.
-fn drain(socket: &smol::Async<UnixStream>) {
-    let mut buf = [0u8; 64];
-    while matches!(socket.get_ref().read(&mut buf), Ok(n) if n > 0) {}
-}
-
-/// The socket that SIGHUP writes to (signal-hook's pipe), for [`Reload`].
-pub fn reload_signal() -> std::io::Result<smol::Async<UnixStream>> {
-    let (rx, tx) = UnixStream::pair()?;
-    signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, tx)?;
-    smol::Async::new(rx)
-}
-
 /// The start of a server-given string, for a log line: enough to recognise it, never a page of it.
 fn excerpt(s: &str) -> String {
     let cut = crate::http::printable(s, 40);
     if cut.len() < s.len() { format!("{cut}…") } else { cut }
-}
-
-/// Resolves on the first SIGTERM or SIGINT. The signal handler only writes a byte to a socket (signal-hook's
-/// pipe), which the main loop awaits like any other I/O.
-pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
-    }
-    let rx = smol::Async::new(rx)?;
-    Ok(async move {
-        let _ = rx.readable().await;
-        log::info!("signal received: stopping");
-    })
 }

@@ -7,7 +7,8 @@
 //! - [`mimecast`]: the six feeds as one table, the wire format, OAuth and the window/page cursor logic.
 //! - [`store`]: the SQLite queue, cursors, dead letters and counters.
 //! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
-//! - [`agent`]: the main loop that ties polling and delivery together on one smol executor.
+//! - [`agent`]: the main loop that ties polling and delivery together on one smol executor; [`signals`] are
+//!   what stops it and what makes it read the config again.
 //! - [`instance`]: the lock that lets only one `run` use a queue.
 //! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers; [`error`] holds
 //!   what the error enums share.
@@ -37,6 +38,7 @@ pub mod error;
 pub mod http;
 pub mod instance;
 pub mod mimecast;
+pub mod signals;
 pub mod sim;
 pub mod status;
 pub mod store;

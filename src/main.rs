@@ -4,7 +4,7 @@ use std::io::Write;
 
 use mimecast_forwarder::agent::{self, Mode, Tuning};
 use mimecast_forwarder::cli::{self, Command};
-use mimecast_forwarder::exit;
+use mimecast_forwarder::{exit, signals};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,8 +43,8 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
         }
     };
     let mode = if once { Mode::Once } else { Mode::Daemon };
-    let signals = agent::shutdown_signal().and_then(|stop| {
-        let reload = agent::Reload { path: path.to_owned(), signal: agent::reload_signal()? };
+    let signals = signals::shutdown().and_then(|stop| {
+        let reload = agent::Reload { path: path.to_owned(), signal: signals::Hangups::new()? };
         Ok((stop, reload))
     });
     let result = signals.map_err(anyhow::Error::from).and_then(|(stop, reload)| {
