@@ -37,14 +37,16 @@ impl Response {
         printable(&String::from_utf8_lossy(&self.body), 200)
     }
 
-    /// Replaces every occurrence of our own secrets in the body and the header values. A server may echo a
-    /// request back (a 401 that quotes the form it got, a proxy that shows the headers), and whatever it says
-    /// ends up in logs and `status`. Secrets shorter than 4 bytes are not searched for: they would match noise.
+    /// Replaces every occurrence of our own secrets in the body and the header values, spelled as we sent them
+    /// or percent-encoded (a form, a query string: hex digits in either case, `+` or `%20` for a space), so the
+    /// guarantee does not depend on how ureq or the server encodes. A server may echo a request back (a 401 that
+    /// quotes the form it got, a proxy that shows the headers), and whatever it says ends up in logs and
+    /// `status`. Secrets shorter than 4 bytes are not searched for: they would match noise.
     pub fn scrub(mut self, secrets: &[&str]) -> Response {
         for secret in secrets.iter().filter(|s| s.len() >= 4) {
-            self.body = replace_all(&self.body, secret.as_bytes());
+            self.body = redact(&self.body, secret.as_bytes());
             for (_, v) in &mut self.headers {
-                *v = v.replace(secret, "[redacted]");
+                *v = String::from_utf8_lossy(&redact(v.as_bytes(), secret.as_bytes())).into_owned();
             }
         }
         self
@@ -74,22 +76,43 @@ pub fn printable(text: &str, max: usize) -> String {
     text.chars().take(max).map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
-fn replace_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
-    if !haystack.windows(needle.len()).any(|w| w == needle) {
-        return haystack.to_vec();
-    }
+/// `haystack` with every spelling of `secret` (see [`Response::scrub`]) replaced by `[redacted]`.
+fn redact(haystack: &[u8], secret: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(haystack.len());
     let mut i = 0;
     while i < haystack.len() {
-        if haystack[i..].starts_with(needle) {
-            out.extend_from_slice(b"[redacted]");
-            i += needle.len();
-        } else {
-            out.push(haystack[i]);
-            i += 1;
+        let rest = &haystack[i..];
+        match if rest.starts_with(secret) { Some(secret.len()) } else { encoded_at(rest, secret) } {
+            Some(len) => {
+                out.extend_from_slice(b"[redacted]");
+                i += len;
+            }
+            None => {
+                out.push(haystack[i]);
+                i += 1;
+            }
         }
     }
     out
+}
+
+/// The length of `secret` percent-encoded at the start of `text`; `None` if it is not there. Encoders differ in
+/// which bytes they leave as they are, so any byte may be either, except `%`, which is always encoded (that is
+/// what makes the encoding unambiguous); a space may also be `+`.
+fn encoded_at(text: &[u8], secret: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    for &b in secret {
+        i += match text.get(i..)? {
+            [b'%', hi, lo, ..] if hex(*hi).zip(hex(*lo)).is_some_and(|(hi, lo)| hi << 4 | lo == b) => 3,
+            [c, ..] if b != b'%' && (*c == b || (b == b' ' && *c == b'+')) => 1,
+            _ => return None,
+        };
+    }
+    Some(i)
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    char::from(digit).to_digit(16).map(|d| d as u8)
 }
 
 /// A non-negative number a server sent in a header: digits first (no sign, no `inf` or `NaN` words), any size or
@@ -227,20 +250,24 @@ impl Http {
     }
 
     pub fn post(&self, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<Response, HttpError> {
-        let mut req = self.agent.post(url);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        finish(req.send(&body[..]))
+        finish(with_headers(self.agent.post(url), headers).send(&body[..]))
+    }
+
+    /// POSTs `form` as `application/x-www-form-urlencoded` (ureq encodes it and sets the Content-Type).
+    pub fn post_form(&self, url: &str, headers: &[(&str, &str)], form: &[(&str, &str)]) -> Result<Response, HttpError> {
+        finish(with_headers(self.agent.post(url), headers).send_form(form.iter().copied()))
     }
 
     pub fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<Response, HttpError> {
-        let mut req = self.agent.get(url);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        finish(req.call())
+        finish(with_headers(self.agent.get(url), headers).call())
     }
+}
+
+fn with_headers<B>(mut req: ureq::RequestBuilder<B>, headers: &[(&str, &str)]) -> ureq::RequestBuilder<B> {
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req
 }
 
 fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Response, HttpError> {
@@ -280,7 +307,7 @@ mod tests {
             headers: vec![("X-Echo".into(), "DD-API-KEY: s3cr3t-key".into())],
             body: b"invalid_client for client_secret=s3cr3t-key%21&x \x1b[2J\x07".to_vec(),
         }
-        .scrub(&["s3cr3t-key", "s3cr3t-key%21", "ab"]);
+        .scrub(&["s3cr3t-key", "ab"]);
         let all = format!("{} {:?}", r.excerpt(), r.headers);
         assert!(!all.contains("s3cr3t"), "{all}");
         assert!(r.excerpt().contains("client_secret=[redacted]"), "{}", r.excerpt());
@@ -288,6 +315,31 @@ mod tests {
         assert_eq!(printable("a\nb\u{9b}c", 10), "a b c");
         assert_eq!(without_password("http://u:p@proxy:3128/x"), "http://[redacted]@proxy:3128/x");
         assert_eq!(without_password("http://proxy:3128"), "http://proxy:3128");
+    }
+
+    #[test]
+    fn a_secret_is_scrubbed_however_it_is_encoded() {
+        let secret = "p@ss w0rd&=/+%é";
+        let scrub = |text: &str| {
+            let r = Response::fake(401, &[("X-Echo", text)], text).scrub(&[secret]);
+            (String::from_utf8_lossy(&r.body).into_owned(), r.headers[0].1.clone())
+        };
+        for spelled in [
+            "p@ss w0rd&=/+%é",
+            "p%40ss+w0rd%26%3D%2F%2B%25%C3%A9",
+            "p%40ss%20w0rd%26%3d%2f%2b%25%c3%a9",
+            "%70%40%73%73%20%77%30%72%64%26%3D%2F%2B%25%C3%A9",
+            "p@ss+w0rd&=/%2B%25%C3%a9",
+        ] {
+            let (body, header) = scrub(&format!("client_secret={spelled}&grant_type=x"));
+            assert_eq!(body, "client_secret=[redacted]&grant_type=x", "{spelled}");
+            assert_eq!(header, body, "{spelled}");
+        }
+        // Near misses stay as they are, and odd text never panics.
+        for kept in ["p@ss w0rd&=/+%", "p@ss w0rd&=/+%%C3%A9", "p%4", "p%4Gss", "%", "p@ss", "\u{e9}", ""] {
+            assert_eq!(scrub(kept).0, kept);
+        }
+        assert_eq!(scrub("xp@ss w0rd&=/+%éx%").0, "x[redacted]x%");
     }
 
     #[test]

@@ -99,18 +99,12 @@ impl Credentials {
 /// Fetches a new token. Blocking: run through `smol::unblock`.
 pub fn fetch_token(http: &Http, creds: &Credentials, now: Instant) -> Result<Token, AuthError> {
     let secret = creds.client_secret.expose();
-    let encoded = form_encode(secret);
-    let body =
-        format!("client_id={}&client_secret={encoded}&grant_type=client_credentials", form_encode(&creds.client_id));
+    let form =
+        [("client_id", creds.client_id.as_str()), ("client_secret", secret), ("grant_type", "client_credentials")];
     let url = format!("{}/oauth/token", creds.base_url);
-    let resp = http
-        .post(
-            &url,
-            &[("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")],
-            body.into_bytes(),
-        )
-        .map_err(AuthError::Network)?
-        .scrub(&[secret, &encoded]);
+    // An answer that echoes the form is scrubbed of the secret in every encoding (see `Response::scrub`).
+    let resp =
+        http.post_form(&url, &[("Accept", "application/json")], &form).map_err(AuthError::Network)?.scrub(&[secret]);
     match resp.status {
         200 => parse_token(&resp.body, now),
         300..=399 => Err(AuthError::Redirect { status: resp.status, location: resp.location() }),
@@ -155,19 +149,6 @@ pub fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
             Duration::from_secs(clamped as u64)
         }
     }
-}
-
-/// `application/x-www-form-urlencoded` for one value.
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b as char),
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -221,8 +202,47 @@ mod tests {
         assert!(!t.fresh(now, Duration::MAX));
     }
 
+    /// A token endpoint that refuses with the form it got quoted back, and grants a token only for the form it
+    /// expects, byte for byte.
+    fn echoing_token_endpoint(expected_form: &'static str) -> crate::sim::http::Server {
+        use crate::sim::http::Reply;
+        crate::sim::http::Server::start(move |req| {
+            let form = String::from_utf8_lossy(&req.body).into_owned();
+            let form_type = req.header("Content-Type") == Some("application/x-www-form-urlencoded");
+            if req.path == "/oauth/token" && form_type && form == expected_form {
+                return Reply::json(200, &serde_json::json!({"access_token": "tok", "expires_in": 600}));
+            }
+            let body = format!("invalid_client: you sent {form} with {:?}", req.headers);
+            Reply::Respond { status: 401, headers: vec![("X-Echo".into(), form)], body: body.into_bytes() }
+        })
+        .expect("a loopback server")
+    }
+
     #[test]
-    fn form_encoding() {
-        assert_eq!(form_encode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+    fn the_client_secret_is_form_encoded_and_never_shown() {
+        let secret = "s3cr3t p@ss&=/+%é";
+        let encoded = "s3cr3t+p%40ss%26%3D%2F%2B%25%C3%A9";
+        let server = echoing_token_endpoint(
+            "client_id=my+id%26co&client_secret=s3cr3t+p%40ss%26%3D%2F%2B%25%C3%A9&grant_type=client_credentials",
+        );
+        let http = Http::new(&crate::config::HttpConfig { timeout_secs: 5, proxy: None, ca_file: None }).unwrap();
+        let creds = |client_secret: &str| Credentials {
+            base_url: server.url(),
+            client_id: "my id&co".into(),
+            client_secret: Secret::new(client_secret.into()),
+        };
+        let now = Instant::now();
+        let t = fetch_token(&http, &creds(secret), now).expect("the form is what the endpoint expects");
+        assert_eq!(t.access.expose(), "tok");
+
+        // Refused: the endpoint quotes the whole form, in its body and a header.
+        let wrong = "wr0ng p@ss&=/+%é";
+        let e = fetch_token(&http, &creds(wrong), now).unwrap_err();
+        assert!(matches!(e, AuthError::Refused { status: 401, .. }), "{e:?}");
+        let shown = format!("{e} {e:?} {}", crate::error::describe(&e));
+        assert!(shown.contains("client_secret=[redacted]&grant_type"), "{shown}");
+        for leak in [wrong, "wr0ng+p%40ss%26%3D%2F%2B%25%C3%A9", "wr0ng", secret, encoded] {
+            assert!(!shown.contains(leak), "{leak} in {shown}");
+        }
     }
 }
