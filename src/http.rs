@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use ureq::http::Uri;
+
 use crate::config::HttpConfig;
 use crate::error::Cause;
 
@@ -52,22 +54,34 @@ impl Response {
         self
     }
 
-    /// The `Location` header of a redirect, cut to 200 characters and without control characters: it goes into
-    /// error messages and the server chose it.
+    /// The `Location` header of a redirect, for error messages: without control characters, with the
+    /// `user:password@` of a URL redacted, cut to 200 characters. The server chose it; what does not parse as a
+    /// URL (a relative path is fine) is shown as it is.
     pub fn location(&self) -> Option<String> {
-        let loc = self.header("Location")?;
-        Some(loc.chars().filter(|c| !c.is_control()).take(200).collect())
+        let loc: String = self.header("Location")?.chars().filter(|c| !c.is_control()).collect();
+        let loc = loc.parse::<Uri>().ok().and_then(|uri| userinfo_redacted(&loc, &uri)).unwrap_or(loc);
+        Some(loc.chars().take(200).collect())
     }
 }
 
-/// A URL with its `user:password@` part redacted (a proxy URL may carry credentials).
+/// A URL with its `user:password@` part redacted (a proxy URL may carry credentials). It is read with the parser
+/// ureq reads proxies with; text that does not parse as a URL with a host is shown only if it has no `@` that
+/// could end a password.
 pub fn without_password(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let host_end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    match url[start..host_end].rfind('@') {
-        Some(at) => format!("{}[redacted]@{}", &url[..start], &url[start + at + 1..]),
-        None => url.to_owned(),
+    match url.parse::<Uri>() {
+        Ok(uri) if uri.authority().is_some() => userinfo_redacted(url, &uri).unwrap_or_else(|| url.to_owned()),
+        _ if url.contains('@') => "[redacted]".to_owned(),
+        _ => url.to_owned(),
     }
+}
+
+/// `text` with `[redacted]` for the user info of its authority, if the URL it parses as (`uri`) has one.
+fn userinfo_redacted(text: &str, uri: &Uri) -> Option<String> {
+    let authority = uri.authority()?.as_str();
+    // A parsed authority's user info is everything up to its last `@` (the host and port cannot hold one). The
+    // authority is the first part of the text that can hold an `@` (a scheme cannot), so the first match is it.
+    let (_, host_port) = authority.rsplit_once('@')?;
+    Some(text.replacen(authority, &format!("[redacted]@{host_port}"), 1))
 }
 
 /// Server text made safe to print: at most `max` characters, control characters (newlines, escape sequences
@@ -313,8 +327,6 @@ mod tests {
         assert!(r.excerpt().contains("client_secret=[redacted]"), "{}", r.excerpt());
         assert!(!r.excerpt().contains(['\x1b', '\x07']), "{:?}", r.excerpt());
         assert_eq!(printable("a\nb\u{9b}c", 10), "a b c");
-        assert_eq!(without_password("http://u:p@proxy:3128/x"), "http://[redacted]@proxy:3128/x");
-        assert_eq!(without_password("http://proxy:3128"), "http://proxy:3128");
     }
 
     #[test]
@@ -388,10 +400,53 @@ mod tests {
     }
 
     #[test]
+    fn passwords_in_urls_are_redacted_whatever_the_url() {
+        let check = |url: &str, want: &str| assert_eq!(without_password(url), want, "{url:?}");
+        check("http://u:p@proxy:3128/x", "http://[redacted]@proxy:3128/x");
+        check("http://u:p@proxy:3128", "http://[redacted]@proxy:3128");
+        check("socks5://user:p%40ss@10.0.0.1:1080", "socks5://[redacted]@10.0.0.1:1080");
+        check("http://user@proxy", "http://[redacted]@proxy");
+        check("http://u:p@[::1]:3128/", "http://[redacted]@[::1]:3128/");
+        check("u:p@proxy:3128", "[redacted]@proxy:3128");
+        check("http://proxy:3128", "http://proxy:3128");
+        check("http://proxy:3128/?from=a@b", "http://proxy:3128/?from=a@b");
+        check("proxy.internal:3128", "proxy.internal:3128");
+        // Text the parser refuses: shown unless an `@` could end a password in it.
+        check("http://u:p@ss@proxy:3128", "http://[redacted]@proxy:3128");
+        check("http://u:pa ss@proxy", "[redacted]");
+        check("http://pro xy:3128", "http://pro xy:3128");
+        check("", "");
+        // Whatever the parser makes of it, a password never shows, and nothing panics.
+        for odd in [
+            "http://u:SECRET@",
+            "http://:SECRET@/",
+            "SECRET@",
+            "u:SECRET@",
+            "http://[::1]:SECRET@y",
+            "http://u:SECRET@host:99999999",
+            "http://u:SECRET@host\u{7f}",
+            "é:SECRET@é",
+            "http://u:SECRET@@host",
+            "//u:SECRET@host/x",
+            "http://u:SECRET@host#frag",
+            "http://u:SECRET@host/a@b",
+            "ftp://u:SECRET@host",
+        ] {
+            assert!(!without_password(odd).contains("SECRET"), "{odd:?}: {}", without_password(odd));
+        }
+    }
+
+    #[test]
     fn location_is_cut_and_cleaned() {
-        let long = format!("https://portal.example/\u{7}{}", "x".repeat(500));
-        let r = Response { status: 302, headers: vec![("location".into(), long)], body: vec![] };
-        let loc = r.location().expect("has a location");
+        let location = |value: String| {
+            Response { status: 302, headers: vec![("location".into(), value)], body: vec![] }
+                .location()
+                .expect("has a location")
+        };
+        let loc = location(format!("https://portal.example/\u{7}{}", "x".repeat(500)));
         assert!(loc.starts_with("https://portal.example/x") && loc.chars().count() == 200);
+        assert_eq!(location("https://sso:t0ken@login.example/a?b=c".into()), "https://[redacted]@login.example/a?b=c");
+        assert_eq!(location("/login?next=%2F".into()), "/login?next=%2F");
+        assert_eq!(location("not a url @ all".into()), "not a url @ all", "the server's own words");
     }
 }
