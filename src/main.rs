@@ -75,8 +75,9 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
     }
 }
 
-/// env_logger at `info` unless RUST_LOG says otherwise. Under systemd (JOURNAL_STREAM set) journald adds the
-/// time, so lines carry only the syslog priority prefix that journald understands.
+/// env_logger at `info` unless RUST_LOG says otherwise (a level, or `module=level` pairs). Under systemd
+/// (JOURNAL_STREAM set) journald adds the time, so lines carry only the syslog priority prefix that journald
+/// understands; elsewhere (a terminal, cron mail) they carry the time in UTC, env_logger's own layout.
 fn init_logging(default: &str) {
     let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -88,6 +89,11 @@ fn init_logging(default: &str) {
                 _ => 7,
             };
             writeln!(buf, "<{prio}>{}", record.args())
+        });
+    } else {
+        b.format(|buf, record| {
+            let time = mimecast_forwarder::datetime::rfc3339(mimecast_forwarder::datetime::now());
+            writeln!(buf, "[{time} {:<5} {}] {}", record.level(), record.target(), record.args())
         });
     }
     b.init();

@@ -63,6 +63,25 @@ fn help_version_and_usage_errors() {
     assert_eq!(code, 66, "{err}");
 }
 
+/// Guards: env_logger is built without its default features (no regex filters, no colours, no humantime): RUST_LOG
+/// still takes a level or module paths, and lines outside systemd still carry their time.
+#[test]
+fn rust_log_takes_levels_and_module_paths_and_lines_carry_the_time() {
+    let log = |filter: &str| {
+        let out = cmd(&["run", "--once", "--config", "/nonexistent/config.toml"]).env("RUST_LOG", filter).output();
+        String::from_utf8_lossy(&out.unwrap().stderr).into_owned()
+    };
+    let line = log("info");
+    assert!(line.starts_with('[') && line.contains("Z ERROR mimecast_forwarder] config error: "), "{line}");
+    assert!(line.get(1..21).and_then(mimecast_forwarder::datetime::parse).is_some(), "{line}");
+    for shows in ["mimecast_forwarder=debug", "warn,ureq=debug", "error"] {
+        assert!(log(shows).contains("config error"), "{shows}");
+    }
+    for hides in ["off", "ureq=debug", "error,mimecast_forwarder=off"] {
+        assert!(!log(hides).contains("config error"), "{hides}");
+    }
+}
+
 #[test]
 fn a_closed_stdout_is_not_a_crash() {
     // `mimecast-forwarder status | head -1`: the reader is gone before the writer writes.
