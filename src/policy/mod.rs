@@ -98,6 +98,19 @@ pub fn pass_over(s: PassState) -> (bool, bool) {
     ((stuck || s.feeds_done) && drained, stuck && s.disk_full)
 }
 
+/// The retry rules of the table tests: exact delays (the ceiling of each backoff), a 300 s slow retry and three
+/// attempts in `--once`.
+#[cfg(test)]
+pub(crate) fn exact_retries(mode: Mode, base_secs: u64, cap_secs: u64) -> Retries {
+    Retries {
+        mode,
+        backoff: crate::backoff::Backoff { base: Duration::from_secs(base_secs), cap: Duration::from_secs(cap_secs) },
+        slow_retry: Duration::from_secs(300),
+        once_attempts: 3,
+        jitter: || 1.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -333,7 +333,6 @@ fn excerpt(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backoff::Backoff;
     use crate::http::ServerWait;
     use crate::mimecast::auth::AuthError;
     use serde_json::json;
@@ -343,14 +342,7 @@ mod tests {
 
     fn settings(mode: Mode) -> PollerSettings {
         PollerSettings {
-            retries: Retries {
-                mode,
-                backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(300) },
-                slow_retry: Duration::from_secs(300),
-                once_attempts: 3,
-                // The ceiling of each backoff: delays in the tables are exact.
-                jitter: || 1.0,
-            },
+            retries: crate::policy::exact_retries(mode, 2, 300),
             window: Settings { overlap_secs: 300, settle_secs: 60, max_window_secs: HOUR },
             poll_interval: Duration::from_secs(60),
         }

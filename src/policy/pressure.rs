@@ -152,17 +152,10 @@ pub fn room(space: Space, page: u64, checkpointed: bool, released: bool) -> Room
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backoff::Backoff;
     use crate::policy::Mode;
 
     fn retries(mode: Mode) -> Retries {
-        Retries {
-            mode,
-            backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(600) },
-            slow_retry: Duration::from_secs(300),
-            once_attempts: 3,
-            jitter: || 1.0,
-        }
+        crate::policy::exact_retries(mode, 2, 600)
     }
 
     fn now() -> Now {

@@ -276,18 +276,11 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backoff::Backoff;
     use crate::datadog::disposition::Answer;
 
     fn settings(mode: Mode) -> SenderSettings {
         SenderSettings {
-            retries: Retries {
-                mode,
-                backoff: Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(120) },
-                slow_retry: Duration::from_secs(300),
-                once_attempts: 3,
-                jitter: || 1.0,
-            },
+            retries: crate::policy::exact_retries(mode, 1, 120),
             idle: Duration::from_secs(60),
             summary_every: Duration::from_secs(60),
         }
