@@ -630,6 +630,14 @@ mod tests {
     }
 
     #[test]
+    fn once_with_nothing_settled_is_done_at_once() {
+        let mut rig = Rig::new(Mode::Once, 30);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        assert!(rig.p.all_done() && !rig.p.gave_up());
+        assert_eq!(rig.p.next_wake(), None);
+    }
+
+    #[test]
     fn server_wait_on_success_delays_the_next_page() {
         let mut rig = Rig::new(Mode::Daemon, 600);
         let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("a window");

@@ -478,6 +478,32 @@ mod tests {
     }
 
     #[test]
+    fn a_log_refused_as_the_second_half_after_its_sibling_was_accepted_is_a_dead_letter() {
+        // Records 1..4; record 4 is refused wherever it goes.
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[3, 4], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[3], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[4], &["dead-letter"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty());
+        assert_eq!(rig.dead, [4]);
+        assert!(!rig.s.is_bisecting());
+    }
+
+    #[test]
+    fn candidates_that_all_went_to_dead_letters_are_followed_by_a_look_at_once() {
+        let mut rig = Rig::new(Mode::Daemon, 0);
+        assert_eq!(rig.s.on_nothing_sent(rig.now, true), None);
+        assert_eq!(rig.next_in(), Some(0));
+    }
+
+    #[test]
     fn a_400_whose_halves_both_fail_holds_and_backs_off_without_dead_letters() {
         let rig = check(
             Mode::Daemon,
