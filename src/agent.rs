@@ -619,9 +619,9 @@ impl Agent {
         let page = fetched.result.as_ref().map_err(Clone::clone);
         for action in self.poller.on_page(now, &req, page, fetched.throttle) {
             match action {
-                PollAction::Commit { next_token } => {
+                PollAction::Commit { next_token, forget_before } => {
                     if let Ok(page) = &fetched.result {
-                        self.commit(now, &req, page, next_token)?;
+                        self.commit(now, &req, page, next_token, forget_before)?;
                     }
                 }
                 PollAction::RecordError(msg) => informational(self.store.feed_error(req.feed, &msg, now.unix))?,
@@ -638,6 +638,7 @@ impl Agent {
         req: &PageRequest,
         page: &wire::Page,
         next_token: Option<String>,
+        forget_before: i64,
     ) -> anyhow::Result<()> {
         let records = page
             .records
@@ -648,14 +649,7 @@ impl Agent {
                 body: r.to_string(),
             })
             .collect();
-        let commit = PageCommit {
-            feed: req.feed,
-            window: req.window,
-            next_token,
-            records,
-            // Keys whose time is before every future window's start can never be read again.
-            forget_before: req.window.to - self.cfg.mimecast.overlap_secs as i64 - 3600,
-        };
+        let commit = PageCommit { feed: req.feed, window: req.window, next_token, records, forget_before };
         let wal_before = self.store.wal_bytes();
         let out = self.store.commit_page(&commit, now.unix, self.cfg.queue.max_bytes, self.cfg.queue.when_full)?;
         self.page_wal = self.page_wal.max(self.store.wal_bytes().saturating_sub(wal_before));

@@ -34,8 +34,9 @@ pub struct PollerSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Store the page's records, with the window's next page token (`None`: the window is complete and the
-    /// watermark moves to its end), in one transaction; then report [`Poller::on_committed`].
-    Commit { next_token: Option<String> },
+    /// watermark moves to its end), in one transaction; then report [`Poller::on_committed`]. Seen keys whose
+    /// time is before `forget_before` may go: no future window starts that early.
+    Commit { next_token: Option<String>, forget_before: i64 },
     /// Keep this error on the feed's cursor for `status`.
     RecordError(String),
     /// Forget the window's page token: the window is read again from its first page.
@@ -225,10 +226,16 @@ impl Poller {
                 }
                 let next_token = if page.is_last() { None } else { page.next.clone() };
                 f.pending = Some((req.window, next_token.clone(), throttle.unwrap_or_default()));
-                vec![Action::Commit { next_token }]
+                vec![Action::Commit { next_token, forget_before: self.forget_before(req.window) }]
             }
             Err(e) => self.failed(now, feed, req.page_token.is_some(), e),
         }
+    }
+
+    /// The seen-key horizon: a key whose time is more than `overlap` and an hour of slack before a window's end
+    /// can never be read again, since every later window starts after it.
+    fn forget_before(&self, w: Window) -> i64 {
+        w.to - self.s.window.overlap_secs - 3600
     }
 
     /// The page of the last [`Action::Commit`] is stored: the feed goes on (at once, or after the server's wait),
@@ -395,7 +402,7 @@ mod tests {
                     let records = vec![json!({"id": "x"})];
                     let page = Page { records, next: next.map(String::from), repaired: 0 };
                     let actions = self.p.on_page(self.now, &plan, Ok(&page), None);
-                    if let Some(Action::Commit { next_token }) = actions.first() {
+                    if let Some(Action::Commit { next_token, .. }) = actions.first() {
                         self.window = next_token.clone().map(|t| (plan.window, Some(t)));
                         if next_token.is_none() {
                             self.watermark = plan.window.to;
@@ -429,16 +436,17 @@ mod tests {
         rig
     }
 
-    /// Error texts are checked elsewhere: rows compare the action kind only.
+    /// Error texts and the seen-key horizon are checked on their own: rows compare the action kind and token.
     fn strip(a: Action) -> Action {
         match a {
             Action::RecordError(_) => Action::RecordError(String::new()),
+            Action::Commit { next_token, .. } => Action::Commit { next_token, forget_before: 0 },
             a => a,
         }
     }
 
     fn commit(t: Option<&str>) -> Action {
-        Action::Commit { next_token: t.map(String::from) }
+        Action::Commit { next_token: t.map(String::from), forget_before: 0 }
     }
 
     fn err() -> Action {
@@ -644,7 +652,9 @@ mod tests {
         let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
         let page = Page { records: vec![json!({})], next: Some("A".into()), repaired: 0 };
         let actions = rig.p.on_page(rig.now, &req, Ok(&page), Some(Duration::from_secs(7)));
-        assert_eq!(actions, vec![commit(Some("A"))]);
+        // Seen keys are kept for the overlap plus an hour behind the window's end.
+        let forget_before = plan.window.to - 300 - 3600;
+        assert_eq!(actions, vec![Action::Commit { next_token: Some("A".into()), forget_before }]);
         rig.p.on_committed(rig.now, Feed::Audit, 1, 0);
         assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(7)));
     }
