@@ -7,8 +7,9 @@
 //! - [`mimecast`]: the six feeds as one table, the wire format, OAuth and the window/page cursor logic.
 //! - [`store`]: the SQLite queue, cursors, dead letters and counters.
 //! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
-//! - [`agent`]: the main loop that ties polling and delivery together on one smol executor; [`signals`] are
-//!   what stops it and what makes it read the config again.
+//! - [`policy`]: the agent's decisions as pure state machines (poller, sender, store pressure), table-tested.
+//! - [`agent`]: the main loop: reads the clock, feeds the machines events, carries out their actions; [`signals`]
+//!   are what stops it and what makes it read the config again.
 //! - [`instance`]: the lock that lets only one `run` use a queue.
 //! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers; [`error`] holds
 //!   what the error enums share.
@@ -38,6 +39,7 @@ pub mod error;
 pub mod http;
 pub mod instance;
 pub mod mimecast;
+pub mod policy;
 pub mod signals;
 pub mod sim;
 pub mod status;

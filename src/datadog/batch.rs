@@ -1,5 +1,7 @@
-//! Pure batch packing: fair order across feeds, and how many logs fit in one request.
+//! Pure batch packing: fair order across feeds, how many logs fit in one request, and the request itself.
 
+use super::logobj::{self, Late, Shape};
+use crate::mimecast::Feed;
 use crate::store::Queued;
 
 /// Datadog's limits per request and per log (datadog-intake.md).
@@ -62,6 +64,58 @@ pub fn payload<'a>(logs: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
     out
 }
 
+/// One request's worth of logs, built from queued records in order.
+#[derive(Debug, Default)]
+pub struct Packed {
+    /// The queue sequence numbers sent, in payload order.
+    pub seqs: Vec<i64>,
+    /// Late records given a new timestamp, and sent unchanged (`late_records = "keep"`).
+    pub restamped: i64,
+    pub kept: i64,
+    /// The JSON array; empty when no log was packed.
+    pub payload: Vec<u8>,
+    /// Records whose log exceeds Datadog's per-log limit: never sent, so they never block the rest.
+    pub too_large: Vec<TooLarge>,
+}
+
+/// A record too large for Datadog, for the dead-letter table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooLarge {
+    pub seq: i64,
+    pub feed: Feed,
+    pub key: String,
+    pub bytes: usize,
+}
+
+/// Builds log objects from `records` in order until a request limit is reached. Pure: the caller stores the
+/// dead letters and sends the payload.
+pub fn pack(records: Vec<Queued>, shape: &Shape, now: i64) -> Packed {
+    let mut out = Packed::default();
+    let mut logs: Vec<String> = Vec::new();
+    let mut packer = Packer::default();
+    for q in records {
+        let built = logobj::build(q.feed, &q.body, q.event_time, shape, now);
+        if built.json.len() > MAX_LOG_BYTES {
+            out.too_large.push(TooLarge { seq: q.seq, feed: q.feed, key: q.key, bytes: built.json.len() });
+            continue;
+        }
+        if !packer.try_add(built.json.len()) {
+            break;
+        }
+        match built.late {
+            Late::Restamped => out.restamped += 1,
+            Late::Kept => out.kept += 1,
+            Late::OnTime => {}
+        }
+        out.seqs.push(q.seq);
+        logs.push(built.json);
+    }
+    if !logs.is_empty() {
+        out.payload = payload(logs.iter().map(String::as_str));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +149,38 @@ mod tests {
         assert_eq!(fits(vec![]), 0);
         assert_eq!(payload(["{}", "{\"a\":1}"]), b"[{},{\"a\":1}]");
         assert_eq!(payload(["{}"; 2]).len(), 2 + 2 * 2 + 1);
+    }
+
+    #[test]
+    fn pack_sets_aside_logs_over_the_limit_and_counts_late_ones() {
+        use crate::config::LateRecords;
+        let shape = Shape {
+            hostname: "h".into(),
+            ddtags: String::new(),
+            late_records: LateRecords::Restamp,
+            max_event_age_secs: 3600,
+        };
+        let now = 1_800_000_000;
+        let rec = |seq: i64, body: String, event_time: Option<i64>| Queued {
+            seq,
+            feed: Feed::Audit,
+            key: format!("k{seq}"),
+            event_time,
+            body,
+        };
+        let huge = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_LOG_BYTES));
+        let packed = pack(
+            vec![rec(1, "{}".into(), Some(now)), rec(2, huge, Some(now)), rec(3, "{}".into(), Some(now - 7200))],
+            &shape,
+            now,
+        );
+        assert_eq!(packed.seqs, [1, 3]);
+        assert_eq!((packed.restamped, packed.kept), (1, 0));
+        assert_eq!(packed.too_large.len(), 1);
+        assert_eq!((packed.too_large[0].seq, packed.too_large[0].key.as_str()), (2, "k2"));
+        assert!(packed.too_large[0].bytes > MAX_LOG_BYTES);
+        let logs: Vec<serde_json::Value> = serde_json::from_slice(&packed.payload).expect("a JSON array");
+        assert_eq!(logs.len(), 2);
+        assert!(pack(Vec::new(), &shape, now).payload.is_empty());
     }
 }

@@ -34,6 +34,7 @@ pub fn fast_tuning() -> Tuning {
         once_attempts: 3,
         shutdown_grace: Duration::from_secs(2),
         summary_every: Duration::from_secs(60),
+        ..Tuning::default()
     }
 }
 

@@ -1,0 +1,686 @@
+//! The poller: which feed reads what next, and what a failure costs. Pure; the loop fetches and commits.
+//!
+//! Events: [`Poller::due`] and [`Poller::plan`] (may a feed fetch, and which page), [`Poller::on_page`] (a page
+//! or a failure came back), [`Poller::on_committed`] (its records are stored), [`Poller::stop_all`] (the store
+//! gives up a `--once` pass), [`Poller::reconfigure`] (SIGHUP). Invariants it keeps:
+//! - every failure sets a delay before the feed's next fetch: a backoff that grows with the failures in a row,
+//!   the server's rate-limit wait when longer, or the slow retry when an operator must act; never zero twice;
+//! - a refused page token restarts the window, and restarts are counted per window, so a token refused every
+//!   time backs off like any failure instead of re-reading page 1 at full speed;
+//! - a page token seen before in the window is a failure (a pagination cycle), not progress;
+//! - in `--once`, a feed gives up after `once_attempts` failures in a row, or at once where an operator must
+//!   act, and a pass reads up to the moment it started, so a slow pass cannot chase a moving end;
+//! - a daemon that is behind by less than one poll interval waits for it.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use super::{Mode, Now, Retries};
+use crate::datetime;
+use crate::mimecast::Feed;
+use crate::mimecast::client::{FetchError, PageRequest, Retry};
+use crate::mimecast::window::{self, Settings, Window};
+use crate::mimecast::wire::Page;
+
+/// The poller's settings, from `[mimecast]` and the tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct PollerSettings {
+    pub retries: Retries,
+    pub window: Settings,
+    pub poll_interval: Duration,
+}
+
+/// What the loop must do after a page came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Store the page's records, with the window's next page token (`None`: the window is complete and the
+    /// watermark moves to its end), in one transaction; then report [`Poller::on_committed`]. Seen keys whose
+    /// time is before `forget_before` may go: no future window starts that early.
+    Commit { next_token: Option<String>, forget_before: i64 },
+    /// Keep this error on the feed's cursor for `status`.
+    RecordError(String),
+    /// Forget the window's page token: the window is read again from its first page.
+    RestartWindow,
+}
+
+/// The page the loop should fetch for a feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub window: Window,
+    pub page_token: Option<String>,
+}
+
+#[derive(Debug)]
+struct FeedState {
+    feed: Feed,
+    due: Instant,
+    failures: u32,
+    /// Times the window in progress was restarted because its page token was refused; reset when it completes.
+    restarts: u32,
+    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress.
+    tokens: HashSet<String>,
+    /// `--once`: this feed has finished its pass (caught up, or gave up).
+    done: bool,
+    /// A page waiting for its commit: its window, whether it is the last, the wait the server asked for.
+    pending: Option<(Window, Option<String>, Duration)>,
+    pages: u64,
+    queued: u64,
+    skipped: u64,
+}
+
+impl FeedState {
+    fn new(feed: Feed, due: Instant) -> FeedState {
+        FeedState {
+            feed,
+            due,
+            failures: 0,
+            restarts: 0,
+            tokens: HashSet::new(),
+            done: false,
+            pending: None,
+            pages: 0,
+            queued: 0,
+            skipped: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Poller {
+    s: PollerSettings,
+    feeds: Vec<FeedState>,
+    /// `--once`: the wall-clock time the pass started; windows end no later than this (less `settle_secs`).
+    pass_start: i64,
+    gave_up: bool,
+}
+
+impl Poller {
+    /// Every feed is due at once.
+    pub fn new(s: PollerSettings, feeds: &[Feed], now: Now) -> Poller {
+        Poller {
+            s,
+            feeds: feeds.iter().map(|&f| FeedState::new(f, now.at)).collect(),
+            pass_start: now.unix,
+            gave_up: false,
+        }
+    }
+
+    /// SIGHUP: the feeds kept keep their state, new ones are due at once, and a feed waiting out a failure (slow
+    /// retry for credentials or a permission, say) tries again at once with the new config.
+    pub fn reconfigure(&mut self, s: PollerSettings, feeds: &[Feed], now: Now) {
+        let mut kept = Vec::new();
+        for &feed in feeds {
+            match self.feeds.iter().position(|f| f.feed == feed) {
+                Some(i) => kept.push(self.feeds.swap_remove(i)),
+                None => kept.push(FeedState::new(feed, now.at)),
+            }
+        }
+        for f in kept.iter_mut().filter(|f| f.failures > 0) {
+            (f.due, f.failures) = (now.at, 0);
+        }
+        self.feeds = kept;
+        self.s = s;
+    }
+
+    pub fn feeds(&self) -> impl Iterator<Item = Feed> + '_ {
+        self.feeds.iter().map(|f| f.feed)
+    }
+
+    /// The feed due soonest, if one is due.
+    pub fn due(&self, now: Now) -> Option<Feed> {
+        self.feeds.iter().filter(|f| !f.done && f.due <= now.at).min_by_key(|f| f.due).map(|f| f.feed)
+    }
+
+    /// When the next feed is due, if any still polls.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.feeds.iter().filter(|f| !f.done).map(|f| f.due).min()
+    }
+
+    /// Every feed finished its `--once` pass.
+    pub fn all_done(&self) -> bool {
+        self.feeds.iter().all(|f| f.done)
+    }
+
+    /// A feed or the whole poller gave up in this `--once` pass.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up
+    }
+
+    /// "Now" for window ends: the clock, except that a `--once` pass reads up to the moment it started.
+    fn horizon(&self, now: Now) -> i64 {
+        match self.s.retries.mode {
+            Mode::Once => self.pass_start.min(now.unix),
+            Mode::Daemon => now.unix,
+        }
+    }
+
+    /// The page a due feed reads next, from its stored cursor: the window in progress, or the next window after
+    /// the watermark. `None` when nothing new has settled: the feed idles (its `--once` pass is over).
+    pub fn plan(
+        &mut self,
+        now: Now,
+        feed: Feed,
+        watermark: i64,
+        in_progress: Option<(Window, Option<String>)>,
+    ) -> Option<Plan> {
+        if let Some((window, page_token)) = in_progress {
+            return Some(Plan { window, page_token });
+        }
+        match window::next_window(watermark, self.horizon(now), self.s.window) {
+            Some(window) => Some(Plan { window, page_token: None }),
+            None => {
+                self.idle(feed, now);
+                None
+            }
+        }
+    }
+
+    fn idle(&mut self, feed: Feed, now: Now) {
+        let (mode, interval) = (self.s.retries.mode, self.s.poll_interval);
+        if let Some(f) = self.state(feed) {
+            match mode {
+                Mode::Once => f.done = true,
+                Mode::Daemon => f.due = now.at + interval,
+            }
+        }
+    }
+
+    fn state(&mut self, feed: Feed) -> Option<&mut FeedState> {
+        self.feeds.iter_mut().find(|f| f.feed == feed)
+    }
+
+    /// A fetch of a planned page came back. `throttle` is the wait the server asked for even on success (its rate-limit
+    /// headers). A feed a reload disabled meanwhile gets nothing: its page is not kept.
+    pub fn on_page(
+        &mut self,
+        now: Now,
+        req: &PageRequest,
+        page: Result<&Page, FetchError>,
+        throttle: Option<Duration>,
+    ) -> Vec<Action> {
+        let feed = req.feed;
+        let Some(f) = self.state(feed) else {
+            log::info!("{feed}: disabled by a reload; its page in flight is not kept");
+            return Vec::new();
+        };
+        // A `next` seen before in this window (the token just used, or an earlier one: A -> B -> A) would read
+        // the same pages forever: a visible, backed-off error instead of a silent loop that burns the quota.
+        let page = page.and_then(|page| match &page.next {
+            Some(next) if !page.is_last() && (req.page_token.as_ref() == Some(next) || f.tokens.contains(next)) => {
+                Err(FetchError::Malformed(format!(
+                    "Mimecast handed out a page token it had already given in this window ({}): a pagination \
+                     cycle; the window is not advanced",
+                    excerpt(next)
+                )))
+            }
+            _ => Ok(page),
+        });
+        match page {
+            Ok(page) => {
+                if page.repaired > 0 {
+                    log::warn!(
+                        "{feed}: a page held {} character(s) no JSON reader accepts (invalid UTF-8, unpaired UTF-16 \
+                         surrogates); they were replaced with U+FFFD so the feed goes on",
+                        page.repaired
+                    );
+                }
+                let next_token = if page.is_last() { None } else { page.next.clone() };
+                f.pending = Some((req.window, next_token.clone(), throttle.unwrap_or_default()));
+                vec![Action::Commit { next_token, forget_before: self.forget_before(req.window) }]
+            }
+            Err(e) => self.failed(now, feed, req.page_token.is_some(), e),
+        }
+    }
+
+    /// The seen-key horizon: a key whose time is more than `overlap` and an hour of slack before a window's end
+    /// can never be read again, since every later window starts after it.
+    fn forget_before(&self, w: Window) -> i64 {
+        w.to - self.s.window.overlap_secs - 3600
+    }
+
+    /// The page of the last [`Action::Commit`] is stored: the feed goes on (at once, or after the server's wait),
+    /// or, at the window's last page, idles unless it is behind.
+    pub fn on_committed(&mut self, now: Now, feed: Feed, queued: u64, skipped: u64) {
+        let (mode, interval, settings) = (self.s.retries.mode, self.s.poll_interval, self.s.window);
+        let horizon = self.horizon(now);
+        let Some(f) = self.state(feed) else { return };
+        let Some((w, next_token, throttle)) = f.pending.take() else { return };
+        f.failures = 0;
+        f.pages += 1;
+        f.queued += queued;
+        f.skipped += skipped;
+        f.due = now.at + throttle;
+        if let Some(next) = next_token {
+            f.tokens.insert(next);
+            return;
+        }
+        // A quiet poll is worth a debug line only; one that found records is the info summary of its cycle.
+        let level = if f.queued + f.skipped > 0 { log::Level::Info } else { log::Level::Debug };
+        log::log!(
+            level,
+            "{}: read {} .. {} in {} page(s): {} queued, {} already queued",
+            f.feed,
+            datetime::rfc3339(w.from),
+            datetime::rfc3339(w.to),
+            f.pages,
+            f.queued,
+            f.skipped
+        );
+        (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
+        f.tokens.clear();
+        // A daemon behind by less than one poll interval waits for it: how long the pages took must not decide
+        // how often the feed is read. A `--once` pass goes on until it reached where it started.
+        let slack = match mode {
+            Mode::Once => 0,
+            Mode::Daemon => interval.as_secs() as i64,
+        };
+        if !window::behind(w, horizon, settings, slack) {
+            self.idle(feed, now);
+        }
+    }
+
+    fn failed(&mut self, now: Now, feed: Feed, had_token: bool, e: FetchError) -> Vec<Action> {
+        let r = self.s.retries;
+        let Some(f) = self.state(feed) else { return Vec::new() };
+        f.pending = None;
+        let retry = e.retry(had_token);
+        // A restart reads page 1 again, whose success resets `failures`: restarts are counted per window instead,
+        // so a token that is refused every time backs off rather than looping at full speed.
+        let attempts = if retry == Retry::RestartWindow {
+            f.restarts += 1;
+            f.tokens.clear();
+            f.restarts
+        } else {
+            f.failures += 1;
+            f.failures
+        };
+        let backoff = r.backoff(attempts);
+        let delay = match retry {
+            Retry::Backoff | Retry::RestartWindow => backoff,
+            Retry::Slow => r.slow_retry,
+            Retry::AtLeast(wait) => wait.max(backoff),
+        };
+        f.due = now.at + delay;
+        let mut actions = vec![Action::RecordError(e.to_string())];
+        if retry == Retry::Slow {
+            log::error!("{feed}: {e}; retrying in {}s", delay.as_secs());
+        } else {
+            log::warn!("{feed}: {e}; attempt {attempts} failed, retrying in {:.1}s", delay.as_secs_f64());
+        }
+        if retry == Retry::RestartWindow {
+            log::warn!("{feed}: page token refused; reading the window again from its first page");
+            actions.push(Action::RestartWindow);
+        }
+        if r.mode == Mode::Once && (retry == Retry::Slow || attempts >= r.once_attempts) {
+            log::error!("{feed}: giving up for this pass after {attempts} failure(s)");
+            f.done = true;
+            self.gave_up = true;
+        }
+        actions
+    }
+
+    /// `--once`: the store cannot take pages (disk full, locked) and polling stops for this pass. Says whether
+    /// a feed was still polling.
+    pub fn stop_all(&mut self) -> bool {
+        let polling = self.feeds.iter().any(|f| !f.done);
+        if polling {
+            self.feeds.iter_mut().for_each(|f| f.done = true);
+            self.gave_up = true;
+        }
+        polling
+    }
+}
+
+/// The start of a server-given string, for a log line: enough to recognise it, never a page of it.
+fn excerpt(s: &str) -> String {
+    let cut = crate::http::printable(s, 40);
+    if cut.len() < s.len() { format!("{cut}…") } else { cut }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::ServerWait;
+    use crate::mimecast::auth::AuthError;
+    use serde_json::json;
+
+    const HOUR: i64 = 3600;
+    const T0: i64 = 1_800_000_000;
+
+    fn settings(mode: Mode) -> PollerSettings {
+        PollerSettings {
+            retries: crate::policy::exact_retries(mode, 2, 300),
+            window: Settings { overlap_secs: 300, settle_secs: 60, max_window_secs: HOUR },
+            poll_interval: Duration::from_secs(60),
+        }
+    }
+
+    /// What a test feeds the poller, one event per row.
+    #[derive(Clone)]
+    enum Ev {
+        /// Seconds pass.
+        Wait(u64),
+        /// A page with records and a next token (`None`: the last page).
+        Page(Option<&'static str>),
+        /// A fetch failed.
+        Fail(FetchError),
+    }
+
+    /// What a row expects: the actions, and the delay until the feed is due again (`None`: not due, done).
+    type Want = (Vec<Action>, Option<u64>);
+
+    /// A feed's cursor, kept by the test as the store would.
+    struct Rig {
+        p: Poller,
+        now: Now,
+        watermark: i64,
+        window: Option<(Window, Option<String>)>,
+    }
+
+    impl Rig {
+        fn new(mode: Mode, behind: i64) -> Rig {
+            let now = Now { at: Instant::now(), unix: T0 };
+            let p = Poller::new(settings(mode), &[Feed::Audit], now);
+            Rig { p, now, watermark: T0 - behind, window: None }
+        }
+
+        /// Runs one event and returns the actions and when the feed is due again, relative to now.
+        fn step(&mut self, ev: Ev) -> Want {
+            let feed = Feed::Audit;
+            let plan = |r: &mut Rig| {
+                assert_eq!(r.p.due(r.now), Some(feed), "the feed must be due for a fetch");
+                let plan = r.p.plan(r.now, feed, r.watermark, r.window.clone()).expect("a window to read");
+                PageRequest { feed, window: plan.window, page_token: plan.page_token, page_size: 100 }
+            };
+            let actions = match ev {
+                Ev::Wait(s) => {
+                    self.now = self.now.after(Duration::from_secs(s));
+                    Vec::new()
+                }
+                Ev::Page(next) => {
+                    let plan = plan(self);
+                    let records = vec![json!({"id": "x"})];
+                    let page = Page { records, next: next.map(String::from), repaired: 0 };
+                    let actions = self.p.on_page(self.now, &plan, Ok(&page), None);
+                    if let Some(Action::Commit { next_token, .. }) = actions.first() {
+                        self.window = next_token.clone().map(|t| (plan.window, Some(t)));
+                        if next_token.is_none() {
+                            self.watermark = plan.window.to;
+                        }
+                        self.p.on_committed(self.now, feed, 1, 0);
+                    }
+                    actions
+                }
+                Ev::Fail(e) => {
+                    let plan = plan(self);
+                    let actions = self.p.on_page(self.now, &plan, Err(e), None);
+                    if actions.contains(&Action::RestartWindow) {
+                        self.window = self.window.take().map(|(w, _)| (w, None));
+                    }
+                    actions
+                }
+            };
+            let due = self.p.next_wake().map(|d| d.saturating_duration_since(self.now.at).as_secs());
+            (actions, due)
+        }
+    }
+
+    /// Runs the events in order and checks each row's actions and delay.
+    fn check(mode: Mode, behind: i64, rows: &[(Ev, Want)]) -> Rig {
+        let mut rig = Rig::new(mode, behind);
+        for (i, (ev, want)) in rows.iter().enumerate() {
+            let got = rig.step(ev.clone());
+            let got = (got.0.into_iter().map(strip).collect::<Vec<_>>(), got.1);
+            assert_eq!(&got, want, "row {i}");
+        }
+        rig
+    }
+
+    /// Error texts and the seen-key horizon are checked on their own: rows compare the action kind and token.
+    fn strip(a: Action) -> Action {
+        match a {
+            Action::RecordError(_) => Action::RecordError(String::new()),
+            Action::Commit { next_token, .. } => Action::Commit { next_token, forget_before: 0 },
+            a => a,
+        }
+    }
+
+    fn commit(t: Option<&str>) -> Action {
+        Action::Commit { next_token: t.map(String::from), forget_before: 0 }
+    }
+
+    fn err() -> Action {
+        Action::RecordError(String::new())
+    }
+
+    fn failed(retryable: bool, code: &str, message: &str) -> FetchError {
+        FetchError::Failed { status: 200, code: code.into(), message: message.into(), retryable }
+    }
+
+    fn page_token_refused() -> FetchError {
+        failed(false, "err_invalid_page_token", "invalid pageToken")
+    }
+
+    #[test]
+    fn pages_follow_their_tokens_and_a_caught_up_daemon_waits_one_interval() {
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+                (Ev::Page(None), (vec![commit(None)], Some(60))),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_daemon_behind_goes_on_at_once() {
+        let rig = check(Mode::Daemon, 3 * HOUR, &[(Ev::Page(None), (vec![commit(None)], Some(0)))]);
+        assert_eq!(rig.watermark, T0 - 3 * HOUR + HOUR - 300);
+    }
+
+    #[test]
+    fn rate_limited_then_success() {
+        let wait = ServerWait { wait: Duration::from_secs(40), asked_secs: 40.0 };
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                // The server's wait, when longer than the backoff.
+                (Ev::Fail(FetchError::RateLimited(Some(wait))), (vec![err()], Some(40))),
+                (Ev::Wait(40), (vec![], Some(0))),
+                // The backoff, when longer than the server's wait (the second failure: 4 s).
+                (
+                    Ev::Fail(FetchError::RateLimited(Some(ServerWait {
+                        wait: Duration::from_secs(1),
+                        asked_secs: 1.0,
+                    }))),
+                    (vec![err()], Some(4)),
+                ),
+                // No wait given: the backoff (third failure: 8 s).
+                (Ev::Wait(4), (vec![], Some(0))),
+                (Ev::Fail(FetchError::RateLimited(None)), (vec![err()], Some(8))),
+                (Ev::Wait(8), (vec![], Some(0))),
+                // Success resets the count: the next failure waits the base again.
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Fail(FetchError::Server { status: 503, detail: "unavailable".into() }), (vec![err()], Some(2))),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_refused_page_token_restarts_the_window_with_growing_delays() {
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+                // Page 3 refused: restart from page 1, after a delay.
+                (Ev::Fail(page_token_refused()), (vec![err(), Action::RestartWindow], Some(2))),
+                (Ev::Wait(2), (vec![], Some(0))),
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+                // Refused again: the page-1 successes did not reset the count; the delay grows.
+                (Ev::Fail(page_token_refused()), (vec![err(), Action::RestartWindow], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                // The window completes: the count is reset for the next one.
+                (Ev::Page(None), (vec![commit(None)], Some(60))),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_page_token_error_on_page_one_is_not_a_restart() {
+        // No token was sent: re-reading from page 1 would be the same request. An operator must act.
+        check(Mode::Daemon, 600, &[(Ev::Fail(page_token_refused()), (vec![err()], Some(300)))]);
+    }
+
+    #[test]
+    fn forbidden_and_refused_credentials_retry_slowly() {
+        let refused = FetchError::Auth(AuthError::Refused { status: 401, detail: "invalid_client".into() });
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Fail(FetchError::Forbidden(Feed::Audit)), (vec![err()], Some(300))),
+                (Ev::Wait(300), (vec![], Some(0))),
+                (Ev::Fail(refused), (vec![err()], Some(300))),
+                (Ev::Wait(300), (vec![], Some(0))),
+                // A fail[] that says not retryable and is not about the page token: slow too.
+                (Ev::Fail(failed(false, "err_validation", "bad request")), (vec![err()], Some(300))),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_token_cycle_is_an_error_not_progress() {
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+                // B -> A: a cycle. Nothing is committed and the feed backs off.
+                (Ev::Page(Some("A")), (vec![err()], Some(2))),
+                (Ev::Wait(2), (vec![], Some(0))),
+                // The same token handed back for itself.
+                (Ev::Page(Some("B")), (vec![err()], Some(4))),
+            ],
+        );
+    }
+
+    #[test]
+    fn once_gives_up_after_its_attempts_and_at_once_where_an_operator_must_act() {
+        let net = || FetchError::Server { status: 502, detail: "bad gateway".into() };
+        let rig = check(
+            Mode::Once,
+            600,
+            &[
+                (Ev::Fail(net()), (vec![err()], Some(2))),
+                (Ev::Wait(2), (vec![], Some(0))),
+                (Ev::Fail(net()), (vec![err()], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                // The third failure: the feed is done for this pass.
+                (Ev::Fail(net()), (vec![err()], None)),
+            ],
+        );
+        assert!(rig.p.gave_up() && rig.p.all_done());
+
+        let rig = check(Mode::Once, 600, &[(Ev::Fail(FetchError::Forbidden(Feed::Audit)), (vec![err()], None))]);
+        assert!(rig.p.gave_up());
+
+        // A token refused on every window restart gives up too: restarts count as attempts.
+        let rig = check(
+            Mode::Once,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Fail(page_token_refused()), (vec![err(), Action::RestartWindow], Some(2))),
+                (Ev::Wait(2), (vec![], Some(0))),
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Fail(page_token_refused()), (vec![err(), Action::RestartWindow], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Fail(page_token_refused()), (vec![err(), Action::RestartWindow], None)),
+            ],
+        );
+        assert!(rig.p.gave_up());
+    }
+
+    #[test]
+    fn once_reads_up_to_where_the_pass_started_then_is_done() {
+        let rig = check(
+            Mode::Once,
+            2 * HOUR,
+            &[
+                (Ev::Page(None), (vec![commit(None)], Some(0))),
+                // Time passes during the pass; the pass still ends where it started (less settle).
+                (Ev::Wait(3 * HOUR as u64), (vec![], Some(0))),
+                (Ev::Page(None), (vec![commit(None)], Some(0))),
+                // Caught up with where the pass started: the feed is done, not given up.
+                (Ev::Page(None), (vec![commit(None)], None)),
+            ],
+        );
+        assert_eq!(rig.watermark, T0 - 60);
+        assert!(rig.p.all_done() && !rig.p.gave_up());
+    }
+
+    #[test]
+    fn a_daemon_with_nothing_settled_idles_one_interval() {
+        let mut rig = Rig::new(Mode::Daemon, 30);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        assert_eq!(rig.p.due(rig.now), None);
+        assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(60)));
+        rig.now = rig.now.after(Duration::from_secs(60));
+        assert_eq!(rig.p.due(rig.now), Some(Feed::Audit));
+    }
+
+    #[test]
+    fn once_with_nothing_settled_is_done_at_once() {
+        let mut rig = Rig::new(Mode::Once, 30);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        assert!(rig.p.all_done() && !rig.p.gave_up());
+        assert_eq!(rig.p.next_wake(), None);
+    }
+
+    #[test]
+    fn server_wait_on_success_delays_the_next_page() {
+        let mut rig = Rig::new(Mode::Daemon, 600);
+        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("a window");
+        let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
+        let page = Page { records: vec![json!({})], next: Some("A".into()), repaired: 0 };
+        let actions = rig.p.on_page(rig.now, &req, Ok(&page), Some(Duration::from_secs(7)));
+        // Seen keys are kept for the overlap plus an hour behind the window's end.
+        let forget_before = plan.window.to - 300 - 3600;
+        assert_eq!(actions, vec![Action::Commit { next_token: Some("A".into()), forget_before }]);
+        rig.p.on_committed(rig.now, Feed::Audit, 1, 0);
+        assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn reload_keeps_state_adds_feeds_and_retries_failing_ones_at_once() {
+        let mut rig = Rig::new(Mode::Daemon, 600);
+        rig.step(Ev::Fail(FetchError::Forbidden(Feed::Audit)));
+        assert_eq!(rig.p.due(rig.now), None);
+        rig.p.reconfigure(settings(Mode::Daemon), &[Feed::Audit, Feed::Dlp], rig.now);
+        assert_eq!(rig.p.feeds().collect::<Vec<_>>(), [Feed::Audit, Feed::Dlp]);
+        assert!(rig.p.due(rig.now).is_some());
+        // A page of a feed the reload removed is not kept.
+        rig.p.reconfigure(settings(Mode::Daemon), &[Feed::Dlp], rig.now);
+        let req =
+            PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
+        let page = Page { records: vec![], next: None, repaired: 0 };
+        assert_eq!(rig.p.on_page(rig.now, &req, Ok(&page), None), vec![]);
+    }
+
+    #[test]
+    fn stop_all_ends_the_pass_once() {
+        let mut rig = Rig::new(Mode::Once, 600);
+        assert!(rig.p.stop_all());
+        assert!(rig.p.all_done() && rig.p.gave_up());
+        assert!(!rig.p.stop_all(), "already stopped");
+        assert_eq!(rig.p.next_wake(), None);
+    }
+}

@@ -1,0 +1,623 @@
+//! The sender: when the next batch may go and what each intake answer means. Pure; the loop loads, packs,
+//! sends and removes.
+//!
+//! Events: [`Sender::next`] (what to do now), [`Sender::on_answer`] (the intake answered a batch),
+//! [`Sender::on_removed`] / [`Sender::on_remove_failed`] (the store removed a delivered batch, or could not),
+//! [`Sender::on_nothing_sent`] (nothing to send), [`Sender::failed`] and [`Sender::wait_until`] (the store
+//! failed under the send path). Invariants it keeps:
+//! - a batch is removed only on Datadog's answer (a 202 with a JSON object: [`disposition`]);
+//! - a delivered batch whose removal failed is removed before anything else is sent, so it is not sent twice;
+//! - every failure sets a delay before the next send (the backoff, at least the server's `Retry-After`, or the
+//!   slow retry for a refused key); the only sends at once follow a success, a split or a dead letter, and each
+//!   of those makes progress (a removal, a smaller piece, a record set aside), so no loop spins in place;
+//! - a split goes no deeper than one log, and a log is dead-lettered only as [`Bisection`] proves it bad;
+//! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key.
+
+use std::time::{Duration, Instant};
+
+use super::{Mode, Now, Retries};
+use crate::datadog::bisect::{Bisection, Half, Piece, Verdict};
+use crate::datadog::disposition::{Disposition, disposition};
+use crate::datadog::sink::Sent;
+
+/// A batch: sent, in flight, or delivered and waiting for its removal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub seqs: Vec<i64>,
+    /// Late records sent with a new timestamp, and sent unchanged, for the counters.
+    pub restamped: i64,
+    pub kept: i64,
+    /// Where the batch stands in a bisection of a refused one.
+    pub half: Half,
+}
+
+/// What the loop does next for the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Remove this delivered batch from the queue (a removal that failed before), then report it.
+    Remove(Batch),
+    /// Load and send this piece of a refused batch (if its records are gone, ask again).
+    Piece(Piece),
+    /// Load and send the oldest records, fairly across feeds.
+    Fresh,
+}
+
+/// What the loop must do after an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Datadog has the batch: remove it from the queue, then report [`Sender::on_removed`] or
+    /// [`Sender::on_remove_failed`].
+    Remove(Batch),
+    /// Keep these records in the dead-letter table with this reason.
+    DeadLetter { seqs: Vec<i64>, reason: String },
+    /// Keep this error for `status`.
+    RecordError(String),
+}
+
+/// The sender's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderSettings {
+    pub retries: Retries,
+    /// How long an empty queue waits before it is looked at again (a page commit wakes it sooner).
+    pub idle: Duration,
+    /// How often a busy drain logs its summary line.
+    pub summary_every: Duration,
+}
+
+/// A drain summary to log: records delivered over a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub delivered: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug)]
+pub struct Sender {
+    s: SenderSettings,
+    due: Option<Instant>,
+    failures: u32,
+    /// Pieces of a refused batch (413, or 400 to isolate a bad log), sent before anything new.
+    bisection: Bisection,
+    /// `--once`: gave up for this pass.
+    done: bool,
+    /// A batch Datadog accepted whose removal from the queue failed (disk full, database locked).
+    undeleted: Option<Batch>,
+    delivered_since: u64,
+    since: Option<Instant>,
+}
+
+impl Sender {
+    /// Due at once.
+    pub fn new(s: SenderSettings, now: Now) -> Sender {
+        Sender {
+            s,
+            due: Some(now.at),
+            failures: 0,
+            bisection: Bisection::default(),
+            done: false,
+            undeleted: None,
+            delivered_since: 0,
+            since: None,
+        }
+    }
+
+    /// SIGHUP: new settings, and a look at the queue at once (a refused key may have been fixed).
+    pub fn reconfigure(&mut self, s: SenderSettings, now: Now) {
+        self.s = s;
+        self.due = Some(now.at);
+    }
+
+    /// What to do now, if anything: `None` while waiting, when given up, or until a send in flight answers.
+    pub fn next(&mut self, now: Now) -> Option<Next> {
+        if self.done || self.due.is_none_or(|d| d > now.at) {
+            return None;
+        }
+        if let Some(b) = self.undeleted.take() {
+            return Some(Next::Remove(b));
+        }
+        Some(self.bisection.next_piece().map_or(Next::Fresh, Next::Piece))
+    }
+
+    /// When the sender next has something to start.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.due.filter(|_| !self.done)
+    }
+
+    /// `--once`: gave up for this pass.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Pieces of a refused batch are still waiting.
+    pub fn is_bisecting(&self) -> bool {
+        self.bisection.is_active()
+    }
+
+    /// Delivered records waiting for their removal (for the shutdown warning).
+    pub fn undeleted(&self) -> Option<usize> {
+        self.undeleted.as_ref().map(|b| b.seqs.len())
+    }
+
+    /// A page queued records: send them now, unless the sender is backing off.
+    pub fn on_queued(&mut self, now: Now) {
+        if self.failures == 0 && self.due.is_none_or(|d| d > now.at) {
+            self.due = Some(now.at);
+        }
+    }
+
+    /// Nothing was sent: every candidate went to dead letters (look again at once), or the queue is empty
+    /// (look again after `idle`, or when a page queues something). An empty queue ends a drain: its summary.
+    pub fn on_nothing_sent(&mut self, now: Now, had_records: bool) -> Option<Summary> {
+        if had_records {
+            self.due = Some(now.at);
+            return None;
+        }
+        self.due = Some(now.at + self.s.idle);
+        self.summary(now, true)
+    }
+
+    /// The intake answered a batch.
+    pub fn on_answer(&mut self, now: Now, b: Batch, sent: &Sent) -> Vec<Action> {
+        match disposition(sent.answer, b.seqs.len()) {
+            Disposition::Delete => {
+                // The refused first half of this pair: its sibling is accepted, so the fault is in it.
+                let proven_bad = self.bisection.accepted(b.half);
+                let mut actions = vec![Action::Remove(b)];
+                if !proven_bad.is_empty() {
+                    let reason = "refused on its own while the rest of its batch was accepted";
+                    actions.push(self.dead_letters(now, proven_bad, reason));
+                }
+                actions
+            }
+            Disposition::Split | Disposition::DeadLetter => {
+                let n = b.seqs.len();
+                match self.bisection.refused(Piece { seqs: b.seqs, half: b.half }) {
+                    Verdict::DeadLetters(seqs) => vec![self.dead_letters(now, seqs, &sent.detail)],
+                    Verdict::Continue => {
+                        if n > 1 {
+                            log::warn!("Datadog refused {n} logs ({}); sending them in two halves", sent.detail);
+                        }
+                        self.due = Some(now.at);
+                        Vec::new()
+                    }
+                    Verdict::Hold => {
+                        let delay = self.failed(now, Duration::ZERO);
+                        let msg = format!(
+                            "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy \
+                             or an intake change?); the records stay queued, none is dead-lettered; retrying in {:.0}s",
+                            sent.detail,
+                            delay.as_secs_f64()
+                        );
+                        log::error!("{msg}");
+                        vec![Action::RecordError(msg)]
+                    }
+                }
+            }
+            Disposition::Hold => {
+                self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
+                self.failures += 1;
+                let msg = format!(
+                    "Datadog refused the API key or the intake URL ({}); every record stays queued; fix \
+                     datadog.api_key or datadog.site/intake_url; retrying in {}s",
+                    sent.detail,
+                    self.s.retries.slow_retry.as_secs()
+                );
+                log::error!("{msg}");
+                self.due = Some(now.at + self.s.retries.slow_retry);
+                if self.s.retries.mode == Mode::Once {
+                    self.done = true;
+                }
+                vec![Action::RecordError(msg)]
+            }
+            Disposition::Retry(after) => {
+                self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
+                let delay = self.failed(now, after.unwrap_or_default());
+                log::warn!(
+                    "Datadog intake: {}; attempt {} failed, retrying in {:.1}s; records stay queued",
+                    sent.detail,
+                    self.failures,
+                    delay.as_secs_f64()
+                );
+                vec![Action::RecordError(sent.detail.clone())]
+            }
+        }
+    }
+
+    fn dead_letters(&mut self, now: Now, seqs: Vec<i64>, detail: &str) -> Action {
+        self.due = Some(now.at);
+        Action::DeadLetter { seqs, reason: format!("Datadog refused this log: {detail}") }
+    }
+
+    /// A delivered batch is out of the queue: the next goes at once. Returns a drain summary when one is due.
+    pub fn on_removed(&mut self, now: Now, removed: u64) -> Option<Summary> {
+        self.failures = 0;
+        self.due = Some(now.at);
+        self.delivered_since += removed;
+        self.since.get_or_insert(now.at);
+        self.summary(now, false)
+    }
+
+    /// A delivered batch could not be removed (disk full, database locked): it is removed before anything else
+    /// is sent, after a backoff. Returns the delay, for the log line.
+    pub fn on_remove_failed(&mut self, now: Now, b: Batch) -> Duration {
+        self.undeleted = Some(b);
+        self.failed(now, Duration::ZERO)
+    }
+
+    /// The sender failed again (an answer, or the store under the send path): it waits the backoff, and at least
+    /// `at_least`; a `--once` pass gives up after `once_attempts` failures in a row. Returns the wait.
+    pub fn failed(&mut self, now: Now, at_least: Duration) -> Duration {
+        self.failures += 1;
+        let delay = at_least.max(self.s.retries.backoff(self.failures));
+        self.wait_until(now.at + delay);
+        if self.s.retries.gives_up(self.failures) && !self.done {
+            log::error!("Datadog intake: giving up for this pass after {} failures", self.failures);
+            self.done = true;
+        }
+        delay
+    }
+
+    /// The sender starts nothing before `until`; a later wait already set stands.
+    pub fn wait_until(&mut self, until: Instant) {
+        self.due = Some(self.due.map_or(until, |d| d.max(until)));
+    }
+
+    /// One summary per drain: when the queue runs empty, or every `summary_every` while it is busy.
+    fn summary(&mut self, now: Now, emptied: bool) -> Option<Summary> {
+        let elapsed = now.at.saturating_duration_since(self.since?);
+        if !emptied && elapsed < self.s.summary_every {
+            return None;
+        }
+        self.since = None;
+        Some(Summary { delivered: std::mem::take(&mut self.delivered_since), elapsed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datadog::disposition::Answer;
+
+    fn settings(mode: Mode) -> SenderSettings {
+        SenderSettings {
+            retries: crate::policy::exact_retries(mode, 1, 120),
+            idle: Duration::from_secs(60),
+            summary_every: Duration::from_secs(60),
+        }
+    }
+
+    /// One event of a table row.
+    #[derive(Debug, Clone, Copy)]
+    enum Ev {
+        Wait(u64),
+        /// The intake answers the batch the sender asked for with this status (`Retry-After` in seconds).
+        Answer(u16, Option<u64>),
+        /// No HTTP answer at all.
+        Dropped,
+        /// The store fails to remove a delivered batch.
+        RemoveFails,
+    }
+
+    /// What a row saw: the batch or piece sent (its seqs), the action kinds, and the delay until the next send
+    /// (`None`: given up).
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        sent: Vec<i64>,
+        actions: Vec<&'static str>,
+        next_in: Option<u64>,
+    }
+
+    /// A queue of records `1..=n`, as the store would hold them.
+    struct Rig {
+        s: Sender,
+        now: Now,
+        queue: Vec<i64>,
+        dead: Vec<i64>,
+        remove_fails: bool,
+    }
+
+    impl Rig {
+        fn new(mode: Mode, n: i64) -> Rig {
+            let now = Now { at: Instant::now(), unix: 1_800_000_000 };
+            Rig {
+                s: Sender::new(settings(mode), now),
+                now,
+                queue: (1..=n).collect(),
+                dead: Vec::new(),
+                remove_fails: false,
+            }
+        }
+
+        /// What the loop would send now, or `None`.
+        fn batch(&mut self) -> Option<Batch> {
+            loop {
+                match self.s.next(self.now)? {
+                    Next::Remove(b) => {
+                        self.remove(b);
+                        continue;
+                    }
+                    Next::Piece(p) => {
+                        let seqs: Vec<i64> = p.seqs.into_iter().filter(|s| self.queue.contains(s)).collect();
+                        if !seqs.is_empty() {
+                            return Some(Batch { seqs, restamped: 0, kept: 0, half: p.half });
+                        }
+                    }
+                    Next::Fresh => {
+                        let seqs: Vec<i64> = self.queue.iter().copied().take(1000).collect();
+                        if seqs.is_empty() {
+                            self.s.on_nothing_sent(self.now, false);
+                            return None;
+                        }
+                        return Some(Batch { seqs, restamped: 0, kept: 0, half: Half::Whole });
+                    }
+                }
+            }
+        }
+
+        fn remove(&mut self, b: Batch) {
+            if std::mem::take(&mut self.remove_fails) {
+                self.s.on_remove_failed(self.now, b);
+            } else {
+                self.queue.retain(|s| !b.seqs.contains(s));
+                self.s.on_removed(self.now, b.seqs.len() as u64);
+            }
+        }
+
+        fn step(&mut self, ev: Ev) -> Seen {
+            let (sent, answer) = match ev {
+                Ev::Wait(s) => {
+                    self.now = self.now.after(Duration::from_secs(s));
+                    return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
+                }
+                Ev::RemoveFails => {
+                    self.remove_fails = true;
+                    return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
+                }
+                Ev::Answer(code, after) => (code, Answer::Status { code, retry_after: after.map(Duration::from_secs) }),
+                Ev::Dropped => (0, Answer::NoAnswer),
+            };
+            let _ = sent;
+            let b = self.batch().expect("the sender must be ready to send");
+            let seqs = b.seqs.clone();
+            let actions = self.s.on_answer(self.now, b, &Sent { answer, detail: "detail".into() });
+            let mut kinds = Vec::new();
+            for a in actions {
+                kinds.push(match a {
+                    Action::Remove(b) => {
+                        self.remove(b);
+                        "remove"
+                    }
+                    Action::DeadLetter { seqs, .. } => {
+                        self.queue.retain(|s| !seqs.contains(s));
+                        self.dead.extend(seqs);
+                        "dead-letter"
+                    }
+                    Action::RecordError(_) => "error",
+                });
+            }
+            Seen { sent: seqs, actions: kinds, next_in: self.next_in() }
+        }
+
+        fn next_in(&self) -> Option<u64> {
+            self.s.next_wake().map(|d| d.saturating_duration_since(self.now.at).as_secs())
+        }
+    }
+
+    fn check(mode: Mode, n: i64, rows: &[(Ev, Seen)]) -> Rig {
+        let mut rig = Rig::new(mode, n);
+        for (i, (ev, want)) in rows.iter().enumerate() {
+            assert_eq!(&rig.step(*ev), want, "row {i}: {ev:?}");
+        }
+        rig
+    }
+
+    fn seen(sent: &[i64], actions: &[&'static str], next_in: Option<u64>) -> Seen {
+        Seen { sent: sent.to_vec(), actions: actions.to_vec(), next_in }
+    }
+
+    const ALL4: &[i64] = &[1, 2, 3, 4];
+
+    #[test]
+    fn accepted_batches_are_removed_and_the_next_goes_at_once() {
+        let rig = check(Mode::Daemon, 4, &[(Ev::Answer(202, None), seen(ALL4, &["remove"], Some(0)))]);
+        assert!(rig.queue.is_empty());
+    }
+
+    #[test]
+    fn a_429_then_success() {
+        check(
+            Mode::Daemon,
+            4,
+            &[
+                // Retry-After longer than the backoff wins.
+                (Ev::Answer(429, Some(30)), seen(ALL4, &["error"], Some(30))),
+                (Ev::Wait(30), seen(&[], &[], Some(0))),
+                // The backoff (second failure: 2 s) when longer than Retry-After.
+                (Ev::Answer(503, Some(1)), seen(ALL4, &["error"], Some(2))),
+                (Ev::Wait(2), seen(&[], &[], Some(0))),
+                (Ev::Dropped, seen(ALL4, &["error"], Some(4))),
+                (Ev::Wait(4), seen(&[], &[], Some(0))),
+                (Ev::Answer(202, None), seen(ALL4, &["remove"], Some(0))),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_captive_portals_200_is_not_a_delivery() {
+        let rig = check(Mode::Daemon, 4, &[(Ev::Answer(200, None), seen(ALL4, &["error"], Some(1)))]);
+        assert_eq!(rig.queue.len(), 4);
+    }
+
+    #[test]
+    fn a_refused_key_holds_everything_and_retries_slowly() {
+        let rig = check(Mode::Daemon, 4, &[(Ev::Answer(403, None), seen(ALL4, &["error"], Some(300)))]);
+        assert_eq!(rig.queue.len(), 4);
+        assert!(!rig.s.done());
+        // In --once, a refused key ends the pass at once.
+        let rig = check(Mode::Once, 4, &[(Ev::Answer(401, None), seen(ALL4, &["error"], None))]);
+        assert!(rig.s.done());
+    }
+
+    #[test]
+    fn a_400_isolates_the_bad_log_and_sends_the_rest() {
+        // Records 1..4; record 3 is refused wherever it goes.
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[3, 4], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[3], &[], Some(0))),
+                // Its sibling is accepted: 3 is proven bad.
+                (Ev::Answer(202, None), seen(&[4], &["remove", "dead-letter"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty());
+        assert_eq!(rig.dead, [3]);
+    }
+
+    #[test]
+    fn a_log_refused_as_the_second_half_after_its_sibling_was_accepted_is_a_dead_letter() {
+        // Records 1..4; record 4 is refused wherever it goes.
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[3, 4], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[3], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[4], &["dead-letter"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty());
+        assert_eq!(rig.dead, [4]);
+        assert!(!rig.s.is_bisecting());
+    }
+
+    #[test]
+    fn candidates_that_all_went_to_dead_letters_are_followed_by_a_look_at_once() {
+        let mut rig = Rig::new(Mode::Daemon, 0);
+        assert_eq!(rig.s.on_nothing_sent(rig.now, true), None);
+        assert_eq!(rig.next_in(), Some(0));
+    }
+
+    #[test]
+    fn a_400_whose_halves_both_fail_holds_and_backs_off_without_dead_letters() {
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
+                // Both halves refused alike: not one bad log. Hold, back off.
+                (Ev::Answer(400, None), seen(&[3, 4], &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                // It goes one level deeper next time; alike again: the backoff grows, still no dead letter.
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[2], &["error"], Some(2))),
+            ],
+        );
+        assert!(rig.dead.is_empty());
+        assert_eq!(rig.queue.len(), 4);
+    }
+
+    #[test]
+    fn a_413_on_a_single_log_is_held_not_dead_lettered_and_not_looped() {
+        let rig = check(
+            Mode::Daemon,
+            1,
+            &[
+                (Ev::Answer(413, None), seen(&[1], &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                (Ev::Answer(413, None), seen(&[1], &["error"], Some(2))),
+            ],
+        );
+        assert!(rig.dead.is_empty());
+    }
+
+    #[test]
+    fn a_split_never_goes_deeper_than_one_log() {
+        // An intake that refuses everything: every piece is smaller than the last, and the run of sends at once
+        // ends at single logs with a hold (a delay), never an endless split.
+        let mut rig = Rig::new(Mode::Daemon, 1000);
+        let mut at_once = 0;
+        loop {
+            let s = rig.step(Ev::Answer(400, None));
+            assert!(!s.sent.is_empty());
+            if s.next_in != Some(0) {
+                break;
+            }
+            at_once += 1;
+            assert!(at_once < 25, "a split that does not end");
+        }
+        assert!(rig.dead.is_empty());
+    }
+
+    #[test]
+    fn a_delivered_batch_whose_removal_fails_is_removed_before_anything_is_sent() {
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::RemoveFails, seen(&[], &[], Some(0))),
+                // Accepted, but the removal fails: a backoff, and nothing is sent before it is removed.
+                (Ev::Answer(202, None), seen(ALL4, &["remove"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+            ],
+        );
+        let mut rig = rig;
+        assert_eq!(rig.s.undeleted(), Some(4));
+        assert_eq!(rig.batch(), None, "the removal comes first, then an empty queue: nothing is sent again");
+        assert!(rig.queue.is_empty());
+    }
+
+    #[test]
+    fn once_gives_up_after_its_attempts() {
+        let rig = check(
+            Mode::Once,
+            4,
+            &[
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(2))),
+                (Ev::Wait(2), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], None)),
+            ],
+        );
+        assert!(rig.s.done());
+    }
+
+    #[test]
+    fn an_empty_queue_idles_and_a_page_wakes_it_unless_backing_off() {
+        let mut rig = Rig::new(Mode::Daemon, 0);
+        assert_eq!(rig.batch(), None);
+        assert_eq!(rig.next_in(), Some(60));
+        rig.s.on_queued(rig.now);
+        assert_eq!(rig.next_in(), Some(0));
+        // Backing off: a page does not cut the wait short.
+        rig.s.failed(rig.now, Duration::ZERO);
+        rig.s.on_queued(rig.now);
+        assert_eq!(rig.next_in(), Some(1));
+        // A store pause pushes the next send back; an earlier wait does not shorten it.
+        rig.s.wait_until(rig.now.at + Duration::from_secs(9));
+        rig.s.wait_until(rig.now.at + Duration::from_secs(3));
+        assert_eq!(rig.next_in(), Some(9));
+    }
+
+    #[test]
+    fn a_drain_summary_comes_when_the_queue_empties_or_every_interval() {
+        let mut rig = Rig::new(Mode::Daemon, 0);
+        assert_eq!(rig.s.on_removed(rig.now, 10), None);
+        rig.now = rig.now.after(Duration::from_secs(61));
+        assert_eq!(rig.s.on_removed(rig.now, 5), Some(Summary { delivered: 15, elapsed: Duration::from_secs(61) }));
+        assert_eq!(rig.s.on_removed(rig.now, 7), None);
+        rig.now = rig.now.after(Duration::from_secs(2));
+        assert_eq!(
+            rig.s.on_nothing_sent(rig.now, false),
+            Some(Summary { delivered: 7, elapsed: Duration::from_secs(2) })
+        );
+        assert_eq!(rig.s.on_nothing_sent(rig.now, false), None, "no drain since");
+    }
+}
