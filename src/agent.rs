@@ -211,13 +211,13 @@ fn settings(cfg: &Config, tuning: &Tuning, mode: Mode) -> (PollerSettings, Sende
         jitter: tuning.jitter,
     };
     let m = &cfg.mimecast;
-    let poll_interval = Duration::from_secs(m.poll_interval_secs);
+    let poll_interval = m.poll_interval();
     let poller = PollerSettings {
         retries: retries(tuning.mimecast_backoff),
         window: Settings {
-            overlap_secs: m.overlap_secs as i64,
-            settle_secs: m.settle_secs as i64,
-            max_window_secs: m.max_window_secs as i64,
+            overlap_secs: m.overlap_secs,
+            settle_secs: m.settle_secs,
+            max_window_secs: m.max_window_secs,
         },
         poll_interval,
     };
@@ -238,7 +238,7 @@ impl Agent {
         http: Http,
         now: Now,
     ) -> Result<Agent, StoreError> {
-        let start = now.unix - cfg.mimecast.initial_lookback_secs as i64;
+        let start = now.unix - cfg.mimecast.initial_lookback_secs;
         for &feed in &cfg.mimecast.feeds {
             store.init_cursor(feed, start)?;
         }
@@ -418,7 +418,7 @@ impl Agent {
                 return Ok(());
             }
         };
-        let start = now.unix - cfg.mimecast.initial_lookback_secs as i64;
+        let start = now.unix - cfg.mimecast.initial_lookback_secs;
         // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed.
         for &feed in cfg.mimecast.feeds.iter().filter(|f| !self.poller.feeds().any(|s| s == **f)) {
             if let Err(e) = self.store.init_cursor(feed, start) {

@@ -2,8 +2,9 @@
 //! Secrets live in [`Secret`], whose `Debug` and `Display` never show the value.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::mimecast::Feed;
 
@@ -49,7 +50,7 @@ pub const SITES: [&str; 9] = [
 ];
 
 /// Datadog drops logs older than 18 h at intake; a larger `max_event_age_secs` would let records vanish.
-const DATADOG_MAX_AGE_SECS: u64 = 18 * 3600;
+const DATADOG_MAX_AGE_SECS: i64 = 18 * 3600;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,13 +72,13 @@ struct RawMimecast {
     client_id: Option<String>,
     client_secret: Option<String>,
     client_secret_file: Option<PathBuf>,
-    log_types: Option<Vec<String>>,
-    poll_interval_secs: Option<u64>,
+    log_types: Option<Vec<Feed>>,
+    poll_interval_secs: Option<i64>,
     page_size: Option<u32>,
-    initial_lookback_secs: Option<u64>,
-    settle_secs: Option<u64>,
-    overlap_secs: Option<u64>,
-    max_window_secs: Option<u64>,
+    initial_lookback_secs: Option<i64>,
+    settle_secs: Option<i64>,
+    overlap_secs: Option<i64>,
+    max_window_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,8 +90,8 @@ struct RawDatadog {
     api_key_file: Option<PathBuf>,
     hostname: Option<String>,
     tags: Option<Vec<String>>,
-    late_records: Option<String>,
-    max_event_age_secs: Option<u64>,
+    late_records: Option<LateRecords>,
+    max_event_age_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,18 +99,20 @@ struct RawDatadog {
 struct RawQueue {
     path: Option<PathBuf>,
     max_bytes: Option<u64>,
-    when_full: Option<String>,
+    when_full: Option<WhenFull>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
-    timeout_secs: Option<u64>,
+    timeout_secs: Option<i64>,
     proxy: Option<String>,
     ca_file: Option<PathBuf>,
 }
 
-/// The validated configuration.
+/// The validated configuration. Durations are whole seconds as `i64`, the unit of the clock, the store and the
+/// window arithmetic that use them; the two that are added to `Instant`s are also given as a `Duration`
+/// ([`MimecastConfig::poll_interval`], [`HttpConfig::timeout`]). Every value is in its range, so no user casts.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub mimecast: MimecastConfig,
@@ -124,12 +127,25 @@ pub struct MimecastConfig {
     pub client_id: String,
     pub client_secret: Secret,
     pub feeds: Vec<Feed>,
-    pub poll_interval_secs: u64,
+    /// 1 to 86400.
+    pub poll_interval_secs: i64,
     pub page_size: u32,
-    pub initial_lookback_secs: u64,
-    pub settle_secs: u64,
-    pub overlap_secs: u64,
-    pub max_window_secs: u64,
+    /// 0 to 10 years.
+    pub initial_lookback_secs: i64,
+    /// 0 to 86400.
+    pub settle_secs: i64,
+    /// 0 to 7 days.
+    pub overlap_secs: i64,
+    /// More than `overlap_secs`.
+    pub max_window_secs: i64,
+}
+
+impl MimecastConfig {
+    /// `poll_interval_secs` as a `Duration`, for `Instant` arithmetic.
+    pub fn poll_interval(&self) -> Duration {
+        // Validated from 1 to 86400: never negative.
+        Duration::from_secs(self.poll_interval_secs.unsigned_abs())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,10 +158,13 @@ pub struct DatadogConfig {
     pub hostname: String,
     pub tags: Vec<String>,
     pub late_records: LateRecords,
-    pub max_event_age_secs: u64,
+    /// 60 to 64800 (18 h).
+    pub max_event_age_secs: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `datadog.late_records`: what to do with a record Datadog would drop for its age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LateRecords {
     Restamp,
     Keep,
@@ -161,11 +180,13 @@ pub struct QueueConfig {
 impl QueueConfig {
     /// Whether polling pauses with this many queued bytes (only `when_full = "pause"` ever pauses).
     pub fn paused_at(&self, queue_bytes: i64) -> bool {
-        self.when_full == WhenFull::Pause && queue_bytes as u64 >= self.max_bytes
+        self.when_full == WhenFull::Pause && u64::try_from(queue_bytes).is_ok_and(|b| b >= self.max_bytes)
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `queue.when_full`: what happens when the queue holds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum WhenFull {
     Pause,
     DropOldest,
@@ -173,18 +194,49 @@ pub enum WhenFull {
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    pub timeout_secs: u64,
+    /// 1 to 600.
+    pub timeout_secs: i64,
     pub proxy: Option<String>,
     pub ca_file: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    /// `timeout_secs` as a `Duration`.
+    pub fn timeout(&self) -> Duration {
+        // Validated from 1 to 600: never negative.
+        Duration::from_secs(self.timeout_secs.unsigned_abs())
+    }
 }
 
 /// A config that cannot be used. The message names the key, the value and what is expected, never a secret.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, error: std::io::Error },
-    Parse { path: PathBuf, message: String },
-    Invalid { key: &'static str, value: String, expected: String },
-    Missing { key: &'static str, how: &'static str },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Not TOML, or a value of the wrong type or spelling. `message` is the `toml` error reduced by
+    /// [`describe`]; the error itself is not kept, since its text quotes the offending line, which may hold a
+    /// secret.
+    Parse {
+        path: PathBuf,
+        message: String,
+    },
+    Invalid {
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
+    Missing {
+        key: &'static str,
+        how: &'static str,
+    },
+    /// A `*_file` secret that cannot be read.
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for ConfigError {
@@ -196,11 +248,21 @@ impl std::fmt::Display for ConfigError {
                 write!(f, "invalid {key} = {value}: expected {expected}")
             }
             ConfigError::Missing { key, how } => write!(f, "missing {key}: set {how}"),
+            ConfigError::SecretFile { key, path, error } => {
+                write!(f, "invalid {key} = {}: expected a readable file ({error})", path.display())
+            }
         }
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { error, .. } | ConfigError::SecretFile { error, .. } => Some(error),
+            ConfigError::Parse { .. } | ConfigError::Invalid { .. } | ConfigError::Missing { .. } => None,
+        }
+    }
+}
 
 /// A config and the warnings found while loading it (secrets readable by others).
 #[derive(Debug)]
@@ -237,23 +299,45 @@ fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
 
 /// A TOML error without the source excerpt that `toml` prints by default: the excerpt is the offending line,
 /// and that line may hold a secret (an unquoted `client_secret`, `api_key = ["…"]`, a duplicated key). The
-/// message names the line and the key; a value is shown only when its key is not a secret's.
+/// message names the line and the key with its table (`queue.when_full`); a value is shown only when its key is
+/// not a secret's.
 fn describe(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().trim();
     let Some(span) = e.span() else { return scrub_all(message, text) };
     let start = span.start.min(text.len());
     let line_no = text[..start].matches('\n').count() + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("");
-    let key = line.split('=').next().unwrap_or("").trim();
-    // A value split over lines (an array) starts on an earlier line: look back to the line holding its key.
-    let holder = text.lines().take(line_no).filter(|l| l.contains('=')).last().unwrap_or(line);
-    if is_secret_key(key) || is_secret_key(holder.split('=').next().unwrap_or("")) {
+    let key_of = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
+    // The line names its key, opens a table (an unknown `[section]`), or continues a value split over lines (an
+    // array), whose key is on the last line above that holds one.
+    let key = match line {
+        l if table_header(l).is_some() => String::new(),
+        l if l.contains('=') => key_of(l),
+        _ => key_of(text.lines().take(line_no).filter(|l| l.contains('=')).last().unwrap_or(line)),
+    };
+    if is_secret_key(&key) {
         return format!(
             "line {line_no}: the value of a secret key is not valid TOML or not a string; it is not shown here"
         );
     }
-    let at = if key.is_empty() || key.starts_with('[') { String::new() } else { format!(" ({key})") };
-    format!("line {line_no}{at}: {}", scrub_all(message, text))
+    if key.is_empty() {
+        return format!("line {line_no}: {}", scrub_all(message, text));
+    }
+    let table = text.lines().take(line_no).filter_map(table_header).last();
+    let key = match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    };
+    format!("line {line_no} ({key}): {}", scrub_all(message, text))
+}
+
+/// The name of the table a `[table]` line opens. Quoted names are not taken for headers: a line of a value
+/// split over lines (`["…"],` in an array) must not pass for one and escape the secret-key check.
+fn table_header(line: &str) -> Option<&str> {
+    let (name, rest) = line.trim().strip_prefix('[')?.split_once(']')?;
+    let rest = rest.trim_start_matches(']').trim_start();
+    let bare = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '));
+    (bare && !name.trim().is_empty() && (rest.is_empty() || rest.starts_with('#'))).then(|| name.trim())
 }
 
 /// Removes from `message` every value written on a secret's line of `text`.
@@ -302,9 +386,10 @@ fn secret(
         if readable_by_others(&path) {
             warnings.push(format!("{} is readable by others: chmod o-rwx it", path.display()));
         }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| invalid(key, path.display(), &format!("a readable file ({e})")))?;
-        text.trim().to_owned()
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(error) => return Err(ConfigError::SecretFile { key, path, error }),
+        }
     } else if let Some(v) = inline {
         v
     } else {
@@ -316,7 +401,7 @@ fn secret(
     Ok(Secret(value))
 }
 
-fn range(key: &'static str, v: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+fn range<T: PartialOrd + std::fmt::Display>(key: &'static str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
     if v < lo || v > hi {
         return Err(invalid(key, v, &format!("a whole number from {lo} to {hi}")));
     }
@@ -354,13 +439,9 @@ fn validate(
         warnings,
     )?;
     let mut feeds = Vec::new();
-    for name in m.log_types.unwrap_or_else(|| Feed::ALL.iter().map(|f| f.name().to_owned()).collect()) {
-        let feed = Feed::from_name(&name).ok_or_else(|| {
-            let names: Vec<_> = Feed::ALL.iter().map(|f| f.name()).collect();
-            invalid("mimecast.log_types", format!("{name:?}"), &format!("some of {}", names.join(", ")))
-        })?;
+    for feed in m.log_types.unwrap_or_else(|| Feed::ALL.to_vec()) {
         if feeds.contains(&feed) {
-            return Err(invalid("mimecast.log_types", format!("{name:?}"), "each log type once"));
+            return Err(invalid("mimecast.log_types", format!("{:?}", feed.name()), "each log type once"));
         }
         feeds.push(feed);
     }
@@ -382,7 +463,7 @@ fn validate(
         client_secret,
         feeds,
         poll_interval_secs: range("mimecast.poll_interval_secs", m.poll_interval_secs.unwrap_or(60), 1, 86400)?,
-        page_size: range("mimecast.page_size", m.page_size.unwrap_or(500).into(), 1, 1000)? as u32,
+        page_size: range("mimecast.page_size", m.page_size.unwrap_or(500), 1, 1000)?,
         initial_lookback_secs: range(
             "mimecast.initial_lookback_secs",
             m.initial_lookback_secs.unwrap_or(86400),
@@ -428,11 +509,6 @@ fn validate(
     if let Some(t) = tags.iter().find(|t| t.is_empty() || t.len() > 256 || t.contains(',')) {
         return Err(invalid("datadog.tags", format!("{t:?}"), "tags of 1 to 256 characters without commas"));
     }
-    let late_records = match d.late_records.as_deref().unwrap_or("restamp") {
-        "restamp" => LateRecords::Restamp,
-        "keep" => LateRecords::Keep,
-        other => return Err(invalid("datadog.late_records", format!("{other:?}"), "\"restamp\" or \"keep\"")),
-    };
     let datadog = DatadogConfig {
         site,
         intake_url,
@@ -440,7 +516,7 @@ fn validate(
         api_key,
         hostname,
         tags,
-        late_records,
+        late_records: d.late_records.unwrap_or(LateRecords::Restamp),
         max_event_age_secs: range(
             "datadog.max_event_age_secs",
             d.max_event_age_secs.unwrap_or(61200),
@@ -450,15 +526,10 @@ fn validate(
     };
 
     let q = raw.queue;
-    let when_full = match q.when_full.as_deref().unwrap_or("pause") {
-        "pause" => WhenFull::Pause,
-        "drop-oldest" => WhenFull::DropOldest,
-        other => return Err(invalid("queue.when_full", format!("{other:?}"), "\"pause\" or \"drop-oldest\"")),
-    };
     let queue = QueueConfig {
         path: q.path.unwrap_or_else(|| PathBuf::from("/var/lib/mimecast-forwarder/queue.db")),
         max_bytes: range("queue.max_bytes", q.max_bytes.unwrap_or(1 << 30), 1, u64::MAX / 2)?,
-        when_full,
+        when_full: q.when_full.unwrap_or(WhenFull::Pause),
     };
     if queue.path.as_os_str().is_empty() {
         return Err(invalid("queue.path", "\"\"", "a file path"));
@@ -593,7 +664,7 @@ mod tests {
         let e = err(&format!("{MINIMAL}[queue]\nwhen_ful = \"pause\"\n"));
         assert!(e.contains("when_ful"), "{e}");
         let e = err(&format!("{MINIMAL}[queue]\nwhen_full = \"block\"\n"));
-        assert!(e.contains("queue.when_full") && e.contains("\"block\"") && e.contains("drop-oldest"), "{e}");
+        assert!(e.contains("line 7 (queue.when_full)") && e.contains("block") && e.contains("drop-oldest"), "{e}");
         let e = err(&format!("{MINIMAL}site = \"datadoghq.org\"\n"));
         assert!(e.contains("datadog.site"), "{e}");
         let e = err(&MINIMAL.replace("[datadog]", "log_types = [\"audit\", \"spam\"]\n[datadog]"));
@@ -637,6 +708,7 @@ mod tests {
             "[datadog]\napi_key = [\n  \"hunter2hunter2\",\n  3,\n]\n",
             "[mimecast]\nclient_secret = \"hunter2hunter2\"\npoll_interval_secs = \"hunter2hunter2\"\n",
             "[mimecast]\nclient_secret = \"hunter2hunter2\n",
+            "[datadog]\napi_key = [\n  [\"hunter2hunter2\"],\n]\n",
         ];
         for text in cases {
             let e = err(text);
@@ -645,7 +717,33 @@ mod tests {
         }
         // Errors elsewhere still say what is wrong, and where.
         let e = err(&format!("{MINIMAL}[queue]\nmax_bytes = \"lots\"\n"));
-        assert!(e.contains("line 7 (max_bytes)") && e.contains("lots"), "{e}");
+        assert!(e.contains("line 7 (queue.max_bytes)") && e.contains("lots"), "{e}");
+        let e = err(&format!("{MINIMAL}[telemetry] # not yet\nenabled = true\n"));
+        assert!(e.starts_with("<string>: line 6: unknown field `telemetry`"), "{e}");
+        let e = err(&format!("{MINIMAL}tags = [\n  \"env:prod\",\n  3,\n]\n"));
+        assert!(e.contains("(datadog.tags)"), "{e}");
+    }
+
+    #[test]
+    fn typed_values_and_error_sources() {
+        let c = from_str(&MINIMAL.replace("[datadog]", "poll_interval_secs = 90\n[datadog]"), &no_env).unwrap();
+        assert_eq!(c.mimecast.poll_interval(), Duration::from_secs(90));
+        assert_eq!(c.http.timeout(), Duration::from_secs(30));
+        let c = from_str(&format!("{MINIMAL}late_records = \"keep\"\n[queue]\nwhen_full = \"drop-oldest\"\n"), &no_env);
+        let c = c.unwrap();
+        assert_eq!((c.datadog.late_records, c.queue.when_full), (LateRecords::Keep, WhenFull::DropOldest));
+        let e = err(&MINIMAL.replace("[datadog]", "settle_secs = -1\n[datadog]"));
+        assert!(e.contains("mimecast.settle_secs = -1") && e.contains("from 0 to 86400"), "{e}");
+
+        use std::error::Error as _;
+        let e = load(Path::new("/nonexistent/config.toml"), &no_env).unwrap_err();
+        assert!(e.source().is_some_and(|s| s.is::<std::io::Error>()), "{e:?}");
+        let text = format!("{MINIMAL}api_key_file = \"/nonexistent/dd_api_key\"\n");
+        let e = from_str(&text, &no_env).unwrap_err();
+        assert!(matches!(e, ConfigError::SecretFile { key: "datadog.api_key", .. }), "{e:?}");
+        assert!(e.to_string().contains("/nonexistent/dd_api_key") && e.source().is_some(), "{e}");
+        // A syntax error keeps no source: the `toml` error quotes the line, which may hold a secret.
+        assert!(from_str("[mimecast\n", &no_env).unwrap_err().source().is_none());
     }
 
     #[test]

@@ -174,7 +174,7 @@ pub struct Http {
 
 impl Http {
     pub fn new(cfg: &HttpConfig) -> Result<Http, HttpError> {
-        let timeout = Duration::from_secs(cfg.timeout_secs);
+        let timeout = cfg.timeout();
         let mut builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))

@@ -38,7 +38,7 @@ fn check_config_validates_and_redacts() {
     let bad = write_config(&rig, &[("queue", "when_full = \"block\"")]);
     let (code, out, err) = run(&["check-config", "--config", bad.to_str().unwrap()]);
     assert_eq!(code, 78);
-    assert!(err.contains("queue.when_full") && err.contains("\"block\""), "{err}");
+    assert!(err.contains("queue.when_full") && err.contains("`block`"), "{err}");
     no_secret(&(out + &err));
 
     let typo = write_config(&rig, &[("mimecast", "poll_intervall_secs = 5")]);

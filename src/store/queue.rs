@@ -293,7 +293,7 @@ fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreE
     let total: i64 = tx
         .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| r.get(0))
         .ctx("reading queue bytes")?;
-    let mut excess = total - max_bytes as i64;
+    let mut excess = total.saturating_sub(i64::try_from(max_bytes).unwrap_or(i64::MAX));
     if excess <= 0 {
         return Ok(0);
     }
