@@ -706,8 +706,12 @@ impl Agent {
             return Ok(None);
         }
         let b = Batch { seqs: packed.seqs, restamped: packed.restamped, kept: packed.kept, half };
-        let (http, url, key, payload) =
-            (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone(), packed.payload);
+        let (http, url, key, payload) = (
+            self.http.clone(),
+            self.cfg.datadog.intake_url.as_str().to_owned(),
+            self.cfg.datadog.api_key.clone(),
+            packed.payload,
+        );
         Ok(Some(smol::unblock(move || {
             let sent = sink::send(&http, &url, &key, &payload);
             (b, sent)

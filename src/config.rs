@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::http::{Url, UrlError};
 use crate::mimecast::Feed;
 
 /// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident.
@@ -123,7 +124,7 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct MimecastConfig {
-    pub base_url: String,
+    pub base_url: Url,
     pub client_id: String,
     pub client_secret: Secret,
     pub feeds: Vec<Feed>,
@@ -151,9 +152,9 @@ impl MimecastConfig {
 #[derive(Debug, Clone)]
 pub struct DatadogConfig {
     pub site: String,
-    pub intake_url: String,
+    pub intake_url: Url,
     /// `GET …/api/v1/validate`, used by `check-config --connect`.
-    pub validate_url: String,
+    pub validate_url: Url,
     pub api_key: Secret,
     pub hostname: String,
     pub tags: Vec<String>,
@@ -196,7 +197,7 @@ pub enum WhenFull {
 pub struct HttpConfig {
     /// 1 to 600.
     pub timeout_secs: i64,
-    pub proxy: Option<String>,
+    pub proxy: Option<Url>,
     pub ca_file: Option<PathBuf>,
 }
 
@@ -227,6 +228,12 @@ pub enum ConfigError {
         value: String,
         expected: String,
     },
+    /// Not an `http://` or `https://` URL; `value` is shown without a password.
+    Url {
+        key: &'static str,
+        value: String,
+        error: UrlError,
+    },
     Missing {
         key: &'static str,
         how: &'static str,
@@ -247,6 +254,9 @@ impl std::fmt::Display for ConfigError {
             ConfigError::Invalid { key, value, expected } => {
                 write!(f, "invalid {key} = {value}: expected {expected}")
             }
+            ConfigError::Url { key, value, error } => {
+                write!(f, "invalid {key} = {value:?}: expected an http:// or https:// URL ({error})")
+            }
             ConfigError::Missing { key, how } => write!(f, "missing {key}: set {how}"),
             ConfigError::SecretFile { key, path, error } => {
                 write!(f, "invalid {key} = {}: expected a readable file ({error})", path.display())
@@ -259,6 +269,7 @@ impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ConfigError::Read { error, .. } | ConfigError::SecretFile { error, .. } => Some(error),
+            ConfigError::Url { error, .. } => Some(error),
             ConfigError::Parse { .. } | ConfigError::Invalid { .. } | ConfigError::Missing { .. } => None,
         }
     }
@@ -408,11 +419,8 @@ fn range<T: PartialOrd + std::fmt::Display>(key: &'static str, v: T, lo: T, hi: 
     Ok(v)
 }
 
-fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
-    if !(v.starts_with("https://") || v.starts_with("http://")) || v.len() < 9 || v.contains(char::is_whitespace) {
-        return Err(invalid(key, format!("{v:?}"), "an http:// or https:// URL"));
-    }
-    Ok(v.trim_end_matches('/').to_owned())
+fn url(key: &'static str, v: &str) -> Result<Url, ConfigError> {
+    Url::parse(v).map_err(|error| ConfigError::Url { key, value: crate::http::without_password(v), error })
 }
 
 fn validate(
@@ -421,7 +429,7 @@ fn validate(
     warnings: &mut Vec<String>,
 ) -> Result<Config, ConfigError> {
     let m = raw.mimecast;
-    let base_url = url("mimecast.base_url", m.base_url.unwrap_or_else(|| "https://api.services.mimecast.com".into()))?;
+    let base_url = url("mimecast.base_url", m.base_url.as_deref().unwrap_or("https://api.services.mimecast.com"))?;
     let client_id = m.client_id.or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
     if client_id.is_empty() {
         return Err(ConfigError::Missing {
@@ -482,11 +490,18 @@ fn validate(
     }
     let (intake_url, validate_url) = match d.intake_url {
         Some(u) => {
-            let u = url("datadog.intake_url", u)?;
-            let validate = format!("{}/api/v1/validate", origin(&u));
+            let u = url("datadog.intake_url", &u)?;
+            let validate = u.with_path("/api/v1/validate").map_err(|error| ConfigError::Url {
+                key: "datadog.intake_url",
+                value: u.to_string(),
+                error,
+            })?;
             (u, validate)
         }
-        None => (format!("https://http-intake.logs.{site}/api/v2/logs"), format!("https://api.{site}/api/v1/validate")),
+        None => (
+            url("datadog.site", &format!("https://http-intake.logs.{site}/api/v2/logs"))?,
+            url("datadog.site", &format!("https://api.{site}/api/v1/validate"))?,
+        ),
     };
     let api_key = secret(
         "datadog.api_key",
@@ -538,19 +553,10 @@ fn validate(
     let h = raw.http;
     let http = HttpConfig {
         timeout_secs: range("http.timeout_secs", h.timeout_secs.unwrap_or(30), 1, 600)?,
-        proxy: h.proxy.map(|p| url("http.proxy", p)).transpose()?,
+        proxy: h.proxy.map(|p| url("http.proxy", &p)).transpose()?,
         ca_file: h.ca_file,
     };
     Ok(Config { mimecast, datadog, queue, http })
-}
-
-/// `scheme://host[:port]` of a URL.
-fn origin(url: &str) -> &str {
-    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
-    match url[after_scheme..].find('/') {
-        Some(i) => &url[..after_scheme + i],
-        None => url,
-    }
 }
 
 /// This machine's host name, from the kernel.
@@ -580,7 +586,7 @@ impl Config {
              late_records = \"{}\"\nmax_event_age_secs = {}\n\n\
              [queue]\npath = {:?}\nmax_bytes = {}\nwhen_full = \"{}\"\n\n\
              [http]\ntimeout_secs = {}\nproxy = {}\nca_file = {}\n",
-            m.base_url,
+            m.base_url.to_string(),
             m.client_id,
             m.client_secret,
             feeds.join(", "),
@@ -591,7 +597,7 @@ impl Config {
             m.overlap_secs,
             m.max_window_secs,
             d.site,
-            d.intake_url,
+            d.intake_url.to_string(),
             d.api_key,
             d.hostname,
             tags.join(", "),
@@ -608,8 +614,8 @@ impl Config {
             },
             h.timeout_secs,
             h.proxy
-                .as_deref()
-                .map(|p| format!("{:?}", crate::http::without_password(p)))
+                .as_ref()
+                .map(|p| format!("{:?}", p.to_string()))
                 .unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
             h.ca_file
                 .as_deref()
@@ -637,12 +643,12 @@ mod tests {
     #[test]
     fn defaults() {
         let c = from_str(MINIMAL, &no_env).unwrap();
-        assert_eq!(c.mimecast.base_url, "https://api.services.mimecast.com");
+        assert_eq!(c.mimecast.base_url.as_str(), "https://api.services.mimecast.com");
         assert_eq!(c.mimecast.feeds, Feed::ALL.to_vec());
         assert_eq!((c.mimecast.poll_interval_secs, c.mimecast.page_size), (60, 500));
         assert_eq!((c.mimecast.settle_secs, c.mimecast.overlap_secs, c.mimecast.max_window_secs), (60, 300, 3600));
-        assert_eq!(c.datadog.intake_url, "https://http-intake.logs.datadoghq.com/api/v2/logs");
-        assert_eq!(c.datadog.validate_url, "https://api.datadoghq.com/api/v1/validate");
+        assert_eq!(c.datadog.intake_url.as_str(), "https://http-intake.logs.datadoghq.com/api/v2/logs");
+        assert_eq!(c.datadog.validate_url.as_str(), "https://api.datadoghq.com/api/v1/validate");
         assert_eq!((c.datadog.late_records, c.datadog.max_event_age_secs), (LateRecords::Restamp, 61200));
         assert_eq!((c.queue.max_bytes, c.queue.when_full), (1 << 30, WhenFull::Pause));
         assert_eq!(c.http.timeout_secs, 30);
@@ -652,11 +658,12 @@ mod tests {
     fn every_site_maps_to_its_intake() {
         for site in SITES {
             let c = from_str(&format!("{MINIMAL}site = \"{site}\"\n"), &no_env).unwrap();
-            assert_eq!(c.datadog.intake_url, format!("https://http-intake.logs.{site}/api/v2/logs"));
+            assert_eq!(c.datadog.intake_url.as_str(), format!("https://http-intake.logs.{site}/api/v2/logs"));
+            assert_eq!(c.datadog.validate_url.as_str(), format!("https://api.{site}/api/v1/validate"));
         }
-        let c = from_str(&format!("{MINIMAL}intake_url = \"http://127.0.0.1:9/api/v2/logs\"\n"), &no_env).unwrap();
-        assert_eq!(c.datadog.intake_url, "http://127.0.0.1:9/api/v2/logs");
-        assert_eq!(c.datadog.validate_url, "http://127.0.0.1:9/api/v1/validate");
+        let c = from_str(&format!("{MINIMAL}intake_url = \"http://127.0.0.1:9/api/v2/logs/\"\n"), &no_env).unwrap();
+        assert_eq!(c.datadog.intake_url.as_str(), "http://127.0.0.1:9/api/v2/logs");
+        assert_eq!(c.datadog.validate_url.as_str(), "http://127.0.0.1:9/api/v1/validate");
     }
 
     #[test]
@@ -722,6 +729,29 @@ mod tests {
         assert!(e.starts_with("<string>: line 6: unknown field `telemetry`"), "{e}");
         let e = err(&format!("{MINIMAL}tags = [\n  \"env:prod\",\n  3,\n]\n"));
         assert!(e.contains("(datadog.tags)"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_parsed_and_a_proxy_password_never_shows() {
+        let c = from_str(&format!("{MINIMAL}[http]\nproxy = \"http://me:pw-123@proxy:3128\"\n"), &no_env).unwrap();
+        assert_eq!(c.http.proxy.as_ref().map(Url::as_str), Some("http://me:pw-123@proxy:3128"));
+        for shown in [format!("{c:?}"), c.render()] {
+            assert!(!shown.contains("pw-123") && shown.contains("http://[redacted]@proxy:3128"), "{shown}");
+        }
+        let mimecast = |line: &str| MINIMAL.replace("[datadog]", &format!("{line}\n[datadog]"));
+        for (text, value) in [
+            (mimecast("base_url = \"api.services.mimecast.com\""), "api.services.mimecast.com"),
+            (mimecast("base_url = \"ftp://h\""), "ftp://h"),
+            (format!("{MINIMAL}intake_url = \"https://exa mple.com/api\"\n"), "https://exa mple.com/api"),
+            (format!("{MINIMAL}[http]\nproxy = \"http://me:pw-123@proxy:port\"\n"), "http://[redacted]@proxy:port"),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(&format!("= {value:?}: expected an http:// or https:// URL (")), "{e}");
+            assert!(!e.contains("pw-123"), "{e}");
+        }
+        use std::error::Error as _;
+        let e = from_str(&format!("{MINIMAL}intake_url = \"ftp://h\"\n"), &no_env).unwrap_err();
+        assert!(e.source().is_some_and(|s| s.is::<UrlError>()), "{e:?}");
     }
 
     #[test]
