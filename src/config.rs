@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::http::{Url, UrlError};
 use crate::mimecast::Feed;
 
-/// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident.
+/// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident:
+/// `Debug`, `Display` and `Serialize` (what `check-config` prints) all give `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -31,6 +32,12 @@ impl std::fmt::Debug for Secret {
 impl std::fmt::Display for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
     }
 }
 
@@ -114,7 +121,9 @@ struct RawHttp {
 /// The validated configuration. Durations are whole seconds as `i64`, the unit of the clock, the store and the
 /// window arithmetic that use them; the two that are added to `Instant`s are also given as a `Duration`
 /// ([`MimecastConfig::poll_interval`], [`HttpConfig::timeout`]). Every value is in its range, so no user casts.
-#[derive(Debug, Clone)]
+/// It serializes to the keys of the file it came from, secrets and URL passwords redacted: `check-config` prints
+/// it so, and what it prints reads back as the same config.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub mimecast: MimecastConfig,
     pub datadog: DatadogConfig,
@@ -122,11 +131,12 @@ pub struct Config {
     pub http: HttpConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MimecastConfig {
     pub base_url: Url,
     pub client_id: String,
     pub client_secret: Secret,
+    #[serde(rename = "log_types")]
     pub feeds: Vec<Feed>,
     /// 1 to 86400.
     pub poll_interval_secs: i64,
@@ -149,11 +159,12 @@ impl MimecastConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DatadogConfig {
     pub site: String,
     pub intake_url: Url,
-    /// `GET …/api/v1/validate`, used by `check-config --connect`.
+    /// `GET …/api/v1/validate`, used by `check-config --connect`: not a key of its own.
+    #[serde(skip)]
     pub validate_url: Url,
     pub api_key: Secret,
     pub hostname: String,
@@ -171,7 +182,7 @@ pub enum LateRecords {
     Keep,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct QueueConfig {
     pub path: PathBuf,
     pub max_bytes: u64,
@@ -193,7 +204,7 @@ pub enum WhenFull {
     DropOldest,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct HttpConfig {
     /// 1 to 600.
     pub timeout_secs: i64,
@@ -572,56 +583,16 @@ pub fn machine_hostname() -> String {
 impl Config {
     /// The effective settings as TOML, secrets redacted: what `check-config` prints.
     pub fn render(&self) -> String {
-        let m = &self.mimecast;
-        let d = &self.datadog;
-        let q = &self.queue;
-        let h = &self.http;
-        let feeds: Vec<String> = m.feeds.iter().map(|f| format!("{:?}", f.name())).collect();
-        let tags: Vec<String> = d.tags.iter().map(|t| format!("{t:?}")).collect();
-        format!(
-            "[mimecast]\nbase_url = {:?}\nclient_id = {:?}\nclient_secret = \"{}\"\nlog_types = [{}]\n\
-             poll_interval_secs = {}\npage_size = {}\ninitial_lookback_secs = {}\nsettle_secs = {}\n\
-             overlap_secs = {}\nmax_window_secs = {}\n\n\
-             [datadog]\nsite = {:?}\nintake_url = {:?}\napi_key = \"{}\"\nhostname = {:?}\ntags = [{}]\n\
-             late_records = \"{}\"\nmax_event_age_secs = {}\n\n\
-             [queue]\npath = {:?}\nmax_bytes = {}\nwhen_full = \"{}\"\n\n\
-             [http]\ntimeout_secs = {}\nproxy = {}\nca_file = {}\n",
-            m.base_url.to_string(),
-            m.client_id,
-            m.client_secret,
-            feeds.join(", "),
-            m.poll_interval_secs,
-            m.page_size,
-            m.initial_lookback_secs,
-            m.settle_secs,
-            m.overlap_secs,
-            m.max_window_secs,
-            d.site,
-            d.intake_url.to_string(),
-            d.api_key,
-            d.hostname,
-            tags.join(", "),
-            match d.late_records {
-                LateRecords::Restamp => "restamp",
-                LateRecords::Keep => "keep",
-            },
-            d.max_event_age_secs,
-            q.path.display().to_string(),
-            q.max_bytes,
-            match q.when_full {
-                WhenFull::Pause => "pause",
-                WhenFull::DropOldest => "drop-oldest",
-            },
-            h.timeout_secs,
-            h.proxy
-                .as_ref()
-                .map(|p| format!("{:?}", p.to_string()))
-                .unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
-            h.ca_file
-                .as_deref()
-                .map(|p| format!("{:?}", p.display().to_string()))
-                .unwrap_or_else(|| "\"\" # none".into()),
-        )
+        // Paths are the only values TOML could refuse (not UTF-8), and they came from TOML or are constants.
+        let mut out =
+            toml::to_string(self).unwrap_or_else(|e| format!("# the settings cannot be shown as TOML: {e}\n"));
+        if self.http.proxy.is_none() {
+            out.push_str("# http.proxy is not set: HTTPS_PROXY from the environment is honoured\n");
+        }
+        if self.http.ca_file.is_none() {
+            out.push_str("# http.ca_file is not set: the built-in trust roots are used\n");
+        }
+        out
     }
 }
 
@@ -801,11 +772,34 @@ mod tests {
     }
 
     #[test]
-    fn renders_as_valid_toml_with_the_same_settings() {
-        let c = from_str(MINIMAL, &no_env).unwrap();
+    fn renders_as_toml_that_reads_back_as_the_same_config_without_secrets() {
+        let extra = "tags = [\"env:prod\"]\nlate_records = \"keep\"\n[queue]\nwhen_full = \"drop-oldest\"\n\
+                     [http]\nproxy = \"http://me:pw-123@proxy:3128\"\n";
+        let text = MINIMAL.replace("[datadog]", "log_types = [\"ttp-url\", \"ttp-attachment\"]\n[datadog]");
+        for c in [from_str(MINIMAL, &no_env).unwrap(), from_str(&format!("{text}{extra}"), &no_env).unwrap()] {
+            let rendered = c.render();
+            for secret in ["s3cr3t", "pw-123"] {
+                assert!(!rendered.contains(secret), "{rendered}");
+            }
+            let back: toml::Value = toml::from_str(&rendered).unwrap();
+            assert_eq!(back["mimecast"]["client_secret"].as_str(), Some("[redacted]"));
+            assert_eq!(back["datadog"]["api_key"].as_str(), Some("[redacted]"));
+            assert_eq!(back["queue"]["when_full"].as_str(), Some(serde_plain(c.queue.when_full).as_str()));
+            assert_eq!(back["mimecast"]["poll_interval_secs"].as_integer(), Some(60));
+            // Every key is one of the file's (the config's own parser refuses others), with the same values.
+            let again = from_str(&rendered, &no_env).unwrap();
+            assert_eq!(again.render(), rendered);
+            assert_eq!(again.mimecast.client_secret.expose(), "[redacted]");
+        }
+        let c = from_str(&format!("{text}{extra}"), &no_env).unwrap();
         let rendered = c.render();
-        let back: toml::Value = toml::from_str(&rendered).unwrap();
-        assert_eq!(back["queue"]["when_full"].as_str(), Some("pause"));
-        assert_eq!(back["mimecast"]["client_secret"].as_str(), Some("[redacted]"));
+        assert!(rendered.contains("log_types = [\"ttp-url\", \"ttp-attachment-protection\"]"), "{rendered}");
+        assert!(rendered.contains("proxy = \"http://[redacted]@proxy:3128\"\n"), "{rendered}");
+        assert!(!rendered.contains("validate"), "{rendered}");
+        assert!(from_str(MINIMAL, &no_env).unwrap().render().contains("# http.proxy is not set"));
+    }
+
+    fn serde_plain(v: impl Serialize) -> String {
+        serde_json::to_value(v).unwrap().as_str().unwrap().to_owned()
     }
 }

@@ -134,6 +134,13 @@ impl std::fmt::Display for Url {
     }
 }
 
+/// As `Display`: what the config shows (`check-config`) never holds a password.
+impl serde::Serialize for Url {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Debug for Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", self.to_string())
