@@ -33,7 +33,7 @@ use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
 use crate::policy::pressure::{self, Pause, Pressure, Room};
 use crate::policy::sender::{Action as SendAction, Batch, Next, Sender, SenderSettings, Summary};
 use crate::policy::{self, Now, PassState, Retries};
-use crate::store::{NewRecord, PageCommit, Store, StoreError};
+use crate::store::{NewRecord, Note, PageCommit, Store, StoreError};
 
 /// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
 #[derive(Clone)]
@@ -497,7 +497,7 @@ impl Agent {
         }
         self.stop_polling_if(pause);
         // Recorded for `status` if the disk still takes this small write; status also reads the free space.
-        let _ = self.store.set_state("disk_full", &format!("{} {msg}", now.unix));
+        let _ = self.store.set_note(Note::DiskFull, now.unix, &msg);
         self.disk_note = true;
     }
 
@@ -545,8 +545,8 @@ impl Agent {
 
     /// Writes a line of state that only informs `status`; a full disk or a held lock must not stop the work it
     /// describes.
-    fn remember(&mut self, name: &str, value: &str) -> anyhow::Result<()> {
-        informational(self.store.set_state(name, value))
+    fn remember(&mut self, note: Note, at: i64, message: &str) -> anyhow::Result<()> {
+        informational(self.store.set_note(note, at, message))
     }
 
     /// `--once`: whether the pass is over ([`policy::pass_over`]).
@@ -669,7 +669,7 @@ impl Agent {
         }
         // The note may be left from an earlier run, even when this one never saw the disk full.
         if std::mem::take(&mut self.disk_note) {
-            self.remember("disk_full", "")?;
+            informational(self.store.clear_note(Note::DiskFull))?;
         }
         Ok(())
     }
@@ -729,7 +729,7 @@ impl Agent {
                         log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder dead-letters list`)");
                     }
                 }
-                SendAction::RecordError(msg) => self.remember("datadog_last_error", &format!("{} {msg}", now.unix))?,
+                SendAction::RecordError(msg) => self.remember(Note::DatadogLastError, now.unix, &msg)?,
             }
         }
         Ok(())

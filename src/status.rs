@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::config::Config;
 use crate::datetime;
 use crate::mimecast::Feed;
-use crate::store::{Store, StoreError};
+use crate::store::{Note, Store, StoreError};
 
 /// Gathers the report as JSON (the documented keys of interface.md, plus a few more).
 pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError> {
@@ -14,7 +14,6 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError
     let oldest_age = store.oldest_queued_at()?.map(|t| (now - t).max(0));
     let paused = cfg.queue.paused_at(c.queue_bytes);
     let ts = |t: Option<i64>| t.map(|t| Value::String(datetime::rfc3339(t))).unwrap_or(Value::Null);
-    let (dd_success, dd_error) = (store.state("datadog_last_success")?, store.state("datadog_last_error")?);
     let mut feeds = serde_json::Map::new();
     for feed in Feed::ALL {
         let cursor = store.cursor(feed)?;
@@ -32,8 +31,9 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError
         };
         feeds.insert(feed.name().into(), entry);
     }
-    let (dd_error_at, dd_error) = stamped(dd_error);
-    let (disk_full_at, disk_full) = stamped(store.state("disk_full")?);
+    let dd_success = store.note(Note::DatadogLastSuccess)?.map(|(at, _)| at);
+    let (dd_error_at, dd_error) = store.note(Note::DatadogLastError)?.unzip();
+    let (disk_full_at, disk_full) = store.note(Note::DiskFull)?.unzip();
     Ok(json!({
         "queue": {
             "records": c.queue_records,
@@ -51,20 +51,12 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError
         "dropped": {"records": c.dropped},
         "late": {"restamped": c.restamped, "kept": c.kept},
         "datadog": {
-            "last_success": ts(dd_success.and_then(|s| s.parse().ok())),
+            "last_success": ts(dd_success),
             "last_error": dd_error,
             "last_error_at": ts(dd_error_at),
         },
         "feeds": feeds,
     }))
-}
-
-/// Splits state stored as "<unix secs> <message>" (so that the report can say when it happened).
-fn stamped(value: Option<String>) -> (Option<i64>, Option<String>) {
-    match value.as_deref().and_then(|e| e.split_once(' ')) {
-        Some((at, msg)) => (at.parse().ok(), Some(msg.to_owned())),
-        None => (None, value),
-    }
 }
 
 /// Below this much free space on the queue's filesystem, `status` reports the disk as full.
@@ -224,7 +216,7 @@ mod tests {
         assert!(render(&r, 2_000).starts_with("OK"));
 
         // The agent met SQLITE_FULL: reported even when space came back in the meantime.
-        store.set_state("disk_full", "1990 no space left on the filesystem of queue database /q").unwrap();
+        store.set_note(Note::DiskFull, 1990, "no space left on the filesystem of queue database /q").unwrap();
         let mut r = gather(&store, &cfg, 2_000).unwrap();
         assert_eq!(r["queue"]["disk_full"], "no space left on the filesystem of queue database /q");
         assert_eq!(r["queue"]["disk_full_at"], "1970-01-01T00:33:10Z");
@@ -234,7 +226,7 @@ mod tests {
         assert!(text.contains("(at 1970-01-01T00:33:10Z, 10s ago)"), "{text}");
         r["queue"]["free_bytes"] = Value::Null;
         assert!(render(&r, 2_000).contains(&format!("disk full: {path}: no space left")));
-        store.set_state("disk_full", "").unwrap();
+        store.clear_note(Note::DiskFull).unwrap();
         assert!(gather(&store, &cfg, 2_000).unwrap()["queue"]["disk_full"].is_null());
     }
 }
