@@ -255,7 +255,7 @@ pub fn status(path: &Path, json: bool) -> i32 {
         })
     });
     match report {
-        Ok(r) if json => crate::say!("{r}"),
+        Ok(r) if json => crate::say!("{}", r.to_json()),
         Ok(r) => crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end()),
         Err(code) => return code,
     }
