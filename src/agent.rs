@@ -31,7 +31,7 @@ use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
 use crate::policy::pressure::{self, Pause, Pressure, Room};
 use crate::policy::sender::{Action as SendAction, Batch, Next, Sender, SenderSettings, Summary};
 use crate::policy::{self, Now, PassState, Retries};
-use crate::store::{NewRecord, PageCommit, Store, StoreError};
+use crate::store::{NewRecord, Note, PageCommit, Store, StoreError};
 
 /// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
 #[derive(Clone)]
@@ -209,13 +209,13 @@ fn settings(cfg: &Config, tuning: &Tuning, mode: Mode) -> (PollerSettings, Sende
         jitter: tuning.jitter,
     };
     let m = &cfg.mimecast;
-    let poll_interval = Duration::from_secs(m.poll_interval_secs);
+    let poll_interval = m.poll_interval();
     let poller = PollerSettings {
         retries: retries(tuning.mimecast_backoff),
         window: Settings {
-            overlap_secs: m.overlap_secs as i64,
-            settle_secs: m.settle_secs as i64,
-            max_window_secs: m.max_window_secs as i64,
+            overlap_secs: m.overlap_secs,
+            settle_secs: m.settle_secs,
+            max_window_secs: m.max_window_secs,
         },
         poll_interval,
     };
@@ -236,7 +236,7 @@ impl Agent {
         http: Http,
         now: Now,
     ) -> Result<Agent, StoreError> {
-        let start = now.unix - cfg.mimecast.initial_lookback_secs as i64;
+        let start = now.unix - cfg.mimecast.initial_lookback_secs;
         for &feed in &cfg.mimecast.feeds {
             store.init_cursor(feed, start)?;
         }
@@ -415,7 +415,7 @@ impl Agent {
                 return Ok(());
             }
         };
-        let start = now.unix - cfg.mimecast.initial_lookback_secs as i64;
+        let start = now.unix - cfg.mimecast.initial_lookback_secs;
         // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed.
         for &feed in cfg.mimecast.feeds.iter().filter(|f| !self.poller.feeds().any(|s| s == **f)) {
             if let Err(e) = self.store.init_cursor(feed, start) {
@@ -494,7 +494,7 @@ impl Agent {
         }
         self.stop_polling_if(pause);
         // Recorded for `status` if the disk still takes this small write; status also reads the free space.
-        let _ = self.store.set_state("disk_full", &format!("{} {msg}", now.unix));
+        let _ = self.store.set_note(Note::DiskFull, now.unix, &msg);
         self.disk_note = true;
     }
 
@@ -542,8 +542,8 @@ impl Agent {
 
     /// Writes a line of state that only informs `status`; a full disk or a held lock must not stop the work it
     /// describes.
-    fn remember(&mut self, name: &str, value: &str) -> anyhow::Result<()> {
-        informational(self.store.set_state(name, value))
+    fn remember(&mut self, note: Note, at: i64, message: &str) -> anyhow::Result<()> {
+        informational(self.store.set_note(note, at, message))
     }
 
     /// `--once`: whether the pass is over ([`policy::pass_over`]).
@@ -666,7 +666,7 @@ impl Agent {
         }
         // The note may be left from an earlier run, even when this one never saw the disk full.
         if std::mem::take(&mut self.disk_note) {
-            self.remember("disk_full", "")?;
+            informational(self.store.clear_note(Note::DiskFull))?;
         }
         Ok(())
     }
@@ -703,8 +703,12 @@ impl Agent {
             return Ok(None);
         }
         let b = Batch { seqs: packed.seqs, restamped: packed.restamped, kept: packed.kept, half };
-        let (http, url, key, payload) =
-            (self.http.clone(), self.cfg.datadog.intake_url.clone(), self.cfg.datadog.api_key.clone(), packed.payload);
+        let (http, url, key, payload) = (
+            self.http.clone(),
+            self.cfg.datadog.intake_url.as_str().to_owned(),
+            self.cfg.datadog.api_key.clone(),
+            packed.payload,
+        );
         Ok(Some(smol::unblock(move || {
             let sent = sink::send(&http, &url, &key, &payload);
             (b, sent)
@@ -722,7 +726,7 @@ impl Agent {
                         log::error!("{reason}; kept as a dead letter (see `mimecast-forwarder dead-letters list`)");
                     }
                 }
-                SendAction::RecordError(msg) => self.remember("datadog_last_error", &format!("{} {msg}", now.unix))?,
+                SendAction::RecordError(msg) => self.remember(Note::DatadogLastError, now.unix, &msg)?,
             }
         }
         Ok(())

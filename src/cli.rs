@@ -206,7 +206,7 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
             crate::say!("mimecast: FAILED: {e}");
         }
     }
-    match crate::datadog::sink::validate_key(&http, &cfg.datadog.validate_url, &cfg.datadog.api_key) {
+    match crate::datadog::sink::validate_key(&http, cfg.datadog.validate_url.as_str(), &cfg.datadog.api_key) {
         Ok(()) => crate::say!("datadog: OK, the API key is valid ({})", cfg.datadog.validate_url),
         Err(e) => {
             ok = false;
@@ -255,7 +255,7 @@ pub fn status(path: &Path, json: bool) -> i32 {
         })
     });
     match report {
-        Ok(r) if json => crate::say!("{r}"),
+        Ok(r) if json => crate::say!("{}", r.to_json()),
         Ok(r) => crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end()),
         Err(code) => return code,
     }

@@ -2,12 +2,15 @@
 //! Secrets live in [`Secret`], whose `Debug` and `Display` never show the value.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::http::{Url, UrlError};
 use crate::mimecast::Feed;
 
-/// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident.
+/// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident:
+/// `Debug`, `Display` and `Serialize` (what `check-config` prints) all give `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -32,6 +35,12 @@ impl std::fmt::Display for Secret {
     }
 }
 
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
 /// Where the config comes from when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/mimecast-forwarder/config.toml";
 
@@ -49,7 +58,7 @@ pub const SITES: [&str; 9] = [
 ];
 
 /// Datadog drops logs older than 18 h at intake; a larger `max_event_age_secs` would let records vanish.
-const DATADOG_MAX_AGE_SECS: u64 = 18 * 3600;
+const DATADOG_MAX_AGE_SECS: i64 = 18 * 3600;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,13 +80,13 @@ struct RawMimecast {
     client_id: Option<String>,
     client_secret: Option<String>,
     client_secret_file: Option<PathBuf>,
-    log_types: Option<Vec<String>>,
-    poll_interval_secs: Option<u64>,
+    log_types: Option<Vec<Feed>>,
+    poll_interval_secs: Option<i64>,
     page_size: Option<u32>,
-    initial_lookback_secs: Option<u64>,
-    settle_secs: Option<u64>,
-    overlap_secs: Option<u64>,
-    max_window_secs: Option<u64>,
+    initial_lookback_secs: Option<i64>,
+    settle_secs: Option<i64>,
+    overlap_secs: Option<i64>,
+    max_window_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,8 +98,8 @@ struct RawDatadog {
     api_key_file: Option<PathBuf>,
     hostname: Option<String>,
     tags: Option<Vec<String>>,
-    late_records: Option<String>,
-    max_event_age_secs: Option<u64>,
+    late_records: Option<LateRecords>,
+    max_event_age_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,19 +107,23 @@ struct RawDatadog {
 struct RawQueue {
     path: Option<PathBuf>,
     max_bytes: Option<u64>,
-    when_full: Option<String>,
+    when_full: Option<WhenFull>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
-    timeout_secs: Option<u64>,
+    timeout_secs: Option<i64>,
     proxy: Option<String>,
     ca_file: Option<PathBuf>,
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. Durations are whole seconds as `i64`, the unit of the clock, the store and the
+/// window arithmetic that use them; the two that are added to `Instant`s are also given as a `Duration`
+/// ([`MimecastConfig::poll_interval`], [`HttpConfig::timeout`]). Every value is in its range, so no user casts.
+/// It serializes to the keys of the file it came from, secrets and URL passwords redacted: `check-config` prints
+/// it so, and what it prints reads back as the same config.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub mimecast: MimecastConfig,
     pub datadog: DatadogConfig,
@@ -118,40 +131,58 @@ pub struct Config {
     pub http: HttpConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MimecastConfig {
-    pub base_url: String,
+    pub base_url: Url,
     pub client_id: String,
     pub client_secret: Secret,
+    #[serde(rename = "log_types")]
     pub feeds: Vec<Feed>,
-    pub poll_interval_secs: u64,
+    /// 1 to 86400.
+    pub poll_interval_secs: i64,
     pub page_size: u32,
-    pub initial_lookback_secs: u64,
-    pub settle_secs: u64,
-    pub overlap_secs: u64,
-    pub max_window_secs: u64,
+    /// 0 to 10 years.
+    pub initial_lookback_secs: i64,
+    /// 0 to 86400.
+    pub settle_secs: i64,
+    /// 0 to 7 days.
+    pub overlap_secs: i64,
+    /// More than `overlap_secs`.
+    pub max_window_secs: i64,
 }
 
-#[derive(Debug, Clone)]
+impl MimecastConfig {
+    /// `poll_interval_secs` as a `Duration`, for `Instant` arithmetic.
+    pub fn poll_interval(&self) -> Duration {
+        // Validated from 1 to 86400: never negative.
+        Duration::from_secs(self.poll_interval_secs.unsigned_abs())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct DatadogConfig {
     pub site: String,
-    pub intake_url: String,
-    /// `GET …/api/v1/validate`, used by `check-config --connect`.
-    pub validate_url: String,
+    pub intake_url: Url,
+    /// `GET …/api/v1/validate`, used by `check-config --connect`: not a key of its own.
+    #[serde(skip)]
+    pub validate_url: Url,
     pub api_key: Secret,
     pub hostname: String,
     pub tags: Vec<String>,
     pub late_records: LateRecords,
-    pub max_event_age_secs: u64,
+    /// 60 to 64800 (18 h).
+    pub max_event_age_secs: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `datadog.late_records`: what to do with a record Datadog would drop for its age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LateRecords {
     Restamp,
     Keep,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct QueueConfig {
     pub path: PathBuf,
     pub max_bytes: u64,
@@ -161,30 +192,69 @@ pub struct QueueConfig {
 impl QueueConfig {
     /// Whether polling pauses with this many queued bytes (only `when_full = "pause"` ever pauses).
     pub fn paused_at(&self, queue_bytes: i64) -> bool {
-        self.when_full == WhenFull::Pause && queue_bytes as u64 >= self.max_bytes
+        self.when_full == WhenFull::Pause && u64::try_from(queue_bytes).is_ok_and(|b| b >= self.max_bytes)
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `queue.when_full`: what happens when the queue holds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum WhenFull {
     Pause,
     DropOldest,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct HttpConfig {
-    pub timeout_secs: u64,
-    pub proxy: Option<String>,
+    /// 1 to 600.
+    pub timeout_secs: i64,
+    pub proxy: Option<Url>,
     pub ca_file: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    /// `timeout_secs` as a `Duration`.
+    pub fn timeout(&self) -> Duration {
+        // Validated from 1 to 600: never negative.
+        Duration::from_secs(self.timeout_secs.unsigned_abs())
+    }
 }
 
 /// A config that cannot be used. The message names the key, the value and what is expected, never a secret.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, error: std::io::Error },
-    Parse { path: PathBuf, message: String },
-    Invalid { key: &'static str, value: String, expected: String },
-    Missing { key: &'static str, how: &'static str },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Not TOML, or a value of the wrong type or spelling. `message` is the `toml` error reduced by
+    /// [`describe`]; the error itself is not kept, since its text quotes the offending line, which may hold a
+    /// secret.
+    Parse {
+        path: PathBuf,
+        message: String,
+    },
+    Invalid {
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
+    /// Not an `http://` or `https://` URL; `value` is shown without a password.
+    Url {
+        key: &'static str,
+        value: String,
+        error: UrlError,
+    },
+    Missing {
+        key: &'static str,
+        how: &'static str,
+    },
+    /// A `*_file` secret that cannot be read.
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for ConfigError {
@@ -195,12 +265,26 @@ impl std::fmt::Display for ConfigError {
             ConfigError::Invalid { key, value, expected } => {
                 write!(f, "invalid {key} = {value}: expected {expected}")
             }
+            ConfigError::Url { key, value, error } => {
+                write!(f, "invalid {key} = {value:?}: expected an http:// or https:// URL ({error})")
+            }
             ConfigError::Missing { key, how } => write!(f, "missing {key}: set {how}"),
+            ConfigError::SecretFile { key, path, error } => {
+                write!(f, "invalid {key} = {}: expected a readable file ({error})", path.display())
+            }
         }
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { error, .. } | ConfigError::SecretFile { error, .. } => Some(error),
+            ConfigError::Url { error, .. } => Some(error),
+            ConfigError::Parse { .. } | ConfigError::Invalid { .. } | ConfigError::Missing { .. } => None,
+        }
+    }
+}
 
 /// A config and the warnings found while loading it (secrets readable by others).
 #[derive(Debug)]
@@ -237,23 +321,45 @@ fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
 
 /// A TOML error without the source excerpt that `toml` prints by default: the excerpt is the offending line,
 /// and that line may hold a secret (an unquoted `client_secret`, `api_key = ["…"]`, a duplicated key). The
-/// message names the line and the key; a value is shown only when its key is not a secret's.
+/// message names the line and the key with its table (`queue.when_full`); a value is shown only when its key is
+/// not a secret's.
 fn describe(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().trim();
     let Some(span) = e.span() else { return scrub_all(message, text) };
     let start = span.start.min(text.len());
     let line_no = text[..start].matches('\n').count() + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("");
-    let key = line.split('=').next().unwrap_or("").trim();
-    // A value split over lines (an array) starts on an earlier line: look back to the line holding its key.
-    let holder = text.lines().take(line_no).filter(|l| l.contains('=')).last().unwrap_or(line);
-    if is_secret_key(key) || is_secret_key(holder.split('=').next().unwrap_or("")) {
+    let key_of = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
+    // The line names its key, opens a table (an unknown `[section]`), or continues a value split over lines (an
+    // array), whose key is on the last line above that holds one.
+    let key = match line {
+        l if table_header(l).is_some() => String::new(),
+        l if l.contains('=') => key_of(l),
+        _ => key_of(text.lines().take(line_no).filter(|l| l.contains('=')).last().unwrap_or(line)),
+    };
+    if is_secret_key(&key) {
         return format!(
             "line {line_no}: the value of a secret key is not valid TOML or not a string; it is not shown here"
         );
     }
-    let at = if key.is_empty() || key.starts_with('[') { String::new() } else { format!(" ({key})") };
-    format!("line {line_no}{at}: {}", scrub_all(message, text))
+    if key.is_empty() {
+        return format!("line {line_no}: {}", scrub_all(message, text));
+    }
+    let table = text.lines().take(line_no).filter_map(table_header).last();
+    let key = match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    };
+    format!("line {line_no} ({key}): {}", scrub_all(message, text))
+}
+
+/// The name of the table a `[table]` line opens. Quoted names are not taken for headers: a line of a value
+/// split over lines (`["…"],` in an array) must not pass for one and escape the secret-key check.
+fn table_header(line: &str) -> Option<&str> {
+    let (name, rest) = line.trim().strip_prefix('[')?.split_once(']')?;
+    let rest = rest.trim_start_matches(']').trim_start();
+    let bare = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '));
+    (bare && !name.trim().is_empty() && (rest.is_empty() || rest.starts_with('#'))).then(|| name.trim())
 }
 
 /// Removes from `message` every value written on a secret's line of `text`.
@@ -302,9 +408,10 @@ fn secret(
         if readable_by_others(&path) {
             warnings.push(format!("{} is readable by others: chmod o-rwx it", path.display()));
         }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| invalid(key, path.display(), &format!("a readable file ({e})")))?;
-        text.trim().to_owned()
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(error) => return Err(ConfigError::SecretFile { key, path, error }),
+        }
     } else if let Some(v) = inline {
         v
     } else {
@@ -316,18 +423,15 @@ fn secret(
     Ok(Secret(value))
 }
 
-fn range(key: &'static str, v: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+fn range<T: PartialOrd + std::fmt::Display>(key: &'static str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
     if v < lo || v > hi {
         return Err(invalid(key, v, &format!("a whole number from {lo} to {hi}")));
     }
     Ok(v)
 }
 
-fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
-    if !(v.starts_with("https://") || v.starts_with("http://")) || v.len() < 9 || v.contains(char::is_whitespace) {
-        return Err(invalid(key, format!("{v:?}"), "an http:// or https:// URL"));
-    }
-    Ok(v.trim_end_matches('/').to_owned())
+fn url(key: &'static str, v: &str) -> Result<Url, ConfigError> {
+    Url::parse(v).map_err(|error| ConfigError::Url { key, value: crate::http::without_password(v), error })
 }
 
 fn validate(
@@ -336,7 +440,7 @@ fn validate(
     warnings: &mut Vec<String>,
 ) -> Result<Config, ConfigError> {
     let m = raw.mimecast;
-    let base_url = url("mimecast.base_url", m.base_url.unwrap_or_else(|| "https://api.services.mimecast.com".into()))?;
+    let base_url = url("mimecast.base_url", m.base_url.as_deref().unwrap_or("https://api.services.mimecast.com"))?;
     let client_id = m.client_id.or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
     if client_id.is_empty() {
         return Err(ConfigError::Missing {
@@ -354,13 +458,9 @@ fn validate(
         warnings,
     )?;
     let mut feeds = Vec::new();
-    for name in m.log_types.unwrap_or_else(|| Feed::ALL.iter().map(|f| f.name().to_owned()).collect()) {
-        let feed = Feed::from_name(&name).ok_or_else(|| {
-            let names: Vec<_> = Feed::ALL.iter().map(|f| f.name()).collect();
-            invalid("mimecast.log_types", format!("{name:?}"), &format!("some of {}", names.join(", ")))
-        })?;
+    for feed in m.log_types.unwrap_or_else(|| Feed::ALL.to_vec()) {
         if feeds.contains(&feed) {
-            return Err(invalid("mimecast.log_types", format!("{name:?}"), "each log type once"));
+            return Err(invalid("mimecast.log_types", format!("{:?}", feed.name()), "each log type once"));
         }
         feeds.push(feed);
     }
@@ -382,7 +482,7 @@ fn validate(
         client_secret,
         feeds,
         poll_interval_secs: range("mimecast.poll_interval_secs", m.poll_interval_secs.unwrap_or(60), 1, 86400)?,
-        page_size: range("mimecast.page_size", m.page_size.unwrap_or(500).into(), 1, 1000)? as u32,
+        page_size: range("mimecast.page_size", m.page_size.unwrap_or(500), 1, 1000)?,
         initial_lookback_secs: range(
             "mimecast.initial_lookback_secs",
             m.initial_lookback_secs.unwrap_or(86400),
@@ -401,11 +501,18 @@ fn validate(
     }
     let (intake_url, validate_url) = match d.intake_url {
         Some(u) => {
-            let u = url("datadog.intake_url", u)?;
-            let validate = format!("{}/api/v1/validate", origin(&u));
+            let u = url("datadog.intake_url", &u)?;
+            let validate = u.with_path("/api/v1/validate").map_err(|error| ConfigError::Url {
+                key: "datadog.intake_url",
+                value: u.to_string(),
+                error,
+            })?;
             (u, validate)
         }
-        None => (format!("https://http-intake.logs.{site}/api/v2/logs"), format!("https://api.{site}/api/v1/validate")),
+        None => (
+            url("datadog.site", &format!("https://http-intake.logs.{site}/api/v2/logs"))?,
+            url("datadog.site", &format!("https://api.{site}/api/v1/validate"))?,
+        ),
     };
     let api_key = secret(
         "datadog.api_key",
@@ -428,11 +535,6 @@ fn validate(
     if let Some(t) = tags.iter().find(|t| t.is_empty() || t.len() > 256 || t.contains(',')) {
         return Err(invalid("datadog.tags", format!("{t:?}"), "tags of 1 to 256 characters without commas"));
     }
-    let late_records = match d.late_records.as_deref().unwrap_or("restamp") {
-        "restamp" => LateRecords::Restamp,
-        "keep" => LateRecords::Keep,
-        other => return Err(invalid("datadog.late_records", format!("{other:?}"), "\"restamp\" or \"keep\"")),
-    };
     let datadog = DatadogConfig {
         site,
         intake_url,
@@ -440,7 +542,7 @@ fn validate(
         api_key,
         hostname,
         tags,
-        late_records,
+        late_records: d.late_records.unwrap_or(LateRecords::Restamp),
         max_event_age_secs: range(
             "datadog.max_event_age_secs",
             d.max_event_age_secs.unwrap_or(61200),
@@ -450,15 +552,10 @@ fn validate(
     };
 
     let q = raw.queue;
-    let when_full = match q.when_full.as_deref().unwrap_or("pause") {
-        "pause" => WhenFull::Pause,
-        "drop-oldest" => WhenFull::DropOldest,
-        other => return Err(invalid("queue.when_full", format!("{other:?}"), "\"pause\" or \"drop-oldest\"")),
-    };
     let queue = QueueConfig {
         path: q.path.unwrap_or_else(|| PathBuf::from("/var/lib/mimecast-forwarder/queue.db")),
         max_bytes: range("queue.max_bytes", q.max_bytes.unwrap_or(1 << 30), 1, u64::MAX / 2)?,
-        when_full,
+        when_full: q.when_full.unwrap_or(WhenFull::Pause),
     };
     if queue.path.as_os_str().is_empty() {
         return Err(invalid("queue.path", "\"\"", "a file path"));
@@ -467,19 +564,10 @@ fn validate(
     let h = raw.http;
     let http = HttpConfig {
         timeout_secs: range("http.timeout_secs", h.timeout_secs.unwrap_or(30), 1, 600)?,
-        proxy: h.proxy.map(|p| url("http.proxy", p)).transpose()?,
+        proxy: h.proxy.map(|p| url("http.proxy", &p)).transpose()?,
         ca_file: h.ca_file,
     };
     Ok(Config { mimecast, datadog, queue, http })
-}
-
-/// `scheme://host[:port]` of a URL.
-fn origin(url: &str) -> &str {
-    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
-    match url[after_scheme..].find('/') {
-        Some(i) => &url[..after_scheme + i],
-        None => url,
-    }
 }
 
 /// This machine's host name, from the kernel.
@@ -495,56 +583,16 @@ pub fn machine_hostname() -> String {
 impl Config {
     /// The effective settings as TOML, secrets redacted: what `check-config` prints.
     pub fn render(&self) -> String {
-        let m = &self.mimecast;
-        let d = &self.datadog;
-        let q = &self.queue;
-        let h = &self.http;
-        let feeds: Vec<String> = m.feeds.iter().map(|f| format!("{:?}", f.name())).collect();
-        let tags: Vec<String> = d.tags.iter().map(|t| format!("{t:?}")).collect();
-        format!(
-            "[mimecast]\nbase_url = {:?}\nclient_id = {:?}\nclient_secret = \"{}\"\nlog_types = [{}]\n\
-             poll_interval_secs = {}\npage_size = {}\ninitial_lookback_secs = {}\nsettle_secs = {}\n\
-             overlap_secs = {}\nmax_window_secs = {}\n\n\
-             [datadog]\nsite = {:?}\nintake_url = {:?}\napi_key = \"{}\"\nhostname = {:?}\ntags = [{}]\n\
-             late_records = \"{}\"\nmax_event_age_secs = {}\n\n\
-             [queue]\npath = {:?}\nmax_bytes = {}\nwhen_full = \"{}\"\n\n\
-             [http]\ntimeout_secs = {}\nproxy = {}\nca_file = {}\n",
-            m.base_url,
-            m.client_id,
-            m.client_secret,
-            feeds.join(", "),
-            m.poll_interval_secs,
-            m.page_size,
-            m.initial_lookback_secs,
-            m.settle_secs,
-            m.overlap_secs,
-            m.max_window_secs,
-            d.site,
-            d.intake_url,
-            d.api_key,
-            d.hostname,
-            tags.join(", "),
-            match d.late_records {
-                LateRecords::Restamp => "restamp",
-                LateRecords::Keep => "keep",
-            },
-            d.max_event_age_secs,
-            q.path.display().to_string(),
-            q.max_bytes,
-            match q.when_full {
-                WhenFull::Pause => "pause",
-                WhenFull::DropOldest => "drop-oldest",
-            },
-            h.timeout_secs,
-            h.proxy
-                .as_deref()
-                .map(|p| format!("{:?}", crate::http::without_password(p)))
-                .unwrap_or_else(|| "\"\" # none (HTTPS_PROXY is honoured)".into()),
-            h.ca_file
-                .as_deref()
-                .map(|p| format!("{:?}", p.display().to_string()))
-                .unwrap_or_else(|| "\"\" # none".into()),
-        )
+        // Paths are the only values TOML could refuse (not UTF-8), and they came from TOML or are constants.
+        let mut out =
+            toml::to_string(self).unwrap_or_else(|e| format!("# the settings cannot be shown as TOML: {e}\n"));
+        if self.http.proxy.is_none() {
+            out.push_str("# http.proxy is not set: HTTPS_PROXY from the environment is honoured\n");
+        }
+        if self.http.ca_file.is_none() {
+            out.push_str("# http.ca_file is not set: the built-in trust roots are used\n");
+        }
+        out
     }
 }
 
@@ -566,12 +614,12 @@ mod tests {
     #[test]
     fn defaults() {
         let c = from_str(MINIMAL, &no_env).unwrap();
-        assert_eq!(c.mimecast.base_url, "https://api.services.mimecast.com");
+        assert_eq!(c.mimecast.base_url.as_str(), "https://api.services.mimecast.com");
         assert_eq!(c.mimecast.feeds, Feed::ALL.to_vec());
         assert_eq!((c.mimecast.poll_interval_secs, c.mimecast.page_size), (60, 500));
         assert_eq!((c.mimecast.settle_secs, c.mimecast.overlap_secs, c.mimecast.max_window_secs), (60, 300, 3600));
-        assert_eq!(c.datadog.intake_url, "https://http-intake.logs.datadoghq.com/api/v2/logs");
-        assert_eq!(c.datadog.validate_url, "https://api.datadoghq.com/api/v1/validate");
+        assert_eq!(c.datadog.intake_url.as_str(), "https://http-intake.logs.datadoghq.com/api/v2/logs");
+        assert_eq!(c.datadog.validate_url.as_str(), "https://api.datadoghq.com/api/v1/validate");
         assert_eq!((c.datadog.late_records, c.datadog.max_event_age_secs), (LateRecords::Restamp, 61200));
         assert_eq!((c.queue.max_bytes, c.queue.when_full), (1 << 30, WhenFull::Pause));
         assert_eq!(c.http.timeout_secs, 30);
@@ -581,11 +629,12 @@ mod tests {
     fn every_site_maps_to_its_intake() {
         for site in SITES {
             let c = from_str(&format!("{MINIMAL}site = \"{site}\"\n"), &no_env).unwrap();
-            assert_eq!(c.datadog.intake_url, format!("https://http-intake.logs.{site}/api/v2/logs"));
+            assert_eq!(c.datadog.intake_url.as_str(), format!("https://http-intake.logs.{site}/api/v2/logs"));
+            assert_eq!(c.datadog.validate_url.as_str(), format!("https://api.{site}/api/v1/validate"));
         }
-        let c = from_str(&format!("{MINIMAL}intake_url = \"http://127.0.0.1:9/api/v2/logs\"\n"), &no_env).unwrap();
-        assert_eq!(c.datadog.intake_url, "http://127.0.0.1:9/api/v2/logs");
-        assert_eq!(c.datadog.validate_url, "http://127.0.0.1:9/api/v1/validate");
+        let c = from_str(&format!("{MINIMAL}intake_url = \"http://127.0.0.1:9/api/v2/logs/\"\n"), &no_env).unwrap();
+        assert_eq!(c.datadog.intake_url.as_str(), "http://127.0.0.1:9/api/v2/logs");
+        assert_eq!(c.datadog.validate_url.as_str(), "http://127.0.0.1:9/api/v1/validate");
     }
 
     #[test]
@@ -593,7 +642,7 @@ mod tests {
         let e = err(&format!("{MINIMAL}[queue]\nwhen_ful = \"pause\"\n"));
         assert!(e.contains("when_ful"), "{e}");
         let e = err(&format!("{MINIMAL}[queue]\nwhen_full = \"block\"\n"));
-        assert!(e.contains("queue.when_full") && e.contains("\"block\"") && e.contains("drop-oldest"), "{e}");
+        assert!(e.contains("line 7 (queue.when_full)") && e.contains("block") && e.contains("drop-oldest"), "{e}");
         let e = err(&format!("{MINIMAL}site = \"datadoghq.org\"\n"));
         assert!(e.contains("datadog.site"), "{e}");
         let e = err(&MINIMAL.replace("[datadog]", "log_types = [\"audit\", \"spam\"]\n[datadog]"));
@@ -637,6 +686,7 @@ mod tests {
             "[datadog]\napi_key = [\n  \"hunter2hunter2\",\n  3,\n]\n",
             "[mimecast]\nclient_secret = \"hunter2hunter2\"\npoll_interval_secs = \"hunter2hunter2\"\n",
             "[mimecast]\nclient_secret = \"hunter2hunter2\n",
+            "[datadog]\napi_key = [\n  [\"hunter2hunter2\"],\n]\n",
         ];
         for text in cases {
             let e = err(text);
@@ -645,7 +695,56 @@ mod tests {
         }
         // Errors elsewhere still say what is wrong, and where.
         let e = err(&format!("{MINIMAL}[queue]\nmax_bytes = \"lots\"\n"));
-        assert!(e.contains("line 7 (max_bytes)") && e.contains("lots"), "{e}");
+        assert!(e.contains("line 7 (queue.max_bytes)") && e.contains("lots"), "{e}");
+        let e = err(&format!("{MINIMAL}[telemetry] # not yet\nenabled = true\n"));
+        assert!(e.starts_with("<string>: line 6: unknown field `telemetry`"), "{e}");
+        let e = err(&format!("{MINIMAL}tags = [\n  \"env:prod\",\n  3,\n]\n"));
+        assert!(e.contains("(datadog.tags)"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_parsed_and_a_proxy_password_never_shows() {
+        let c = from_str(&format!("{MINIMAL}[http]\nproxy = \"http://me:pw-123@proxy:3128\"\n"), &no_env).unwrap();
+        assert_eq!(c.http.proxy.as_ref().map(Url::as_str), Some("http://me:pw-123@proxy:3128"));
+        for shown in [format!("{c:?}"), c.render()] {
+            assert!(!shown.contains("pw-123") && shown.contains("http://[redacted]@proxy:3128"), "{shown}");
+        }
+        let mimecast = |line: &str| MINIMAL.replace("[datadog]", &format!("{line}\n[datadog]"));
+        for (text, value) in [
+            (mimecast("base_url = \"api.services.mimecast.com\""), "api.services.mimecast.com"),
+            (mimecast("base_url = \"ftp://h\""), "ftp://h"),
+            (format!("{MINIMAL}intake_url = \"https://exa mple.com/api\"\n"), "https://exa mple.com/api"),
+            (format!("{MINIMAL}[http]\nproxy = \"http://me:pw-123@proxy:port\"\n"), "http://[redacted]@proxy:port"),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(&format!("= {value:?}: expected an http:// or https:// URL (")), "{e}");
+            assert!(!e.contains("pw-123"), "{e}");
+        }
+        use std::error::Error as _;
+        let e = from_str(&format!("{MINIMAL}intake_url = \"ftp://h\"\n"), &no_env).unwrap_err();
+        assert!(e.source().is_some_and(|s| s.is::<UrlError>()), "{e:?}");
+    }
+
+    #[test]
+    fn typed_values_and_error_sources() {
+        let c = from_str(&MINIMAL.replace("[datadog]", "poll_interval_secs = 90\n[datadog]"), &no_env).unwrap();
+        assert_eq!(c.mimecast.poll_interval(), Duration::from_secs(90));
+        assert_eq!(c.http.timeout(), Duration::from_secs(30));
+        let c = from_str(&format!("{MINIMAL}late_records = \"keep\"\n[queue]\nwhen_full = \"drop-oldest\"\n"), &no_env);
+        let c = c.unwrap();
+        assert_eq!((c.datadog.late_records, c.queue.when_full), (LateRecords::Keep, WhenFull::DropOldest));
+        let e = err(&MINIMAL.replace("[datadog]", "settle_secs = -1\n[datadog]"));
+        assert!(e.contains("mimecast.settle_secs = -1") && e.contains("from 0 to 86400"), "{e}");
+
+        use std::error::Error as _;
+        let e = load(Path::new("/nonexistent/config.toml"), &no_env).unwrap_err();
+        assert!(e.source().is_some_and(|s| s.is::<std::io::Error>()), "{e:?}");
+        let text = format!("{MINIMAL}api_key_file = \"/nonexistent/dd_api_key\"\n");
+        let e = from_str(&text, &no_env).unwrap_err();
+        assert!(matches!(e, ConfigError::SecretFile { key: "datadog.api_key", .. }), "{e:?}");
+        assert!(e.to_string().contains("/nonexistent/dd_api_key") && e.source().is_some(), "{e}");
+        // A syntax error keeps no source: the `toml` error quotes the line, which may hold a secret.
+        assert!(from_str("[mimecast\n", &no_env).unwrap_err().source().is_none());
     }
 
     #[test]
@@ -673,11 +772,34 @@ mod tests {
     }
 
     #[test]
-    fn renders_as_valid_toml_with_the_same_settings() {
-        let c = from_str(MINIMAL, &no_env).unwrap();
+    fn renders_as_toml_that_reads_back_as_the_same_config_without_secrets() {
+        let extra = "tags = [\"env:prod\"]\nlate_records = \"keep\"\n[queue]\nwhen_full = \"drop-oldest\"\n\
+                     [http]\nproxy = \"http://me:pw-123@proxy:3128\"\n";
+        let text = MINIMAL.replace("[datadog]", "log_types = [\"ttp-url\", \"ttp-attachment\"]\n[datadog]");
+        for c in [from_str(MINIMAL, &no_env).unwrap(), from_str(&format!("{text}{extra}"), &no_env).unwrap()] {
+            let rendered = c.render();
+            for secret in ["s3cr3t", "pw-123"] {
+                assert!(!rendered.contains(secret), "{rendered}");
+            }
+            let back: toml::Value = toml::from_str(&rendered).unwrap();
+            assert_eq!(back["mimecast"]["client_secret"].as_str(), Some("[redacted]"));
+            assert_eq!(back["datadog"]["api_key"].as_str(), Some("[redacted]"));
+            assert_eq!(back["queue"]["when_full"].as_str(), Some(serde_plain(c.queue.when_full).as_str()));
+            assert_eq!(back["mimecast"]["poll_interval_secs"].as_integer(), Some(60));
+            // Every key is one of the file's (the config's own parser refuses others), with the same values.
+            let again = from_str(&rendered, &no_env).unwrap();
+            assert_eq!(again.render(), rendered);
+            assert_eq!(again.mimecast.client_secret.expose(), "[redacted]");
+        }
+        let c = from_str(&format!("{text}{extra}"), &no_env).unwrap();
         let rendered = c.render();
-        let back: toml::Value = toml::from_str(&rendered).unwrap();
-        assert_eq!(back["queue"]["when_full"].as_str(), Some("pause"));
-        assert_eq!(back["mimecast"]["client_secret"].as_str(), Some("[redacted]"));
+        assert!(rendered.contains("log_types = [\"ttp-url\", \"ttp-attachment-protection\"]"), "{rendered}");
+        assert!(rendered.contains("proxy = \"http://[redacted]@proxy:3128\"\n"), "{rendered}");
+        assert!(!rendered.contains("validate"), "{rendered}");
+        assert!(from_str(MINIMAL, &no_env).unwrap().render().contains("# http.proxy is not set"));
+    }
+
+    fn serde_plain(v: impl Serialize) -> String {
+        serde_json::to_value(v).unwrap().as_str().unwrap().to_owned()
     }
 }

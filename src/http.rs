@@ -64,9 +64,119 @@ impl Response {
     }
 }
 
-/// A URL with its `user:password@` part redacted (a proxy URL may carry credentials). It is read with the parser
-/// ureq reads proxies with; text that does not parse as a URL with a host is shown only if it has no `@` that
-/// could end a password.
+/// An absolute `http://` or `https://` URL with a host, parsed once by ureq's `http::Uri`: the config's
+/// `base_url`, `intake_url` and `proxy`. Its text has no trailing `/`, so that request paths are appended to it.
+/// `Display` and `Debug` hide a `user:password@` part (a proxy URL may carry credentials); [`Url::as_str`] is the
+/// whole text, for making requests.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Url {
+    text: String,
+    uri: ureq::http::Uri,
+}
+
+/// Why a text is not a [`Url`].
+#[derive(Debug)]
+pub enum UrlError {
+    Syntax(ureq::http::uri::InvalidUri),
+    /// A scheme other than `http` or `https`, or none.
+    Scheme,
+    NoHost,
+    /// Something after the host's `:` that is not a port number (`http::Uri` leaves ports to the connector).
+    Port,
+}
+
+impl Url {
+    pub fn parse(text: &str) -> Result<Url, UrlError> {
+        let uri: ureq::http::Uri = text.parse().map_err(UrlError::Syntax)?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(UrlError::Scheme);
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(UrlError::NoHost);
+        }
+        let host_port = uri.authority().map_or("", |a| a.as_str().rsplit('@').next().unwrap_or(""));
+        let port = host_port.rsplit_once(':').filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'));
+        if port.is_some_and(|(_, port)| port.parse::<u16>().is_err()) {
+            return Err(UrlError::Port);
+        }
+        // Rebuilt from the parts: the scheme in lower case, and `/` after the host only where a path follows.
+        let path = match uri.path_and_query().map(|p| p.as_str()).unwrap_or("") {
+            p if uri.query().is_none() => p.trim_end_matches('/'),
+            p => p,
+        };
+        let text = format!("{}{path}", Url::origin_of(&uri));
+        Ok(Url { text, uri })
+    }
+
+    /// The whole URL, credentials included: for requests, never for messages.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// `scheme://host[:port]`, with any credentials.
+    pub fn origin(&self) -> String {
+        Url::origin_of(&self.uri)
+    }
+
+    /// This URL's origin with `path` (which starts with `/`) instead of its own path and query.
+    pub fn with_path(&self, path: &str) -> Result<Url, UrlError> {
+        Url::parse(&format!("{}{path}", self.origin()))
+    }
+
+    fn origin_of(uri: &ureq::http::Uri) -> String {
+        let scheme = uri.scheme_str().unwrap_or_default();
+        format!("{scheme}://{}", uri.authority().map(|a| a.as_str()).unwrap_or_default())
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.uri.authority().and_then(|a| a.as_str().rsplit_once('@')) {
+            Some((_, host)) => {
+                let scheme = self.uri.scheme_str().unwrap_or_default();
+                write!(f, "{scheme}://[redacted]@{host}{}", &self.text[self.origin().len()..])
+            }
+            None => f.write_str(&self.text),
+        }
+    }
+}
+
+/// As `Display`: what the config shows (`check-config`) never holds a password.
+impl serde::Serialize for Url {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::fmt::Debug for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl std::fmt::Display for UrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UrlError::Syntax(e) => write!(f, "{e}"),
+            UrlError::Scheme => f.write_str("the scheme is not http or https"),
+            UrlError::NoHost => f.write_str("no host"),
+            UrlError::Port => f.write_str("the port is not a number from 0 to 65535"),
+        }
+    }
+}
+
+impl std::error::Error for UrlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UrlError::Syntax(e) => Some(e),
+            UrlError::Scheme | UrlError::NoHost | UrlError::Port => None,
+        }
+    }
+}
+
+/// A URL with its `user:password@` part redacted, for text that is not a valid [`Url`] (an error message about it).
+/// It is read with the parser ureq reads proxies with; text that does not parse as a URL with a host is shown only
+/// if it has no `@` that could end a password.
 pub fn without_password(url: &str) -> String {
     match url.parse::<Uri>() {
         Ok(uri) if uri.authority().is_some() => userinfo_redacted(url, &uri).unwrap_or_else(|| url.to_owned()),
@@ -232,7 +342,7 @@ pub struct Http {
 
 impl Http {
     pub fn new(cfg: &HttpConfig) -> Result<Http, HttpError> {
-        let timeout = Duration::from_secs(cfg.timeout_secs);
+        let timeout = cfg.timeout();
         let mut builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
@@ -240,8 +350,7 @@ impl Http {
             .user_agent(concat!("mimecast-forwarder/", env!("CARGO_PKG_VERSION")))
             .max_redirects(0);
         if let Some(proxy) = &cfg.proxy {
-            let p = ureq::Proxy::new(proxy)
-                .map_err(|e| HttpError::setup(format!("proxy {}", without_password(proxy)), e))?;
+            let p = ureq::Proxy::new(proxy.as_str()).map_err(|e| HttpError::setup(format!("proxy {proxy}"), e))?;
             builder = builder.proxy(Some(p));
         }
         if let Some(path) = &cfg.ca_file {
@@ -355,6 +464,63 @@ mod tests {
     }
 
     #[test]
+    fn urls_are_parsed_once_and_never_show_a_password() {
+        let check = |text: &str, whole: &str, shown: &str, origin: &str| {
+            let u = Url::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((u.as_str(), u.to_string().as_str(), u.origin().as_str()), (whole, shown, origin), "{text}");
+            assert_eq!(format!("{u:?}"), format!("{shown:?}"));
+        };
+        check(
+            "https://api.services.mimecast.com",
+            "https://api.services.mimecast.com",
+            "https://api.services.mimecast.com",
+            "https://api.services.mimecast.com",
+        );
+        check(
+            "https://api.services.mimecast.com/",
+            "https://api.services.mimecast.com",
+            "https://api.services.mimecast.com",
+            "https://api.services.mimecast.com",
+        );
+        check(
+            "HTTP://127.0.0.1:9/api/v2/logs/",
+            "http://127.0.0.1:9/api/v2/logs",
+            "http://127.0.0.1:9/api/v2/logs",
+            "http://127.0.0.1:9",
+        );
+        check(
+            "http://u:p@proxy:3128",
+            "http://u:p@proxy:3128",
+            "http://[redacted]@proxy:3128",
+            "http://u:p@proxy:3128",
+        );
+        check("https://h/x/?a=b/", "https://h/x/?a=b/", "https://h/x/?a=b/", "https://h");
+        check("http://[::1]:8080/p", "http://[::1]:8080/p", "http://[::1]:8080/p", "http://[::1]:8080");
+        let u = Url::parse("http://127.0.0.1:9/api/v2/logs").unwrap();
+        assert_eq!(u.with_path("/api/v1/validate").unwrap().as_str(), "http://127.0.0.1:9/api/v1/validate");
+        for bad in [
+            "",
+            "https://",
+            "api.services.mimecast.com",
+            "/api",
+            "ftp://h/x",
+            "https://exa mple.com",
+            " https://h",
+            "https://h:port/",
+            "http://h:/",
+            "http://h:99999",
+            "http://[::1]:x/",
+            "file:///etc/passwd",
+            "http://h\n",
+        ] {
+            assert!(Url::parse(bad).is_err(), "{bad:?} parsed");
+        }
+        use std::error::Error as _;
+        assert!(Url::parse("https://exa mple.com").unwrap_err().source().is_some());
+        assert!(matches!(Url::parse("ftp://h/x"), Err(UrlError::Scheme)), "the scheme is checked, not a prefix");
+    }
+
+    #[test]
     fn server_waits_are_capped_and_say_so() {
         let cap = Duration::from_secs(300);
         let w = ServerWait::capped(1.8e16, cap);
@@ -376,23 +542,19 @@ mod tests {
     #[test]
     fn errors_keep_what_caused_them_and_say_it_once() {
         use std::error::Error as _;
-        let cfg = |proxy: Option<&str>, ca_file: Option<&str>| HttpConfig {
+        let cfg = |ca_file: Option<&str>| HttpConfig {
             timeout_secs: 5,
-            proxy: proxy.map(str::to_owned),
+            proxy: None,
             ca_file: ca_file.map(std::path::PathBuf::from),
         };
-        let Err(e) = Http::new(&cfg(None, Some("/nonexistent/ca.pem"))) else { panic!("a missing ca_file") };
+        let Err(e) = Http::new(&cfg(Some("/nonexistent/ca.pem"))) else { panic!("a missing ca_file") };
         let source = e.source().expect("the io error");
         assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
         assert!(e.to_string().starts_with("bad HTTP settings: reading ca_file /nonexistent/ca.pem: "), "{e}");
         assert_eq!(crate::error::describe(&e), e.to_string(), "the cause is said once");
 
-        let Err(e) = Http::new(&cfg(Some("ftp://user:hunter22@proxy:21"), None)) else { panic!("not a proxy scheme") };
-        assert!(e.source().is_some_and(|s| s.downcast_ref::<ureq::Error>().is_some()), "{e:?}");
-        assert!(!crate::error::describe(&e).contains("hunter22"), "{e}");
-
         // Nothing listens on port 1 of the loopback address.
-        let http = Http::new(&cfg(None, None)).unwrap();
+        let http = Http::new(&cfg(None)).unwrap();
         let e = http.get("http://127.0.0.1:1/", &[]).unwrap_err();
         assert!(matches!(e, HttpError::Connect(_)), "{e:?}");
         assert!(e.source().is_some_and(|s| s.downcast_ref::<ureq::Error>().is_some()), "{e:?}");

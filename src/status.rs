@@ -1,69 +1,153 @@
 //! `mimecast-forwarder status`: what is queued, each feed's cursor and health, dead letters and drops.
 //! Reads the database read-only, so it is safe while `run` is running.
+//!
+//! [`gather`] builds one typed [`Report`]; `--json` is its serialization and [`render`] the text for a person,
+//! so both say the same thing, and a field renamed or gone fails to compile instead of printing 0 or null.
 
-use serde_json::{Value, json};
+use serde::{Serialize, Serializer};
 
 use crate::config::Config;
 use crate::datetime;
 use crate::mimecast::Feed;
-use crate::store::{Store, StoreError};
+use crate::store::{Note, Store, StoreError};
 
-/// Gathers the report as JSON (the documented keys of interface.md, plus a few more).
-pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Value, StoreError> {
-    let c = store.counters()?;
-    let oldest_age = store.oldest_queued_at()?.map(|t| (now - t).max(0));
-    let paused = cfg.queue.paused_at(c.queue_bytes);
-    let ts = |t: Option<i64>| t.map(|t| Value::String(datetime::rfc3339(t))).unwrap_or(Value::Null);
-    let (dd_success, dd_error) = (store.state("datadog_last_success")?, store.state("datadog_last_error")?);
-    let mut feeds = serde_json::Map::new();
-    for feed in Feed::ALL {
-        let cursor = store.cursor(feed)?;
-        let enabled = cfg.mimecast.feeds.contains(&feed);
-        let entry = match cursor {
-            None => json!({"enabled": enabled, "watermark": null, "last_success": null, "last_error": null}),
-            Some(cur) => json!({
-                "enabled": enabled,
-                "watermark": ts(Some(cur.watermark)),
-                "last_success": ts(cur.last_success),
-                "last_error": cur.last_error,
-                "last_error_at": ts(cur.last_error_at),
-                "window_in_progress": cur.window.as_ref().map(|(w, _)| json!({"from": ts(Some(w.from)), "to": ts(Some(w.to))})),
-            }),
-        };
-        feeds.insert(feed.name().into(), entry);
-    }
-    let (dd_error_at, dd_error) = stamped(dd_error);
-    let (disk_full_at, disk_full) = stamped(store.state("disk_full")?);
-    Ok(json!({
-        "queue": {
-            "records": c.queue_records,
-            "bytes": c.queue_bytes,
-            "max_bytes": cfg.queue.max_bytes,
-            "oldest_age_secs": oldest_age,
-            "paused": paused,
-            "path": cfg.queue.path.display().to_string(),
-            "free_bytes": store.free_bytes(),
-            "disk_full": disk_full,
-            "disk_full_at": ts(disk_full_at),
-        },
-        "delivered": {"records": c.delivered},
-        "dead_letters": {"records": c.dead_letters},
-        "dropped": {"records": c.dropped},
-        "late": {"restamped": c.restamped, "kept": c.kept},
-        "datadog": {
-            "last_success": ts(dd_success.and_then(|s| s.parse().ok())),
-            "last_error": dd_error,
-            "last_error_at": ts(dd_error_at),
-        },
-        "feeds": feeds,
-    }))
+/// The whole report. Its JSON form is interface.md's `status --json` object: these field names are a contract.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub queue: QueueReport,
+    pub delivered: Records,
+    pub dead_letters: Records,
+    pub dropped: Records,
+    pub late: LateReport,
+    pub datadog: DatadogReport,
+    /// Every feed, enabled or not, in `Feed::ALL` order; in JSON an object keyed by the feed's name.
+    #[serde(serialize_with = "by_name")]
+    pub feeds: Vec<FeedReport>,
 }
 
-/// Splits state stored as "<unix secs> <message>" (so that the report can say when it happened).
-fn stamped(value: Option<String>) -> (Option<i64>, Option<String>) {
-    match value.as_deref().and_then(|e| e.split_once(' ')) {
-        Some((at, msg)) => (at.parse().ok(), Some(msg.to_owned())),
-        None => (None, value),
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueReport {
+    pub records: i64,
+    /// What the queued records occupy (what `max_bytes` limits), not the file size.
+    pub bytes: i64,
+    pub max_bytes: u64,
+    /// How long the oldest queued record has waited; `None` when the queue is empty.
+    pub oldest_age_secs: Option<i64>,
+    /// Polling waits for the queue to drain (`when_full = "pause"` and `max_bytes` reached).
+    pub paused: bool,
+    pub path: String,
+    /// Free bytes on the queue's filesystem, when the system says.
+    pub free_bytes: Option<u64>,
+    /// The agent's note from when the disk was full, until a page is committed again.
+    pub disk_full: Option<String>,
+    pub disk_full_at: Option<Stamp>,
+}
+
+/// A count of records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Records {
+    pub records: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LateReport {
+    pub restamped: i64,
+    pub kept: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatadogReport {
+    pub last_success: Option<Stamp>,
+    /// Cleared by the next success.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<Stamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeedReport {
+    /// The key of this entry in JSON.
+    #[serde(skip)]
+    pub feed: Feed,
+    pub enabled: bool,
+    /// How far the feed has been read; `None` before its first run.
+    pub watermark: Option<Stamp>,
+    pub last_success: Option<Stamp>,
+    /// Cleared when a window completes.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<Stamp>,
+    pub window_in_progress: Option<WindowReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WindowReport {
+    pub from: Stamp,
+    pub to: Stamp,
+}
+
+/// A moment in Unix seconds; in JSON RFC 3339 in UTC (`"2026-11-27T10:00:00Z"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(pub i64);
+
+impl Serialize for Stamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&datetime::rfc3339(self.0))
+    }
+}
+
+fn by_name<S: Serializer>(feeds: &[FeedReport], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(feeds.iter().map(|f| (f.feed.name(), f)))
+}
+
+/// Gathers the report from the store and the config.
+pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Report, StoreError> {
+    let c = store.counters()?;
+    let mut feeds = Vec::new();
+    for feed in Feed::ALL {
+        let cursor = store.cursor(feed)?;
+        feeds.push(FeedReport {
+            feed,
+            enabled: cfg.mimecast.feeds.contains(&feed),
+            watermark: cursor.as_ref().map(|c| Stamp(c.watermark)),
+            last_success: cursor.as_ref().and_then(|c| c.last_success).map(Stamp),
+            last_error: cursor.as_ref().and_then(|c| c.last_error.clone()),
+            last_error_at: cursor.as_ref().and_then(|c| c.last_error_at).map(Stamp),
+            window_in_progress: cursor
+                .as_ref()
+                .and_then(|c| c.window.as_ref())
+                .map(|(w, _)| WindowReport { from: Stamp(w.from), to: Stamp(w.to) }),
+        });
+    }
+    let (dd_error_at, dd_error) = store.note(Note::DatadogLastError)?.unzip();
+    let (disk_full_at, disk_full) = store.note(Note::DiskFull)?.unzip();
+    Ok(Report {
+        queue: QueueReport {
+            records: c.queue_records,
+            bytes: c.queue_bytes,
+            max_bytes: cfg.queue.max_bytes,
+            oldest_age_secs: store.oldest_queued_at()?.map(|t| now.saturating_sub(t).max(0)),
+            paused: cfg.queue.paused_at(c.queue_bytes),
+            path: cfg.queue.path.display().to_string(),
+            free_bytes: store.free_bytes(),
+            disk_full,
+            disk_full_at: disk_full_at.map(Stamp),
+        },
+        delivered: Records { records: c.delivered },
+        dead_letters: Records { records: c.dead_letters },
+        dropped: Records { records: c.dropped },
+        late: LateReport { restamped: c.restamped, kept: c.kept },
+        datadog: DatadogReport {
+            last_success: store.note(Note::DatadogLastSuccess)?.map(|(at, _)| Stamp(at)),
+            last_error: dd_error,
+            last_error_at: dd_error_at.map(Stamp),
+        },
+        feeds,
+    })
+}
+
+impl Report {
+    /// `status --json`: one line, one object.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a report serializes: its map keys are strings and its values plain")
     }
 }
 
@@ -71,52 +155,9 @@ fn stamped(value: Option<String>) -> (Option<i64>, Option<String>) {
 const DISK_LOW_BYTES: u64 = 1 << 20;
 
 /// The report for a person at 3 a.m.: the verdict first, then the numbers.
-pub fn render(r: &Value, now: i64) -> String {
+pub fn render(r: &Report, now: i64) -> String {
     let mut out = String::new();
-    let q = &r["queue"];
-    let n = |v: &Value| v.as_i64().unwrap_or(0);
-    // A report timestamp and how long ago it was, when it is one.
-    let stamp = |v: &Value| v.as_str().and_then(|s| Some((s.to_owned(), human(now - datetime::parse(s)?))));
-    let ago = |v: &Value| stamp(v).map(|(t, a)| format!("{t} ({a} ago)"));
-    let age = |v: &Value| ago(v).unwrap_or_else(|| "never".into());
-    let when = |v: &Value| stamp(v).map(|(t, a)| format!(" (at {t}, {a} ago)")).unwrap_or_default();
-    let mut problems = Vec::new();
-    if let Some(e) = r["datadog"]["last_error"].as_str() {
-        problems.push(format!("Datadog{}: {e}", when(&r["datadog"]["last_error_at"])));
-    }
-    for (name, f) in r["feeds"].as_object().into_iter().flatten() {
-        if let Some(e) = f["last_error"].as_str() {
-            problems.push(format!("feed {name}{}: {e}", when(&f["last_error_at"])));
-        }
-    }
-    let free = q["free_bytes"].as_u64();
-    if free.is_some_and(|b| b < DISK_LOW_BYTES) || q["disk_full"].is_string() {
-        let path = q["path"].as_str().unwrap_or("the queue");
-        let has = match (free, q["disk_full"].as_str()) {
-            (Some(b), _) => format!("{path} has {b} bytes free"),
-            (None, Some(msg)) => format!("{path}: {msg}"),
-            (None, None) => path.to_owned(),
-        };
-        problems.push(format!(
-            "disk full: {has}; polling is paused until delivery frees space{}",
-            when(&q["disk_full_at"])
-        ));
-    }
-    if q["paused"].as_bool() == Some(true) {
-        problems.push("queue is full: polling Mimecast is paused until Datadog drains it".into());
-    }
-    if n(&r["dead_letters"]["records"]) > 0 {
-        problems.push(format!(
-            "{} record(s) in dead letters: Datadog refused them; they are kept in the queue database",
-            n(&r["dead_letters"]["records"])
-        ));
-    }
-    if n(&r["dropped"]["records"]) > 0 {
-        problems.push(format!(
-            "{} record(s) dropped because the queue was full (drop-oldest)",
-            n(&r["dropped"]["records"])
-        ));
-    }
+    let problems = problems(r, now);
     if problems.is_empty() {
         out.push_str("OK: no errors recorded\n");
     } else {
@@ -125,34 +166,72 @@ pub fn render(r: &Value, now: i64) -> String {
             out.push_str(&format!("  - {p}\n"));
         }
     }
-    let max = n(&q["max_bytes"]).max(1);
+    let q = &r.queue;
+    let ago = |t: Stamp| format!("{} ({} ago)", datetime::rfc3339(t.0), human(now.saturating_sub(t.0)));
+    let age = |t: Option<Stamp>| t.map_or_else(|| "never".into(), ago);
+    let share = 100.0 * q.bytes as f64 / q.max_bytes.max(1) as f64;
+    let oldest = q.oldest_age_secs.map(|a| format!(", oldest queued {} ago", human(a))).unwrap_or_default();
     out.push_str(&format!(
-        "\nqueue        {} records, {} bytes ({:.1}% of max_bytes){}\n",
-        n(&q["records"]),
-        n(&q["bytes"]),
-        100.0 * n(&q["bytes"]) as f64 / max as f64,
-        q["oldest_age_secs"].as_i64().map(|a| format!(", oldest queued {} ago", human(a))).unwrap_or_default()
+        "\nqueue        {} records, {} bytes ({share:.1}% of max_bytes){oldest}\n",
+        q.records, q.bytes
     ));
-    if let Some(b) = free {
-        out.push_str(&format!("free space   {b} bytes on the filesystem of {}\n", q["path"].as_str().unwrap_or("")));
+    if let Some(b) = q.free_bytes {
+        out.push_str(&format!("free space   {b} bytes on the filesystem of {}\n", q.path));
     }
-    out.push_str(&format!("delivered    {} records in total\n", n(&r["delivered"]["records"])));
-    out.push_str(&format!(
-        "late         {} restamped, {} sent unchanged (at risk)\n",
-        n(&r["late"]["restamped"]),
-        n(&r["late"]["kept"])
-    ));
-    out.push_str(&format!("datadog      last success {}\n", age(&r["datadog"]["last_success"])));
+    out.push_str(&format!("delivered    {} records in total\n", r.delivered.records));
+    out.push_str(&format!("late         {} restamped, {} sent unchanged (at risk)\n", r.late.restamped, r.late.kept));
+    out.push_str(&format!("datadog      last success {}\n", age(r.datadog.last_success)));
     out.push_str("\nfeed                        enabled  read up to (watermark)                last success\n");
-    for (name, f) in r["feeds"].as_object().into_iter().flatten() {
+    for f in &r.feeds {
         out.push_str(&format!(
-            "{name:<27} {:<8} {:<37} {}\n",
-            if f["enabled"].as_bool() == Some(true) { "yes" } else { "no" },
-            ago(&f["watermark"]).unwrap_or_else(|| "-".into()),
-            age(&f["last_success"]),
+            "{:<27} {:<8} {:<37} {}\n",
+            f.feed.name(),
+            if f.enabled { "yes" } else { "no" },
+            f.watermark.map_or_else(|| "-".into(), ago),
+            age(f.last_success),
         ));
     }
     out
+}
+
+/// What needs a person, one line each.
+fn problems(r: &Report, now: i64) -> Vec<String> {
+    let when = |t: Option<Stamp>| {
+        t.map(|t| format!(" (at {}, {} ago)", datetime::rfc3339(t.0), human(now.saturating_sub(t.0))))
+            .unwrap_or_default()
+    };
+    let mut problems = Vec::new();
+    if let Some(e) = &r.datadog.last_error {
+        problems.push(format!("Datadog{}: {e}", when(r.datadog.last_error_at)));
+    }
+    for f in &r.feeds {
+        if let Some(e) = &f.last_error {
+            problems.push(format!("feed {}{}: {e}", f.feed.name(), when(f.last_error_at)));
+        }
+    }
+    let q = &r.queue;
+    if q.free_bytes.is_some_and(|b| b < DISK_LOW_BYTES) || q.disk_full.is_some() {
+        let has = match (q.free_bytes, &q.disk_full) {
+            (Some(b), _) => format!("{} has {b} bytes free", q.path),
+            (None, Some(msg)) => format!("{}: {msg}", q.path),
+            (None, None) => q.path.clone(),
+        };
+        problems
+            .push(format!("disk full: {has}; polling is paused until delivery frees space{}", when(q.disk_full_at)));
+    }
+    if q.paused {
+        problems.push("queue is full: polling Mimecast is paused until Datadog drains it".into());
+    }
+    if r.dead_letters.records > 0 {
+        problems.push(format!(
+            "{} record(s) in dead letters: Datadog refused them; they are kept in the queue database",
+            r.dead_letters.records
+        ));
+    }
+    if r.dropped.records > 0 {
+        problems.push(format!("{} record(s) dropped because the queue was full (drop-oldest)", r.dropped.records));
+    }
+    problems
 }
 
 fn human(secs: i64) -> String {
@@ -166,6 +245,8 @@ fn human(secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::mimecast::window::Window;
     use crate::store::{NewRecord, PageCommit};
@@ -173,9 +254,12 @@ mod tests {
     const CONFIG: &str =
         "[mimecast]\nclient_id = \"i\"\nclient_secret = \"s\"\nlog_types = [\"audit\"]\n[datadog]\napi_key = \"k\"\n";
 
-    #[test]
-    fn report_has_the_documented_keys_and_a_verdict() {
-        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+    fn json(r: &Report) -> serde_json::Value {
+        serde_json::from_str(&r.to_json()).unwrap()
+    }
+
+    /// A store with one queued record, read up to 2000 with a window in progress on dlp.
+    fn store() -> Store {
         let mut store = Store::in_memory();
         store.init_cursor(Feed::Audit, 1_000).unwrap();
         let record = NewRecord { key: "k".into(), event_time: Some(1_000), body: "{\"id\":\"k\"}".into() };
@@ -187,16 +271,113 @@ mod tests {
             forget_before: 0,
         };
         store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause).unwrap();
-        let r = gather(&store, &cfg, 2_060).unwrap();
-        assert_eq!(r["queue"]["records"], 1);
-        assert_eq!(r["queue"]["bytes"], 10);
-        assert_eq!(r["queue"]["oldest_age_secs"], 60);
-        assert_eq!(r["queue"]["paused"], false);
-        assert_eq!(r["feeds"]["audit"]["watermark"], "1970-01-01T00:33:20Z");
-        assert_eq!(r["feeds"]["audit"]["enabled"], true);
-        assert_eq!(r["feeds"]["dlp"]["enabled"], false);
-        assert!(r["datadog"]["last_error"].is_null());
-        assert!(render(&r, 2_060).starts_with("OK"));
+        store.init_cursor(Feed::Dlp, 1_500).unwrap();
+        let page = PageCommit {
+            feed: Feed::Dlp,
+            window: Window { from: 1_200, to: 1_800 },
+            next_token: Some("t".into()),
+            records: vec![],
+            forget_before: 0,
+        };
+        store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        store
+    }
+
+    /// The JSON shape scripts rely on (interface.md), key for key: a renamed or dropped field fails here.
+    #[test]
+    fn json_has_the_documented_shape() {
+        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+        let mut store = store();
+        store.set_note(Note::DatadogLastError, 2_010, "HTTP 503").unwrap();
+        let mut r = gather(&store, &cfg, 2_060).unwrap();
+        r.queue.free_bytes = Some(5_000_000);
+        let none = json!({"enabled": false, "watermark": null, "last_success": null, "last_error": null,
+                          "last_error_at": null, "window_in_progress": null});
+        let expected = json!({
+            "queue": {"records": 1, "bytes": 10, "max_bytes": 1u64 << 30, "oldest_age_secs": 60, "paused": false,
+                      "path": "/var/lib/mimecast-forwarder/queue.db", "free_bytes": 5_000_000, "disk_full": null,
+                      "disk_full_at": null},
+            "delivered": {"records": 0},
+            "dead_letters": {"records": 0},
+            "dropped": {"records": 0},
+            "late": {"restamped": 0, "kept": 0},
+            "datadog": {"last_success": null, "last_error": "HTTP 503", "last_error_at": "1970-01-01T00:33:30Z"},
+            "feeds": {
+                "audit": {"enabled": true, "watermark": "1970-01-01T00:33:20Z", "last_success": "1970-01-01T00:33:20Z",
+                          "last_error": null, "last_error_at": null, "window_in_progress": null},
+                "dlp": {"enabled": false, "watermark": "1970-01-01T00:25:00Z", "last_success": null, "last_error": null,
+                        "last_error_at": null,
+                        "window_in_progress": {"from": "1970-01-01T00:20:00Z", "to": "1970-01-01T00:30:00Z"}},
+                "rejection": none, "ttp-attachment-protection": none, "ttp-impersonation": none, "ttp-url": none,
+            },
+        });
+        assert_eq!(json(&r), expected);
+        let names: Vec<String> = json(&r)["feeds"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(names, Feed::ALL.map(|f| f.name().to_owned()), "in the feeds' own order");
+    }
+
+    /// Text and JSON are two views of one report: every value set in it shows in both.
+    #[test]
+    fn text_and_json_come_from_the_same_report() {
+        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+        let mut r = gather(&store(), &cfg, 2_060).unwrap();
+        r.queue.records = 4321;
+        r.queue.bytes = 98_765;
+        r.queue.free_bytes = Some(7_654_321);
+        r.delivered.records = 1111;
+        r.late = LateReport { restamped: 22, kept: 33 };
+        r.dead_letters.records = 44;
+        r.dropped.records = 55;
+        r.datadog.last_success = Some(Stamp(1_990));
+        r.datadog.last_error = Some("HTTP 429 from the intake".into());
+        r.datadog.last_error_at = Some(Stamp(2_000));
+        r.feeds[5].last_error = Some("HTTP 403: no permission".into());
+        r.feeds[5].last_error_at = Some(Stamp(2_050));
+        let (text, j) = (render(&r, 2_060), json(&r));
+        let pairs = [
+            ("4321 records", &j["queue"]["records"], json!(4321)),
+            ("98765 bytes", &j["queue"]["bytes"], json!(98_765)),
+            ("7654321 bytes on the filesystem", &j["queue"]["free_bytes"], json!(7_654_321)),
+            ("1111 records in total", &j["delivered"]["records"], json!(1111)),
+            ("22 restamped, 33 sent unchanged", &j["late"]["restamped"], json!(22)),
+            ("44 record(s) in dead letters", &j["dead_letters"]["records"], json!(44)),
+            ("55 record(s) dropped", &j["dropped"]["records"], json!(55)),
+            (
+                "last success 1970-01-01T00:33:10Z (70s ago)",
+                &j["datadog"]["last_success"],
+                json!("1970-01-01T00:33:10Z"),
+            ),
+            (
+                "Datadog (at 1970-01-01T00:33:20Z, 60s ago): HTTP 429 from the intake",
+                &j["datadog"]["last_error"],
+                json!("HTTP 429 from the intake"),
+            ),
+            (
+                "feed ttp-url (at 1970-01-01T00:34:10Z, 10s ago): HTTP 403",
+                &j["feeds"]["ttp-url"]["last_error"],
+                json!("HTTP 403: no permission"),
+            ),
+        ];
+        for (in_text, in_json, value) in pairs {
+            assert!(text.contains(in_text), "{in_text:?} not in\n{text}");
+            assert_eq!(*in_json, value, "{in_text}");
+        }
+        assert!(text.starts_with("ATTENTION:\n"), "{text}");
+    }
+
+    #[test]
+    fn a_verdict_first() {
+        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+        let mut store = store();
+        let mut r = gather(&store, &cfg, 2_060).unwrap();
+        r.queue.free_bytes = None;
+        let text = render(&r, 2_060);
+        assert!(text.starts_with("OK: no errors recorded\n"), "{text}");
+        assert!(text.contains("\naudit                       yes      1970-01-01T00:33:20Z (60s ago)"), "{text}");
+        assert!(
+            text.contains("\nrejection                   no       -                                     never\n"),
+            "{text}"
+        );
 
         store.feed_error(Feed::Audit, "HTTP 403: no permission", 2_050).unwrap();
         let text = render(&gather(&store, &cfg, 2_060).unwrap(), 2_060);
@@ -204,6 +385,10 @@ mod tests {
             text.starts_with("ATTENTION") && text.contains("feed audit (at 1970-01-01T00:34:10Z, 10s ago): HTTP 403"),
             "{text}"
         );
+        // A stored time far off (a damaged row, a clock reset) is shown, not a panic.
+        r.datadog.last_success = Some(Stamp(i64::MIN));
+        r.feeds[0].watermark = Some(Stamp(i64::MAX));
+        assert!(render(&r, 2_060).contains("datadog      last success"));
     }
 
     #[test]
@@ -211,30 +396,30 @@ mod tests {
         let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
         let mut store = Store::in_memory();
         let mut r = gather(&store, &cfg, 2_000).unwrap();
-        assert!(r["queue"]["free_bytes"].as_u64().is_some(), "{r}");
-        assert!(r["queue"]["disk_full"].is_null());
+        assert!(r.queue.free_bytes.is_some(), "{r:?}");
+        assert_eq!((&r.queue.disk_full, r.queue.disk_full_at), (&None, None));
         let path = cfg.queue.path.display().to_string();
 
         // Little space left, though the agent has not hit it yet.
-        r["queue"]["free_bytes"] = json!(4096);
+        r.queue.free_bytes = Some(4096);
         let text = render(&r, 2_000);
         let line = format!("disk full: {path} has 4096 bytes free; polling is paused until delivery frees space");
         assert!(text.starts_with("ATTENTION") && text.contains(&line), "{text}");
-        r["queue"]["free_bytes"] = json!(DISK_LOW_BYTES);
+        r.queue.free_bytes = Some(DISK_LOW_BYTES);
         assert!(render(&r, 2_000).starts_with("OK"));
 
         // The agent met SQLITE_FULL: reported even when space came back in the meantime.
-        store.set_state("disk_full", "1990 no space left on the filesystem of queue database /q").unwrap();
+        store.set_note(Note::DiskFull, 1990, "no space left on the filesystem of queue database /q").unwrap();
         let mut r = gather(&store, &cfg, 2_000).unwrap();
-        assert_eq!(r["queue"]["disk_full"], "no space left on the filesystem of queue database /q");
-        assert_eq!(r["queue"]["disk_full_at"], "1970-01-01T00:33:10Z");
-        r["queue"]["free_bytes"] = json!(5_000_000_000u64);
+        assert_eq!(json(&r)["queue"]["disk_full"], "no space left on the filesystem of queue database /q");
+        assert_eq!(json(&r)["queue"]["disk_full_at"], "1970-01-01T00:33:10Z");
+        r.queue.free_bytes = Some(5_000_000_000);
         let text = render(&r, 2_000);
         assert!(text.contains(&format!("disk full: {path} has 5000000000 bytes free")), "{text}");
         assert!(text.contains("(at 1970-01-01T00:33:10Z, 10s ago)"), "{text}");
-        r["queue"]["free_bytes"] = Value::Null;
+        r.queue.free_bytes = None;
         assert!(render(&r, 2_000).contains(&format!("disk full: {path}: no space left")));
-        store.set_state("disk_full", "").unwrap();
-        assert!(gather(&store, &cfg, 2_000).unwrap()["queue"]["disk_full"].is_null());
+        store.clear_note(Note::DiskFull).unwrap();
+        assert!(json(&gather(&store, &cfg, 2_000).unwrap())["queue"]["disk_full"].is_null());
     }
 }

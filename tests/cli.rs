@@ -22,6 +22,10 @@ fn check_config_validates_and_redacts() {
     let (code, out, err) = run(&["check-config", "--config", p]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("client_secret = \"[redacted]\"") && out.contains("api_key = \"[redacted]\""), "{out}");
+    // The whole output is TOML (the first line is a comment) with the file's keys and the effective values.
+    let back: toml::Table = toml::from_str(&out).unwrap();
+    assert_eq!(back["queue"]["path"].as_str(), rig.db_path().to_str(), "{out}");
+    assert_eq!(back["mimecast"]["page_size"].as_integer(), Some(500), "{out}");
     no_secret(&(out + &err));
 
     let (code, out, err) = run(&["check-config", "--config", p, "--connect"]);
@@ -38,7 +42,7 @@ fn check_config_validates_and_redacts() {
     let bad = write_config(&rig, &[("queue", "when_full = \"block\"")]);
     let (code, out, err) = run(&["check-config", "--config", bad.to_str().unwrap()]);
     assert_eq!(code, 78);
-    assert!(err.contains("queue.when_full") && err.contains("\"block\""), "{err}");
+    assert!(err.contains("queue.when_full") && err.contains("`block`"), "{err}");
     no_secret(&(out + &err));
 
     let typo = write_config(&rig, &[("mimecast", "poll_intervall_secs = 5")]);

@@ -12,6 +12,7 @@ use mimecast_forwarder::datetime;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, Fault};
 use mimecast_forwarder::sim::records::generate;
+use mimecast_forwarder::store::Note;
 use serde_json::Value;
 
 fn recent(feed: Feed, n: u64, size: usize) -> Vec<Value> {
@@ -145,7 +146,7 @@ fn a_persistent_400_holds_the_queue_and_dead_letters_nothing() {
     assert!(started.elapsed() < Duration::from_secs(10));
     let c = rig.store().counters().unwrap();
     assert_eq!(c.dead_letters, 0, "nothing dead-lettered for a fault that is not in one log");
-    let err = rig.store().state("datadog_last_error").unwrap().unwrap();
+    let err = rig.store().note(Note::DatadogLastError).unwrap().unwrap().1;
     assert!(err.contains("both halves") && err.contains("400"), "{err}");
     // A lone record refused on its own is held too, not dead-lettered.
     rig.dd.set_down(None);
@@ -174,13 +175,13 @@ fn a_refused_key_keeps_everything_until_it_is_accepted() {
     let cfg = rig.config(&[]);
     assert_eq!(rig.once(&cfg).queued, 300);
     assert_eq!(rig.dd.accepted_count(), 0);
-    let err = rig.store().state("datadog_last_error").unwrap().unwrap();
+    let err = rig.store().note(Note::DatadogLastError).unwrap().unwrap().1;
     assert!(err.contains("403") && err.contains("API key"), "{err}");
     assert!(!err.contains(dd::API_KEY));
     rig.dd.set_api_key(dd::API_KEY);
     assert_eq!(rig.once(&cfg).queued, 0);
     assert_delivered_once(&rig.dd, &expected);
-    assert_eq!(rig.store().state("datadog_last_error").unwrap(), None);
+    assert_eq!(rig.store().note(Note::DatadogLastError).unwrap(), None);
 }
 
 #[test]

@@ -23,7 +23,7 @@ fn the_readme_shows_the_shipped_config_and_it_parses() {
     };
     let c = config::from_str(&shipped, &env).unwrap();
     assert_eq!(c.mimecast.feeds, Feed::ALL.to_vec());
-    assert_eq!(c.datadog.intake_url, "https://http-intake.logs.datadoghq.com/api/v2/logs");
+    assert_eq!(c.datadog.intake_url.as_str(), "https://http-intake.logs.datadoghq.com/api/v2/logs");
     assert_eq!((c.datadog.late_records, c.queue.when_full), (LateRecords::Restamp, WhenFull::Pause));
     assert_eq!(c.queue.path.to_str(), Some("/var/lib/mimecast-forwarder/queue.db"));
     // Without credentials the shipped config is refused, naming what is missing.

@@ -40,6 +40,10 @@ fn once_within(cfg: &Config, tuning: &Tuning, limit: Duration) -> Outcome {
 
 /// The status report `mimecast-forwarder status --json` prints, read in-process.
 fn status(rig: &Rig, cfg: &Config) -> Value {
+    serde_json::from_str(&report(rig, cfg).to_json()).unwrap()
+}
+
+fn report(rig: &Rig, cfg: &Config) -> mimecast_forwarder::status::Report {
     mimecast_forwarder::status::gather(&rig.store(), cfg, datetime::now()).unwrap()
 }
 
@@ -684,7 +688,7 @@ fn echoed_secrets_and_control_characters_never_reach_the_log_or_status() {
     let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
     assert_eq!(out.queued, 1);
     let s = status(&rig, &cfg).to_string();
-    let text = mimecast_forwarder::status::render(&status(&rig, &cfg), mimecast_forwarder::datetime::now());
+    let text = mimecast_forwarder::status::render(&report(&rig, &cfg), mimecast_forwarder::datetime::now());
     for shown in [&s, &text] {
         assert!(shown.contains("[redacted]"), "the echo is there, scrubbed: {shown}");
         assert!(!shown.contains(mimecast_forwarder::sim::mimecast::CLIENT_SECRET), "{shown}");

@@ -29,7 +29,7 @@ impl Shape {
             hostname: cfg.hostname.clone(),
             ddtags: cfg.tags.join(","),
             late_records: cfg.late_records,
-            max_event_age_secs: cfg.max_event_age_secs as i64,
+            max_event_age_secs: cfg.max_event_age_secs,
         }
     }
 }

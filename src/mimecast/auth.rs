@@ -89,7 +89,7 @@ pub struct Credentials {
 impl Credentials {
     pub fn of(cfg: &MimecastConfig) -> Credentials {
         Credentials {
-            base_url: cfg.base_url.clone(),
+            base_url: cfg.base_url.as_str().to_owned(),
             client_id: cfg.client_id.clone(),
             client_secret: cfg.client_secret.clone(),
         }

@@ -2,8 +2,10 @@
 
 use serde_json::{Map, Value};
 
-/// One of the six Mimecast log feeds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One of the six Mimecast log feeds. In the config it is spelled by its name (`log_types`); serde goes through
+/// [`Feed::from_name`] and [`Feed::name`], so the table below stays the one place where names are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum Feed {
     Audit,
     Dlp,
@@ -149,6 +151,23 @@ impl Feed {
     }
 }
 
+impl TryFrom<String> for Feed {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Feed, String> {
+        Feed::from_name(&name).ok_or_else(|| {
+            let names: Vec<_> = Feed::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown log type {name:?}: expected some of {}", names.join(", "))
+        })
+    }
+}
+
+impl From<Feed> for &'static str {
+    fn from(feed: Feed) -> &'static str {
+        feed.name()
+    }
+}
+
 impl std::fmt::Display for Feed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -167,6 +186,11 @@ mod tests {
         assert_eq!(Feed::from_name("ttp-attachment"), Some(Feed::TtpAttachment));
         assert_eq!(Feed::TtpAttachment.name(), "ttp-attachment-protection");
         assert_eq!(Feed::from_name("ttp"), None);
+        let names: Vec<Feed> = serde_json::from_str(r#"["ttp-url", "ttp-attachment", "audit"]"#).unwrap();
+        assert_eq!(names, [Feed::TtpUrl, Feed::TtpAttachment, Feed::Audit]);
+        assert_eq!(serde_json::to_string(&Feed::TtpAttachment).unwrap(), r#""ttp-attachment-protection""#);
+        let e = serde_json::from_str::<Feed>(r#""spam""#).unwrap_err().to_string();
+        assert!(e.contains("\"spam\"") && e.contains("ttp-impersonation"), "{e}");
     }
 
     #[test]

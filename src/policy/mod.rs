@@ -38,7 +38,7 @@ pub struct Now {
 impl Now {
     /// `secs` seconds after `self`, both clocks moved alike (for tests).
     pub fn after(self, d: Duration) -> Now {
-        Now { at: self.at + d, unix: self.unix + d.as_secs() as i64 }
+        Now { at: self.at + d, unix: self.unix.saturating_add_unsigned(d.as_secs()) }
     }
 }
 

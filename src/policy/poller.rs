@@ -272,7 +272,7 @@ impl Poller {
         // how often the feed is read. A `--once` pass goes on until it reached where it started.
         let slack = match mode {
             Mode::Once => 0,
-            Mode::Daemon => interval.as_secs() as i64,
+            Mode::Daemon => i64::try_from(interval.as_secs()).unwrap_or(i64::MAX),
         };
         if !window::behind(w, horizon, settings, slack) {
             self.idle(feed, now);

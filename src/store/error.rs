@@ -14,6 +14,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, detail: String },
     /// Written by a newer version of the agent.
     TooNew { path: PathBuf, version: i64 },
+    /// Written by an older version, and opened read-only (`status`, `dead-letters list`): `run` migrates it.
+    TooOld { path: PathBuf, version: i64 },
     /// The queue's filesystem is full (SQLITE_FULL). Transient: delivery frees space.
     Full { path: PathBuf, free_bytes: Option<u64> },
     /// Another process held the database lock for longer than the busy timeout (a backup, `sqlite3` by hand).
@@ -50,6 +52,13 @@ impl std::fmt::Display for StoreError {
                 f,
                 "queue database {} has schema version {version}, newer than this build's {SCHEMA_VERSION}; \
                  install the newer mimecast-forwarder again",
+                path.display()
+            ),
+            StoreError::TooOld { path, version } => write!(
+                f,
+                "queue database {} has schema version {version}, older than this build's {SCHEMA_VERSION}; \
+                 `mimecast-forwarder run` (the service) upgrades it when it starts: restart the service, then \
+                 try again",
                 path.display()
             ),
             StoreError::Full { path, free_bytes } => {

@@ -4,6 +4,7 @@
 mod cursor;
 mod dead_letter;
 mod error;
+mod note;
 mod queue;
 
 use std::path::{Path, PathBuf};
@@ -17,13 +18,16 @@ pub(crate) use error::Context;
 pub use error::StoreError;
 use error::classify;
 pub(crate) use error::process_user;
+pub use note::Note;
 pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-/// Migrations in order: `MIGRATIONS[n]` takes the schema from version n to n+1.
-const MIGRATIONS: [&str; 1] = [r"
+/// Migrations in order: `MIGRATIONS[n]` takes the schema from version n to n+1. Each runs in one transaction
+/// with the version it reaches; a database is never left between two versions.
+const MIGRATIONS: [&str; 2] = [
+    r"
     CREATE TABLE queue (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         feed TEXT NOT NULL,
@@ -62,7 +66,22 @@ const MIGRATIONS: [&str; 1] = [r"
     );
     CREATE TABLE counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
-"];
+",
+    // 1 -> 2: `state` rows (the notes of `note.rs`) keep their time in a column of its own. Version 1 wrote
+    // "<unix secs> <message>" in `value` (the Datadog error, the full disk), or the time alone (the last success),
+    // and '' for a cleared note; a row in no such form was not written by the agent, and is dropped.
+    r"
+    CREATE TABLE state_2 (name TEXT PRIMARY KEY, at INTEGER NOT NULL, message TEXT NOT NULL) WITHOUT ROWID;
+    INSERT INTO state_2 (name, at, message)
+        SELECT name, CAST(substr(value, 1, instr(value, ' ') - 1) AS INTEGER), substr(value, instr(value, ' ') + 1)
+        FROM state
+        WHERE instr(value, ' ') > 1 AND substr(value, 1, instr(value, ' ') - 1) NOT GLOB '*[^0-9]*';
+    INSERT INTO state_2 (name, at, message)
+        SELECT name, CAST(value AS INTEGER), '' FROM state WHERE value <> '' AND value NOT GLOB '*[^0-9]*';
+    DROP TABLE state;
+    ALTER TABLE state_2 RENAME TO state;
+",
+];
 
 /// How long a statement waits for a lock held by another process (`status`, `dead-letters`, a backup) before
 /// giving [`StoreError::Busy`].
@@ -137,8 +156,12 @@ impl Store {
             if version > SCHEMA_VERSION {
                 return Err(StoreError::TooNew { path: path.into(), version });
             }
+            if version == 0 {
+                return Err(StoreError::Corrupt { path: path.into(), detail: "no schema version".into() });
+            }
             if version < SCHEMA_VERSION {
-                return Err(StoreError::Corrupt { path: path.into(), detail: format!("schema version {version}") });
+                // Only `run` migrates (a read-only reader must not change the file under a running older agent).
+                return Err(StoreError::TooOld { path: path.into(), version });
             }
             quick_check(conn, path)
         })?;
@@ -354,6 +377,48 @@ mod tests {
         assert!(matches!(Store::open(&path), Err(StoreError::TooNew { version: 99, .. })));
     }
 
+    /// A database as version 1 left it: notes as "<secs> <message>" text, a cleared one, a record and a cursor.
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_notes_and_records() {
+        use crate::mimecast::Feed;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(MIGRATIONS[0]).unwrap();
+        old.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO state VALUES ('datadog_last_success', '1700000000');
+             INSERT INTO state VALUES ('datadog_last_error', '1700000100 HTTP 503: {\"errors\": [\"down\"]}');
+             INSERT INTO state VALUES ('disk_full', '');
+             INSERT INTO state VALUES ('hand_made', 'not a note');
+             INSERT INTO cursor (feed, watermark) VALUES ('audit', 1699990000);
+             INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES ('audit', 'k', 1, 2, 2, '{}');
+             INSERT INTO counter VALUES ('queue_records', 1), ('queue_bytes', 2);",
+        )
+        .unwrap();
+        drop(old);
+
+        // A reader must not migrate under a running older agent: it says what to do instead.
+        let e = Store::open_read_only(&path).err().unwrap();
+        assert!(matches!(e, StoreError::TooOld { version: 1, .. }), "{e}");
+        assert!(e.to_string().contains("schema version 1") && e.to_string().contains("restart the service"), "{e}");
+
+        let s = Store::open(&path).unwrap();
+        let v: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        assert_eq!(s.note(Note::DatadogLastSuccess).unwrap(), Some((1_700_000_000, String::new())));
+        let error = s.note(Note::DatadogLastError).unwrap();
+        assert_eq!(error, Some((1_700_000_100, "HTTP 503: {\"errors\": [\"down\"]}".into())));
+        assert_eq!(s.note(Note::DiskFull).unwrap(), None, "a cleared note stays cleared");
+        let rows: i64 = s.conn().query_row("SELECT COUNT(*) FROM state", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 2, "the row in no note's form is dropped");
+        assert_eq!(s.counters().unwrap().queue_records, 1);
+        assert_eq!(s.candidates(10).unwrap()[0][0].key, "k");
+        assert_eq!(s.cursor(Feed::Audit).unwrap().unwrap().watermark, 1_699_990_000);
+        drop(s);
+        assert!(Store::open_read_only(&path).is_ok(), "migrated once, read-only opens work");
+    }
+
     /// A queue file of a few thousand records, closed, with `pages` pages in its middle overwritten.
     pub(crate) fn damaged_queue(dir: &Path, pages: u64) -> PathBuf {
         use std::io::{Seek, SeekFrom, Write};
@@ -421,10 +486,10 @@ mod tests {
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         s.set_busy_timeout(Duration::from_millis(20)).unwrap();
-        let e = s.set_state("x", "y").err().unwrap();
+        let e = s.set_note(Note::DiskFull, 1, "y").err().unwrap();
         assert!(matches!(&e, StoreError::Busy { path: p } if *p == path) && e.is_transient(), "{e}");
-        assert_eq!(s.state("x").unwrap(), None, "reads go on meanwhile (WAL)");
+        assert_eq!(s.note(Note::DiskFull).unwrap(), None, "reads go on meanwhile (WAL)");
         other.execute_batch("ROLLBACK").unwrap();
-        s.set_state("x", "y").unwrap();
+        s.set_note(Note::DiskFull, 1, "y").unwrap();
     }
 }

@@ -2,6 +2,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
+use super::note::{self, Note};
 use super::{Context, Store, StoreError};
 use crate::config::WhenFull;
 use crate::mimecast::Feed;
@@ -204,8 +205,8 @@ impl Store {
             let n = remove(&tx, seqs, "delivered")?;
             bump(&tx, "restamped", restamped)?;
             bump(&tx, "kept", kept)?;
-            set_state(&tx, "datadog_last_success", &now.to_string())?;
-            set_state(&tx, "datadog_last_error", "")?;
+            note::set(&tx, Note::DatadogLastSuccess, now, "")?;
+            note::clear(&tx, Note::DatadogLastError)?;
             tx.commit().ctx("committing a delivery")?;
             Ok(n)
         })
@@ -227,25 +228,6 @@ impl Store {
             }
             tx.commit().ctx("committing a dead letter")?;
             Ok(moved == 1)
-        })
-    }
-
-    /// Remembers a line of state (Datadog's last error, for `status`).
-    pub fn set_state(&mut self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.write(|conn| {
-            let tx = conn.transaction().ctx("starting a state transaction")?;
-            set_state(&tx, name, value)?;
-            tx.commit().ctx("committing state")
-        })
-    }
-
-    /// A line of state, or `None` when it is unset or empty.
-    pub fn state(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.read(|conn| {
-            conn.query_row("SELECT value FROM state WHERE name = ?1", [name], |r| r.get::<_, Option<String>>(0))
-                .optional()
-                .ctx("reading state")
-                .map(|v| v.flatten().filter(|s| !s.is_empty()))
         })
     }
 
@@ -279,21 +261,12 @@ pub(super) fn insert(
     Ok(len)
 }
 
-fn set_state(tx: &rusqlite::Transaction, name: &str, value: &str) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO state (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = ?2",
-        params![name, value],
-    )
-    .ctx("writing state")?;
-    Ok(())
-}
-
 /// Deletes the oldest records until the queue fits in `max_bytes`; returns how many went.
 fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreError> {
     let total: i64 = tx
         .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| r.get(0))
         .ctx("reading queue bytes")?;
-    let mut excess = total - max_bytes as i64;
+    let mut excess = total.saturating_sub(i64::try_from(max_bytes).unwrap_or(i64::MAX));
     if excess <= 0 {
         return Ok(0);
     }
@@ -388,7 +361,7 @@ mod tests {
         assert_eq!(s.delivered(&seqs, 1, 0, 6).unwrap(), 2);
         let c = s.counters().unwrap();
         assert_eq!((c.queue_records, c.queue_bytes, c.delivered, c.dead_letters, c.restamped), (0, 0, 2, 1, 1));
-        assert_eq!(s.state("datadog_last_success").unwrap().as_deref(), Some("6"));
+        assert_eq!(s.note(Note::DatadogLastSuccess).unwrap(), Some((6, String::new())));
     }
 
     #[test]
