@@ -13,18 +13,14 @@
 //!
 //! `PROOF_CRASH_SEED=n` runs another seed. The agents' logs are kept in `target/tmp/proof_crash-<seed>.log`.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Rig;
-use common::bin::{SpawnDaemon, cmd, signal, wait_for, write_config};
+use crate::common::Rig;
+use crate::common::bin::{SpawnDaemon, cmd, signal, wait_for, write_config};
 use mimecast_forwarder::datadog::batch::MAX_LOGS;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, DatadogSim, record_keys};

@@ -1,13 +1,9 @@
 //! Delivering the queue to the Datadog intake simulator over real HTTP.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Rig, assert_delivered_once, queue_direct, run_daemon_until};
+use crate::common::{Rig, assert_delivered_once, queue_direct, run_daemon_until};
 use mimecast_forwarder::datetime;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, Fault};

@@ -1,7 +1,5 @@
 //! Shared helpers for the integration tests: both simulators, a temp dir with a queue, a config pointing at them.
 
-#![allow(dead_code, clippy::unwrap_used)]
-
 pub mod bin;
 
 use std::collections::HashMap;

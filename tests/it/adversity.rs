@@ -1,16 +1,14 @@
 //! The real binary against exhausted and damaged resources: a full disk, a database another process holds
 //! locked, a queue it may not write, a database damaged in the middle.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, status_json, wait_for, write_config};
-use common::{Rig, assert_delivered_once};
+use crate::common::bin::{
+    BIN, SpawnDaemon, cmd, no_secret, run, signal, status_json, stderr_lines, wait_for, write_config,
+};
+use crate::common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
 
 /// A small tmpfs, unmounted when dropped; `None` (with the reason printed) where this machine refuses to mount.
@@ -51,7 +49,7 @@ fn a_full_disk_pauses_polling_delivery_frees_space_and_nothing_is_lost() {
     let p = path.to_str().unwrap();
     rig.dd.set_down(Some(503));
     let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
-    let log = common::bin::stderr_lines(&mut child);
+    let log = stderr_lines(&mut child);
     wait_for("the disk to fill", Duration::from_secs(60), || log.lock().unwrap().contains("disk full"));
     std::thread::sleep(Duration::from_millis(500));
     assert!(child.try_wait().unwrap().is_none(), "a full disk must not end the process:\n{}", log.lock().unwrap());
@@ -60,7 +58,7 @@ fn a_full_disk_pauses_polling_delivery_frees_space_and_nothing_is_lost() {
     signal(&child, "-KILL");
     child.wait().unwrap();
     let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
-    let log = common::bin::stderr_lines(&mut child);
+    let log = stderr_lines(&mut child);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(child.try_wait().unwrap().is_none(), "restarted on a full disk:\n{}", log.lock().unwrap());
 
@@ -99,7 +97,7 @@ fn a_database_locked_by_another_process_is_waited_for_not_fatal() {
     let holder = rusqlite::Connection::open(rig.db_path()).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     let mut child = cmd(&["run", "--config", p]).stderr(Stdio::piped()).spawn_daemon();
-    let log = common::bin::stderr_lines(&mut child);
+    let log = stderr_lines(&mut child);
     wait_for("the lock to be noticed", Duration::from_secs(20), || log.lock().unwrap().contains("locked"));
     std::thread::sleep(Duration::from_secs(1));
     assert!(child.try_wait().unwrap().is_none(), "a held lock must not end the process:\n{}", log.lock().unwrap());
@@ -114,7 +112,7 @@ fn a_database_locked_by_another_process_is_waited_for_not_fatal() {
 /// `run --once` as user nobody: its exit code and stderr.
 fn once_as_nobody(config: &Path) -> (Option<i32>, String) {
     let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::bin::BIN, "run", "--once", "--config"])
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "run", "--once", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -3,8 +3,6 @@
 //! cap, never a batch deleted on an answer that is not Datadog's. A few real-HTTP checks then drive the
 //! simulators' hostile answers through the client and the sink.
 
-#![allow(clippy::unwrap_used)]
-
 use std::time::{Duration, Instant};
 
 use mimecast_forwarder::config::{HttpConfig, Secret};

@@ -1,17 +1,13 @@
 //! `dead-letters list|requeue` and `status` through the real binary, on a queue made with the store's API; and
 //! `status` on a database damaged in the middle.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::Rig;
-use common::bin::{run, status_json, write_config};
+use crate::common::Rig;
+use crate::common::bin::{cmd, run, status_json, write_config};
 use mimecast_forwarder::config::WhenFull;
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::mimecast::window::Window;
@@ -106,7 +102,7 @@ fn requeue_waits_out_another_writer() {
     // Like `run` in the middle of a commit: the write lock is held for a moment.
     let other = rusqlite::Connection::open(rig.db_path()).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let child = common::bin::cmd(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
+    let child = cmd(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -3,16 +3,12 @@
 //! behaviour is the process's) must neither crash, lose, duplicate, stall nor hide what happened. Each test says
 //! which defect it guards: removing that fix makes it fail.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, stderr_lines, wait_for, write_config};
-use common::{Rig, assert_delivered_once, fast_tuning, queue_direct, run_daemon_until};
+use crate::common::bin::{SpawnDaemon, cmd, no_secret, run, signal, stderr_lines, wait_for, write_config};
+use crate::common::{Rig, assert_delivered_once, fast_tuning, queue_direct, run_daemon_until};
 use mimecast_forwarder::agent::{self, Mode, Outcome, Tuning};
 use mimecast_forwarder::config::{Config, HttpConfig};
 use mimecast_forwarder::datetime;

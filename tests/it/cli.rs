@@ -1,14 +1,10 @@
 //! The real binary: exit codes, signals, `kill -9`, `status` while running, `demo`.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, wait_for, write_config};
-use common::{Rig, assert_delivered_once};
+use crate::common::bin::{SpawnDaemon, cmd, no_secret, run, signal, wait_for, write_config};
+use crate::common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::sim::datadog as dd;
 use mimecast_forwarder::sim::mimecast::Fault;
