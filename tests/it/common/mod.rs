@@ -178,13 +178,35 @@ pub fn queue_direct(rig: &Rig, feed: Feed, records: &[Value]) -> HashMap<String,
     keys
 }
 
-/// Runs the daemon in this thread until `done()` holds (checked every 20 ms) or `limit` passes.
+/// Runs the daemon in this thread until `done()` holds (checked every 20 ms). `limit` is a hang guard: if it
+/// passes first, the daemon is stopped and the test fails.
 pub fn run_daemon_until(cfg: &Config, mut done: impl FnMut() -> bool, limit: Duration) -> Outcome {
-    let start = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + limit;
+    let mut reached = false;
     let stop = async {
-        while !done() && start.elapsed() < limit {
-            smol::Timer::after(Duration::from_millis(20)).await;
+        while !reached && std::time::Instant::now() < deadline {
+            reached = done();
+            if !reached {
+                smol::Timer::after(Duration::from_millis(20)).await;
+            }
         }
     };
-    smol::block_on(agent::run(cfg, &fast_tuning(), Mode::Daemon, stop)).unwrap()
+    let out = smol::block_on(agent::run(cfg, &fast_tuning(), Mode::Daemon, stop)).unwrap();
+    assert!(reached, "the daemon's run did not reach its end condition within {limit:?}");
+    out
+}
+
+/// A `--once` pass on its own thread: a pass that never ends fails the test (after `limit`, a hang guard)
+/// instead of hanging the suite.
+pub fn once_within(cfg: &Config, tuning: &Tuning, limit: Duration) -> Outcome {
+    let (cfg, tuning) = (cfg.clone(), tuning.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = smol::block_on(agent::run(&cfg, &tuning, Mode::Once, std::future::pending()));
+        let _ = tx.send(out.map_err(|e| format!("{e:#}")));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => panic!("the --once pass did not end within {limit:?}"),
+    }
 }
