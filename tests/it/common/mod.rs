@@ -95,13 +95,13 @@ impl Rig {
         config::from_str(&self.config_text(extra), &|_| None).unwrap()
     }
 
-    /// One `--once` pass in-process.
+    /// One `--once` pass in-process, with a hang guard ([`once_within`]).
     pub fn once(&self, cfg: &Config) -> Outcome {
         self.once_with(cfg, &fast_tuning())
     }
 
     pub fn once_with(&self, cfg: &Config, tuning: &Tuning) -> Outcome {
-        smol::block_on(agent::run(cfg, tuning, Mode::Once, std::future::pending())).unwrap()
+        once_within(cfg, tuning, Duration::from_secs(120))
     }
 
     pub fn store(&self) -> Store {
