@@ -1,6 +1,7 @@
 //! A Datadog logs intake simulator: gzip/deflate/identity bodies, the documented limits enforced (1000 logs,
 //! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, hostile answers (any
-//! `Retry-After`, a captive portal's HTML 200, redirects), and a record of every log it accepted.
+//! `Retry-After`, a captive portal's HTML 200, redirects), requests held until the test releases them, and a
+//! record of every log it accepted.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use flate2::read::{GzDecoder, ZlibDecoder};
 use serde_json::{Value, json};
 
-use super::http::{Reply, Request, Server};
+use super::http::{Gate, Reply, Request, Server};
 use crate::datadog::batch::{MAX_LOGS, MAX_PAYLOAD_BYTES};
 use crate::mimecast::{Feed, wire};
 
@@ -34,6 +35,9 @@ pub enum Fault {
     AcceptThenDrop,
     /// Wait, then handle the request as usual (a slow intake).
     Delay(Duration),
+    /// Wait until [`DatadogSim::release`], then handle the request as usual: a stalled intake whose stall ends
+    /// when the test says so. [`DatadogSim::held`] counts the requests waiting.
+    Hold,
 }
 
 #[derive(Default)]
@@ -55,14 +59,16 @@ struct State {
 pub struct DatadogSim {
     server: Server,
     state: Arc<Mutex<State>>,
+    gate: Arc<Gate>,
 }
 
 impl DatadogSim {
     pub fn start() -> std::io::Result<DatadogSim> {
         let state = Arc::new(Mutex::new(State { api_key: API_KEY.into(), ..State::default() }));
-        let s = state.clone();
-        let server = Server::start(move |req| handle(&s, req))?;
-        Ok(DatadogSim { server, state })
+        let gate = Arc::new(Gate::default());
+        let (s, g) = (state.clone(), gate.clone());
+        let server = Server::start(move |req| handle(&s, &g, req))?;
+        Ok(DatadogSim { server, state, gate })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -112,9 +118,25 @@ impl DatadogSim {
         self.lock().portal = on;
     }
 
-    /// Close the port: connections are refused.
+    /// Close the port: connections are refused. In effect when this returns.
     pub fn refuse_connections(&self, on: bool) {
         self.server.refuse_connections(on);
+    }
+
+    /// Requests waiting in a [`Fault::Hold`] now.
+    pub fn held(&self) -> usize {
+        self.gate.held()
+    }
+
+    /// Lets every request held by [`Fault::Hold`] go on.
+    pub fn release(&self) {
+        self.gate.release();
+    }
+
+    /// Waits (at most `limit`) until every request that reached the intake has been answered, and says whether
+    /// it got there: after a client was killed, what it had sent is then counted.
+    pub fn settle(&self, limit: Duration) -> bool {
+        self.server.settle(limit)
     }
 
     /// The API key the intake accepts; others get 403.
@@ -154,7 +176,14 @@ fn portal() -> Reply {
     Reply::html(200, "<html><head><title>Guest Wi-Fi</title></head><body>Please accept the terms of use.</body></html>")
 }
 
-fn handle(state: &Mutex<State>, req: &Request) -> Reply {
+impl Drop for DatadogSim {
+    fn drop(&mut self) {
+        // A test that ends (or fails) with a request held must not leave its thread waiting.
+        self.gate.release();
+    }
+}
+
+fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     let mut st = lock(state);
     if req.method == "GET" && req.path == "/api/v1/validate" {
         return if req.header("DD-API-KEY") == Some(st.api_key.as_str()) {
@@ -185,6 +214,11 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
         Some(Fault::Delay(d)) => {
             drop(st);
             std::thread::sleep(d);
+            st = lock(state);
+        }
+        Some(Fault::Hold) => {
+            drop(st);
+            gate.hold();
             st = lock(state);
         }
         Some(Fault::AcceptThenDrop) | None => {}

@@ -1,12 +1,16 @@
 //! A minimal HTTP/1.1 server for the simulators: one thread per connection, `Connection: close`, and the
 //! faults real networks have (dropped connections, stalls, refused connections).
+//!
+//! It acknowledges what tests wait for, so that no test has to sleep and hope: a refused or reopened port is
+//! in effect when [`Server::refuse_connections`] returns, [`Server::settle`] returns once every connection
+//! that reached the port has been answered, and a [`Gate`] holds requests until the test lets them go.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A parsed request.
 #[derive(Debug, Clone)]
@@ -71,11 +75,72 @@ impl Reply {
 
 type Handler = Arc<dyn Fn(&Request) -> Reply + Send + Sync>;
 
+/// The longest a held request waits for [`Gate::release`]: a test that fails before releasing its gate must not
+/// leave the connection's thread waiting for ever.
+const HOLD_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long [`Server::refuse_connections`] waits for the accept loop to close or reopen the port.
+const PORT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Requests held until the test releases them: a stalled peer whose stall ends when the test says so, not
+/// after a guessed time. [`Gate::held`] says how many are waiting.
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    released: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    held: usize,
+    /// Bumped by each release: a request waits until it changes.
+    releases: u64,
+}
+
+impl Gate {
+    /// Holds the calling request until the next [`Gate::release`] (or [`HOLD_LIMIT`]).
+    pub fn hold(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.held += 1;
+        let (ticket, deadline) = (st.releases, Instant::now() + HOLD_LIMIT);
+        while st.releases == ticket {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            st = self.released.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        st.held -= 1;
+    }
+
+    /// Requests waiting in [`Gate::hold`] now.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).held
+    }
+
+    /// Lets every held request go on.
+    pub fn release(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).releases += 1;
+        self.released.notify_all();
+    }
+}
+
+/// What the accept loop has done, for [`Server::settle`] and [`Server::refuse_connections`].
+#[derive(Default)]
+struct Progress {
+    /// Connections accepted, and connections whose request was read and answered (or that closed early).
+    accepted: AtomicU64,
+    finished: AtomicU64,
+    /// Times the accept loop found no connection waiting (or the port closed): after such a sweep, every
+    /// connection made before it began has been accepted.
+    sweeps: AtomicU64,
+    /// The port as the accept loop last left it: closed (refusing) or open.
+    closed: AtomicBool,
+}
+
 /// A running server; stops when dropped.
 pub struct Server {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     refusing: Arc<AtomicBool>,
+    progress: Arc<Progress>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -86,21 +151,43 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let refusing = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
         let handler: Handler = Arc::new(handler);
-        let (s, r) = (stop.clone(), refusing.clone());
-        let thread = std::thread::spawn(move || accept_loop(listener, addr, handler, s, r));
-        Ok(Server { addr, stop, refusing, thread: Some(thread) })
+        let (s, r, p) = (stop.clone(), refusing.clone(), progress.clone());
+        let thread = std::thread::spawn(move || accept_loop(listener, addr, handler, s, r, p));
+        Ok(Server { addr, stop, refusing, progress, thread: Some(thread) })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    /// While set, the port is closed: connections are refused, as when the peer is down.
+    /// While set, the port is closed: connections are refused, as when the peer is down. Returns once the
+    /// accept loop has closed or reopened the port (it gives up waiting after [`PORT_LIMIT`]).
     pub fn refuse_connections(&self, on: bool) {
         self.refusing.store(on, Ordering::SeqCst);
-        // Give the accept loop time to close or reopen the port before the caller goes on.
-        std::thread::sleep(Duration::from_millis(30));
+        let deadline = Instant::now() + PORT_LIMIT;
+        while self.progress.closed.load(Ordering::SeqCst) != on && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until every connection that reached the port before this call has been read and answered, held
+    /// and slow answers included; at most `limit`. Says whether it got there. With the client gone (a killed
+    /// agent), nothing it sent is still on its way after this.
+    pub fn settle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let p = &self.progress;
+        // The sweep that ends a backlog check begun after this call is at least the second one from now.
+        let sweep = p.sweeps.load(Ordering::SeqCst) + 2;
+        while Instant::now() < deadline {
+            let swept = p.sweeps.load(Ordering::SeqCst) >= sweep;
+            if swept && p.finished.load(Ordering::SeqCst) == p.accepted.load(Ordering::SeqCst) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
     }
 }
 
@@ -119,6 +206,7 @@ fn accept_loop(
     handler: Handler,
     stop: Arc<AtomicBool>,
     refusing: Arc<AtomicBool>,
+    progress: Arc<Progress>,
 ) {
     let mut listener = Some(listener);
     if let Some(l) = &listener {
@@ -135,18 +223,35 @@ fn accept_loop(
                 let _ = l.set_nonblocking(true);
             }
         }
+        progress.closed.store(listener.is_none(), Ordering::SeqCst);
         match listener.as_ref().map(|l| l.accept()) {
             Some(Ok((stream, _))) => {
-                let h = handler.clone();
+                progress.accepted.fetch_add(1, Ordering::SeqCst);
+                let (h, done) = (handler.clone(), Finished(progress.clone()));
                 let t = std::thread::spawn(move || {
                     let _ = serve(stream, &h);
+                    drop(done);
                 });
                 let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
                 live.retain(|t| !t.is_finished());
                 live.push(t);
             }
-            _ => std::thread::sleep(Duration::from_millis(2)),
+            Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            // Nothing waiting to be accepted, or the port is closed: a sweep.
+            _ => {
+                progress.sweeps.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
+    }
+}
+
+/// Counts a connection as finished when its thread ends, however it ends.
+struct Finished(Arc<Progress>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
     }
 }
 

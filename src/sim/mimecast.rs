@@ -2,7 +2,8 @@
 //! tokens bound to their filter, both orderings, and on-demand faults (429 with `X-RateLimit-Reset`, `fail[]`
 //! with HTTP 200, 5xx, dropped connections, stalls, expired tokens, 403 per feed), one-shot or persistent, and
 //! hostile answers (pages without `meta`, records that are not objects, redirects, any rate-limit header value in
-//! either spelling, slow pages, absurd token lifetimes, page tokens that cycle).
+//! either spelling, slow pages, absurd token lifetimes, page tokens that cycle). Every request is logged with the
+//! fault it took, and a held page waits until the test releases it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::http::{Reply, Request, Server};
+use super::http::{Gate, Reply, Request, Server};
 use crate::datetime;
 use crate::mimecast::Feed;
 
@@ -48,6 +49,9 @@ pub enum Fault {
     Delay(Duration),
     /// 400 `err_invalid_page_token` if the request carries a page token; a first page is served as usual.
     RefusePageToken,
+    /// Wait until [`MimecastSim::release`], then answer as usual: a stalled API whose stall ends when the test
+    /// says so. [`MimecastSim::held`] counts the requests waiting.
+    Hold,
 }
 
 /// One request the simulator served, for assertions.
@@ -59,6 +63,8 @@ pub struct Logged {
     pub page_token: Option<String>,
     pub status: u16,
     pub records: usize,
+    /// The fault this request took, if any: how a test knows a fault was applied.
+    pub fault: Option<Fault>,
 }
 
 struct Pending {
@@ -89,6 +95,7 @@ struct State {
 pub struct MimecastSim {
     server: Server,
     state: Arc<Mutex<State>>,
+    gate: Arc<Gate>,
 }
 
 impl MimecastSim {
@@ -108,9 +115,10 @@ impl MimecastSim {
             log: Vec::new(),
             secret: CLIENT_SECRET.into(),
         }));
-        let s = state.clone();
-        let server = Server::start(move |req| handle(&s, req))?;
-        Ok(MimecastSim { server, state })
+        let gate = Arc::new(Gate::default());
+        let (s, g) = (state.clone(), gate.clone());
+        let server = Server::start(move |req| handle(&s, &g, req))?;
+        Ok(MimecastSim { server, state, gate })
     }
 
     pub fn url(&self) -> String {
@@ -199,8 +207,26 @@ impl MimecastSim {
         self.lock().issued
     }
 
+    /// Close the port: connections are refused. In effect when this returns.
     pub fn refuse_connections(&self, on: bool) {
         self.server.refuse_connections(on);
+    }
+
+    /// Requests waiting in a [`Fault::Hold`] now.
+    pub fn held(&self) -> usize {
+        self.gate.held()
+    }
+
+    /// Lets every request held by [`Fault::Hold`] go on.
+    pub fn release(&self) {
+        self.gate.release();
+    }
+}
+
+impl Drop for MimecastSim {
+    fn drop(&mut self) {
+        // A test that ends (or fails) with a request held must not leave its thread waiting.
+        self.gate.release();
     }
 }
 
@@ -212,7 +238,7 @@ fn fail(code: &str, message: &str, retryable: bool) -> Value {
     json!({"meta": {"status": 200}, "data": [], "fail": [{"key": {}, "errors": [{"code": code, "message": message, "retryable": retryable}]}]})
 }
 
-fn handle(state: &Mutex<State>, req: &Request) -> Reply {
+fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     if req.path == "/oauth/token" {
         return token(state, req);
     }
@@ -228,9 +254,13 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
     let page_token =
         body.as_ref().and_then(|b| b.pointer("/meta/pagination/pageToken")).and_then(Value::as_str).map(str::to_owned);
     let mut fault = take_fault(&mut st, feed);
-    if let Some(Fault::Delay(d)) = fault {
+    let taken = fault.clone();
+    if let Some(Fault::Delay(_) | Fault::Hold) = fault {
         drop(st);
-        std::thread::sleep(d);
+        match fault {
+            Some(Fault::Delay(d)) => std::thread::sleep(d),
+            _ => gate.hold(),
+        }
         st = lock(state);
         fault = None;
     }
@@ -242,7 +272,7 @@ fn handle(state: &Mutex<State>, req: &Request) -> Reply {
         Reply::Respond { status, .. } => *status,
         _ => 0,
     };
-    st.log.push(Logged { feed: Some(feed), at: Instant::now(), filter, page_token, status, records });
+    st.log.push(Logged { feed: Some(feed), at: Instant::now(), filter, page_token, status, records, fault: taken });
     drop(st);
     if let Reply::Stall(d) = reply {
         std::thread::sleep(d);
@@ -334,6 +364,7 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
             | Fault::MissingMeta
             | Fault::NonObjects
             | Fault::Delay(_)
+            | Fault::Hold
             | Fault::RefusePageToken,
         )
         | None => {}

@@ -1,8 +1,9 @@
 //! Driving the real binary: a config file for a [`Rig`], commands with a clean environment, signals, waiting.
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use mimecast_forwarder::sim::datadog as dd;
@@ -31,9 +32,41 @@ pub fn cmd(args: &[&str]) -> Command {
     c
 }
 
+/// How long any command a test runs may take before it is killed and the test fails: a hang guard, far above
+/// what any of them needs, so that a command that never ends fails its test instead of hanging the suite.
+pub const RUN_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs the binary to its end: exit code, stdout, stderr. Killed, and the test failed, after [`RUN_LIMIT`].
 pub fn run(args: &[&str]) -> (i32, String, String) {
-    let Output { status, stdout, stderr } = cmd(args).output().unwrap();
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
+    run_within(args, RUN_LIMIT)
+}
+
+/// [`run`] with another hang guard: the process is killed, and the test fails, if it has not ended within
+/// `limit`. The limit bounds a failure; it does not measure the command.
+pub fn run_within(args: &[&str], limit: Duration) -> (i32, String, String) {
+    let mut child = cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn_daemon();
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().expect("stdout is piped")));
+    let err = read_all(Box::new(child.stderr.take().expect("stderr is piped")));
+    let status = wait_exit(&mut child, &format!("{args:?} to end"), limit);
+    (status.code().unwrap_or(-1), out.join().unwrap(), err.join().unwrap())
+}
+
+/// Waits for a spawned process to exit. `limit` is a hang guard: past it the test fails (and a [`Daemon`] is
+/// killed as it drops) instead of waiting for ever; it is not a measure of how fast the process stops.
+pub fn wait_exit(child: &mut Child, what: &str, limit: Duration) -> ExitStatus {
+    let mut status = None;
+    wait_for(what, limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.expect("wait_for returned, so the process exited")
 }
 
 pub fn no_secret(text: &str) {
@@ -42,12 +75,23 @@ pub fn no_secret(text: &str) {
     }
 }
 
-pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+/// Polls `cond` until it holds. `limit` is a failure bound (the test fails with "timed out waiting for {what}"),
+/// not a measurement: set it far above what a loaded machine needs.
+pub fn wait_for(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    assert!(poll_until(limit, cond), "timed out waiting for {what}");
+}
+
+/// Polls `cond` every 20 ms until it holds (true) or `limit` passes (false), for a caller that says more than
+/// [`wait_for`] when it fails.
+pub fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        if start.elapsed() >= limit {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 pub fn signal(child: &Child, sig: &str) {

@@ -1,17 +1,13 @@
 //! `dead-letters list|requeue` and `status` through the real binary, on a queue made with the store's API; and
 //! `status` on a database damaged in the middle.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::Rig;
-use common::bin::{run, status_json, write_config};
+use crate::common::Rig;
+use crate::common::bin::{SpawnDaemon, cmd, run, status_json, stderr_lines, wait_exit, wait_for, write_config};
 use mimecast_forwarder::config::WhenFull;
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::mimecast::window::Window;
@@ -106,16 +102,26 @@ fn requeue_waits_out_another_writer() {
     // Like `run` in the middle of a commit: the write lock is held for a moment.
     let other = rusqlite::Connection::open(rig.db_path()).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let child = common::bin::cmd(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::piped())
+    let mut child = cmd(&["dead-letters", "requeue", "--all", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+        .spawn_daemon();
+    let err = stderr_lines(&mut child);
+    // The lock is let go only once `requeue` has met it: it is asleep in SQLite's busy handler (the process's
+    // only sleep), where a requeue that did not wait would have failed at once.
+    wait_for("requeue to wait for the lock", Duration::from_secs(60), || {
+        assert!(child.try_wait().unwrap().is_none(), "requeue ended under the lock: {}", err.lock().unwrap());
+        in_nanosleep(child.id())
+    });
     other.execute_batch("COMMIT").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = wait_exit(&mut child, "requeue to end", Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{}", err.lock().unwrap());
     assert_eq!(store.counters().unwrap().queue_records, 1);
+}
+
+/// Whether process `pid` is asleep in `nanosleep` (its kernel wait channel), as SQLite's busy handler sleeps.
+fn in_nanosleep(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
 }
 
 /// A queue database of many pages, closed, with a few pages in its middle overwritten.

@@ -3,8 +3,6 @@
 //! cap, never a batch deleted on an answer that is not Datadog's. A few real-HTTP checks then drive the
 //! simulators' hostile answers through the client and the sink.
 
-#![allow(clippy::unwrap_used)]
-
 use std::time::{Duration, Instant};
 
 use mimecast_forwarder::config::{HttpConfig, Secret};
@@ -342,10 +340,11 @@ fn mimecast_sim_hostile_answers_are_failed_calls() {
     assert!(e.to_string().contains("waiting the 300 s cap"), "{e}");
     sim.fault(None, Fault::RateLimit("18446744073709551615".into()));
     assert_eq!(fetch(&sim, &req).result.unwrap_err().retry(false), Retry::AtLeast(client::MAX_SERVER_WAIT));
+    // A slow page is still a page: the simulator says it served this one late.
     sim.fault(None, Fault::Delay(Duration::from_millis(150)));
-    let started = Instant::now();
     assert_eq!(fetch(&sim, &req).result.unwrap().records.len(), 2);
-    assert!(started.elapsed() >= Duration::from_millis(150));
+    let served = sim.requests().pop().unwrap();
+    assert!(matches!(served.fault, Some(Fault::Delay(_))) && served.status == 200, "{served:?}");
 }
 
 #[test]

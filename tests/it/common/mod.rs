@@ -1,7 +1,5 @@
 //! Shared helpers for the integration tests: both simulators, a temp dir with a queue, a config pointing at them.
 
-#![allow(dead_code, clippy::unwrap_used)]
-
 pub mod bin;
 
 use std::collections::HashMap;
@@ -97,13 +95,13 @@ impl Rig {
         config::from_str(&self.config_text(extra), &|_| None).unwrap()
     }
 
-    /// One `--once` pass in-process.
+    /// One `--once` pass in-process, with a hang guard ([`once_within`]).
     pub fn once(&self, cfg: &Config) -> Outcome {
         self.once_with(cfg, &fast_tuning())
     }
 
     pub fn once_with(&self, cfg: &Config, tuning: &Tuning) -> Outcome {
-        smol::block_on(agent::run(cfg, tuning, Mode::Once, std::future::pending())).unwrap()
+        once_within(cfg, tuning, Duration::from_secs(120))
     }
 
     pub fn store(&self) -> Store {
@@ -180,13 +178,35 @@ pub fn queue_direct(rig: &Rig, feed: Feed, records: &[Value]) -> HashMap<String,
     keys
 }
 
-/// Runs the daemon in this thread until `done()` holds (checked every 20 ms) or `limit` passes.
+/// Runs the daemon in this thread until `done()` holds (checked every 20 ms). `limit` is a hang guard: if it
+/// passes first, the daemon is stopped and the test fails.
 pub fn run_daemon_until(cfg: &Config, mut done: impl FnMut() -> bool, limit: Duration) -> Outcome {
-    let start = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + limit;
+    let mut reached = false;
     let stop = async {
-        while !done() && start.elapsed() < limit {
-            smol::Timer::after(Duration::from_millis(20)).await;
+        while !reached && std::time::Instant::now() < deadline {
+            reached = done();
+            if !reached {
+                smol::Timer::after(Duration::from_millis(20)).await;
+            }
         }
     };
-    smol::block_on(agent::run(cfg, &fast_tuning(), Mode::Daemon, stop)).unwrap()
+    let out = smol::block_on(agent::run(cfg, &fast_tuning(), Mode::Daemon, stop)).unwrap();
+    assert!(reached, "the daemon's run did not reach its end condition within {limit:?}");
+    out
+}
+
+/// A `--once` pass on its own thread: a pass that never ends fails the test (after `limit`, a hang guard)
+/// instead of hanging the suite.
+pub fn once_within(cfg: &Config, tuning: &Tuning, limit: Duration) -> Outcome {
+    let (cfg, tuning) = (cfg.clone(), tuning.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = smol::block_on(agent::run(&cfg, &tuning, Mode::Once, std::future::pending()));
+        let _ = tx.send(out.map_err(|e| format!("{e:#}")));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => panic!("the --once pass did not end within {limit:?}"),
+    }
 }

@@ -13,18 +13,14 @@
 //!
 //! `PROOF_CRASH_SEED=n` runs another seed. The agents' logs are kept in `target/tmp/proof_crash-<seed>.log`.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Rig;
-use common::bin::{SpawnDaemon, cmd, signal, wait_for, write_config};
+use crate::common::Rig;
+use crate::common::bin::{SpawnDaemon, cmd, signal, write_config};
 use mimecast_forwarder::datadog::batch::MAX_LOGS;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, DatadogSim, record_keys};
@@ -91,23 +87,17 @@ impl Intake {
     /// Waits until the intake has answered every request it received (a dead process's slow send included),
     /// then returns the batches accepted since the last call. Only called while no process runs.
     fn settle(&mut self, sim: &DatadogSim) -> Span {
-        loop {
-            // A request the process wrote just before it died is still read and answered by the simulator.
-            std::thread::sleep(Duration::from_millis(100));
-            let requests = sim.requests();
-            for _ in self.requests..requests {
-                match self.pending.pop_front().unwrap_or(Answer::Accepts) {
-                    Answer::Refuses => {}
-                    answer => self.batches.push(answer == Answer::AcceptsThenDrops),
-                }
-            }
-            self.requests = requests;
-            let want = self.batches.len();
-            wait_for("the intake to answer what it holds", Duration::from_secs(10), || sim.batches().len() >= want);
-            if sim.requests() == requests {
-                break;
+        // A request the process wrote just before it died is still read and answered by the simulator: the
+        // simulator says when every connection that reached it has been answered.
+        assert!(sim.settle(Duration::from_secs(60)), "the intake did not answer what it holds");
+        let requests = sim.requests();
+        for _ in self.requests..requests {
+            match self.pending.pop_front().unwrap_or(Answer::Accepts) {
+                Answer::Refuses => {}
+                answer => self.batches.push(answer == Answer::AcceptsThenDrops),
             }
         }
+        self.requests = requests;
         let want = self.batches.len();
         let (logs, sizes) = (sim.accepted(), sim.batches());
         assert_eq!(sizes.len(), want, "the intake accepted batches the fault model does not explain");

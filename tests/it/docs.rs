@@ -1,7 +1,5 @@
 //! The README's example config is the shipped file, and it parses to the documented defaults.
 
-#![allow(clippy::unwrap_used)]
-
 use mimecast_forwarder::config::{self, LateRecords, WhenFull};
 use mimecast_forwarder::mimecast::Feed;
 

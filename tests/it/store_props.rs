@@ -6,8 +6,6 @@
 //! that abort an insert of the record keyed `poison` (half way through a page) or a cursor update to the page
 //! token `poison` (after every record of the page), and it holds the write lock to make a commit meet `Busy`.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;

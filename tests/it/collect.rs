@@ -1,15 +1,11 @@
 //! Collecting from Mimecast into the queue, against the loopback simulator over real HTTP.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use common::{Rig, assert_delivered_once};
+use crate::common::{Rig, assert_delivered_once, fast_tuning};
 use mimecast_forwarder::agent::{Clock, Tuning};
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::mimecast::Fault;
@@ -120,7 +116,7 @@ fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
     let mut expected = rig.add_records(&[Feed::Dlp, Feed::Audit], 50, 300);
     let cfg = rig.config(&[("mimecast", "log_types = [\"dlp\", \"audit\"]")]);
     let offset = Arc::new(AtomicI64::new(0));
-    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..common::fast_tuning() };
+    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..fast_tuning() };
     rig.once_with(&cfg, &tuning);
     let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
     // Mimecast now shows a record 30 s before the watermark: its window was read before it was indexed.

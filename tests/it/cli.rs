@@ -1,14 +1,12 @@
 //! The real binary: exit codes, signals, `kill -9`, `status` while running, `demo`.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::bin::{SpawnDaemon, cmd, no_secret, run, signal, wait_for, write_config};
-use common::{Rig, assert_delivered_once};
+use crate::common::bin::{
+    SpawnDaemon, cmd, no_secret, run, run_within, signal, stderr_lines, wait_exit, wait_for, write_config,
+};
+use crate::common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::sim::datadog as dd;
 use mimecast_forwarder::sim::mimecast::Fault;
@@ -163,11 +161,15 @@ fn sigterm_stops_cleanly_status_works_meanwhile_and_a_restart_carries_on() {
     assert_eq!(code, 0);
     assert!(text.contains("ATTENTION") && text.contains("503") && text.contains("900 records"), "{text}");
 
-    let start = Instant::now();
+    // Mimecast is polled every second and Datadog retried with a backoff: an agent that went on after SIGTERM
+    // would ask again. At the signal, at most one page fetch (logged when answered) and one send (counted when
+    // it arrives) can be on their way.
+    let (polls, sends) = (rig.mc.requests().len(), rig.dd.requests());
     signal(&child, "-TERM");
-    let status = child.wait().unwrap();
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?} to stop", start.elapsed());
+    let status = wait_exit(&mut child, "the agent to stop on SIGTERM", Duration::from_secs(60));
     assert_eq!(status.code(), Some(0));
+    let (polls_after, sends_after) = (rig.mc.requests().len() - polls, rig.dd.requests() - sends);
+    assert!(polls_after <= 1 && sends_after <= 1, "{polls_after} polls and {sends_after} sends after SIGTERM");
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("signal received"), "{err}");
@@ -191,15 +193,20 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn waiting_on_a_stalled_intake_or_a_full_queue_burns_no_cpu() {
     let rig = Rig::new();
     rig.add_records(&Feed::ALL, 100, 500);
-    let path = write_config(&rig, &[("queue", "max_bytes = 20000")]);
-    rig.dd.fault(dd::Fault::Stall(Duration::from_secs(6)));
-    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn_daemon();
+    // The HTTP timeout far above the test: the held send is still waiting when the measurement ends.
+    let path = write_config(&rig, &[("queue", "max_bytes = 20000"), ("http", "timeout_secs = 300")]);
+    rig.dd.fault(dd::Fault::Hold);
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn_daemon();
+    let log = stderr_lines(&mut child);
     // The queue fills up to max_bytes (polling pauses) while the first send hangs.
-    wait_for("the stalled send", Duration::from_secs(10), || rig.dd.requests() >= 1);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the held send and the full queue", Duration::from_secs(60), || {
+        rig.dd.held() == 1 && log.lock().unwrap().contains("queue full")
+    });
+    // The two seconds are the span over which CPU is measured (the input of the test), not a wait for an event.
     let before = cpu_ticks(child.id());
     std::thread::sleep(Duration::from_millis(2000));
     let used = cpu_ticks(child.id()) - before;
+    assert_eq!((rig.dd.held(), rig.dd.requests()), (1, 1), "the agent was waiting all along");
     signal(&child, "-KILL");
     child.wait().unwrap();
     // Ticks are 10 ms: a loop that spins would use about 200 of them here.
@@ -211,13 +218,17 @@ fn sigterm_lets_the_send_in_flight_finish_so_nothing_is_sent_twice() {
     let rig = Rig::new();
     let expected = rig.add_records(&[Feed::Audit], 300, 500);
     let path = write_config(&rig, &[]);
-    rig.dd.fault(dd::Fault::Delay(Duration::from_millis(1500)));
-    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::null()).spawn_daemon();
-    wait_for("the slow send", Duration::from_secs(10), || rig.dd.requests() >= 1);
-    let start = Instant::now();
+    rig.dd.fault(dd::Fault::Hold);
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn_daemon();
+    let log = stderr_lines(&mut child);
+    wait_for("the held send", Duration::from_secs(30), || rig.dd.held() == 1);
+    // The send is answered only once the agent has taken the signal: it must wait for it (up to its 5 s grace).
     signal(&child, "-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    wait_for("the signal to be taken", Duration::from_secs(30), || log.lock().unwrap().contains("signal received"));
+    rig.dd.release();
+    let status = wait_exit(&mut child, "the agent to stop", Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
+    assert_eq!(rig.dd.requests(), 1, "no send was started after the signal");
     let accepted = dd::record_keys(&rig.dd.accepted());
     assert!(!accepted.is_empty(), "the send in flight completed");
     let still_queued = rig.queued().into_iter().filter(|q| accepted.contains_key(&q.key)).count();
@@ -257,13 +268,12 @@ fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
 
 #[test]
 fn demo_runs_and_loses_nothing() {
-    let start = Instant::now();
-    let (code, out, err) = run(&["demo"]);
+    // A demo that never ends is killed and fails the test; how long it takes is not asserted.
+    let (code, out, err) = run_within(&["demo"], Duration::from_secs(120));
     assert_eq!(code, 0, "{out}\n{err}");
     let summary = out.lines().find(|l| l.starts_with("summary:")).unwrap_or_else(|| panic!("no summary in {out}"));
     assert!(summary.ends_with("duplicates 0 / lost 0"), "{summary}");
     assert!(out.contains("Datadog starts answering 503") && out.contains("Datadog is back"), "{out}");
-    assert!(start.elapsed() < Duration::from_secs(35));
 }
 
 #[test]
@@ -323,10 +333,11 @@ fn a_second_run_on_the_same_queue_is_refused_with_75_and_names_the_holder() {
     let mut daemon = cmd(&["run", "--config", p]).stderr(Stdio::null()).spawn_daemon();
     wait_for("the daemon to take the queue", Duration::from_secs(10), || rig.mc.requests().len() >= 6);
     for args in [vec!["run", "--once", "--config", p], vec!["run", "--config", p]] {
-        let start = Instant::now();
+        // Both end while the daemon still holds the queue (a run that waited for it would be killed by run's
+        // hang guard and fail), and neither tried again: refused at once.
         let (code, _, err) = run(&args);
         assert_eq!(code, 75, "{args:?}: {err}");
-        assert!(start.elapsed() < Duration::from_secs(3), "refused at once, not after a wait");
+        assert!(!err.contains("trying again"), "{err}");
         assert!(
             err.contains("in use by another mimecast-forwarder run")
                 && err.contains(&format!("pid {}", daemon.id()))
@@ -335,7 +346,7 @@ fn a_second_run_on_the_same_queue_is_refused_with_75_and_names_the_holder() {
         );
     }
     signal(&daemon, "-TERM");
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert_eq!(wait_exit(&mut daemon, "the daemon to stop", Duration::from_secs(60)).code(), Some(0));
     rig.dd.set_down(None);
     let (code, _, err) = run(&["run", "--once", "--config", p]);
     assert_eq!(code, 0, "the lock went with its holder: {err}");
@@ -383,27 +394,29 @@ fn sighup_reads_the_config_again_and_a_bad_one_is_refused() {
     rig.add_records(&[Feed::Audit], 20, 300);
     let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
     let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn_daemon();
-    wait_for("the first delivery", Duration::from_secs(10), || rig.dd.accepted_count() >= 20);
+    let log = stderr_lines(&mut child);
+    wait_for("the first delivery", Duration::from_secs(30), || rig.dd.accepted_count() >= 20);
 
     // A bad config: refused, the daemon goes on.
     std::fs::write(&path, "[mimecast]\nclient_secret = oops\n").unwrap();
     signal(&child, "-HUP");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the reload to be refused", Duration::from_secs(30), || {
+        log.lock().unwrap().contains("running configuration stays")
+    });
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP must not stop the daemon");
 
     // A good one with another feed and another tag: both take effect.
     rig.add_records(&[Feed::Dlp], 15, 300);
     write_config(&rig, &[("mimecast", "log_types = [\"audit\", \"dlp\"]"), ("datadog", "tags = [\"env:reloaded\"]")]);
     signal(&child, "-HUP");
-    wait_for("the new feed's records", Duration::from_secs(10), || rig.dd.accepted_count() >= 35);
+    wait_for("the new feed's records", Duration::from_secs(30), || rig.dd.accepted_count() >= 35);
     let dlp: Vec<Value> = rig.dd.accepted().into_iter().filter(|l| l["service"] == "dlp").collect();
     assert_eq!(dlp.len(), 15);
     assert!(dlp.iter().all(|l| l["ddtags"] == "env:reloaded"), "{:?}", dlp[0]);
 
     signal(&child, "-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(wait_exit(&mut child, "the agent to stop", Duration::from_secs(60)).code(), Some(0));
+    let err = log.lock().unwrap().clone();
     assert!(err.contains("reload: config error") && err.contains("running configuration stays"), "{err}");
     assert!(err.contains("reload: configuration read again"), "{err}");
     assert!(!err.contains("oops"), "{err}");
