@@ -133,7 +133,7 @@ fn main() {
     let (c, w) = (cpu(), written());
     loop {
         let start = Instant::now();
-        let picked = batch::fair_order(store.candidates(BATCH).unwrap());
+        let picked = batch::fair_order(store.candidates_within(BATCH, batch::MAX_PAYLOAD_BYTES).unwrap());
         let seqs: Vec<i64> = picked.iter().take(BATCH).map(|q| q.seq).collect();
         pick += start.elapsed();
         if seqs.is_empty() {

@@ -16,7 +16,7 @@ use smol::future::FutureExt as _;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::datadog::batch::{self, MAX_LOGS};
+use crate::datadog::batch::{self, MAX_LOGS, MAX_PAYLOAD_BYTES};
 use crate::datadog::bisect::Half;
 use crate::datadog::logobj::Shape;
 use crate::datadog::sink::{self, Sent};
@@ -686,7 +686,10 @@ impl Agent {
                         break (records, piece.half);
                     }
                 }
-                Some(Next::Fresh) => break (batch::fair_order(self.store.candidates(MAX_LOGS)?), Half::Whole),
+                Some(Next::Fresh) => {
+                    let records = self.store.candidates_within(MAX_LOGS, MAX_PAYLOAD_BYTES)?;
+                    break (batch::fair_order(records), Half::Whole);
+                }
             }
         };
         let had_records = !records.is_empty();

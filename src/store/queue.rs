@@ -61,10 +61,11 @@ pub struct Counters {
 
 pub(super) fn bump(tx: &rusqlite::Transaction, name: &str, by: i64) -> Result<(), StoreError> {
     if by != 0 {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO counter (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + ?2",
-            params![name, by],
         )
+        .ctx("preparing a counter update")?
+        .execute(params![name, by])
         .ctx("updating a counter")?;
     }
     Ok(())
@@ -175,25 +176,91 @@ impl Store {
         })
     }
 
+    /// The records the next batch can hold, chosen from their sizes before any body is read: each feed's oldest
+    /// records, as many as fair order ([`crate::datadog::batch::fair_order`]: one of each feed in turn) reaches
+    /// before `max_logs` records or `max_bytes` of bodies (the record that crosses `max_bytes` is included, so
+    /// that a record larger than a whole batch still comes up, to be refused as too large). Returns, per feed
+    /// that has records, that many of its oldest, oldest first: what `candidates(max_logs)` returns, less what
+    /// fair order would not reach.
+    pub fn candidates_within(&self, max_logs: usize, max_bytes: usize) -> Result<Vec<Vec<Queued>>, StoreError> {
+        self.read(|conn| {
+            // Sizes only: the index (feed, seq, bytes) answers this without reading a record's page.
+            let mut sizes = conn
+                .prepare_cached("SELECT seq, bytes FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
+                .ctx("preparing candidate sizes")?;
+            let mut per_feed: Vec<(Feed, Vec<(i64, i64)>)> = Vec::new();
+            for feed in Feed::ALL {
+                let rows = sizes
+                    .query_map(params![feed.name(), max_logs as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .ctx("reading candidate sizes")?
+                    .collect::<Result<Vec<(i64, i64)>, _>>()
+                    .ctx("reading a candidate size")?;
+                if !rows.is_empty() {
+                    per_feed.push((feed, rows));
+                }
+            }
+            // Fair order, round by round, until a limit is reached: how many of each feed's oldest it takes.
+            let mut taken = vec![0usize; per_feed.len()];
+            let (mut count, mut bytes) = (0usize, 0usize);
+            'rounds: for round in 0.. {
+                let mut any = false;
+                for (i, (_, rows)) in per_feed.iter().enumerate() {
+                    let Some(&(_, b)) = rows.get(round) else { continue };
+                    if count == max_logs || (count > 0 && bytes >= max_bytes) {
+                        break 'rounds;
+                    }
+                    any = true;
+                    taken[i] += 1;
+                    count += 1;
+                    bytes = bytes.saturating_add(usize::try_from(b).unwrap_or(0));
+                }
+                if !any {
+                    break;
+                }
+            }
+            // The bodies of exactly those: each feed's records up to the last one taken.
+            let mut load = conn
+                .prepare_cached(
+                    "SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+                )
+                .ctx("preparing candidates")?;
+            let mut all = Vec::with_capacity(per_feed.len());
+            for ((feed, rows), n) in per_feed.into_iter().zip(taken) {
+                let Some(&(last, _)) = n.checked_sub(1).and_then(|i| rows.get(i)) else { continue };
+                let records = load
+                    .query_map(params![feed.name(), last, n as i64], |r| {
+                        Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
+                    })
+                    .ctx("reading candidates")?
+                    .collect::<Result<Vec<_>, _>>()
+                    .ctx("reading a candidate")?;
+                all.push(records);
+            }
+            Ok(all)
+        })
+    }
+
     /// The records with these sequence numbers that are still queued, in sequence order.
     pub fn load(&self, seqs: &[i64]) -> Result<Vec<Queued>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT feed, key, event_time, body FROM queue WHERE seq = ?1")
+                .prepare_cached(
+                    "SELECT seq, feed, key, event_time, body FROM queue \
+                     WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
+                )
                 .ctx("preparing load")?;
+            let rows = stmt
+                .query_map([json_array(seqs)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .ctx("loading records")?;
             let mut out = Vec::with_capacity(seqs.len());
-            for &seq in seqs {
-                let row = stmt
-                    .query_row([seq], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .optional()
-                    .ctx("loading a record")?;
-                if let Some((feed, key, event_time, body)) = row
-                    && let Some(feed) = Feed::from_name(&feed)
-                {
+            for row in rows {
+                let (seq, feed, key, event_time, body) = row.ctx("loading a record")?;
+                if let Some(feed) = Feed::from_name(&feed) {
                     out.push(Queued { seq, feed, key, event_time, body });
                 }
             }
-            out.sort_by_key(|q| q.seq);
             Ok(out)
         })
     }
@@ -285,22 +352,39 @@ fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreE
 }
 
 /// Deletes queued records and keeps `queue_records` and `queue_bytes` true in the same transaction; `counter`
-/// counts why they left (delivered, dead letters, dropped). Every removal from the queue goes through here.
+/// counts why they left (delivered, dead letters, dropped). Every removal from the queue goes through here: one
+/// statement for the whole set, whose `RETURNING` gives the count and the bytes that left.
 fn remove(tx: &rusqlite::Transaction, seqs: &[i64], counter: &str) -> Result<u64, StoreError> {
     let (mut n, mut bytes) = (0i64, 0i64);
     {
-        let mut del = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1 RETURNING bytes").ctx("preparing delete")?;
-        for &seq in seqs {
-            if let Some(b) = del.query_row([seq], |r| r.get::<_, i64>(0)).optional().ctx("deleting a record")? {
-                n += 1;
-                bytes += b;
-            }
+        let mut del = tx
+            .prepare_cached("DELETE FROM queue WHERE seq IN (SELECT value FROM json_each(?1)) RETURNING bytes")
+            .ctx("preparing delete")?;
+        let mut rows = del.query([json_array(seqs)]).ctx("deleting records")?;
+        while let Some(row) = rows.next().ctx("deleting a record")? {
+            n += 1;
+            bytes += row.get::<_, i64>(0).ctx("deleting a record")?;
         }
     }
     bump(tx, "queue_records", -n)?;
     bump(tx, "queue_bytes", -bytes)?;
     bump(tx, counter, n)?;
     Ok(n as u64)
+}
+
+/// Sequence numbers as a JSON array, the one parameter of a set-based statement (`json_each`).
+fn json_array(seqs: &[i64]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(2 + seqs.len() * 8);
+    out.push('[');
+    for (i, seq) in seqs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{seq}");
+    }
+    out.push(']');
+    out
 }
 
 #[cfg(test)]
@@ -362,6 +446,70 @@ mod tests {
         let c = s.counters().unwrap();
         assert_eq!((c.queue_records, c.queue_bytes, c.delivered, c.dead_letters, c.restamped), (0, 0, 2, 1, 1));
         assert_eq!(s.note(Note::DatadogLastSuccess).unwrap(), Some((6, String::new())));
+    }
+
+    /// Records of three feeds: 5 of DLP, 2 of audit, 4 of TTP URL, each `size` bytes, committed page by page.
+    fn three_feeds(size: usize) -> Store {
+        let mut s = Store::in_memory();
+        for (feed, n) in [(Feed::Dlp, 5), (Feed::Audit, 2), (Feed::TtpUrl, 4)] {
+            s.init_cursor(feed, 0).unwrap();
+            let recs = (0..n).map(|i| rec(&format!("{}{i}", feed.name()), &"x".repeat(size))).collect();
+            s.commit_page(&PageCommit { feed, ..page(recs, None) }, 1, u64::MAX, WhenFull::Pause).unwrap();
+        }
+        s
+    }
+
+    fn seqs_of(batch: Vec<Queued>) -> Vec<i64> {
+        batch.into_iter().map(|q| q.seq).collect()
+    }
+
+    #[test]
+    fn candidates_within_are_what_fair_order_reaches() {
+        use crate::datadog::batch::fair_order;
+        let s = three_feeds(10);
+        let everything = seqs_of(fair_order(s.candidates(100).unwrap()));
+        assert_eq!(everything.len(), 11);
+        for max_logs in 0..13 {
+            let within = s.candidates_within(max_logs, usize::MAX).unwrap();
+            assert!(within.iter().all(|f| !f.is_empty()), "no empty feed lists");
+            let expected = &everything[..max_logs.min(11)];
+            assert_eq!(seqs_of(fair_order(within)), expected, "max_logs {max_logs}");
+        }
+        // By bytes: a record is taken while less than max_bytes is taken, so the one that crosses it comes too.
+        for (max_bytes, n) in [(1, 1), (10, 1), (11, 2), (30, 3), (31, 4), (10_000, 11)] {
+            let within = s.candidates_within(1000, max_bytes).unwrap();
+            assert_eq!(seqs_of(fair_order(within)), &everything[..n], "max_bytes {max_bytes}");
+        }
+        let bodies: Vec<String> =
+            s.candidates_within(3, usize::MAX).unwrap().concat().into_iter().map(|q| q.body).collect();
+        assert_eq!(bodies, ["x".repeat(10), "x".repeat(10), "x".repeat(10)], "the bodies come with them");
+        assert!(Store::in_memory().candidates_within(1000, 1000).unwrap().is_empty());
+    }
+
+    #[test]
+    fn load_returns_what_is_still_queued_in_sequence_order() {
+        let mut s = three_feeds(3);
+        let all = seqs_of(s.candidates(100).unwrap().concat());
+        s.delivered(&[all[1]], 0, 0, 2).unwrap();
+        let loaded = s.load(&[all[4], all[1], all[0], i64::MAX, all[4]]).unwrap();
+        let mut expected = [all[0], all[4]];
+        expected.sort_unstable();
+        assert_eq!(seqs_of(loaded), expected);
+        assert!(s.load(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_set_removal_counts_each_record_once() {
+        let mut s = three_feeds(7);
+        let all = seqs_of(s.candidates(100).unwrap().concat());
+        let picked = [all[0], all[3], all[3], all[9], i64::MAX, -1];
+        assert_eq!(s.delivered(&picked, 0, 0, 2).unwrap(), 3);
+        let c = s.counters().unwrap();
+        assert_eq!((c.queue_records, c.queue_bytes, c.delivered), (8, 56, 3));
+        assert_eq!(c.queue_bytes, sum_bytes(&s));
+        assert_eq!(s.delivered(&[], 0, 0, 3).unwrap(), 0);
+        assert_eq!(s.delivered(&all, 0, 0, 3).unwrap(), 8);
+        assert_eq!(s.counters().unwrap().queue_bytes, 0);
     }
 
     #[test]
