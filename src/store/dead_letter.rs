@@ -3,7 +3,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::queue::{bump, insert};
+use super::queue::{Insert, bump};
 use super::{Context, Store, StoreError};
 
 /// A log that Datadog refused, as kept in the dead-letter table.
@@ -87,6 +87,7 @@ impl Store {
                 let mut take = tx
                     .prepare_cached("DELETE FROM dead_letter WHERE id = ?1 RETURNING feed, key, event_time, body")
                     .ctx("preparing the dead-letter delete")?;
+                let mut queue = Insert::new(&tx)?;
                 for id in ids {
                     let row = take
                         .query_row(params![id], |r| {
@@ -96,7 +97,7 @@ impl Store {
                         .ctx("taking a dead letter")?;
                     match row {
                         Some((feed, key, event_time, body)) => {
-                            out.bytes += insert(&tx, &feed, &key, event_time, now, &body)? as u64;
+                            out.bytes += queue.insert(&feed, &key, event_time, now, &body)? as u64;
                             out.records += 1;
                         }
                         None => out.not_found.push(id),

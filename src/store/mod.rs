@@ -6,6 +6,7 @@ mod dead_letter;
 mod error;
 mod note;
 mod queue;
+mod seen;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,11 +23,11 @@ pub use note::Note;
 pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations in order: `MIGRATIONS[n]` takes the schema from version n to n+1. Each runs in one transaction
 /// with the version it reaches; a database is never left between two versions.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r"
     CREATE TABLE queue (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -81,6 +82,23 @@ const MIGRATIONS: [&str; 2] = [
     DROP TABLE state;
     ALTER TABLE state_2 RENAME TO state;
 ",
+    // 2 -> 3: seen keys in two tables, a small one that takes new keys and the main one they move into (see
+    // `seen.rs`), and no index on their horizon (pruning scans a feed's keys, at most once an hour for the main
+    // table). The queue's index carries each record's size, so that a batch is chosen without reading a record.
+    r"
+    DROP INDEX seen_horizon;
+    ALTER TABLE seen RENAME TO seen_main;
+    CREATE TABLE seen_recent (
+        feed TEXT NOT NULL,
+        key TEXT NOT NULL,
+        horizon INTEGER NOT NULL,
+        PRIMARY KEY (feed, key)
+    ) WITHOUT ROWID;
+    CREATE VIEW seen (feed, key, horizon) AS
+        SELECT feed, key, horizon FROM seen_main UNION ALL SELECT feed, key, horizon FROM seen_recent;
+    DROP INDEX queue_feed_seq;
+    CREATE INDEX queue_feed_seq_bytes ON queue (feed, seq, bytes);
+",
 ];
 
 /// How long a statement waits for a lock held by another process (`status`, `dead-letters`, a backup) before
@@ -101,6 +119,7 @@ pub struct Space {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    seen: seen::Seen,
 }
 
 impl Store {
@@ -123,7 +142,7 @@ impl Store {
         // gets SQLITE_BUSY at once, without waiting, when another process (`dead-letters`, the agent) wrote in
         // between: SQLite cannot upgrade a read snapshot that is no longer the latest.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
-        let store = Store { conn, path: path.into() };
+        let store = Store { conn, path: path.into(), seen: seen::Seen::default() };
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
             if conn.is_readonly(rusqlite::MAIN_DB).ctx("opening the queue database")? {
@@ -149,7 +168,7 @@ impl Store {
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .ctx("opening the queue database")
                 .map_err(|e| classify(path, e))?;
-        let store = Store { conn, path: path.into() };
+        let store = Store { conn, path: path.into(), seen: seen::Seen::default() };
         store.read(|conn| {
             conn.busy_timeout(BUSY_TIMEOUT).ctx("setting busy timeout")?;
             let version = schema_version(conn)?;
@@ -174,7 +193,7 @@ impl Store {
         let conn = Connection::open_in_memory().expect("in-memory SQLite opens");
         let path = PathBuf::from(":memory:");
         migrate(&conn, &path).expect("migrations apply to an empty database");
-        Store { conn, path }
+        Store { conn, path, seen: seen::Seen::default() }
     }
 
     /// The database file this store was opened from.
@@ -419,6 +438,77 @@ mod tests {
         assert!(Store::open_read_only(&path).is_ok(), "migrated once, read-only opens work");
     }
 
+    /// A database as version 2 left it: queued records, a cursor in the middle of a window, seen keys (one also
+    /// queued, one whose record was delivered), a dead letter, counters and a note.
+    #[test]
+    fn a_version_2_database_keeps_its_records_cursors_seen_keys_and_dead_letters() {
+        use crate::config::WhenFull;
+        use crate::mimecast::{Feed, window::Window};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(MIGRATIONS[0]).unwrap();
+        old.execute_batch(MIGRATIONS[1]).unwrap();
+        old.execute_batch(
+            "PRAGMA user_version = 2;
+             INSERT INTO cursor VALUES ('dlp', 1699990000, 1699990000, 1699990300, 'page-2', 1699989000, NULL, NULL);
+             INSERT INTO cursor (feed, watermark) VALUES ('audit', 1699980000);
+             INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES
+                 ('dlp', 'h:a', 1699990010, 1699990400, 9, '{\"n\":\"a\"}'),
+                 ('audit', 'id:x/h', NULL, 1699990400, 9, '{\"n\":\"x\"}');
+             INSERT INTO seen VALUES ('dlp', 'h:a', 1699990010), ('dlp', 'h:gone', 1699990005),
+                 ('audit', 'id:x/h', 1699980000);
+             INSERT INTO dead_letter (feed, key, event_time, body, reason, at)
+                 VALUES ('dlp', 'h:dead', 1699990001, '{\"n\":\"d\"}', 'HTTP 400: bad', 1699990500);
+             INSERT INTO counter VALUES ('queue_records', 2), ('queue_bytes', 18), ('delivered', 1),
+                 ('dead_letters', 1);
+             INSERT INTO state VALUES ('datadog_last_success', 1699990450, '');",
+        )
+        .unwrap();
+        drop(old);
+        let e = Store::open_read_only(&path).err().unwrap();
+        assert!(matches!(e, StoreError::TooOld { version: 2, .. }), "{e}");
+
+        let mut s = Store::open(&path).unwrap();
+        let v: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let queued: Vec<(Feed, String, Option<i64>, String)> =
+            s.candidates(10).unwrap().concat().into_iter().map(|q| (q.feed, q.key, q.event_time, q.body)).collect();
+        assert_eq!(
+            queued,
+            [
+                (Feed::Audit, "id:x/h".into(), None, "{\"n\":\"x\"}".into()),
+                (Feed::Dlp, "h:a".into(), Some(1_699_990_010), "{\"n\":\"a\"}".into()),
+            ]
+        );
+        let c = s.counters().unwrap();
+        assert_eq!((c.queue_records, c.queue_bytes, c.delivered, c.dead_letters), (2, 18, 1, 1));
+        let cursor = s.cursor(Feed::Dlp).unwrap().unwrap();
+        let window = Window { from: 1_699_990_000, to: 1_699_990_300 };
+        assert_eq!((cursor.watermark, cursor.window), (1_699_990_000, Some((window, Some("page-2".into())))));
+        assert_eq!(s.cursor(Feed::Audit).unwrap().unwrap().watermark, 1_699_980_000);
+        let dead = s.dead_letters().unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].key.as_str(), dead[0].reason.as_str()), ("h:dead", "HTTP 400: bad"));
+        assert_eq!(s.note(Note::DatadogLastSuccess).unwrap(), Some((1_699_990_450, String::new())));
+
+        // The seen keys still skip their records, the one whose record was delivered too; a new key queues.
+        let record = |key: &str| NewRecord { key: key.into(), event_time: Some(1_699_990_100), body: "{}".into() };
+        let page = PageCommit {
+            feed: Feed::Dlp,
+            window,
+            next_token: Some("page-3".into()),
+            records: vec![record("h:a"), record("h:gone"), record("h:new")],
+            forget_before: 0,
+        };
+        let out = s.commit_page(&page, 1_699_990_600, u64::MAX, WhenFull::Pause).unwrap();
+        assert_eq!((out.queued, out.skipped), (1, 2));
+        let seen: i64 = s.conn().query_row("SELECT COUNT(*) FROM seen", [], |r| r.get(0)).unwrap();
+        assert_eq!(seen, 4);
+        drop(s);
+        assert!(Store::open_read_only(&path).is_ok(), "migrated once, read-only opens work");
+    }
+
     /// A queue file of a few thousand records, closed, with `pages` pages in its middle overwritten.
     pub(crate) fn damaged_queue(dir: &Path, pages: u64) -> PathBuf {
         use std::io::{Seek, SeekFrom, Write};
@@ -460,7 +550,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = damaged_queue(dir.path(), 3);
         // As if the damage happened after a clean open: no quick_check on this connection.
-        let store = Store { conn: Connection::open(&path).unwrap(), path: path.clone() };
+        let store = Store { conn: Connection::open(&path).unwrap(), path: path.clone(), seen: seen::Seen::default() };
         let e = store.candidates(10_000).err().unwrap();
         assert!(
             matches!(&e, StoreError::Corrupt { path: p, detail } if *p == path && detail.contains("candidate")),

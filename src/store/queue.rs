@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::note::{self, Note};
-use super::{Context, Store, StoreError};
+use super::{Context, Store, StoreError, seen};
 use crate::config::WhenFull;
 use crate::mimecast::Feed;
 use crate::mimecast::window::Window;
@@ -73,7 +73,8 @@ pub(super) fn bump(tx: &rusqlite::Transaction, name: &str, by: i64) -> Result<()
 
 impl Store {
     /// Queues a page's new records and moves the feed's cursor, in one transaction: after a crash either both
-    /// happened or neither did. Records whose key is already known for the feed are skipped.
+    /// happened or neither did. Records whose key is already known for the feed are skipped; the keys of the others
+    /// are recorded as seen in the same transaction (`seen.rs`).
     pub fn commit_page(
         &mut self,
         page: &PageCommit,
@@ -81,52 +82,76 @@ impl Store {
         max_bytes: u64,
         when_full: WhenFull,
     ) -> Result<PageOutcome, StoreError> {
-        self.write(|conn| {
+        let recent = match self.seen.recent {
+            Some(n) => n,
+            None => self.read(seen::count_recent)?,
+        };
+        let last_page = page.next_token.is_none();
+        let prune_main = last_page && self.seen.main_prune_due(page.feed, page.forget_before);
+        let merge_at = self.seen.merge_at;
+        let done = self.write(|conn| {
             let feed = page.feed.name();
             let tx = conn.transaction().ctx("starting a page transaction")?;
             let mut out = PageOutcome::default();
             let mut bytes = 0i64;
             {
-                let mut seen = tx
-                    .prepare_cached("INSERT OR IGNORE INTO seen (feed, key, horizon) VALUES (?1, ?2, ?3)")
-                    .ctx("preparing seen insert")?;
+                let mut keys = seen::Keys::new(&tx)?;
+                let mut queue = Insert::new(&tx)?;
                 for r in &page.records {
-                    let horizon = r.event_time.unwrap_or(page.window.to);
-                    if seen.execute(params![feed, r.key, horizon]).ctx("recording a seen key")? == 0 {
+                    if !keys.add(feed, &r.key, r.event_time.unwrap_or(page.window.to))? {
                         out.skipped += 1;
                         continue;
                     }
-                    bytes += insert(&tx, feed, &r.key, r.event_time, now, &r.body)?;
+                    bytes += queue.insert(feed, &r.key, r.event_time, now, &r.body)?;
                     out.queued += 1;
                 }
             }
+            let mut recent = recent + out.queued;
             bump(&tx, "queue_records", out.queued as i64)?;
             bump(&tx, "queue_bytes", bytes)?;
             match &page.next_token {
                 Some(token) => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE cursor SET window_from = ?2, window_to = ?3, page_token = ?4 WHERE feed = ?1",
-                        params![feed, page.window.from, page.window.to, token],
                     )
+                    .ctx("preparing the page token")?
+                    .execute(params![feed, page.window.from, page.window.to, token])
                     .ctx("saving the page token")?;
                 }
                 None => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE cursor SET watermark = ?2, window_from = NULL, window_to = NULL, page_token = NULL, \
                          last_success = ?3, last_error = NULL, last_error_at = NULL WHERE feed = ?1",
-                        params![feed, page.window.to, now],
                     )
+                    .ctx("preparing the watermark")?
+                    .execute(params![feed, page.window.to, now])
                     .ctx("advancing the watermark")?;
-                    tx.execute("DELETE FROM seen WHERE feed = ?1 AND horizon < ?2", params![feed, page.forget_before])
-                        .ctx("forgetting old seen keys")?;
+                    recent = recent.saturating_sub(seen::forget(&tx, feed, page.forget_before, prune_main)?);
                 }
             }
             if when_full == WhenFull::DropOldest {
                 out.dropped = drop_oldest(&tx, max_bytes)?;
             }
+            if recent >= merge_at {
+                seen::merge(&tx)?;
+                recent = 0;
+            }
             tx.commit().ctx("committing a page")?;
-            Ok(out)
-        })
+            Ok((out, recent))
+        });
+        match done {
+            Ok((out, recent)) => {
+                self.seen.recent = Some(recent);
+                if prune_main {
+                    self.seen.main_pruned[page.feed as usize] = Some(page.forget_before);
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                self.seen.recent = None;
+                Err(e)
+            }
+        }
     }
 
     /// The queue's running totals.
@@ -308,24 +333,32 @@ impl Store {
     }
 }
 
-/// Adds one record to the queue table and returns its size. The caller bumps `queue_records` and `queue_bytes`
-/// in the same transaction (as `remove` does for removals); every insertion into the queue goes through here.
-pub(super) fn insert(
-    tx: &rusqlite::Transaction,
-    feed: &str,
-    key: &str,
-    event_time: Option<i64>,
-    now: i64,
-    body: &str,
-) -> Result<i64, StoreError> {
-    let len = body.len() as i64;
-    tx.prepare_cached(
-        "INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .ctx("preparing queue insert")?
-    .execute(params![feed, key, event_time, now, len, body])
-    .ctx("queueing a record")?;
-    Ok(len)
+/// Adds records to the queue table. The caller bumps `queue_records` and `queue_bytes` in the same transaction
+/// (as `remove` does for removals); every insertion into the queue goes through here.
+pub(super) struct Insert<'t>(rusqlite::CachedStatement<'t>);
+
+impl<'t> Insert<'t> {
+    pub(super) fn new(tx: &'t rusqlite::Transaction) -> Result<Insert<'t>, StoreError> {
+        tx.prepare_cached(
+            "INSERT INTO queue (feed, key, event_time, queued_at, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map(Insert)
+        .ctx("preparing queue insert")
+    }
+
+    /// Queues one record and returns its size.
+    pub(super) fn insert(
+        &mut self,
+        feed: &str,
+        key: &str,
+        event_time: Option<i64>,
+        now: i64,
+        body: &str,
+    ) -> Result<i64, StoreError> {
+        let len = body.len() as i64;
+        self.0.execute(params![feed, key, event_time, now, len, body]).ctx("queueing a record")?;
+        Ok(len)
+    }
 }
 
 /// Deletes the oldest records until the queue fits in `max_bytes`; returns how many went.
