@@ -20,6 +20,7 @@ const PAGE: usize = 500;
 const BATCH: usize = 1000;
 const WINDOW_PAGES: usize = 10;
 const BASE: i64 = 1_700_000_000;
+const SHRINK_PAGES: u32 = 256;
 
 /// CPU seconds (user + system) this process used so far, from /proc (10 ms ticks).
 fn cpu() -> f64 {
@@ -38,6 +39,29 @@ fn written() -> u64 {
 
 fn file_bytes(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Puts the closed queue at `path` back in SQLite's default layout (4 KiB pages, no incremental vacuum), as
+/// older builds made it, and times the `Store::open` that rewrites it.
+fn relayout_time(path: &std::path::Path, what: &str) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = DELETE; PRAGMA page_size = 4096; PRAGMA auto_vacuum = NONE; VACUUM; \
+         PRAGMA journal_mode = WAL;",
+    )
+    .unwrap();
+    drop(conn);
+    let before = file_bytes(path);
+    let start = Instant::now();
+    drop(Store::open(path).unwrap());
+    let took = start.elapsed();
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+    println!(
+        "open of {what} in the older layout ({before} bytes): {:.2}s, after it {} bytes in {size} byte pages",
+        took.as_secs_f64(),
+        file_bytes(path)
+    );
 }
 
 fn main() {
@@ -109,6 +133,11 @@ fn main() {
     drop(pages);
     store.checkpoint().unwrap();
     let full = file_bytes(&path);
+    if n <= 50_000 {
+        drop(store);
+        relayout_time(&path, "the full queue");
+        store = Store::open(&path).unwrap();
+    }
     println!(
         "commit_page: {n} records in {:.2}s: {:.0} records/s, {:.1} µs CPU and {:.0} bytes written per record",
         commit.as_secs_f64(),
@@ -157,13 +186,23 @@ fn main() {
     );
     store.checkpoint().unwrap();
     println!("file after the drain: {} bytes", file_bytes(&path));
-    let start = Instant::now();
-    let released = store.release_free_pages(u64::MAX >> 1).unwrap();
+    let (start, mut calls, mut given) = (Instant::now(), 0, 0);
+    loop {
+        let n = store.shrink(SHRINK_PAGES).unwrap();
+        if n == 0 {
+            break;
+        }
+        calls += 1;
+        given += n;
+    }
     println!(
-        "file after release_free_pages (can release: {released}): {} bytes, in {:.2}s",
+        "file after shrink({SHRINK_PAGES}) until it gave nothing: {} bytes; {given} bytes given back in {calls} calls, \
+         {:.2}s ({:.1} ms a call)",
         file_bytes(&path),
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        start.elapsed().as_secs_f64() * 1e3 / f64::from(calls.max(1))
     );
     drop(store);
+    relayout_time(&path, "the drained queue");
     let _ = std::fs::remove_dir_all(&dir);
 }

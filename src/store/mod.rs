@@ -101,6 +101,20 @@ const MIGRATIONS: [&str; 3] = [
 ",
 ];
 
+/// The page size of new queues. Records of about 1 KB left a sixth of each 4 KiB page (SQLite's default, which
+/// holds three of them) empty; 8 KiB pages hold seven. Larger pages gain little more and make every page a
+/// delete or a seen key touches costlier to write.
+const PAGE_SIZE: i64 = 8192;
+
+/// A queue file of an older layout (4 KiB pages, or no incremental vacuum: files made before schema version 3
+/// or before incremental vacuum) is rewritten in the new one by `VACUUM`, which copies the pages in use twice
+/// (a temporary copy, then back through the rollback journal) and blocks the store meanwhile: 0.4 s for a queue
+/// of 45,000 records of 1.1 KB (62 MB in use) on this machine type with the file in the page cache
+/// (`examples/store_rates.rs`); an emptied queue (its seen keys) takes a few hundredths. It happens at open, and
+/// in `shrink` once the queue is empty, only while the pages in use hold at most this and the filesystem has
+/// room for both copies.
+const RELAYOUT_MAX_BYTES: u64 = 64 << 20;
+
 /// How long a statement waits for a lock held by another process (`status`, `dead-letters`, a backup) before
 /// giving [`StoreError::Busy`].
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -149,13 +163,15 @@ impl Store {
                 return Err(StoreError::ReadOnly { path: path.into(), user: error::process_user() });
             }
             if schema_version(conn)? == 0 {
-                // Before the first table and before WAL mode writes the header: free pages can then be given
-                // back to the filesystem (`release_free_pages`), which a queue on a nearly full disk needs once
-                // delivery has emptied it.
+                // Before the first table and before WAL mode writes the header (and the page size before
+                // auto_vacuum, or SQLite keeps its default): see `PAGE_SIZE`, and free pages can be given back to
+                // the filesystem (`shrink`, `release_free_pages`), which a queue needs once delivery has emptied it.
+                conn.pragma_update(None, "page_size", PAGE_SIZE).ctx("setting the page size")?;
                 conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").ctx("enabling incremental vacuum")?;
             }
             setup(conn).ctx("setting up the queue database")?;
             migrate(conn, path)?;
+            relayout(conn, path, RELAYOUT_MAX_BYTES)?;
             quick_check(conn, path)
         })?;
         Ok(store)
@@ -231,15 +247,16 @@ impl Store {
     }
 
     /// Gives up to `max_bytes` of free pages back to the filesystem: the file shrinks at the checkpoint that
-    /// follows. Queues created before incremental vacuum was enabled keep their free pages (a `VACUUM` by hand,
-    /// with the service stopped, enables it). Returns whether this queue can release pages at all.
+    /// follows. A queue file of the older layout keeps its free pages until it is rewritten (see
+    /// [`Store::shrink`]). Returns whether this queue can release pages at all.
     pub fn release_free_pages(&self, max_bytes: u64) -> Result<bool, StoreError> {
         self.read(|conn| {
             let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).ctx("reading auto_vacuum")?;
             if mode != 2 {
                 return Ok(false);
             }
-            let pages = (max_bytes / 4096).max(1);
+            let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ctx("reading the page size")?;
+            let pages = max_bytes.div_ceil(u64::try_from(size).unwrap_or(4096).max(512)).max(1);
             // The pragma frees one page per step of its statement: step it to the end.
             let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})")).ctx("releasing free pages")?;
             let mut rows = stmt.query([]).ctx("releasing free pages")?;
@@ -247,6 +264,50 @@ impl Store {
             truncate_wal(conn)?;
             Ok(true)
         })
+    }
+
+    /// Gives space back to the filesystem once a backlog has drained, a little at a time: up to `max_pages`
+    /// free pages (8 KiB each) at the end of the file are released (`PRAGMA incremental_vacuum`, which first
+    /// moves pages in use from the end of the file into free ones) and the WAL is checkpointed, so the file
+    /// shrinks now. Returns by how many bytes the database file shrank.
+    ///
+    /// Cheap to call often: it does nothing while there is nothing to release, or while the queued records take
+    /// more than a quarter of the free space (a backlog still draining: new records reuse free pages, and moving
+    /// the pages in use would cost more than it gives). A queue file of an older layout is rewritten instead
+    /// (the same `VACUUM` as at open) once the queue is empty and small enough.
+    pub fn shrink(&mut self, max_pages: u32) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        let before = file_len(&path);
+        self.read(|conn| {
+            let layout = Layout::of(conn)?;
+            if !layout.is_current() {
+                let queued: i64 = conn
+                    .query_row("SELECT EXISTS (SELECT 1 FROM queue)", [], |r| r.get(0))
+                    .ctx("looking at the queue")?;
+                if queued == 0 && relayout(conn, &path, RELAYOUT_MAX_BYTES)? {
+                    return Ok(());
+                }
+            }
+            if layout.auto_vacuum != 2 {
+                return Ok(());
+            }
+            let queue_bytes: i64 = conn
+                .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| {
+                    r.get(0)
+                })
+                .ctx("reading queue bytes")?;
+            let free = layout.free_pages.saturating_mul(layout.page_size);
+            if max_pages == 0 || free == 0 || u64::try_from(queue_bytes).unwrap_or(0) > free / 4 {
+                return Ok(());
+            }
+            let mut stmt =
+                conn.prepare(&format!("PRAGMA incremental_vacuum({max_pages})")).ctx("releasing free pages")?;
+            // The pragma frees one page per step of its statement: step it to the end.
+            let mut rows = stmt.query([]).ctx("releasing free pages")?;
+            while rows.next().ctx("releasing free pages")?.is_some() {}
+            truncate_wal(conn)
+        })?;
+        Ok(before.saturating_sub(file_len(&path)))
     }
 
     /// How long a statement waits for another process's lock before giving [`StoreError::Busy`] (5 s unless
@@ -304,6 +365,104 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 /// `wal_checkpoint(TRUNCATE)`: the WAL folded into the database and cut to nothing.
 fn truncate_wal(conn: &Connection) -> Result<(), StoreError> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpointing the WAL")
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// How the database file is laid out.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    page_size: u64,
+    /// `PRAGMA auto_vacuum`: 2 is incremental.
+    auto_vacuum: i64,
+    pages: u64,
+    free_pages: u64,
+}
+
+impl Layout {
+    fn of(conn: &Connection) -> Result<Layout, StoreError> {
+        let pragma = |name: &'static str| -> Result<i64, StoreError> {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0)).ctx("reading the database layout")
+        };
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(Layout {
+            page_size: count(pragma("page_size")?),
+            auto_vacuum: pragma("auto_vacuum")?,
+            pages: count(pragma("page_count")?),
+            free_pages: count(pragma("freelist_count")?),
+        })
+    }
+
+    fn is_current(&self) -> bool {
+        self.page_size == PAGE_SIZE as u64 && self.auto_vacuum == 2
+    }
+
+    /// Bytes in pages that hold something.
+    fn in_use(&self) -> u64 {
+        self.pages.saturating_sub(self.free_pages).saturating_mul(self.page_size)
+    }
+}
+
+/// Rewrites a queue file of an older layout in the current one ([`PAGE_SIZE`], incremental vacuum) with
+/// `VACUUM`, when the pages in use hold at most `max_bytes`, the filesystem has room for two copies of them, and
+/// no other process has the file open (leaving WAL mode, which a page size change needs, takes the file for
+/// itself: the attempt does not wait). Otherwise, or when the disk fills or a lock is met half way (the
+/// `VACUUM` then rolls back), it says why and leaves the file as it is, to be tried again at the next open or
+/// [`Store::shrink`]. Returns whether the file was rewritten.
+fn relayout(conn: &Connection, path: &Path, max_bytes: u64) -> Result<bool, StoreError> {
+    let layout = Layout::of(conn)?;
+    if layout.is_current() {
+        return Ok(false);
+    }
+    let in_use = layout.in_use();
+    let later = "it is rewritten at a later start, or once the queue is empty";
+    if in_use > max_bytes {
+        log::info!(
+            "queue database {} keeps its older layout for now ({} byte pages{}, {in_use} bytes in use): {later}",
+            path.display(),
+            layout.page_size,
+            if layout.auto_vacuum == 2 { "" } else { ", no incremental vacuum" },
+        );
+        return Ok(false);
+    }
+    if error::free_bytes(path).is_some_and(|free| free < in_use.saturating_mul(2) + (8 << 20)) {
+        log::info!("queue database {}: no room to rewrite it in the new layout now; {later}", path.display());
+        return Ok(false);
+    }
+    let (started, before) = (std::time::Instant::now(), file_len(path));
+    // Leaving WAL mode waits for no one: another process using the file (`status`, a running agent) means later.
+    conn.busy_timeout(Duration::ZERO).ctx("setting busy timeout")?;
+    let mode = conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get::<_, String>(0));
+    conn.busy_timeout(BUSY_TIMEOUT).ctx("setting busy timeout")?;
+    if !mode.as_deref().is_ok_and(|m| m.eq_ignore_ascii_case("delete")) {
+        log::info!("queue database {} is open in another process; {later}", path.display());
+        setup(conn).ctx("setting up the queue database")?;
+        return Ok(false);
+    }
+    let vacuumed = conn
+        .execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; VACUUM;"))
+        .ctx("rewriting the queue database in the new layout")
+        .map_err(|e| classify(path, e));
+    setup(conn).ctx("setting up the queue database")?;
+    match vacuumed {
+        Ok(()) => {
+            log::info!(
+                "queue database {} rewritten with {PAGE_SIZE} byte pages and incremental vacuum in {:.1}s: {before} \
+                 -> {} bytes",
+                path.display(),
+                started.elapsed().as_secs_f64(),
+                file_len(path)
+            );
+            Ok(true)
+        }
+        Err(e) if e.is_transient() => {
+            log::warn!("queue database {} keeps its older layout: {e}; {later}", path.display());
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Damage in the middle of the file shows only when a damaged page is read; `quick_check` reads them all
@@ -373,6 +532,154 @@ mod tests {
         let after = s.space().unwrap().reusable;
         assert!(after <= before / 2 + 4096, "released {} of {before}", before - after);
         assert!(std::fs::metadata(&path).unwrap().len() < size_before - before / 3, "the file shrank");
+    }
+
+    /// A queue of `n` records of about 1 KB in one page of the audit feed.
+    fn fill(s: &mut Store, n: usize) -> Vec<i64> {
+        use crate::config::WhenFull;
+        use crate::mimecast::{Feed, window::Window};
+        s.init_cursor(Feed::Audit, 0).unwrap();
+        let records = (0..n)
+            .map(|i| NewRecord {
+                key: format!("k{i}-{}", fastrand::u64(..)),
+                event_time: Some(10),
+                body: format!("{{\"p\":\"{}\"}}", "x".repeat(1000)),
+            })
+            .collect();
+        let page = PageCommit {
+            feed: Feed::Audit,
+            window: Window { from: 0, to: 1 },
+            next_token: None,
+            records,
+            forget_before: 0,
+        };
+        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.candidates(usize::MAX >> 1).unwrap().concat().iter().map(|q| q.seq).collect()
+    }
+
+    fn layout(path: &Path) -> (i64, i64, String) {
+        let c = Connection::open(path).unwrap();
+        let get = |p: &str| c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, rusqlite::types::Value>(0)).unwrap();
+        let int = |v| match v {
+            rusqlite::types::Value::Integer(i) => i,
+            other => panic!("{other:?}"),
+        };
+        let mode = match get("journal_mode") {
+            rusqlite::types::Value::Text(t) => t,
+            other => panic!("{other:?}"),
+        };
+        (int(get("page_size")), int(get("auto_vacuum")), mode)
+    }
+
+    /// A current queue as a build before this layout made it: 4 KiB pages, no incremental vacuum.
+    fn old_layout_queue(path: &Path, records: usize) -> Vec<i64> {
+        let conn = Connection::open(path).unwrap();
+        setup(&conn).unwrap();
+        migrate(&conn, path).unwrap();
+        drop(conn);
+        assert_eq!(layout(path), (4096, 0, "wal".into()));
+        let mut s = Store { conn: Connection::open(path).unwrap(), path: path.into(), seen: seen::Seen::default() };
+        fill(&mut s, records)
+    }
+
+    #[test]
+    fn new_queues_have_8_kib_pages_and_incremental_vacuum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        drop(Store::open(&path).unwrap());
+        assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()));
+    }
+
+    #[test]
+    fn an_older_layout_is_rewritten_at_open_when_small_and_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let seqs = old_layout_queue(&path, 300);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()));
+        let after: Vec<i64> = s.candidates(1000).unwrap().concat().iter().map(|q| q.seq).collect();
+        assert_eq!(after, seqs);
+        assert_eq!(s.counters().unwrap().queue_records, 300);
+    }
+
+    #[test]
+    fn an_older_layout_waits_while_large_or_open_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        old_layout_queue(&path, 300);
+        let conn = Connection::open(&path).unwrap();
+        assert!(!relayout(&conn, &path, 100_000).unwrap(), "300 KB in use is more than 100 KB");
+        assert_eq!(layout(&path), (4096, 0, "wal".into()));
+
+        // Another process reading: no wait, no error, nothing changed, and both go on.
+        let other = Connection::open(&path).unwrap();
+        let n: i64 = other.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).unwrap();
+        let started = std::time::Instant::now();
+        assert!(!relayout(&conn, &path, RELAYOUT_MAX_BYTES).unwrap());
+        assert!(started.elapsed() < BUSY_TIMEOUT, "it did not wait for the other process");
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        conn.execute("INSERT INTO counter VALUES ('x', 1)", []).unwrap();
+        let m: i64 = other.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).unwrap();
+        assert_eq!((n, m), (300, 300));
+        drop(other);
+        assert!(relayout(&conn, &path, RELAYOUT_MAX_BYTES).unwrap());
+        assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()));
+    }
+
+    #[test]
+    fn shrink_gives_space_back_once_the_backlog_has_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let mut s = Store::open(&path).unwrap();
+        let seqs = fill(&mut s, 3000);
+        assert_eq!(s.shrink(100).unwrap(), 0, "nothing free");
+        s.delivered(&seqs[..1000], 0, 0, 2).unwrap();
+        s.checkpoint().unwrap();
+        assert!(s.space().unwrap().reusable > 1_000_000);
+        assert_eq!(s.shrink(100).unwrap(), 0, "two thirds still queued: a backlog draining");
+        s.delivered(&seqs[1000..2900], 0, 0, 2).unwrap();
+        s.checkpoint().unwrap();
+        let full = file_len(&path);
+        let given = s.shrink(100).unwrap();
+        assert_eq!(given, 100 * PAGE_SIZE as u64, "a little at a time");
+        assert_eq!(file_len(&path), full - given);
+        while s.shrink(100).unwrap() > 0 {}
+        let queued = s.counters().unwrap().queue_bytes as u64;
+        assert!(s.space().unwrap().reusable < 4 * queued, "free pages left: a few, next to what is queued");
+        assert!(file_len(&path) < full / 4, "{} of {full}", file_len(&path));
+        assert_eq!(s.candidates(1000).unwrap().concat().len(), 100, "the rest is still queued");
+        assert_eq!(s.wal_bytes(), 0, "checkpointed");
+    }
+
+    #[test]
+    fn shrink_rewrites_an_older_layout_once_the_queue_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let seqs = old_layout_queue(&path, 2000);
+        let conn = Connection::open(&path).unwrap();
+        let mut s = Store { conn, path: path.clone(), seen: seen::Seen::default() };
+        s.delivered(&seqs[..1900], 0, 0, 2).unwrap();
+        assert_eq!(s.shrink(100).unwrap(), 0, "records queued: not yet");
+        assert_eq!(layout(&path).0, 4096);
+        s.delivered(&seqs[1900..], 0, 0, 2).unwrap();
+        let full = file_len(&path);
+        let given = s.shrink(100).unwrap();
+        assert!(given > full / 2, "{given} of {full}");
+        assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()));
+        let out = s.commit_page(
+            &PageCommit {
+                feed: crate::mimecast::Feed::Audit,
+                window: crate::mimecast::window::Window { from: 0, to: 1 },
+                next_token: None,
+                records: vec![NewRecord { key: "new".into(), event_time: None, body: "{}".into() }],
+                forget_before: 0,
+            },
+            3,
+            u64::MAX,
+            crate::config::WhenFull::Pause,
+        );
+        assert_eq!(out.unwrap().queued, 1, "the store goes on after the rewrite");
     }
 
     #[test]
@@ -472,6 +779,7 @@ mod tests {
         let mut s = Store::open(&path).unwrap();
         let v: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+        assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()), "small: rewritten in the new layout at open");
         let queued: Vec<(Feed, String, Option<i64>, String)> =
             s.candidates(10).unwrap().concat().into_iter().map(|q| (q.feed, q.key, q.event_time, q.body)).collect();
         assert_eq!(
