@@ -408,9 +408,9 @@ impl Layout {
 /// Rewrites a queue file of an older layout in the current one ([`PAGE_SIZE`], incremental vacuum) with
 /// `VACUUM`, when the pages in use hold at most `max_bytes`, the filesystem has room for two copies of them, and
 /// no other process has the file open (leaving WAL mode, which a page size change needs, takes the file for
-/// itself: the attempt does not wait). Otherwise, or when the disk fills or a lock is met half way (the
-/// `VACUUM` then rolls back), it says why and leaves the file as it is, to be tried again at the next open or
-/// [`Store::shrink`]. Returns whether the file was rewritten.
+/// itself: the attempt does not wait). Otherwise, or when the `VACUUM` fails (a full disk, a lock met half way,
+/// a temporary directory it may not write: it rolls back), it says why and leaves the file as it is, to be tried
+/// again at the next open or [`Store::shrink`]. Returns whether the file was rewritten.
 fn relayout(conn: &Connection, path: &Path, max_bytes: u64) -> Result<bool, StoreError> {
     let layout = Layout::of(conn)?;
     if layout.is_current() {
@@ -457,11 +457,12 @@ fn relayout(conn: &Connection, path: &Path, max_bytes: u64) -> Result<bool, Stor
             );
             Ok(true)
         }
-        Err(e) if e.is_transient() => {
+        // A full disk, a lock, or a temporary directory SQLite may not write: the queue works in its old layout.
+        // Damage would be reported by the `quick_check` that follows at open.
+        Err(e) => {
             log::warn!("queue database {} keeps its older layout: {e}; {later}", path.display());
             Ok(false)
         }
-        Err(e) => Err(e),
     }
 }
 
