@@ -154,14 +154,25 @@ impl Store {
 
     /// Up to `per_feed` of the oldest records of each feed, oldest first within a feed.
     pub fn candidates(&self, per_feed: usize) -> Result<Vec<Vec<Queued>>, StoreError> {
+        self.candidates_after(per_feed, |_| i64::MIN)
+    }
+
+    /// [`Store::candidates`] after a sequence number per feed: the records up to it are in flight.
+    pub fn candidates_after(
+        &self,
+        per_feed: usize,
+        after: impl Fn(Feed) -> i64,
+    ) -> Result<Vec<Vec<Queued>>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
+                .prepare_cached(
+                    "SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 AND seq > ?3 ORDER BY seq LIMIT ?2",
+                )
                 .ctx("preparing candidates")?;
             let mut all = Vec::new();
             for feed in Feed::ALL {
                 let rows = stmt
-                    .query_map(params![feed.name(), per_feed as i64], |r| {
+                    .query_map(params![feed.name(), per_feed as i64, after(feed)], |r| {
                         Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
                     })
                     .ctx("reading candidates")?
