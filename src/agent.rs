@@ -299,9 +299,11 @@ impl Agent {
                     return Ok(());
                 }
             }
+            // While the one fetch in flight brings a token, the other feeds wait for it, not for a timer.
+            let token_awaited = !fetches.is_empty() && !self.fresh_token(now);
             let wake = policy::next_wake(
                 now.at,
-                self.poller.next_wake().filter(|_| !self.pressure.queue_full()),
+                self.poller.next_wake().filter(|_| !self.pressure.queue_full() && !token_awaited),
                 self.pressure.until(),
                 self.sender.next_wake(),
             );
@@ -593,8 +595,7 @@ impl Agent {
         if self.pressure.until().is_some_and(|u| u > now.at) || self.measure_queue()? {
             return Ok(None);
         }
-        let margin = self.tuning.token_margin;
-        if in_flight > 0 && !self.token.as_ref().is_some_and(|t| t.fresh(now.at, margin)) {
+        if in_flight > 0 && !self.fresh_token(now) {
             return Ok(None);
         }
         while let Some(feed) = self.poller.due(now) {
@@ -610,7 +611,7 @@ impl Agent {
                 page_token: plan.page_token,
                 page_size: self.cfg.mimecast.page_size,
             };
-            if !self.token.as_ref().is_some_and(|t| t.fresh(now.at, margin)) {
+            if !self.fresh_token(now) {
                 let (http, creds, generation) = (self.http.clone(), self.creds.clone(), self.creds_generation);
                 return Ok(Some(smol::unblock(move || {
                     let token = auth::fetch_token(&http, &creds, now.at);
@@ -620,6 +621,10 @@ impl Agent {
             return Ok(Some(self.fetch_page(now, req)));
         }
         Ok(None)
+    }
+
+    fn fresh_token(&self, now: Now) -> bool {
+        self.token.as_ref().is_some_and(|t| t.fresh(now.at, self.tuning.token_margin))
     }
 
     /// Starts the fetch of a page with the token in hand (a 401 still fetches a new one and retries once).
