@@ -422,4 +422,80 @@ mod tests {
         // Pinned: the key must never change across versions, or upgrades would re-send the overlap.
         assert_eq!(record_key(Feed::Dlp, &d1), "h:ba22a6d92508ec3d4f8a6776e4fe6b55");
     }
+
+    /// Every fixture record, and values chosen for their spelling: escapes,
+    /// non-ASCII and control characters, numbers as written, nesting, empty containers and odd keys.
+    fn pinned_records() -> Vec<(Feed, Value)> {
+        let mut out = Vec::new();
+        for (feed, file) in [
+            (Feed::Audit, "audit_test-audit-events"),
+            (Feed::Dlp, "dlp_test-dlp-logs"),
+            (Feed::TtpAttachment, "ttp_attachment_test-ttp-ap-logs"),
+            (Feed::TtpImpersonation, "ttp_impersonation_test-ttp-ip-logs"),
+            (Feed::TtpUrl, "ttp_url_test-ttp-url-logs"),
+        ] {
+            let text = std::fs::read_to_string(format!("tests/data/elastic_{file}.log")).unwrap();
+            out.extend(text.lines().map(|l| (feed, serde_json::from_str(l).unwrap())));
+        }
+        let samples: Value =
+            serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap())
+                .unwrap();
+        for s in samples.as_array().unwrap() {
+            let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
+            out.push((feed, serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()));
+        }
+        let xsoar = std::fs::read_to_string("tests/data/xsoar_audit_raw_response.json").unwrap();
+        out.push((Feed::Audit, serde_json::from_str(&xsoar).unwrap()));
+        for text in [
+            r#"{}"#,
+            r#"{"id":""}"#,
+            r#"{"id":7,"eventTime":null}"#,
+            r#"{"id":"a\/b\u00e9\ud83d\ude00","x":"\u0000\u001f\u007f\b\f\n\r\t\"\\/"}"#,
+            r#"{"n":[1.50,-0,0.0,1e5,1E+5,-12.5e-3,123456789012345678901234567890,18446744073709551616,-9223372036854775809]}"#,
+            r#"{"b":[true,false,null,[],{},[[{}]],{"":""}],"":0,"é":1,"e\u0301":2,"Z":3,"a":4,"\u00e9":5}"#,
+            r#"{"z":{"y":{"x":[{"b":1,"a":2},{"a":[3,{"d":4,"c":5}]}]}},"a":"\u2028\u2029 ü 日本 \ud800"}"#,
+            r#"{"dup":1,"other":2,"dup":3}"#,
+        ] {
+            // The repair path reads unpaired surrogates as U+FFFD before keying; here the text parses as is.
+            let v: Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(_) => serde_json::from_str(&repair(text.as_bytes()).0).unwrap(),
+            };
+            for feed in Feed::ALL {
+                out.push((feed, v.clone()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn keys_of_fixture_and_chosen_records_are_pinned() {
+        let records = pinned_records();
+        let keys: Vec<String> = records.iter().map(|(f, r)| record_key(*f, r)).collect();
+        // Computed by the first version of `record_key`: a few in full (one per chosen value), then all of them
+        // through one digest.
+        assert_eq!(keys[0].rsplit('/').next(), Some("3375320f631d56e50d49493306111eb6"));
+        assert_eq!(keys[60].rsplit('/').next(), Some("82d7fde4b5acde9a0266997f323ef71a"));
+        let chosen: Vec<&str> = keys[keys.len() - 48..].iter().step_by(6).map(String::as_str).collect();
+        assert_eq!(
+            chosen,
+            [
+                "h:44136fa355b3678a1146ad16f7e8649e",
+                "h:72d427b7264997760074a94dcc1c9e54",
+                "h:5376213f392ab330a283c1810338b233",
+                "id:a/b\u{e9}\u{1f600}/e0d99dd00d2b1eb264324cb6051898b6",
+                "h:97dca82913d524164b4e3b1099b771eb",
+                "h:4f2b0c9b964b112b122c60e29515d984",
+                "h:075dc88ab6ca7241e3a5c075dd726b22",
+                "h:45e6463ee4916d014703e85932dc1b3c",
+            ]
+        );
+        assert_eq!(keys[keys.len() - 29], "h:e0d99dd00d2b1eb264324cb6051898b6", "DLP has no id field");
+        let all = Sha256::digest(keys.join("\n").as_bytes());
+        let all: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (keys.len(), all.as_str()),
+            (115, "1ad916ce0485e13e2c3fe7e26d66381d5ca48a0cd7cc8317d43d167374f70c4b")
+        );
+    }
 }
