@@ -87,27 +87,28 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
             }
         }
     };
-    let obj = doc.as_object().ok_or_else(|| malformed("not a JSON object"))?;
+    // The records are moved out of the parsed document, never copied.
+    let Value::Object(mut obj) = doc else { return Err(malformed("not a JSON object")) };
     match obj.get("fail") {
         Some(Value::Array(fails)) if !fails.is_empty() => return Err(failure(fails)),
         Some(Value::Array(_) | Value::Null) | None => {}
         Some(_) => return Err(malformed("fail is not an array")),
     }
-    let meta = match obj.get("meta") {
+    let meta = match obj.remove("meta") {
         Some(Value::Object(m)) => m,
         Some(_) => return Err(malformed("meta is not an object")),
         None => return Err(malformed("no meta object")),
     };
-    let data = match obj.get("data") {
+    let data = match obj.remove("data") {
         Some(Value::Array(d)) => d,
         Some(Value::Null) | None => return Err(malformed("no data array")),
         Some(_) => return Err(malformed("data is not an array")),
     };
     let records = match feed.spec().records_key {
-        None => objects(data.iter(), "data[]")?,
+        None => objects(data, "data[]")?,
         Some(key) => unwrap_records(feed, key, data)?,
     };
-    Ok(Page { records, next: next_token(meta)?, repaired })
+    Ok(Page { records, next: next_token(&meta)?, repaired })
 }
 
 fn malformed(m: &str) -> WireError {
@@ -130,13 +131,11 @@ fn next_token(meta: &serde_json::Map<String, Value>) -> Result<Option<String>, W
 }
 
 /// The records of one array, each of which must be a JSON object.
-fn objects<'a>(items: impl Iterator<Item = &'a Value>, place: &str) -> Result<Vec<Value>, WireError> {
-    items
-        .map(|v| match v {
-            Value::Object(_) => Ok(v.clone()),
-            other => Err(WireError::Malformed(format!("a record in {place} is not an object: {}", kind(other)))),
-        })
-        .collect()
+fn objects(items: Vec<Value>, place: &str) -> Result<Vec<Value>, WireError> {
+    if let Some(other) = items.iter().find(|v| !v.is_object()) {
+        return Err(WireError::Malformed(format!("a record in {place} is not an object: {}", kind(other))));
+    }
+    Ok(items)
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -150,28 +149,28 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn unwrap_records(feed: Feed, key: &str, data: &[Value]) -> Result<Vec<Value>, WireError> {
+fn unwrap_records(feed: Feed, key: &str, data: Vec<Value>) -> Result<Vec<Value>, WireError> {
     let mut records = Vec::new();
     for item in data {
-        let Value::Object(wrapper) = item else {
-            return Err(WireError::Malformed(format!("a data[] item is {}, not an object", kind(item))));
+        let Value::Object(mut wrapper) = item else {
+            return Err(WireError::Malformed(format!("a data[] item is {}, not an object", kind(&item))));
         };
-        match wrapper.get(key) {
-            Some(Value::Array(inner)) => records.extend(objects(inner.iter(), &format!("data[].{key}"))?),
+        match wrapper.remove(key) {
+            Some(Value::Array(inner)) => records.extend(objects(inner, &format!("data[].{key}"))?),
             Some(Value::Null) => {}
             Some(_) => return Err(WireError::Malformed(format!("data[].{key} is not an array"))),
             // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record.
-            None if feed == Feed::Rejection => records.push(item.clone()),
+            None if feed == Feed::Rejection => records.push(Value::Object(wrapper)),
             // A wrapper with only counters (resultCount) and no records array holds nothing.
-            None if is_counter_only(item) => {}
+            None if is_counter_only(&wrapper) => {}
             None => return Err(WireError::Malformed(format!("data[] item has no {key} array"))),
         }
     }
     Ok(records)
 }
 
-fn is_counter_only(item: &Value) -> bool {
-    item.as_object().is_some_and(|o| o.values().all(|v| v.is_number()))
+fn is_counter_only(item: &serde_json::Map<String, Value>) -> bool {
+    item.values().all(Value::is_number)
 }
 
 fn failure(fails: &[Value]) -> WireError {
