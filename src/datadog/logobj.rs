@@ -228,7 +228,7 @@ fn restamp(feed: Feed, record: Value) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn shape(late: LateRecords) -> Shape {

@@ -237,45 +237,73 @@ fn repair(body: &[u8]) -> (String, usize) {
 /// shows one id with different content, and a record must never be skipped because another one shared its id.
 /// A re-read of the same record gives the same key, which is all deduplication needs.
 pub fn record_key(feed: Feed, record: &Value) -> String {
-    let mut canon = String::new();
-    canonical(record, &mut canon);
-    let digest = Sha256::digest(canon.as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    match feed.spec().id_field.and_then(|f| record.get(f)).and_then(Value::as_str).filter(|id| !id.is_empty()) {
-        Some(id) => format!("id:{id}/{hex}"),
-        None => format!("h:{hex}"),
+    thread_local! {
+        /// The canonical text of the last record keyed on this thread: one buffer, grown once, reused.
+        static CANON: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let digest = CANON.with_borrow_mut(|canon| {
+        canon.clear();
+        canonical(record, canon);
+        Sha256::digest(&canon[..])
+    });
+    let id = feed.spec().id_field.and_then(|f| record.get(f)).and_then(Value::as_str).filter(|id| !id.is_empty());
+    let mut key = String::with_capacity(id.map_or(0, str::len) + 36);
+    match id {
+        Some(id) => {
+            key.push_str("id:");
+            key.push_str(id);
+            key.push('/');
+        }
+        None => key.push_str("h:"),
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in &digest[..16] {
+        key.push(char::from(HEX[usize::from(b >> 4)]));
+        key.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    key
 }
 
-/// Compact JSON with object keys sorted, recursively.
-pub fn canonical(v: &Value, out: &mut String) {
+/// Compact JSON with object keys sorted, recursively, appended to `out`: names and strings escaped as serde_json
+/// escapes them, numbers as written.
+pub fn canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            let mut fields: Vec<(&String, &Value)> = m.iter().collect();
+            fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in fields.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical(&m[k], out);
+                json_string(out, k);
+                out.push(b':');
+                canonical(v, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        Value::String(s) => json_string(out, s),
+        Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
     }
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail, and a str always serializes.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// The record's own event time, if its time field holds a datetime we can read.
@@ -465,6 +493,63 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The canonical form as first written: a String per name and per scalar. Kept to prove the writer's bytes.
+    fn canonical_reference(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical_reference(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical_reference(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+
+    fn same_canonical(v: &Value) {
+        let (mut reference, mut written) = (String::new(), Vec::new());
+        canonical_reference(v, &mut reference);
+        canonical(v, &mut written);
+        assert_eq!(String::from_utf8_lossy(&written), reference);
+    }
+
+    #[test]
+    fn the_canonical_writer_gives_the_first_versions_bytes() {
+        for (_, r) in pinned_records() {
+            same_canonical(&r);
+        }
+        for feed in Feed::ALL {
+            for i in 0..20 {
+                same_canonical(&crate::sim::records::generate(feed, i, 1_700_000_000, 100 * i as usize));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_records_canonical_form_is_the_first_versions(v in crate::datadog::logobj::tests::json::value()) {
+            same_canonical(&v);
+        }
     }
 
     #[test]
