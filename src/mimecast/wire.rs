@@ -306,6 +306,12 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// The text a record is queued as: serde_json's compact serialization, field order and number spelling kept.
+/// The same bytes as `record.to_string()`, without going through `fmt::Display`.
+pub fn body(record: &Value) -> String {
+    serde_json::to_string(record).unwrap_or_else(|_| record.to_string())
+}
+
 /// The record's own event time, if its time field holds a datetime we can read.
 pub fn record_time(feed: Feed, record: &Value) -> Option<i64> {
     record.get(feed.spec().time_field).and_then(Value::as_str).and_then(datetime::parse)
@@ -537,6 +543,7 @@ mod tests {
     fn the_canonical_writer_gives_the_first_versions_bytes() {
         for (_, r) in pinned_records() {
             same_canonical(&r);
+            assert_eq!(body(&r), r.to_string(), "the queued text is unchanged too");
         }
         for feed in Feed::ALL {
             for i in 0..20 {
@@ -549,6 +556,7 @@ mod tests {
         #[test]
         fn any_records_canonical_form_is_the_first_versions(v in crate::datadog::logobj::tests::json::value()) {
             same_canonical(&v);
+            proptest::prop_assert_eq!(body(&v), v.to_string());
         }
     }
 
