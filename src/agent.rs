@@ -703,7 +703,7 @@ impl Agent {
             .map(|r| NewRecord {
                 key: wire::record_key(req.feed, r),
                 event_time: wire::record_time(req.feed, r),
-                body: r.to_string(),
+                body: wire::body(r),
             })
             .collect();
         let commit = PageCommit { feed: req.feed, window: req.window, next_token, records, forget_before };
