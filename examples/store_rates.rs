@@ -162,7 +162,7 @@ fn main() {
     let (c, w) = (cpu(), written());
     loop {
         let start = Instant::now();
-        let picked = batch::fair_order(store.candidates_within(BATCH, batch::MAX_PAYLOAD_BYTES).unwrap());
+        let picked = batch::fair_order(store.candidates_within(BATCH, batch::MAX_PAYLOAD_BYTES, |_| i64::MIN).unwrap());
         let seqs: Vec<i64> = picked.iter().take(BATCH).map(|q| q.seq).collect();
         pick += start.elapsed();
         if seqs.is_empty() {

@@ -5,9 +5,10 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -22,8 +23,8 @@ use crate::datadog::logobj::Shape;
 use crate::datadog::sink::{self, Sent};
 use crate::datetime;
 use crate::http::Http;
-use crate::mimecast::auth::{Credentials, Token};
-use crate::mimecast::client::{self, Fetched, PageRequest};
+use crate::mimecast::auth::{self, AuthError, Credentials, Token};
+use crate::mimecast::client::{self, FetchError, Fetched, PageRequest};
 use crate::mimecast::window::Settings;
 use crate::mimecast::{Feed, wire};
 pub use crate::policy::Mode;
@@ -110,7 +111,8 @@ enum Event {
     Shutdown,
     /// SIGHUP: read the config file again.
     Reload,
-    Fetched(PageRequest, Fetched),
+    /// A token or a page came back.
+    Fetched(Fetch),
     Sent(Batch, Sent),
     /// A timer fired: a feed or the sender may be due.
     Wake,
@@ -138,7 +140,6 @@ struct Agent {
     /// Bumped when a reload changes the Mimecast credentials; a fetch started under other ones brings back a
     /// token that is not kept.
     creds_generation: u64,
-    fetch_generation: u64,
 }
 
 /// SIGHUP and the config file it makes the agent read again (`systemctl reload`).
@@ -223,6 +224,7 @@ fn settings(cfg: &Config, tuning: &Tuning, mode: Mode) -> (PollerSettings, Sende
         retries: retries(tuning.datadog_backoff),
         idle: poll_interval,
         summary_every: tuning.summary_every,
+        max_in_flight: usize::try_from(cfg.datadog.sends_in_flight).unwrap_or(1),
     };
     (poller, sender, retries(tuning.mimecast_backoff))
 }
@@ -257,7 +259,6 @@ impl Agent {
             page_wal: 256 * 1024,
             disk_note: true,
             creds_generation: 0,
-            fetch_generation: 0,
         })
     }
 
@@ -272,76 +273,74 @@ impl Agent {
 
     async fn main_loop(&mut self, shutdown: impl Future<Output = ()>, reload: Option<Reload>) -> anyhow::Result<()> {
         let mut shutdown = pin!(shutdown);
-        let mut fetch: Option<Task<(PageRequest, Fetched)>> = None;
-        let mut send: Option<Task<(Batch, Sent)>> = None;
+        // Every task is awaited here or dropped at shutdown; none is detached.
+        let mut fetches: Vec<Task<Fetch>> = Vec::new();
+        let mut sends: Vec<Task<(Batch, Sent)>> = Vec::new();
         let once = self.mode == Mode::Once;
         loop {
             let now = self.now();
-            if fetch.is_none() {
-                let started = self.start_fetch(now);
-                fetch = self.absorb(started, now, false)?.flatten();
+            loop {
+                let started = self.start_fetch(now, fetches.len());
+                match self.absorb(started, now, false)?.flatten() {
+                    Some(t) => fetches.push(t),
+                    None => break,
+                }
             }
-            if send.is_none() {
+            loop {
                 let started = self.start_send(now);
-                send = self.absorb(started, now, true)?.flatten();
+                match self.absorb(started, now, true)?.flatten() {
+                    Some(t) => sends.push(t),
+                    None => break,
+                }
             }
-            if once && fetch.is_none() && send.is_none() {
+            if once && fetches.is_empty() && sends.is_empty() {
                 let over = self.pass_over();
                 if self.absorb(over, now, false)? == Some(true) {
                     return Ok(());
                 }
             }
+            // While the one fetch in flight brings a token, the other feeds wait for it, not for a timer.
+            let token_awaited = !fetches.is_empty() && !self.fresh_token(now);
             let wake = policy::next_wake(
                 now.at,
-                self.poller.next_wake().filter(|_| fetch.is_none() && !self.pressure.queue_full()),
+                self.poller.next_wake().filter(|_| !self.pressure.queue_full() && !token_awaited),
                 self.pressure.until(),
-                self.sender.next_wake().filter(|_| send.is_none()),
+                self.sender.next_wake(),
             );
-            let event = async {
-                match &mut fetch {
-                    Some(t) => {
-                        let (req, f) = t.await;
-                        Event::Fetched(req, f)
+            let event = async { Event::Fetched(first(&mut fetches).await) }
+                .or(async {
+                    let (b, s) = first(&mut sends).await;
+                    Event::Sent(b, s)
+                })
+                .or(async {
+                    (&mut shutdown).await;
+                    Event::Shutdown
+                })
+                .or(async {
+                    match &reload {
+                        Some(r) => {
+                            r.signal.next().await;
+                            Event::Reload
+                        }
+                        None => std::future::pending().await,
                     }
-                    None => std::future::pending().await,
-                }
-            }
-            .or(async {
-                match &mut send {
-                    Some(t) => {
-                        let (b, s) = t.await;
-                        Event::Sent(b, s)
-                    }
-                    None => std::future::pending().await,
-                }
-            })
-            .or(async {
-                (&mut shutdown).await;
-                Event::Shutdown
-            })
-            .or(async {
-                match &reload {
-                    Some(r) => {
-                        r.signal.next().await;
-                        Event::Reload
-                    }
-                    None => std::future::pending().await,
-                }
-            })
-            .or(async {
-                smol::Timer::at(wake).await;
-                Event::Wake
-            })
-            .await;
+                })
+                .or(async {
+                    smol::Timer::at(wake).await;
+                    Event::Wake
+                })
+                .await;
             let now = self.now();
             match event {
-                Event::Fetched(req, f) => {
-                    fetch = None;
-                    let handled = self.on_fetched(now, req, f);
+                Event::Fetched(Fetch::Token(req, generation, token)) => {
+                    let handled = self.on_token(now, req, generation, token);
+                    fetches.extend(self.absorb(handled, now, false)?.flatten());
+                }
+                Event::Fetched(Fetch::Page(req, generation, f)) => {
+                    let handled = self.on_fetched(now, req, generation, f);
                     self.absorb(handled, now, false)?;
                 }
                 Event::Sent(b, s) => {
-                    send = None;
                     let handled = self.on_sent(now, b, s);
                     self.absorb(handled, now, true)?;
                 }
@@ -352,29 +351,14 @@ impl Agent {
                     }
                 }
                 Event::Shutdown => {
-                    // A fetch in flight is abandoned: nothing of it is committed, so it is read again next time.
-                    drop(fetch);
-                    if let Some(t) = send {
-                        let grace = self.tuning.shutdown_grace;
-                        let done = async { Some(t.await) }.or(async {
-                            smol::Timer::after(grace).await;
-                            None
-                        });
-                        match done.await {
-                            Some((b, s)) => {
-                                let now = self.now();
-                                let handled = self.on_sent(now, b, s);
-                                self.absorb(handled, now, true)?;
-                            }
-                            None => log::warn!(
-                                "shutting down with a Datadog request unanswered: that batch will be sent again"
-                            ),
-                        }
-                    }
-                    if let Some(n) = self.sender.undeleted() {
+                    // Fetches in flight are abandoned: nothing of them is committed, so they are read again.
+                    drop(fetches);
+                    self.finish_sends(sends).await?;
+                    let undeleted = self.sender.undeleted();
+                    if undeleted > 0 {
                         log::warn!(
-                            "shutting down with {n} delivered records still in the queue (it could not be written): \
-                             they will be sent again"
+                            "shutting down with {undeleted} delivered records still in the queue (it could not be \
+                             written): they will be sent again"
                         );
                     }
                     match self.store.counters() {
@@ -385,6 +369,29 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// At shutdown, the sends in flight are awaited up to the grace, so that their batches leave the queue and are
+    /// not sent again; the rest are abandoned and will be.
+    async fn finish_sends(&mut self, mut sends: Vec<Task<(Batch, Sent)>>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.tuning.shutdown_grace;
+        while !sends.is_empty() {
+            let answered = async { Some(first(&mut sends).await) }.or(async {
+                smol::Timer::at(deadline).await;
+                None
+            });
+            let Some((b, s)) = answered.await else {
+                log::warn!(
+                    "shutting down with {} Datadog request(s) unanswered: those batches will be sent again",
+                    sends.len()
+                );
+                break;
+            };
+            let now = self.now();
+            let handled = self.on_sent(now, b, s);
+            self.absorb(handled, now, true)?;
+        }
+        Ok(())
     }
 
     /// SIGHUP: a valid config takes effect at once; an invalid one is refused and the running one stays. The
@@ -511,11 +518,12 @@ impl Agent {
     /// Whether the queue's filesystem has room for another page and what follows it ([`pressure::room`]): the
     /// agent checkpoints and gives free pages back first, and stops polling while a page would not fit, so it
     /// never fills the disk itself, and deletes (delivery) and checkpoints always have room.
-    fn room_for_a_page(&mut self, now: Now) -> anyhow::Result<bool> {
+    /// `pages`: the pages in flight and the one about to start, each of which may need that room.
+    fn room_for_pages(&mut self, now: Now, pages: u64) -> anyhow::Result<bool> {
         let (mut checkpointed, mut released) = (false, false);
         loop {
             let space = self.store.space()?;
-            match pressure::room(space, self.page_wal, checkpointed, released) {
+            match pressure::room(space, self.page_wal.saturating_mul(pages), checkpointed, released) {
                 Room::Fits => return Ok(true),
                 Room::Checkpoint => {
                     self.store.checkpoint()?;
@@ -580,37 +588,89 @@ impl Agent {
         Ok(full)
     }
 
-    /// Asks the poller which feed is due and starts fetching its next page.
-    fn start_fetch(&mut self, now: Now) -> anyhow::Result<Option<Task<(PageRequest, Fetched)>>> {
+    /// Asks the poller which feed is due and starts fetching its next page. One fetch per feed may be in flight.
+    /// Without a fresh token, the first fetch fetches one on its own (a task of its own, so that a page that hangs
+    /// afterwards holds up no other feed), and the others wait for it.
+    fn start_fetch(&mut self, now: Now, in_flight: usize) -> anyhow::Result<Option<Task<Fetch>>> {
         if self.pressure.until().is_some_and(|u| u > now.at) || self.measure_queue()? {
+            return Ok(None);
+        }
+        if in_flight > 0 && !self.fresh_token(now) {
             return Ok(None);
         }
         while let Some(feed) = self.poller.due(now) {
             let cursor = self.store.cursor(feed)?.context("cursor row missing")?;
             let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.window) else { continue };
-            if !self.room_for_a_page(now)? {
+            if !self.room_for_pages(now, in_flight as u64 + 1)? {
                 return Ok(None);
             }
+            self.poller.on_fetching(feed);
             let req = PageRequest {
                 feed,
                 window: plan.window,
                 page_token: plan.page_token,
                 page_size: self.cfg.mimecast.page_size,
             };
-            let (http, creds, token, margin) =
-                (self.http.clone(), self.creds.clone(), self.token.clone(), self.tuning.token_margin);
-            self.fetch_generation = self.creds_generation;
-            return Ok(Some(smol::unblock(move || {
-                let f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
-                (req, f)
-            })));
+            if !self.fresh_token(now) {
+                let (http, creds, generation) = (self.http.clone(), self.creds.clone(), self.creds_generation);
+                return Ok(Some(smol::unblock(move || {
+                    let token = auth::fetch_token(&http, &creds, now.at);
+                    Fetch::Token(req, generation, token)
+                })));
+            }
+            return Ok(Some(self.fetch_page(now, req)));
         }
         Ok(None)
     }
 
+    fn fresh_token(&self, now: Now) -> bool {
+        self.token.as_ref().is_some_and(|t| t.fresh(now.at, self.tuning.token_margin))
+    }
+
+    /// Starts the fetch of a page with the token in hand (a 401 still fetches a new one and retries once).
+    fn fetch_page(&self, now: Now, req: PageRequest) -> Task<Fetch> {
+        let (http, creds, token, generation, margin) = (
+            self.http.clone(),
+            self.creds.clone(),
+            self.token.clone(),
+            self.creds_generation,
+            self.tuning.token_margin,
+        );
+        smol::unblock(move || {
+            let f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
+            Fetch::Page(req, generation, f)
+        })
+    }
+
+    /// A token came back for the fetch of `req`: keep it and fetch the page, or count the failure against the
+    /// feed. A token fetched under credentials a reload has replaced is dropped, and the feed tries again.
+    fn on_token(
+        &mut self,
+        now: Now,
+        req: PageRequest,
+        generation: u64,
+        token: Result<Token, AuthError>,
+    ) -> anyhow::Result<Option<Task<Fetch>>> {
+        if generation != self.creds_generation {
+            self.poller.on_abandoned(req.feed);
+            return Ok(None);
+        }
+        match token {
+            Ok(t) => {
+                self.token = Some(t);
+                Ok(Some(self.fetch_page(now, req)))
+            }
+            Err(e) => {
+                let fetched = Fetched { result: Err(FetchError::Auth(e)), new_token: None, throttle: None };
+                self.on_fetched(now, req, generation, fetched)?;
+                Ok(None)
+            }
+        }
+    }
+
     /// A page or a failure came back: the poller decides, the loop commits or records.
-    fn on_fetched(&mut self, now: Now, req: PageRequest, fetched: Fetched) -> anyhow::Result<()> {
-        if let Some(t) = fetched.new_token.filter(|_| self.fetch_generation == self.creds_generation) {
+    fn on_fetched(&mut self, now: Now, req: PageRequest, generation: u64, fetched: Fetched) -> anyhow::Result<()> {
+        if let Some(t) = fetched.new_token.filter(|_| generation == self.creds_generation) {
             self.token = Some(t);
         }
         let page = fetched.result.as_ref().map_err(Clone::clone);
@@ -643,7 +703,7 @@ impl Agent {
             .map(|r| NewRecord {
                 key: wire::record_key(req.feed, r),
                 event_time: wire::record_time(req.feed, r),
-                body: r.to_string(),
+                body: wire::body(r),
             })
             .collect();
         let commit = PageCommit { feed: req.feed, window: req.window, next_token, records, forget_before };
@@ -687,11 +747,13 @@ impl Agent {
                     }
                 }
                 Some(Next::Fresh) => {
-                    let records = self.store.candidates_within(MAX_LOGS, MAX_PAYLOAD_BYTES)?;
-                    break (batch::fair_order(records), Half::Whole);
+                    let after = |feed| self.sender.sent_up_to(feed);
+                    let candidates = self.store.candidates_within(MAX_LOGS, MAX_PAYLOAD_BYTES, after)?;
+                    break (batch::fair_order(candidates), Half::Whole);
                 }
             }
         };
+        let order: Vec<(i64, Feed)> = records.iter().map(|q| (q.seq, q.feed)).collect();
         let had_records = !records.is_empty();
         let packed = batch::pack(records, &self.shape, now.unix);
         for t in &packed.too_large {
@@ -705,7 +767,9 @@ impl Agent {
             }
             return Ok(None);
         }
-        let b = Batch { seqs: packed.seqs, restamped: packed.restamped, kept: packed.kept, half };
+        let last = last_per_feed(&order, packed.seqs.last().copied().unwrap_or(i64::MIN));
+        let b = Batch { seqs: packed.seqs, restamped: packed.restamped, kept: packed.kept, half, last };
+        self.sender.on_sending(&b);
         let (http, url, key, payload) = (
             self.http.clone(),
             self.cfg.datadog.intake_url.as_str().to_owned(),
@@ -794,6 +858,43 @@ impl Agent {
             s.delivered as f64 / s.elapsed.as_secs_f64().max(0.001)
         );
     }
+}
+
+/// What a fetch task brings back, with the credentials generation it started under.
+enum Fetch {
+    Token(PageRequest, u64, Result<Token, AuthError>),
+    Page(PageRequest, u64, Fetched),
+}
+
+/// The highest sequence number of each feed among `order` up to and including `upto` (a batch packs a prefix of
+/// its candidates, less those set aside as too large).
+fn last_per_feed(order: &[(i64, Feed)], upto: i64) -> Vec<(Feed, i64)> {
+    let mut last: Vec<(Feed, i64)> = Vec::new();
+    for &(seq, feed) in order {
+        match last.iter_mut().find(|(f, _)| *f == feed) {
+            Some((_, s)) => *s = (*s).max(seq),
+            None => last.push((feed, seq)),
+        }
+        if seq == upto {
+            break;
+        }
+    }
+    last
+}
+
+/// The first of `tasks` to finish, taken out of the list; pending for ever while there is none. Dropped before it
+/// resolves, it takes nothing: the tasks stay in the list.
+async fn first<T>(tasks: &mut Vec<Task<T>>) -> T {
+    std::future::poll_fn(|cx| {
+        for i in 0..tasks.len() {
+            if let Poll::Ready(v) = Pin::new(&mut tasks[i]).poll(cx) {
+                drop(tasks.swap_remove(i));
+                return Poll::Ready(v);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The result of a write that only informs `status` (an error line, a note): a full disk or a held lock is

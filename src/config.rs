@@ -100,6 +100,7 @@ struct RawDatadog {
     tags: Option<Vec<String>>,
     late_records: Option<LateRecords>,
     max_event_age_secs: Option<i64>,
+    sends_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +173,8 @@ pub struct DatadogConfig {
     pub late_records: LateRecords,
     /// 60 to 64800 (18 h).
     pub max_event_age_secs: i64,
+    /// Batches sent at once, 1 to 16: at most this many are sent again after a crash.
+    pub sends_in_flight: u32,
 }
 
 /// `datadog.late_records`: what to do with a record Datadog would drop for its age.
@@ -549,6 +552,7 @@ fn validate(
             60,
             DATADOG_MAX_AGE_SECS,
         )?,
+        sends_in_flight: range("datadog.sends_in_flight", d.sends_in_flight.unwrap_or(4), 1, 16)?,
     };
 
     let q = raw.queue;

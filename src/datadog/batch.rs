@@ -88,30 +88,42 @@ pub struct TooLarge {
 }
 
 /// Builds log objects from `records` in order until a request limit is reached. Pure: the caller stores the
-/// dead letters and sends the payload.
+/// dead letters and sends the payload. Each log is written straight into the payload and taken back out if it
+/// does not fit.
 pub fn pack(records: Vec<Queued>, shape: &Shape, now: i64) -> Packed {
     let mut out = Packed::default();
-    let mut logs: Vec<String> = Vec::new();
+    // A log object holds its record about twice (attributes and message) and ~150 bytes of its own.
+    let estimate = records.iter().map(|q| 2 * q.body.len() + 160).sum::<usize>();
+    let mut payload = Vec::with_capacity(estimate.min(MAX_PAYLOAD_BYTES) + 2);
+    payload.push(b'[');
     let mut packer = Packer::default();
     for q in records {
-        let built = logobj::build(q.feed, &q.body, q.event_time, shape, now);
-        if built.json.len() > MAX_LOG_BYTES {
-            out.too_large.push(TooLarge { seq: q.seq, feed: q.feed, key: q.key, bytes: built.json.len() });
+        let before = payload.len();
+        if !out.seqs.is_empty() {
+            payload.push(b',');
+        }
+        let start = payload.len();
+        let late = logobj::write(&mut payload, q.feed, &q.body, q.event_time, shape, now);
+        let size = payload.len() - start;
+        if size > MAX_LOG_BYTES {
+            payload.truncate(before);
+            out.too_large.push(TooLarge { seq: q.seq, feed: q.feed, key: q.key, bytes: size });
             continue;
         }
-        if !packer.try_add(built.json.len()) {
+        if !packer.try_add(size) {
+            payload.truncate(before);
             break;
         }
-        match built.late {
+        match late {
             Late::Restamped => out.restamped += 1,
             Late::Kept => out.kept += 1,
             Late::OnTime => {}
         }
         out.seqs.push(q.seq);
-        logs.push(built.json);
     }
-    if !logs.is_empty() {
-        out.payload = payload(logs.iter().map(String::as_str));
+    if !out.seqs.is_empty() {
+        payload.push(b']');
+        out.payload = payload;
     }
     out
 }
@@ -182,5 +194,40 @@ mod tests {
         let logs: Vec<serde_json::Value> = serde_json::from_slice(&packed.payload).expect("a JSON array");
         assert_eq!(logs.len(), 2);
         assert!(pack(Vec::new(), &shape, now).payload.is_empty());
+    }
+
+    #[test]
+    fn the_payload_is_the_logs_joined_and_stops_at_the_byte_limit() {
+        use crate::config::LateRecords;
+        let shape = Shape {
+            hostname: "h".into(),
+            ddtags: "a:b".into(),
+            late_records: LateRecords::Restamp,
+            max_event_age_secs: 3600,
+        };
+        let now = 1_800_000_000;
+        let records: Vec<Queued> = (0..1200)
+            .map(|i| {
+                let feed = Feed::ALL[i % 6];
+                let r = crate::sim::records::generate(feed, i as u64, now - 7000 + 20 * i as i64, 3000 + i * 7);
+                Queued {
+                    seq: i as i64,
+                    feed,
+                    key: String::new(),
+                    event_time: Some(now - 7000 + 20 * i as i64),
+                    body: r.to_string(),
+                }
+            })
+            .collect();
+        let packed = pack(records.clone(), &shape, now);
+        let logs: Vec<String> =
+            records.iter().map(|q| logobj::build(q.feed, &q.body, q.event_time, &shape, now).json).collect();
+        let mut packer = Packer::default();
+        let n = logs.iter().take_while(|l| packer.try_add(l.len())).count();
+        assert!(n > 100 && n < 1000, "the byte limit, not the count, ends this batch: {n}");
+        assert_eq!(packed.seqs, (0..n as i64).collect::<Vec<_>>());
+        assert!(packed.payload.len() <= MAX_PAYLOAD_BYTES);
+        assert_eq!(packed.payload, payload(logs[..n].iter().map(String::as_str)));
+        assert!(packed.restamped > 0 && packed.restamped < n as i64, "{}", packed.restamped);
     }
 }

@@ -1,5 +1,9 @@
 //! The log object Datadog's Mimecast pipeline expects, built from one queued record. Pure.
 
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::LateRecords;
@@ -57,6 +61,125 @@ pub fn is_late(event_time: Option<i64>, now: i64, max_age_secs: i64) -> bool {
 
 /// Builds the log object for a record of `feed` whose queued body is `body` (compact JSON).
 pub fn build(feed: Feed, body: &str, event_time: Option<i64>, shape: &Shape, now: i64) -> Built {
+    let mut out = Vec::with_capacity(2 * body.len() + 160);
+    let late = write(&mut out, feed, body, event_time, shape, now);
+    // Only valid UTF-8 is ever written: slices of `body`, and serde_json's own output.
+    let json = String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    Built { json, late }
+}
+
+/// Appends the log object for a record of `feed` whose queued body is `body` to `out`, and says how the record's
+/// age was handled.
+///
+/// A record sent with its own time (nearly all) is not parsed into a tree: its top-level fields are read as
+/// borrowed slices of `body` and copied out as they are, and `message` is `body` escaped once. The queue holds
+/// what serde_json wrote (compact, one spelling per value), so this gives the same bytes as parsing the record
+/// and serializing the object, which a test proves; a restamped record, a body with a repeated top-level name and
+/// one that is not a JSON object take that slower path.
+pub fn write(out: &mut Vec<u8>, feed: Feed, body: &str, event_time: Option<i64>, shape: &Shape, now: i64) -> Late {
+    let late = is_late(event_time, now, shape.max_event_age_secs);
+    if !(late && shape.late_records == LateRecords::Restamp)
+        && let Some(fields) = Fields::of(body)
+    {
+        write_head(out, feed, shape);
+        out.extend_from_slice(b",\"message\":");
+        json_string(out, body);
+        for (name, value) in &fields.0 {
+            out.push(b',');
+            json_string(out, name);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.push(b'}');
+        return if late { Late::Kept } else { Late::OnTime };
+    }
+    write_parsed(out, feed, body, event_time, shape, now)
+}
+
+/// `{"ddsource":"mimecast","service":…,"hostname":…` and `"ddtags":…` when there are tags, unclosed.
+fn write_head(out: &mut Vec<u8>, feed: Feed, shape: &Shape) {
+    out.extend_from_slice(b"{\"ddsource\":\"mimecast\",\"service\":");
+    json_string(out, feed.name());
+    out.extend_from_slice(b",\"hostname\":");
+    json_string(out, &shape.hostname);
+    if !shape.ddtags.is_empty() {
+        out.extend_from_slice(b",\"ddtags\":");
+        json_string(out, &shape.ddtags);
+    }
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail, and a str always serializes.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A record's top-level fields as the log object names them, each value a slice of the queued text.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Fields<'a> {
+    /// The fields of `body` when it is a JSON object whose names stay distinct once reserved names are prefixed;
+    /// `None` otherwise (not an object, not JSON, a repeated name), for the parsing path to handle.
+    fn of(body: &'a str) -> Option<Fields<'a>> {
+        let Fields(mut fields) = serde_json::from_str::<Fields<'a>>(body).ok()?;
+        for (name, _) in &mut fields {
+            if RESERVED.contains(&name.as_ref()) {
+                *name = Cow::Owned(format!("mimecast.{name}"));
+            }
+        }
+        let mut names: Vec<&str> = fields.iter().map(|(n, _)| n.as_ref()).collect();
+        names.sort_unstable();
+        names.windows(2).all(|w| w[0] != w[1]).then_some(Fields(fields))
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Fields<'de>, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(24));
+                while let Some(Name(name)) = map.next_key()? {
+                    fields.push((name, map.next_value()?));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
+/// A field name, borrowed from the text unless it holds an escape.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name<'de>, D::Error> {
+        struct Str;
+        impl<'de> Visitor<'de> for Str {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(Str)
+    }
+}
+
+/// The log object built through a parsed tree: restamped records, and bodies the fast path leaves alone.
+fn write_parsed(out: &mut Vec<u8>, feed: Feed, body: &str, event_time: Option<i64>, shape: &Shape, now: i64) -> Late {
     let record: Value = match serde_json::from_str(body) {
         Ok(v) => v,
         // The queue only holds JSON the agent serialized itself; if a byte rotted on disk, still deliver it.
@@ -88,7 +211,9 @@ pub fn build(feed: Feed, body: &str, event_time: Option<i64>, shape: &Shape, now
             log.insert(k, v);
         }
     }
-    Built { json: Value::Object(log).to_string(), late }
+    // Writing into a Vec cannot fail, and a Value always serializes.
+    let _ = serde_json::to_writer(&mut *out, &Value::Object(log));
+    late
 }
 
 /// Renames the feed's time field to `original_<field>`, in place, so the original time stays searchable.
@@ -103,7 +228,7 @@ fn restamp(feed: Feed, record: Value) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn shape(late: LateRecords) -> Shape {
@@ -171,5 +296,162 @@ mod tests {
         assert!(is_late(Some(now + 3 * 3600), now, 61200));
         assert!(!is_late(Some(now - 61200), now, 61200));
         assert!(!is_late(None, now, 61200));
+    }
+
+    /// Both paths, on the same queued body: the fast path must give the parsing path's bytes exactly.
+    fn same_bytes(feed: Feed, body: &str, event_time: Option<i64>, shape: &Shape, now: i64) {
+        let (mut fast, mut parsed) = (Vec::new(), Vec::new());
+        let late = write(&mut fast, feed, body, event_time, shape, now);
+        let late_parsed = write_parsed(&mut parsed, feed, body, event_time, shape, now);
+        assert_eq!(
+            (String::from_utf8_lossy(&fast), late),
+            (String::from_utf8_lossy(&parsed), late_parsed),
+            "{feed:?} {body}"
+        );
+    }
+
+    /// Queued bodies as the agent writes them: serde_json's compact text of a parsed record.
+    fn queued_bodies() -> Vec<(Feed, String)> {
+        let mut out = Vec::new();
+        for (feed, file) in [
+            (Feed::Audit, "audit_test-audit-events"),
+            (Feed::Dlp, "dlp_test-dlp-logs"),
+            (Feed::TtpAttachment, "ttp_attachment_test-ttp-ap-logs"),
+            (Feed::TtpImpersonation, "ttp_impersonation_test-ttp-ip-logs"),
+            (Feed::TtpUrl, "ttp_url_test-ttp-url-logs"),
+        ] {
+            let text = std::fs::read_to_string(format!("tests/data/elastic_{file}.log")).unwrap();
+            out.extend(text.lines().map(|l| (feed, serde_json::from_str::<Value>(l).unwrap().to_string())));
+        }
+        let samples: Value =
+            serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap())
+                .unwrap();
+        for s in samples.as_array().unwrap() {
+            let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
+            out.push((feed, serde_json::from_str::<Value>(s["sample"].as_str().unwrap()).unwrap().to_string()));
+        }
+        for feed in Feed::ALL {
+            for i in 0..10 {
+                out.push((feed, crate::sim::records::generate(feed, i, 1_700_000_000, 200 * i as usize).to_string()));
+            }
+        }
+        for text in [
+            r#"{}"#,
+            r#"{"message":"m","status":"s","service":"x","host":"h","source":"src","ddsource":1,"ddtags":[],"hostname":null,"timestamp":{"a":1}}"#,
+            r#"{"message":"m","mimecast.message":"n"}"#,
+            r#"{"mimecast.message":"n","message":"m"}"#,
+            r#"{"mimecast_late":true,"original_date":"x","date":"2024-05-27T09:04:25+0000"}"#,
+            r#"{"k\"ey":"\u0000\u001f\u007f\b\f\n\r\t\"\\/ é 日本 \ud83d\ude00","":"","é":[1.50,-0,1E+5,123456789012345678901234567890]}"#,
+            r#"{"a":{"message":1,"b":[{"status":2}]},"n":-12.5e-3,"t":true,"f":false,"z":null}"#,
+        ] {
+            for feed in Feed::ALL {
+                out.push((feed, serde_json::from_str::<Value>(text).unwrap().to_string()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_fast_path_gives_the_parsed_paths_bytes() {
+        let now = datetime::parse("2024-05-27T10:00:00Z").unwrap();
+        let mut no_tags = shape(LateRecords::Keep);
+        no_tags.ddtags = String::new();
+        no_tags.hostname = "h\"ost\u{1}é".into();
+        let bodies = queued_bodies();
+        for (feed, body) in &bodies {
+            for shape in [&shape(LateRecords::Restamp), &shape(LateRecords::Keep), &no_tags] {
+                for event_time in [None, Some(now - 60), Some(now - 20 * 3600), Some(now + 3 * 3600)] {
+                    same_bytes(*feed, body, event_time, shape, now);
+                }
+            }
+        }
+        // Duplicate names (never in what the agent queues) and bodies that are not objects take the parsing path.
+        for body in [r#"{"a":1,"a":2}"#, r#"{"message":1,"mimecast.message":2}"#, "[1]", r#""s""#, "7", "", "{", "{} x"]
+        {
+            same_bytes(Feed::Audit, body, None, &shape(LateRecords::Keep), now);
+            assert!(Fields::of(body).is_none(), "{body}");
+        }
+        // Only the two chosen bodies that hold both `message` and `mimecast.message` miss the fast path, in each feed.
+        assert_eq!(bodies.iter().filter(|(_, b)| Fields::of(b).is_none()).count(), 2 * Feed::ALL.len());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_queued_record_gets_the_parsed_paths_bytes(record in json::object(), late in proptest::bool::ANY) {
+            let body = record.to_string();
+            let now = 1_800_000_000;
+            let t = if late { now - 100_000 } else { now };
+            same_bytes(Feed::Dlp, &body, Some(t), &shape(LateRecords::Keep), now);
+            same_bytes(Feed::TtpUrl, &body, Some(t), &shape(LateRecords::Restamp), now);
+        }
+    }
+
+    /// Arbitrary JSON with reserved and awkward names, escapes and numbers as written.
+    pub(crate) mod json {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(vec![
+                    "message",
+                    "status",
+                    "host",
+                    "source",
+                    "service",
+                    "timestamp",
+                    "ddtags",
+                    "mimecast.message",
+                    "mimecast.status",
+                    "mimecast_late",
+                    "date",
+                    "eventTime",
+                    "id",
+                    "",
+                    "é",
+                    "a\"b",
+                    "\\",
+                    "\u{1}",
+                ])
+                .prop_map(str::to_owned),
+                "[a-z]{1,3}",
+                any::<String>(),
+            ]
+        }
+
+        fn scalar() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                proptest::sample::select(vec![
+                    "1.50",
+                    "-0",
+                    "0.0",
+                    "1e5",
+                    "1E+5",
+                    "-12.5e-3",
+                    "123456789012345678901234567890"
+                ])
+                .prop_map(|n| serde_json::from_str(n).unwrap()),
+                any::<String>().prop_map(Value::String),
+                "[ -~\t\n\u{7f}\u{e9}\u{2028}\u{1f600}]{0,12}".prop_map(Value::String),
+            ]
+        }
+
+        pub fn value() -> impl Strategy<Value = Value> {
+            scalar().prop_recursive(4, 40, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::vec((name(), inner), 0..6)
+                        .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<String, Value>>())),
+                ]
+            })
+        }
+
+        pub fn object() -> impl Strategy<Value = Value> {
+            proptest::collection::vec((name(), value()), 0..12)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<String, Value>>()))
+        }
     }
 }

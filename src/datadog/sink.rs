@@ -116,7 +116,9 @@ fn is_valid(body: &[u8]) -> bool {
 }
 
 fn gzip(payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    // Level 3: most of the ratio of the default at about half the CPU, which matters on small appliances.
+    // Level 3 (zlib-rs), measured by examples/record_path on real fixture records / generated 1.1 KB records:
+    // ratio 6.9 / 54 at 4.0 / 0.63 ms of CPU per MB of JSON. Level 1 gives 5.2 / 28 at 1.7 / 0.40 ms, level 6
+    // 7.4 / 61 at 6.8 / 2.0 ms; miniz_oxide's level 3 gave 7.2 / 59 at 11 / 3.3 ms.
     let mut enc = GzEncoder::new(Vec::with_capacity(payload.len() / 4), Compression::new(3));
     enc.write_all(payload)?;
     enc.finish()

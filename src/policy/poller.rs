@@ -10,7 +10,12 @@
 //! - a page token seen before in the window is a failure (a pagination cycle), not progress;
 //! - in `--once`, a feed gives up after `once_attempts` failures in a row, or at once where an operator must
 //!   act, and a pass reads up to the moment it started, so a slow pass cannot chase a moving end;
-//! - a daemon that is behind by less than one poll interval waits for it.
+//! - a daemon that is behind by less than one poll interval waits for it;
+//! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others; a wait the
+//!   server asks for (a 429's reset, a low `X-RateLimit-Remaining`) holds the feed whose call was answered so.
+//!   Mimecast applies its quota per API user and "differently per resource": another feed that shares an
+//!   exhausted quota gets its own 429 (a call not executed) and waits in turn, one refused call per feed, while a
+//!   hostile reset on one feed cannot stop the others.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -61,6 +66,8 @@ struct FeedState {
     tokens: HashSet<String>,
     /// `--once`: this feed has finished its pass (caught up, or gave up).
     done: bool,
+    /// A fetch of this feed is in flight.
+    fetching: bool,
     /// A page waiting for its commit: its window, whether it is the last, the wait the server asked for.
     pending: Option<(Window, Option<String>, Duration)>,
     pages: u64,
@@ -77,6 +84,7 @@ impl FeedState {
             restarts: 0,
             tokens: HashSet::new(),
             done: false,
+            fetching: false,
             pending: None,
             pages: 0,
             queued: 0,
@@ -126,14 +134,38 @@ impl Poller {
         self.feeds.iter().map(|f| f.feed)
     }
 
-    /// The feed due soonest, if one is due.
+    /// The feed due soonest with no fetch in flight, if one is due.
     pub fn due(&self, now: Now) -> Option<Feed> {
-        self.feeds.iter().filter(|f| !f.done && f.due <= now.at).min_by_key(|f| f.due).map(|f| f.feed)
+        self.polling().filter(|f| f.due <= now.at).min_by_key(|f| f.due).map(|f| f.feed)
     }
 
-    /// When the next feed is due, if any still polls.
+    /// When the next feed with no fetch in flight is due, if any still polls.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.feeds.iter().filter(|f| !f.done).map(|f| f.due).min()
+        self.polling().map(|f| f.due).min()
+    }
+
+    fn polling(&self) -> impl Iterator<Item = &FeedState> {
+        self.feeds.iter().filter(|f| !f.done && !f.fetching)
+    }
+
+    /// The loop started fetching the feed's planned page.
+    pub fn on_fetching(&mut self, feed: Feed) {
+        if let Some(f) = self.state(feed) {
+            f.fetching = true;
+        }
+    }
+
+    /// The loop dropped the feed's fetch before it had an answer (its token belonged to replaced credentials): the
+    /// feed is due again as it was.
+    pub fn on_abandoned(&mut self, feed: Feed) {
+        if let Some(f) = self.state(feed) {
+            f.fetching = false;
+        }
+    }
+
+    /// Fetches in flight.
+    pub fn fetching(&self) -> usize {
+        self.feeds.iter().filter(|f| f.fetching).count()
     }
 
     /// Every feed finished its `--once` pass.
@@ -203,6 +235,7 @@ impl Poller {
             log::info!("{feed}: disabled by a reload; its page in flight is not kept");
             return Vec::new();
         };
+        f.fetching = false;
         // A `next` seen before in this window (the token just used, or an earlier one: A -> B -> A) would read
         // the same pages forever: a visible, backed-off error instead of a silent loop that burns the quota.
         let page = page.and_then(|page| match &page.next {
@@ -301,6 +334,9 @@ impl Poller {
             Retry::AtLeast(wait) => wait.max(backoff),
         };
         f.due = now.at + delay;
+        let gave_up = r.mode == Mode::Once && (retry == Retry::Slow || attempts >= r.once_attempts);
+        f.done |= gave_up;
+        self.gave_up |= gave_up;
         let mut actions = vec![Action::RecordError(e.to_string())];
         if retry == Retry::Slow {
             log::error!("{feed}: {e}; retrying in {}s", delay.as_secs());
@@ -311,10 +347,8 @@ impl Poller {
             log::warn!("{feed}: page token refused; reading the window again from its first page");
             actions.push(Action::RestartWindow);
         }
-        if r.mode == Mode::Once && (retry == Retry::Slow || attempts >= r.once_attempts) {
+        if gave_up {
             log::error!("{feed}: giving up for this pass after {attempts} failure(s)");
-            f.done = true;
-            self.gave_up = true;
         }
         actions
     }
@@ -682,5 +716,28 @@ mod tests {
         assert!(rig.p.all_done() && rig.p.gave_up());
         assert!(!rig.p.stop_all(), "already stopped");
         assert_eq!(rig.p.next_wake(), None);
+    }
+
+    #[test]
+    fn each_feed_has_one_fetch_in_flight_and_a_slow_one_holds_up_no_other() {
+        let now = Now { at: Instant::now(), unix: T0 };
+        let mut p = Poller::new(settings(Mode::Daemon), &[Feed::Audit, Feed::Dlp], now);
+        let first = p.due(now).expect("a feed is due");
+        p.on_fetching(first);
+        let second = p.due(now).expect("the other feed is due too");
+        assert_ne!(first, second);
+        p.on_fetching(second);
+        assert_eq!((p.due(now), p.fetching(), p.next_wake()), (None, 2, None), "one fetch per feed");
+        // One answers (a 429 with a long wait): only that feed waits; the other is still in flight.
+        let req = PageRequest { feed: first, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
+        let wait = ServerWait { wait: Duration::from_secs(300), asked_secs: 1e300 };
+        p.on_page(now, &req, Err(FetchError::RateLimited(Some(wait))), None);
+        assert_eq!(p.fetching(), 1);
+        assert_eq!(p.next_wake(), Some(now.at + Duration::from_secs(300)));
+        let req = PageRequest { feed: second, ..req };
+        let page = Page { records: vec![json!({})], next: Some("A".into()), repaired: 0 };
+        p.on_page(now, &req, Ok(&page), None);
+        p.on_committed(now, second, 1, 0);
+        assert_eq!(p.due(now), Some(second), "the other feed goes on at once");
     }
 }

@@ -6,6 +6,9 @@
 //! [`Sender::on_nothing_sent`] (nothing to send), [`Sender::failed`] and [`Sender::wait_until`] (the store
 //! failed under the send path). Invariants it keeps:
 //! - a batch is removed only on Datadog's answer (a 202 with a JSON object: [`disposition`]);
+//! - at most `max_in_flight` batches are in flight, so a crash sends at most that many again; a new batch takes
+//!   only records after those in flight (per feed), so no record is in two requests at once; the pieces of a
+//!   bisection go one at a time, with nothing else in flight, so each answer is compared with its sibling's;
 //! - a delivered batch whose removal failed is removed before anything else is sent, so it is not sent twice;
 //! - every failure sets a delay before the next send (the backoff, at least the server's `Retry-After`, or the
 //!   slow retry for a refused key); the only sends at once follow a success, a split or a dead letter, and each
@@ -13,12 +16,14 @@
 //! - a split goes no deeper than one log, and a log is dead-lettered only as [`Bisection`] proves it bad;
 //! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::{Mode, Now, Retries};
 use crate::datadog::bisect::{Bisection, Half, Piece, Verdict};
 use crate::datadog::disposition::{Disposition, disposition};
 use crate::datadog::sink::Sent;
+use crate::mimecast::Feed;
 
 /// A batch: sent, in flight, or delivered and waiting for its removal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub struct Batch {
     pub kept: i64,
     /// Where the batch stands in a bisection of a refused one.
     pub half: Half,
+    /// The highest sequence number of each feed in the batch.
+    pub last: Vec<(Feed, i64)>,
 }
 
 /// What the loop does next for the sender.
@@ -62,6 +69,8 @@ pub struct SenderSettings {
     pub idle: Duration,
     /// How often a busy drain logs its summary line.
     pub summary_every: Duration,
+    /// Batches in flight at most (`datadog.sends_in_flight`).
+    pub max_in_flight: usize,
 }
 
 /// A drain summary to log: records delivered over a time.
@@ -80,8 +89,14 @@ pub struct Sender {
     bisection: Bisection,
     /// `--once`: gave up for this pass.
     done: bool,
-    /// A batch Datadog accepted whose removal from the queue failed (disk full, database locked).
-    undeleted: Option<Batch>,
+    /// Batches Datadog accepted whose removal from the queue failed (disk full, database locked).
+    undeleted: Vec<Batch>,
+    in_flight: usize,
+    /// Everything left to send is in flight: nothing starts until an answer comes or a page queues more.
+    starved: bool,
+    /// The highest sequence number of each feed sent since nothing was last in flight: a new batch takes records
+    /// after these only.
+    sent_up_to: HashMap<Feed, i64>,
     delivered_since: u64,
     since: Option<Instant>,
 }
@@ -95,7 +110,10 @@ impl Sender {
             failures: 0,
             bisection: Bisection::default(),
             done: false,
-            undeleted: None,
+            undeleted: Vec::new(),
+            in_flight: 0,
+            starved: false,
+            sent_up_to: HashMap::new(),
             delivered_since: 0,
             since: None,
         }
@@ -107,20 +125,48 @@ impl Sender {
         self.due = Some(now.at);
     }
 
-    /// What to do now, if anything: `None` while waiting, when given up, or until a send in flight answers.
+    /// What to do now, if anything: `None` while waiting, when given up, while `max_in_flight` batches are in
+    /// flight, or while a bisection waits for the answers in flight.
     pub fn next(&mut self, now: Now) -> Option<Next> {
         if self.done || self.due.is_none_or(|d| d > now.at) {
             return None;
         }
-        if let Some(b) = self.undeleted.take() {
+        if let Some(b) = self.undeleted.pop() {
             return Some(Next::Remove(b));
+        }
+        if self.blocked() {
+            return None;
         }
         Some(self.bisection.next_piece().map_or(Next::Fresh, Next::Piece))
     }
 
-    /// When the sender next has something to start.
+    /// The loop sent this batch.
+    pub fn on_sending(&mut self, b: &Batch) {
+        self.in_flight += 1;
+        for &(feed, seq) in &b.last {
+            let up_to = self.sent_up_to.entry(feed).or_insert(seq);
+            *up_to = (*up_to).max(seq);
+        }
+    }
+
+    /// A new batch takes this feed's records after this sequence number only (those up to it may be in flight).
+    pub fn sent_up_to(&self, feed: Feed) -> i64 {
+        self.sent_up_to.get(&feed).copied().unwrap_or(i64::MIN)
+    }
+
+    /// Batches in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// When the sender next has something to start: nothing while the batches in flight are all it may have.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.due.filter(|_| !self.done)
+        self.due.filter(|_| !self.done && (!self.blocked() || !self.undeleted.is_empty()))
+    }
+
+    /// Only an answer in flight can let the next batch start.
+    fn blocked(&self) -> bool {
+        self.in_flight >= self.s.max_in_flight || (self.in_flight > 0 && (self.starved || self.bisection.is_active()))
     }
 
     /// `--once`: gave up for this pass.
@@ -134,22 +180,28 @@ impl Sender {
     }
 
     /// Delivered records waiting for their removal (for the shutdown warning).
-    pub fn undeleted(&self) -> Option<usize> {
-        self.undeleted.as_ref().map(|b| b.seqs.len())
+    pub fn undeleted(&self) -> usize {
+        self.undeleted.iter().map(|b| b.seqs.len()).sum()
     }
 
     /// A page queued records: send them now, unless the sender is backing off.
     pub fn on_queued(&mut self, now: Now) {
+        self.starved = false;
         if self.failures == 0 && self.due.is_none_or(|d| d > now.at) {
             self.due = Some(now.at);
         }
     }
 
-    /// Nothing was sent: every candidate went to dead letters (look again at once), or the queue is empty
-    /// (look again after `idle`, or when a page queues something). An empty queue ends a drain: its summary.
+    /// Nothing was sent: every candidate went to dead letters (look again at once), everything queued is in
+    /// flight (wait for an answer), or the queue is empty (look again after `idle`, or when a page queues
+    /// something). An empty queue ends a drain: its summary.
     pub fn on_nothing_sent(&mut self, now: Now, had_records: bool) -> Option<Summary> {
         if had_records {
-            self.due = Some(now.at);
+            self.wait_until(now.at);
+            return None;
+        }
+        if self.in_flight > 0 {
+            self.starved = true;
             return None;
         }
         self.due = Some(now.at + self.s.idle);
@@ -158,6 +210,11 @@ impl Sender {
 
     /// The intake answered a batch.
     pub fn on_answer(&mut self, now: Now, b: Batch, sent: &Sent) -> Vec<Action> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.starved = false;
+        if self.in_flight == 0 {
+            self.sent_up_to.clear();
+        }
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
                 // The refused first half of this pair: its sibling is accepted, so the fault is in it.
@@ -177,7 +234,7 @@ impl Sender {
                         if n > 1 {
                             log::warn!("Datadog refused {n} logs ({}); sending them in two halves", sent.detail);
                         }
-                        self.due = Some(now.at);
+                        self.wait_until(now.at);
                         Vec::new()
                     }
                     Verdict::Hold => {
@@ -224,14 +281,15 @@ impl Sender {
     }
 
     fn dead_letters(&mut self, now: Now, seqs: Vec<i64>, detail: &str) -> Action {
-        self.due = Some(now.at);
+        self.wait_until(now.at);
         Action::DeadLetter { seqs, reason: format!("Datadog refused this log: {detail}") }
     }
 
-    /// A delivered batch is out of the queue: the next goes at once. Returns a drain summary when one is due.
+    /// A delivered batch is out of the queue: the next goes at once, unless a wait asked for by another answer
+    /// is still running. Returns a drain summary when one is due.
     pub fn on_removed(&mut self, now: Now, removed: u64) -> Option<Summary> {
         self.failures = 0;
-        self.due = Some(now.at);
+        self.wait_until(now.at);
         self.delivered_since += removed;
         self.since.get_or_insert(now.at);
         self.summary(now, false)
@@ -240,7 +298,7 @@ impl Sender {
     /// A delivered batch could not be removed (disk full, database locked): it is removed before anything else
     /// is sent, after a backoff. Returns the delay, for the log line.
     pub fn on_remove_failed(&mut self, now: Now, b: Batch) -> Duration {
-        self.undeleted = Some(b);
+        self.undeleted.push(b);
         self.failed(now, Duration::ZERO)
     }
 
@@ -283,6 +341,7 @@ mod tests {
             retries: crate::policy::exact_retries(mode, 1, 120),
             idle: Duration::from_secs(60),
             summary_every: Duration::from_secs(60),
+            max_in_flight: 1,
         }
     }
 
@@ -339,7 +398,7 @@ mod tests {
                     Next::Piece(p) => {
                         let seqs: Vec<i64> = p.seqs.into_iter().filter(|s| self.queue.contains(s)).collect();
                         if !seqs.is_empty() {
-                            return Some(Batch { seqs, restamped: 0, kept: 0, half: p.half });
+                            return Some(Batch { seqs, restamped: 0, kept: 0, half: p.half, last: Vec::new() });
                         }
                     }
                     Next::Fresh => {
@@ -348,7 +407,7 @@ mod tests {
                             self.s.on_nothing_sent(self.now, false);
                             return None;
                         }
-                        return Some(Batch { seqs, restamped: 0, kept: 0, half: Half::Whole });
+                        return Some(Batch { seqs, restamped: 0, kept: 0, half: Half::Whole, last: Vec::new() });
                     }
                 }
             }
@@ -378,6 +437,7 @@ mod tests {
             };
             let _ = sent;
             let b = self.batch().expect("the sender must be ready to send");
+            self.s.on_sending(&b);
             let seqs = b.seqs.clone();
             let actions = self.s.on_answer(self.now, b, &Sent { answer, detail: "detail".into() });
             let mut kinds = Vec::new();
@@ -568,7 +628,7 @@ mod tests {
             ],
         );
         let mut rig = rig;
-        assert_eq!(rig.s.undeleted(), Some(4));
+        assert_eq!(rig.s.undeleted(), 4);
         assert_eq!(rig.batch(), None, "the removal comes first, then an empty queue: nothing is sent again");
         assert!(rig.queue.is_empty());
     }
@@ -619,5 +679,105 @@ mod tests {
             Some(Summary { delivered: 7, elapsed: Duration::from_secs(2) })
         );
         assert_eq!(rig.s.on_nothing_sent(rig.now, false), None, "no drain since");
+    }
+
+    /// A sender with `max` in flight and a batch of `seqs` of one feed.
+    fn several(max: usize) -> (Sender, Now) {
+        let now = Now { at: Instant::now(), unix: 1_800_000_000 };
+        (Sender::new(SenderSettings { max_in_flight: max, ..settings(Mode::Daemon) }, now), now)
+    }
+
+    fn batch(seqs: std::ops::RangeInclusive<i64>) -> Batch {
+        let last = vec![(Feed::TtpUrl, *seqs.end())];
+        Batch { seqs: seqs.collect(), restamped: 0, kept: 0, half: Half::Whole, last }
+    }
+
+    fn answer(code: u16) -> Sent {
+        Sent { answer: Answer::Status { code, retry_after: None }, detail: String::new() }
+    }
+
+    #[test]
+    fn several_batches_go_at_once_up_to_the_limit_each_after_those_in_flight() {
+        let (mut s, now) = several(3);
+        for (i, range) in [1..=10, 11..=20, 21..=30].into_iter().enumerate() {
+            assert_eq!(s.next(now), Some(Next::Fresh), "batch {i}");
+            s.on_sending(&batch(range.clone()));
+            assert_eq!(s.sent_up_to(Feed::TtpUrl), *range.end(), "the next batch starts after this one");
+        }
+        assert_eq!(s.sent_up_to(Feed::Audit), i64::MIN, "other feeds start at their oldest");
+        assert_eq!((s.next(now), s.next_wake(), s.in_flight()), (None, None, 3), "the limit: wait for an answer");
+        // An answer frees a place; the records of those still in flight stay excluded.
+        assert_eq!(s.on_answer(now, batch(11..=20), &answer(202)), vec![Action::Remove(batch(11..=20))]);
+        assert_eq!(s.next(now), Some(Next::Fresh));
+        assert_eq!(s.sent_up_to(Feed::TtpUrl), 30);
+        // When nothing is in flight any more, a failed batch's records are candidates again.
+        s.on_answer(now, batch(1..=10), &answer(202));
+        s.on_answer(now, batch(21..=30), &answer(503));
+        assert_eq!(s.sent_up_to(Feed::TtpUrl), i64::MIN);
+    }
+
+    #[test]
+    fn with_everything_in_flight_the_sender_waits_for_an_answer_or_a_page_not_a_timer() {
+        let (mut s, now) = several(4);
+        assert_eq!(s.next(now), Some(Next::Fresh));
+        s.on_sending(&batch(1..=10));
+        assert_eq!(s.next(now), Some(Next::Fresh));
+        // Nothing after what is in flight: no idle interval, no spinning either.
+        assert_eq!(s.on_nothing_sent(now, false), None);
+        assert_eq!((s.next(now), s.next_wake()), (None, None));
+        // A page queued more: look again at once.
+        s.on_queued(now);
+        assert_eq!(s.next(now), Some(Next::Fresh));
+        s.on_nothing_sent(now, false);
+        // An answer: look again at once too.
+        s.on_answer(now, batch(1..=10), &answer(202));
+        assert_eq!(s.next(now), Some(Next::Fresh));
+    }
+
+    #[test]
+    fn a_bisection_waits_for_the_batches_in_flight_then_sends_its_pieces_one_at_a_time() {
+        let (mut s, now) = several(4);
+        for range in [1..=4, 5..=8] {
+            s.next(now);
+            s.on_sending(&batch(range));
+        }
+        // The first is refused: its halves wait for the other batch in flight.
+        assert_eq!(s.on_answer(now, batch(1..=4), &answer(400)), vec![]);
+        assert!(s.is_bisecting());
+        assert_eq!((s.next(now), s.next_wake()), (None, None));
+        s.on_answer(now, batch(5..=8), &answer(202));
+        let Some(Next::Piece(p)) = s.next(now) else { panic!("the first half goes next") };
+        assert_eq!((p.seqs, p.half), (vec![1, 2], Half::First));
+        s.on_sending(&Batch { seqs: vec![1, 2], restamped: 0, kept: 0, half: Half::First, last: vec![] });
+        assert_eq!(s.next(now), None, "one piece at a time, though three places are free");
+    }
+
+    #[test]
+    fn a_success_in_flight_does_not_cut_short_a_wait_another_answer_asked_for() {
+        let (mut s, now) = several(2);
+        for range in [1..=4, 5..=8] {
+            s.next(now);
+            s.on_sending(&batch(range));
+        }
+        let limited = Sent {
+            answer: Answer::Status { code: 429, retry_after: Some(Duration::from_secs(30)) },
+            detail: String::new(),
+        };
+        s.on_answer(now, batch(1..=4), &limited);
+        s.on_answer(now, batch(5..=8), &answer(202));
+        s.on_removed(now, 4);
+        assert_eq!(s.next_wake(), Some(now.at + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn removals_that_failed_are_retried_one_by_one_before_anything_is_sent() {
+        let (mut s, now) = several(2);
+        s.on_remove_failed(now, batch(1..=4));
+        s.on_remove_failed(now, batch(5..=8));
+        assert_eq!(s.undeleted(), 8);
+        let later = now.after(Duration::from_secs(10));
+        assert!(matches!(s.next(later), Some(Next::Remove(_))));
+        assert!(matches!(s.next(later), Some(Next::Remove(_))));
+        assert_eq!((s.next(later), s.undeleted()), (Some(Next::Fresh), 0));
     }
 }

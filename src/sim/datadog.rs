@@ -45,6 +45,8 @@ struct State {
     api_key: String,
     accepted: Vec<Value>,
     batches: Vec<(usize, usize)>,
+    /// For each accepted batch: whether its connection was then dropped ([`Fault::AcceptThenDrop`]).
+    dropped: Vec<bool>,
     faults: VecDeque<Fault>,
     down: Option<u16>,
     portal: bool,
@@ -98,6 +100,12 @@ impl DatadogSim {
     /// Every accepted batch as (logs, uncompressed payload bytes).
     pub fn batches(&self) -> Vec<(usize, usize)> {
         self.lock().batches.clone()
+    }
+
+    /// For each accepted batch, in the order of [`DatadogSim::batches`]: whether the simulator dropped the
+    /// connection instead of answering (the agent never learnt of the acceptance).
+    pub fn dropped_after_accepting(&self) -> Vec<bool> {
+        self.lock().dropped.clone()
     }
 
     pub fn requests(&self) -> usize {
@@ -253,6 +261,7 @@ fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
         return error(400, "bad log");
     }
     st.batches.push((logs.len(), body.len()));
+    st.dropped.push(matches!(fault, Some(Fault::AcceptThenDrop)));
     if st.count_only {
         st.counted += logs.len();
     } else {

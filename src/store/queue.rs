@@ -180,14 +180,25 @@ impl Store {
 
     /// Up to `per_feed` of the oldest records of each feed, oldest first within a feed.
     pub fn candidates(&self, per_feed: usize) -> Result<Vec<Vec<Queued>>, StoreError> {
+        self.candidates_after(per_feed, |_| i64::MIN)
+    }
+
+    /// [`Store::candidates`] after a sequence number per feed: the records up to it are in flight.
+    pub fn candidates_after(
+        &self,
+        per_feed: usize,
+        after: impl Fn(Feed) -> i64,
+    ) -> Result<Vec<Vec<Queued>>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
+                .prepare_cached(
+                    "SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 AND seq > ?3 ORDER BY seq LIMIT ?2",
+                )
                 .ctx("preparing candidates")?;
             let mut all = Vec::new();
             for feed in Feed::ALL {
                 let rows = stmt
-                    .query_map(params![feed.name(), per_feed as i64], |r| {
+                    .query_map(params![feed.name(), per_feed as i64, after(feed)], |r| {
                         Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
                     })
                     .ctx("reading candidates")?
@@ -202,26 +213,35 @@ impl Store {
     }
 
     /// The records the next batch can hold, chosen from their sizes before any body is read: each feed's oldest
-    /// records, as many as fair order ([`crate::datadog::batch::fair_order`]: one of each feed in turn) reaches
-    /// before `max_logs` records or `max_bytes` of bodies (the record that crosses `max_bytes` is included, so
-    /// that a record larger than a whole batch still comes up, to be refused as too large). Returns, per feed
-    /// that has records, that many of its oldest, oldest first: what `candidates(max_logs)` returns, less what
-    /// fair order would not reach.
-    pub fn candidates_within(&self, max_logs: usize, max_bytes: usize) -> Result<Vec<Vec<Queued>>, StoreError> {
+    /// records after `after(feed)` (the records up to it are in flight), as many as fair order
+    /// ([`crate::datadog::batch::fair_order`]: one of each feed in turn) reaches before `max_logs` records or
+    /// `max_bytes` of bodies (the record that crosses `max_bytes` is included, so that a record larger than a
+    /// whole batch still comes up, to be refused as too large). Returns, per feed that has such records, that many
+    /// of them, oldest first: what `candidates_after(max_logs, after)` returns, less what fair order would not
+    /// reach.
+    pub fn candidates_within(
+        &self,
+        max_logs: usize,
+        max_bytes: usize,
+        after: impl Fn(Feed) -> i64,
+    ) -> Result<Vec<Vec<Queued>>, StoreError> {
         self.read(|conn| {
             // Sizes only: the index (feed, seq, bytes) answers this without reading a record's page.
             let mut sizes = conn
-                .prepare_cached("SELECT seq, bytes FROM queue WHERE feed = ?1 ORDER BY seq LIMIT ?2")
+                .prepare_cached("SELECT seq, bytes FROM queue WHERE feed = ?1 AND seq > ?3 ORDER BY seq LIMIT ?2")
                 .ctx("preparing candidate sizes")?;
-            let mut per_feed: Vec<(Feed, Vec<(i64, i64)>)> = Vec::new();
+            // Per feed with records: the feed, its mark, and (seq, bytes) of its oldest records after the mark.
+            type Sizes = (Feed, i64, Vec<(i64, i64)>);
+            let mut per_feed: Vec<Sizes> = Vec::new();
             for feed in Feed::ALL {
+                let after = after(feed);
                 let rows = sizes
-                    .query_map(params![feed.name(), max_logs as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .query_map(params![feed.name(), max_logs as i64, after], |r| Ok((r.get(0)?, r.get(1)?)))
                     .ctx("reading candidate sizes")?
                     .collect::<Result<Vec<(i64, i64)>, _>>()
                     .ctx("reading a candidate size")?;
                 if !rows.is_empty() {
-                    per_feed.push((feed, rows));
+                    per_feed.push((feed, after, rows));
                 }
             }
             // Fair order, round by round, until a limit is reached: how many of each feed's oldest it takes.
@@ -229,7 +249,7 @@ impl Store {
             let (mut count, mut bytes) = (0usize, 0usize);
             'rounds: for round in 0.. {
                 let mut any = false;
-                for (i, (_, rows)) in per_feed.iter().enumerate() {
+                for (i, (_, _, rows)) in per_feed.iter().enumerate() {
                     let Some(&(_, b)) = rows.get(round) else { continue };
                     if count == max_logs || (count > 0 && bytes >= max_bytes) {
                         break 'rounds;
@@ -243,17 +263,18 @@ impl Store {
                     break;
                 }
             }
-            // The bodies of exactly those: each feed's records up to the last one taken.
+            // The bodies of exactly those: each feed's records after `after` up to the last one taken.
             let mut load = conn
                 .prepare_cached(
-                    "SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+                    "SELECT seq, key, event_time, body FROM queue WHERE feed = ?1 AND seq > ?2 AND seq <= ?3 \
+                     ORDER BY seq LIMIT ?4",
                 )
                 .ctx("preparing candidates")?;
             let mut all = Vec::with_capacity(per_feed.len());
-            for ((feed, rows), n) in per_feed.into_iter().zip(taken) {
+            for ((feed, after, rows), n) in per_feed.into_iter().zip(taken) {
                 let Some(&(last, _)) = n.checked_sub(1).and_then(|i| rows.get(i)) else { continue };
                 let records = load
-                    .query_map(params![feed.name(), last, n as i64], |r| {
+                    .query_map(params![feed.name(), after, last, n as i64], |r| {
                         Ok(Queued { seq: r.get(0)?, feed, key: r.get(1)?, event_time: r.get(2)?, body: r.get(3)? })
                     })
                     .ctx("reading candidates")?
@@ -503,20 +524,34 @@ mod tests {
         let everything = seqs_of(fair_order(s.candidates(100).unwrap()));
         assert_eq!(everything.len(), 11);
         for max_logs in 0..13 {
-            let within = s.candidates_within(max_logs, usize::MAX).unwrap();
+            let within = s.candidates_within(max_logs, usize::MAX, |_| i64::MIN).unwrap();
             assert!(within.iter().all(|f| !f.is_empty()), "no empty feed lists");
             let expected = &everything[..max_logs.min(11)];
             assert_eq!(seqs_of(fair_order(within)), expected, "max_logs {max_logs}");
         }
         // By bytes: a record is taken while less than max_bytes is taken, so the one that crosses it comes too.
         for (max_bytes, n) in [(1, 1), (10, 1), (11, 2), (30, 3), (31, 4), (10_000, 11)] {
-            let within = s.candidates_within(1000, max_bytes).unwrap();
+            let within = s.candidates_within(1000, max_bytes, |_| i64::MIN).unwrap();
             assert_eq!(seqs_of(fair_order(within)), &everything[..n], "max_bytes {max_bytes}");
         }
         let bodies: Vec<String> =
-            s.candidates_within(3, usize::MAX).unwrap().concat().into_iter().map(|q| q.body).collect();
+            s.candidates_within(3, usize::MAX, |_| i64::MIN).unwrap().concat().into_iter().map(|q| q.body).collect();
         assert_eq!(bodies, ["x".repeat(10), "x".repeat(10), "x".repeat(10)], "the bodies come with them");
-        assert!(Store::in_memory().candidates_within(1000, 1000).unwrap().is_empty());
+        assert!(Store::in_memory().candidates_within(1000, 1000, |_| i64::MIN).unwrap().is_empty());
+
+        // After what is in flight: each feed's records past its mark, as candidates_after gives them.
+        let dlp = s.candidates(100).unwrap().concat().into_iter().find(|q| q.feed == Feed::Dlp).unwrap().seq;
+        let mark = |feed| match feed {
+            Feed::Dlp => dlp + 1,
+            Feed::TtpUrl => i64::MAX,
+            _ => i64::MIN,
+        };
+        let rest = seqs_of(fair_order(s.candidates_after(100, mark).unwrap()));
+        assert_eq!(rest.len(), 5, "3 of DLP, 2 of audit, none of TTP URL");
+        for max_logs in 0..7 {
+            let within = s.candidates_within(max_logs, usize::MAX, mark).unwrap();
+            assert_eq!(seqs_of(fair_order(within)), &rest[..max_logs.min(5)], "max_logs {max_logs} after the mark");
+        }
     }
 
     #[test]

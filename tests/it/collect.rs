@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use crate::common::{Rig, assert_delivered_once, fast_tuning};
+use crate::common::{Rig, assert_delivered_once, fast_tuning, run_daemon_until};
 use mimecast_forwarder::agent::{Clock, Tuning};
 use mimecast_forwarder::mimecast::{Feed, wire};
+use mimecast_forwarder::sim::datadog as dd;
 use mimecast_forwarder::sim::mimecast::Fault;
 use serde_json::Value;
 
@@ -267,4 +268,31 @@ fn drop_oldest_drops_and_counts_every_drop() {
     assert_eq!(c.dropped + c.queue_records, 300, "every record is either queued or counted as dropped");
     let cursor = rig.store().cursor(Feed::TtpUrl).unwrap().unwrap();
     assert!(cursor.last_success.is_some(), "drop-oldest keeps polling");
+}
+
+#[test]
+fn a_hanging_feed_holds_up_no_other_feed() {
+    let rig = Rig::new();
+    let audit = rig.add_records(&[Feed::Audit], 50, 300);
+    let others = rig.add_records(&[Feed::Dlp, Feed::TtpUrl], 50, 300);
+    // Audit's first page request hangs until the other feeds are delivered.
+    rig.mc.fault(Some(Feed::Audit), Fault::Hold);
+    let cfg = rig.config(&[("http", "timeout_secs = 300")]);
+    let mut held_meanwhile = None;
+    run_daemon_until(
+        &cfg,
+        || {
+            let got = dd::record_keys(&rig.dd.accepted());
+            if held_meanwhile.is_none() && others.keys().all(|k| got.contains_key(k)) {
+                held_meanwhile = Some(rig.mc.held());
+                rig.mc.release();
+            }
+            held_meanwhile.is_some() && audit.keys().all(|k| got.contains_key(k))
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(held_meanwhile, Some(1), "the other feeds were delivered while audit's page hung");
+    let mut all = audit;
+    all.extend(others);
+    assert_delivered_once(&rig.dd, &all);
 }

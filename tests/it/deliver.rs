@@ -73,7 +73,11 @@ fn an_outage_in_the_middle_of_a_drain_loses_nothing() {
             rig.dd.refuse_connections(false);
             assert!(met, "no send met the closed port");
         });
-        run_daemon_until(&cfg, || dd::record_keys(&rig.dd.accepted()).len() >= total, Duration::from_secs(120));
+        // Until every record arrived and the queue is empty: the batch accepted then dropped is sent again, and
+        // with several in flight that may come after the last new record arrived.
+        let drained =
+            || dd::record_keys(&rig.dd.accepted()).len() >= total && rig.store().counters().unwrap().queue_records == 0;
+        run_daemon_until(&cfg, drained, Duration::from_secs(120));
     });
     let got = dd::record_keys(&rig.dd.accepted());
     assert_eq!(got.len(), total, "every record arrived");
@@ -249,7 +253,9 @@ fn seeded_random_batches_keep_the_limits_and_send_each_record_once_in_order() {
             }
             queue_direct(&rig, feed, &recs);
         }
-        assert_eq!(rig.once(&rig.config(&[])).queued, 0, "seed {seed}");
+        // One batch at a time, so that the order Datadog accepts them in is the queue's order (with several in
+        // flight, batches may be accepted out of order; each keeps its own order).
+        assert_eq!(rig.once(&rig.config(&[("datadog", "sends_in_flight = 1")])).queued, 0, "seed {seed}");
         let batches = rig.dd.batches();
         assert_eq!(rig.dd.requests(), batches.len(), "seed {seed}: no request was refused (no 413)");
         for (logs, bytes) in &batches {
@@ -283,8 +289,9 @@ fn a_stalled_datadog_does_not_stall_polling() {
     let expected = rig.add_records(&Feed::ALL, 100, 300);
     // The first send is held until every feed has been polled and queued; the HTTP timeout is far above the
     // test, so the agent does not give up on that send meanwhile.
+    // One send at a time: the held one is then the only one (several in flight are the subject of other tests).
     rig.dd.fault(Fault::Hold);
-    let cfg = rig.config(&[("http", "timeout_secs = 300")]);
+    let cfg = rig.config(&[("http", "timeout_secs = 300"), ("datadog", "sends_in_flight = 1")]);
     std::thread::scope(|s| {
         s.spawn(|| {
             let polled = poll_until(Duration::from_secs(60), || {
@@ -344,5 +351,29 @@ fn an_intake_that_starts_refusing_everything_mid_bisection_dead_letters_nothing(
         assert!(passes < 5, "still queued after {passes} passes");
     }
     assert_eq!(rig.store().counters().unwrap().dead_letters, 0, "good logs were dead-lettered");
+    assert_delivered_once(&rig.dd, &expected);
+}
+
+#[test]
+fn several_batches_are_in_flight_at_once_and_each_record_is_sent_once() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::TtpUrl, &recent(Feed::TtpUrl, 3500, 300));
+    // The first three sends are held: all three must be in flight together before any is answered.
+    for _ in 0..3 {
+        rig.dd.fault(Fault::Hold);
+    }
+    let cfg = rig.config(&[("http", "timeout_secs = 300"), ("datadog", "sends_in_flight = 3")]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let all_held = poll_until(Duration::from_secs(60), || rig.dd.held() == 3);
+            let requests = rig.dd.requests();
+            rig.dd.release();
+            assert!(all_held, "three sends were not in flight together");
+            assert_eq!(requests, 3, "no fourth send while three were in flight");
+        });
+        let out = rig.once(&cfg);
+        assert_eq!(out.queued, 0);
+    });
+    assert_eq!(rig.dd.batches().iter().map(|b| b.0).sum::<usize>(), 3500, "each record in one accepted batch");
     assert_delivered_once(&rig.dd, &expected);
 }
