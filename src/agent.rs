@@ -765,6 +765,10 @@ impl Agent {
             if let Some(s) = self.sender.on_nothing_sent(now, had_records) {
                 self.log_summary(s);
             }
+            if !had_records && self.sender.in_flight() == 0 {
+                // The queue is empty: what is left of a backlog's space goes back, 8 MiB per look.
+                informational(self.store.shrink(1024).map(drop))?;
+            }
             return Ok(None);
         }
         let last = last_per_feed(&order, packed.seqs.last().copied().unwrap_or(i64::MIN));
@@ -829,6 +833,9 @@ impl Agent {
             self.log_summary(s);
         }
         self.pressure.on_delivered(now);
+        // A drained backlog gives its space back, 2 MiB per batch (nothing happens while one is still draining);
+        // like a note, this must not stop delivery when the disk or the lock says no.
+        informational(self.store.shrink(256).map(drop))?;
         Ok(())
     }
 

@@ -377,3 +377,16 @@ fn several_batches_are_in_flight_at_once_and_each_record_is_sent_once() {
     assert_eq!(rig.dd.batches().iter().map(|b| b.0).sum::<usize>(), 3500, "each record in one accepted batch");
     assert_delivered_once(&rig.dd, &expected);
 }
+
+#[test]
+fn a_drained_backlog_gives_its_space_back() {
+    let rig = Rig::new();
+    let expected = queue_direct(&rig, Feed::TtpUrl, &recent(Feed::TtpUrl, 8000, 1000));
+    let size = || std::fs::metadata(rig.db_path()).unwrap().len();
+    let full = size();
+    assert!(full > 8_000_000, "the backlog takes {full} bytes");
+    assert_eq!(rig.once(&rig.config(&[])).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let drained = size();
+    assert!(drained < full / 4, "the queue file kept {drained} of {full} bytes after draining");
+}
