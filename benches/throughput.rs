@@ -497,12 +497,21 @@ fn raw(report: &mut Report, scale: &Scale, tmp: &Path) {
     let mut conn = rusqlite::Connection::open(&raw_path).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
     let queue_cols = columns(&conn, "queue", &["feed", "key", "event_time", "queued_at", "bytes", "body"]);
-    let seen_cols = columns(&conn, "seen", &["feed", "key", "horizon"]);
+    // The table new seen keys go into: `seen` itself, or the small table in front of it where the schema has one
+    // (`seen` is then a view over both).
+    let seen = ["seen_recent", "seen"]
+        .into_iter()
+        .find(|t| {
+            let sql = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1";
+            conn.query_row(sql, [t], |r| r.get::<_, i64>(0)).unwrap() == 1
+        })
+        .expect("the queue file has a table of seen keys");
+    let seen_cols = columns(&conn, seen, &["feed", "key", "horizon"]);
     let insert_sql = |table: &str, cols: &[String]| {
         let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
         format!("INSERT INTO {table} ({}) VALUES ({})", cols.join(", "), marks.join(", "))
     };
-    let (queue_sql, seen_sql) = (insert_sql("queue", &queue_cols), insert_sql("seen", &seen_cols));
+    let (queue_sql, seen_sql) = (insert_sql("queue", &queue_cols), insert_sql(seen, &seen_cols));
     let mut store = Store::open(&store_path).unwrap();
     let now = datetime::now();
     let (feed, window) = (FEED.name(), Window { from: 0, to: 0 });
@@ -574,7 +583,7 @@ fn raw(report: &mut Report, scale: &Scale, tmp: &Path) {
     report.raw_insert = Some(rate(raw_insert));
     report.raw_delete = Some(rate(raw_delete));
     println!(
-        "    {n} rows of {:.0} B: queue + seen rows inserted {PAGE} per transaction, deleted {BATCH} per set-based \
+        "    {n} rows of {:.0} B: queue + {seen} rows inserted {PAGE} per transaction, deleted {BATCH} per set-based \
          DELETE; \
          file after insert {} (+ {} WAL) = {per:.0} B per row = {:.2}× the record; rows left {left}; COMMIT (the \
          sync) took {:.0} % of the insert time and {:.0} % of the delete time",
