@@ -55,6 +55,9 @@ struct State {
     /// Count accepted logs without keeping them (benchmarks, where memory is measured).
     count_only: bool,
     counted: usize,
+    /// How long every intake request waits before it is handled: a distant intake (see
+    /// [`DatadogSim::set_latency`]).
+    latency: Duration,
 }
 
 /// The running simulator.
@@ -95,6 +98,14 @@ impl DatadogSim {
     /// Keep only a count of accepted logs, not the logs.
     pub fn set_count_only(&self, on: bool) {
         self.lock().count_only = on;
+    }
+
+    /// Every intake request waits `latency` before it is handled (then any fault applies as usual): the round
+    /// trip to a distant intake, for the benchmark. Requests wait side by side, each on its own connection's
+    /// thread, so several in flight overlap their waits as they would over a real network. `ZERO` (the
+    /// default) answers at once.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
     }
 
     /// Every accepted batch as (logs, uncompressed payload bytes).
@@ -203,6 +214,12 @@ fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     if req.method != "POST" || req.path != "/api/v2/logs" {
         return error(404, "Not found");
     }
+    if !st.latency.is_zero() {
+        let latency = st.latency;
+        drop(st);
+        std::thread::sleep(latency);
+        st = lock(state);
+    }
     st.requests += 1;
     let fault = st.faults.pop_front();
     match fault {
@@ -286,4 +303,24 @@ fn decode(req: &Request) -> Result<Vec<u8>, String> {
         other => return Err(format!("unsupported Content-Encoding {other}")),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn latency_delays_every_intake_request_and_then_serves_it() {
+        let sim = DatadogSim::start().unwrap();
+        sim.set_latency(Duration::from_millis(120));
+        for _ in 0..2 {
+            let start = Instant::now();
+            let answer = ureq::post(&sim.intake_url()).header("DD-API-KEY", API_KEY).send("[{\"message\":\"m\"}]");
+            assert_eq!(answer.unwrap().status(), 202);
+            assert!(start.elapsed() >= Duration::from_millis(120), "{:?}", start.elapsed());
+        }
+        assert_eq!((sim.requests(), sim.accepted_count()), (2, 2));
+    }
 }

@@ -89,6 +89,8 @@ struct State {
     token_cycle: bool,
     log: Vec<Logged>,
     secret: String,
+    /// How long every page request waits before it is answered (see [`MimecastSim::set_latency`]).
+    latency: Duration,
 }
 
 /// The running simulator.
@@ -114,6 +116,7 @@ impl MimecastSim {
             token_cycle: false,
             log: Vec::new(),
             secret: CLIENT_SECRET.into(),
+            latency: Duration::ZERO,
         }));
         let gate = Arc::new(Gate::default());
         let (s, g) = (state.clone(), gate.clone());
@@ -199,6 +202,14 @@ impl MimecastSim {
         self.lock().rejection_flat = on;
     }
 
+    /// Every page request of every feed waits `latency` before it is answered, on top of any fault (a
+    /// [`Fault::Delay`] adds to it); token requests do not wait. The time a distant or busy API takes per page,
+    /// for the benchmark. Requests wait side by side, each on its own connection's thread, so pages of several
+    /// feeds in flight overlap their waits. `ZERO` (the default) answers at once.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
     pub fn requests(&self) -> Vec<Logged> {
         self.lock().log.clone()
     }
@@ -249,6 +260,12 @@ fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
         );
     };
     let mut st = lock(state);
+    if !st.latency.is_zero() {
+        let latency = st.latency;
+        drop(st);
+        std::thread::sleep(latency);
+        st = lock(state);
+    }
     let body: Option<Value> = serde_json::from_slice(&req.body).ok();
     let filter = body.as_ref().and_then(|b| b.get("data")).and_then(|d| d.get(0)).cloned();
     let page_token =
@@ -469,4 +486,30 @@ fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), 
         pagination["next"] = Value::String(next);
     }
     Ok((json!({"meta": {"status": 200, "pagination": pagination}, "data": data, "fail": []}), n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_delays_page_requests_only() {
+        let sim = MimecastSim::start().unwrap();
+        sim.set_latency(Duration::from_millis(120));
+        let form = format!("grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}");
+        let token = ureq::post(&format!("{}/oauth/token", sim.url()))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .send(form.as_str());
+        assert_eq!(token.unwrap().status(), 200);
+        let start = Instant::now();
+        // A page request without a token: answered 401, after the latency.
+        let page = ureq::post(&format!("{}{}", sim.url(), Feed::Audit.spec().path))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send("{}");
+        assert_eq!(page.unwrap().status(), 401);
+        assert!(start.elapsed() >= Duration::from_millis(120), "{:?}", start.elapsed());
+        assert_eq!(sim.requests().len(), 1, "one page request logged");
+    }
 }
