@@ -766,8 +766,9 @@ impl Agent {
                 self.log_summary(s);
             }
             if !had_records && self.sender.in_flight() == 0 {
-                // The queue is empty: what is left of a backlog's space goes back, 8 MiB per look.
-                informational(self.store.shrink(1024).map(drop))?;
+                // The queue is empty: what is left of a backlog's space goes back, up to 128 MiB per look (a few
+                // hundred milliseconds of a loop that has nothing else to do).
+                informational(self.store.shrink(16_384).map(drop))?;
             }
             return Ok(None);
         }
