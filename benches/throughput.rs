@@ -337,6 +337,17 @@ fn run_once(config: &Path, progress: &dyn Fn() -> usize) -> Run {
 }
 
 /// The agent's log, shown when it exited in a way the figure did not expect.
+/// Drains the queue in `dir` with `run --once` into a counting intake: the run, records accepted, batches.
+fn drain_once(dir: &Path) -> (Run, u64, usize) {
+    let mimecast = MimecastSim::start().unwrap();
+    let datadog = DatadogSim::start().unwrap();
+    datadog.set_count_only(true);
+    let cfg = config(dir, &mimecast, &datadog, &[FEED]);
+    let run = run_once(&cfg, &|| datadog.accepted_count());
+    check_exit(&run, &cfg, &[0]);
+    (run, datadog.accepted_count() as u64, datadog.batches().len())
+}
+
 fn check_exit(run: &Run, config: &Path, expected: &[i32]) {
     if !expected.contains(&run.code) {
         let log = std::fs::read_to_string(config.with_file_name("agent.log")).unwrap_or_default();
@@ -698,14 +709,8 @@ fn collect_then_drain(report: &mut Report, scale: &Scale, tmp: &Path) {
         format!("goal ≤ {}× the record; issue: 1.37×", goal::DISK_PER_RECORD),
     );
 
-    let mimecast = MimecastSim::start().unwrap();
-    let datadog = DatadogSim::start().unwrap();
-    datadog.set_count_only(true);
-    let cfg = config(dir.path(), &mimecast, &datadog, &[FEED]);
-    let run = run_once(&cfg, &|| datadog.accepted_count());
-    check_exit(&run, &cfg, &[0]);
-    let sent = datadog.accepted_count() as u64;
-    drain_figures(report, "drain 0 ms", &run, sent, datadog.batches().len());
+    let (run, sent, batches) = drain_once(dir.path());
+    drain_figures(report, "drain 0 ms", &run, sent, batches);
     let (file, wal) = file_bytes(&db);
     let (left, _, free) = queue_state(&db);
     report.figure(
@@ -896,13 +901,7 @@ fn rss(report: &mut Report, scale: &Scale, templates: &mut Templates) {
         templates.take(n, &db);
         let (queued, bytes, _) = queue_state(&db);
         let after_fill = per_record(&db, queued, bytes);
-        let mimecast = MimecastSim::start().unwrap();
-        let datadog = DatadogSim::start().unwrap();
-        datadog.set_count_only(true);
-        let cfg = config(dir.path(), &mimecast, &datadog, &[FEED]);
-        let run = run_once(&cfg, &|| datadog.accepted_count());
-        check_exit(&run, &cfg, &[0]);
-        let sent = datadog.accepted_count() as u64;
+        let (run, sent, _) = drain_once(dir.path());
         let (file, wal) = file_bytes(&db);
         let (left, _, free) = queue_state(&db);
         println!(

@@ -21,7 +21,7 @@ use mimecast_forwarder::datadog::batch;
 use mimecast_forwarder::datadog::logobj::Shape;
 use mimecast_forwarder::datetime;
 use mimecast_forwarder::mimecast::{Feed, wire};
-use mimecast_forwarder::sim::records::generate;
+use mimecast_forwarder::sim::records::{self, generate};
 use mimecast_forwarder::store::{NewRecord, Queued};
 use serde_json::{Value, json};
 
@@ -105,22 +105,7 @@ fn main() {
     // Drain: the generated records, then the real fixture records (less repetitive: a fairer ratio).
     let queued: Vec<Queued> = parsed.records.iter().enumerate().map(|(i, r)| queue(i, feed, r)).collect();
     drain("generated TTP URL records", &queued, now);
-    let mut real = Vec::new();
-    for (feed, file) in [
-        (Feed::Audit, "audit_test-audit-events"),
-        (Feed::Dlp, "dlp_test-dlp-logs"),
-        (Feed::TtpAttachment, "ttp_attachment_test-ttp-ap-logs"),
-        (Feed::TtpImpersonation, "ttp_impersonation_test-ttp-ip-logs"),
-        (Feed::TtpUrl, "ttp_url_test-ttp-url-logs"),
-    ] {
-        let text = std::fs::read_to_string(format!("tests/data/elastic_{file}.log")).unwrap();
-        for line in text.lines() {
-            let r: Value = serde_json::from_str(line).unwrap();
-            if r.get("meta").is_none() {
-                real.push((feed, r));
-            }
-        }
-    }
+    let real: Vec<(Feed, Value)> = records::fixtures().into_iter().filter(|(_, r)| r.get("meta").is_none()).collect();
     let queued: Vec<Queued> = real.iter().cycle().take(N).enumerate().map(|(i, (f, r))| queue(i, *f, r)).collect();
     drain(&format!("the {} real fixture records, cycled", real.len()), &queued, now);
 }

@@ -312,24 +312,8 @@ pub(crate) mod tests {
 
     /// Queued bodies as the agent writes them: serde_json's compact text of a parsed record.
     fn queued_bodies() -> Vec<(Feed, String)> {
-        let mut out = Vec::new();
-        for (feed, file) in [
-            (Feed::Audit, "audit_test-audit-events"),
-            (Feed::Dlp, "dlp_test-dlp-logs"),
-            (Feed::TtpAttachment, "ttp_attachment_test-ttp-ap-logs"),
-            (Feed::TtpImpersonation, "ttp_impersonation_test-ttp-ip-logs"),
-            (Feed::TtpUrl, "ttp_url_test-ttp-url-logs"),
-        ] {
-            let text = std::fs::read_to_string(format!("tests/data/elastic_{file}.log")).unwrap();
-            out.extend(text.lines().map(|l| (feed, serde_json::from_str::<Value>(l).unwrap().to_string())));
-        }
-        let samples: Value =
-            serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap())
-                .unwrap();
-        for s in samples.as_array().unwrap() {
-            let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
-            out.push((feed, serde_json::from_str::<Value>(s["sample"].as_str().unwrap()).unwrap().to_string()));
-        }
+        let mut out: Vec<(Feed, String)> =
+            crate::sim::records::fixtures().into_iter().map(|(feed, r)| (feed, r.to_string())).collect();
         for feed in Feed::ALL {
             for i in 0..10 {
                 out.push((feed, crate::sim::records::generate(feed, i, 1_700_000_000, 200 * i as usize).to_string()));

@@ -459,24 +459,7 @@ mod tests {
     /// Every fixture record, and values chosen for their spelling: escapes,
     /// non-ASCII and control characters, numbers as written, nesting, empty containers and odd keys.
     fn pinned_records() -> Vec<(Feed, Value)> {
-        let mut out = Vec::new();
-        for (feed, file) in [
-            (Feed::Audit, "audit_test-audit-events"),
-            (Feed::Dlp, "dlp_test-dlp-logs"),
-            (Feed::TtpAttachment, "ttp_attachment_test-ttp-ap-logs"),
-            (Feed::TtpImpersonation, "ttp_impersonation_test-ttp-ip-logs"),
-            (Feed::TtpUrl, "ttp_url_test-ttp-url-logs"),
-        ] {
-            let text = std::fs::read_to_string(format!("tests/data/elastic_{file}.log")).unwrap();
-            out.extend(text.lines().map(|l| (feed, serde_json::from_str(l).unwrap())));
-        }
-        let samples: Value =
-            serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap())
-                .unwrap();
-        for s in samples.as_array().unwrap() {
-            let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
-            out.push((feed, serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()));
-        }
+        let mut out = crate::sim::records::fixtures();
         let xsoar = std::fs::read_to_string("tests/data/xsoar_audit_raw_response.json").unwrap();
         out.push((Feed::Audit, serde_json::from_str(&xsoar).unwrap()));
         for text in [

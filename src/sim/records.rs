@@ -107,3 +107,30 @@ pub fn generate(feed: Feed, i: u64, time: i64, size: usize) -> Value {
     }
     r
 }
+
+/// The real records of `tests/data/` (Elastic's test logs of five feeds, then Datadog's pipeline samples of all
+/// six), each with its feed: what tests and the record-path example measure and pin on. Panics when the files are
+/// missing: it is for tests and examples run from the source tree.
+#[allow(clippy::unwrap_used)]
+pub fn fixtures() -> Vec<(Feed, Value)> {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let mut out = Vec::new();
+    for (feed, file) in [
+        (Feed::Audit, "audit_test-audit-events"),
+        (Feed::Dlp, "dlp_test-dlp-logs"),
+        (Feed::TtpAttachment, "ttp_attachment_test-ttp-ap-logs"),
+        (Feed::TtpImpersonation, "ttp_impersonation_test-ttp-ip-logs"),
+        (Feed::TtpUrl, "ttp_url_test-ttp-url-logs"),
+    ] {
+        let text = std::fs::read_to_string(format!("{data}/elastic_{file}.log")).unwrap();
+        out.extend(text.lines().map(|l| (feed, serde_json::from_str(l).unwrap())));
+    }
+    let samples: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{data}/datadog_pipeline_samples.json")).unwrap())
+            .unwrap();
+    for s in samples.as_array().unwrap() {
+        let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
+        out.push((feed, serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()));
+    }
+    out
+}

@@ -502,28 +502,10 @@ mod tests {
 
     #[test]
     fn free_pages_go_back_to_the_filesystem() {
-        use crate::config::WhenFull;
-        use crate::mimecast::{Feed, window::Window};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
         let mut s = Store::open(&path).unwrap();
-        s.init_cursor(Feed::Audit, 0).unwrap();
-        let records = (0..2000)
-            .map(|i| NewRecord {
-                key: format!("k{i}"),
-                event_time: None,
-                body: format!("{{\"p\":\"{}\"}}", "x".repeat(900)),
-            })
-            .collect();
-        let page = PageCommit {
-            feed: Feed::Audit,
-            window: Window { from: 0, to: 1 },
-            next_token: None,
-            records,
-            forget_before: 0,
-        };
-        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause).unwrap();
-        let seqs: Vec<i64> = s.candidates(5000).unwrap()[0].iter().map(|q| q.seq).collect();
+        let seqs = fill(&mut s, 2000);
         s.delivered(&seqs, 0, 0, 2).unwrap();
         s.checkpoint().unwrap();
         let before = s.space().unwrap().reusable;
