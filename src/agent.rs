@@ -1,7 +1,8 @@
 //! The main loop: one smol executor on one thread owns the SQLite store and all state. Blocking HTTP runs on
-//! smol's blocking pool through `smol::unblock`; at most one Mimecast fetch and one Datadog send are in flight,
-//! and every task is awaited in the loop below, none detached. Every decision is made on this thread, between
-//! awaits, from one closed set of [`Event`]s.
+//! smol's blocking pool through `smol::unblock`: one Mimecast fetch per feed and up to `datadog.sends_in_flight`
+//! Datadog sends are in flight, and every task is awaited in the loop below, none detached. Every decision is
+//! made on this thread, between awaits, from one closed set of [`Event`]s, by the machines of [`crate::policy`];
+//! the loop reads the clock once per event and carries out what they ask for.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
