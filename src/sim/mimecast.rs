@@ -87,6 +87,8 @@ struct State {
     expires_in_raw: Option<String>,
     token_redirect: Option<String>,
     token_cycle: bool,
+    /// Token requests wait until [`MimecastSim::release`] (a slow or hanging token endpoint).
+    hold_tokens: bool,
     log: Vec<Logged>,
     secret: String,
     /// How long every page request waits before it is answered (see [`MimecastSim::set_latency`]).
@@ -114,6 +116,7 @@ impl MimecastSim {
             expires_in_raw: None,
             token_redirect: None,
             token_cycle: false,
+            hold_tokens: false,
             log: Vec::new(),
             secret: CLIENT_SECRET.into(),
             latency: Duration::ZERO,
@@ -178,6 +181,11 @@ impl MimecastSim {
     /// (it needs more than two pages of records). A `next` equal to the request's own token is `RepeatToken`.
     pub fn set_token_cycle(&self, on: bool) {
         self.lock().token_cycle = on;
+    }
+
+    /// Token requests wait until [`MimecastSim::release`] while on; [`MimecastSim::held`] counts them too.
+    pub fn set_hold_tokens(&self, on: bool) {
+        self.lock().hold_tokens = on;
     }
 
     /// Answers 403 for this feed, as when the API application lacks its permission.
@@ -251,6 +259,9 @@ fn fail(code: &str, message: &str, retryable: bool) -> Value {
 
 fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     if req.path == "/oauth/token" {
+        if lock(state).hold_tokens {
+            gate.hold();
+        }
         return token(state, req);
     }
     let Some(feed) = Feed::ALL.into_iter().find(|f| f.spec().path == req.path) else {

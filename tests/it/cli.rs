@@ -218,6 +218,37 @@ fn waiting_on_a_stalled_intake_or_a_full_queue_burns_no_cpu() {
 }
 
 #[test]
+fn feeds_waiting_for_the_token_in_flight_burn_no_cpu() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&Feed::ALL, 20, 300);
+    // The token endpoint hangs: the first feed's token request is in flight, the other five feeds are due and
+    // must wait for that token, not spin on a timer that fires at once.
+    rig.mc.set_hold_tokens(true);
+    let path = write_config(&rig, &[("http", "timeout_secs = 300")]);
+    let mut child = cmd(&["run", "--config", path.to_str().unwrap()]).stderr(Stdio::piped()).spawn_daemon();
+    let log = stderr_lines(&mut child);
+    wait_for("the token request to hang", Duration::from_secs(30), || rig.mc.held() == 1);
+    // The two seconds are the span over which CPU is measured (the input of the test), not a wait for an event.
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_millis(2000));
+    let used = cpu_ticks(child.id()) - before;
+    assert_eq!((rig.mc.held(), rig.mc.tokens_issued()), (1, 0), "one token request, still waiting");
+    assert!(rig.mc.requests().is_empty(), "no page was asked for without a token");
+    rig.mc.set_hold_tokens(false);
+    rig.mc.release();
+    wait_for("everything delivered", Duration::from_secs(60), || {
+        dd::record_keys(&rig.dd.accepted()).len() >= expected.len()
+    });
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, "the agent to stop", Duration::from_secs(60)).code(), Some(0));
+    assert_delivered_once(&rig.dd, &expected);
+    assert_eq!(rig.mc.tokens_issued(), 1, "the other feeds used the token the first one brought");
+    drop(log);
+    // Ticks are 10 ms: a loop that spins would use about 200 of them here.
+    assert!(used <= 20, "{used} ticks of CPU in 2 s of waiting for a token");
+}
+
+#[test]
 fn sigterm_lets_the_send_in_flight_finish_so_nothing_is_sent_twice() {
     let rig = Rig::new();
     let expected = rig.add_records(&[Feed::Audit], 300, 500);
