@@ -170,31 +170,33 @@ pub async fn run_with_reload(
     let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
     let mut shutdown = pin!(shutdown);
-    // A database locked by another process, or a full disk, at start is waited out like any later one.
-    let mut failures = 0;
+    // A database locked by another process, or a full disk, at start is waited out like any later one: the same
+    // pressure rule, its backoff and its `--once` give-up.
+    let mut pressure = Pressure::new(settings(cfg, tuning, mode).2);
     let mut agent = loop {
         let now = Now { at: Instant::now(), unix: tuning.clock.now() };
         let opened = Store::open(&cfg.queue.path)
             .and_then(|store| Agent::new(cfg.clone(), tuning.clone(), mode, store, http.clone(), now));
-        match opened {
+        let e = match opened {
             Ok(agent) => break agent,
-            Err(e) if e.is_transient() && (mode == Mode::Daemon || failures + 1 < tuning.once_attempts) => {
-                failures += 1;
-                let delay = tuning.mimecast_backoff.next(failures);
-                log::warn!("{e}; trying again in {:.1}s", delay.as_secs_f64());
-                let stopped = async {
-                    (&mut shutdown).await;
-                    true
-                }
-                .or(async {
-                    smol::Timer::after(delay).await;
-                    false
-                });
-                if stopped.await {
-                    return Ok(Outcome { queued: 0, gave_up: false });
-                }
-            }
+            Err(e) if e.is_transient() => e,
             Err(e) => return Err(e.into()),
+        };
+        let pause = pressure.on_busy(now);
+        if pause.give_up {
+            return Err(e.into());
+        }
+        log::warn!("{e}; trying again in {:.1}s", pause.delay.as_secs_f64());
+        let stopped = async {
+            (&mut shutdown).await;
+            true
+        }
+        .or(async {
+            smol::Timer::after(pause.delay).await;
+            false
+        });
+        if stopped.await {
+            return Ok(Outcome { queued: 0, gave_up: false });
         }
     };
     agent.main_loop(shutdown, reload).await?;
@@ -280,6 +282,9 @@ impl Agent {
         let once = self.mode == Mode::Once;
         loop {
             let now = self.now();
+            // The queue's size against `max_bytes`, once: nothing is committed until the next event.
+            let measured = self.measure_queue();
+            self.absorb(measured, now, false)?;
             loop {
                 let started = self.start_fetch(now, fetches.len());
                 match self.absorb(started, now, false)?.flatten() {
@@ -593,10 +598,7 @@ impl Agent {
     /// Without a fresh token, the first fetch fetches one on its own (a task of its own, so that a page that hangs
     /// afterwards holds up no other feed), and the others wait for it.
     fn start_fetch(&mut self, now: Now, in_flight: usize) -> anyhow::Result<Option<Task<Fetch>>> {
-        if self.pressure.until().is_some_and(|u| u > now.at) || self.measure_queue()? {
-            return Ok(None);
-        }
-        if in_flight > 0 && !self.fresh_token(now) {
+        if !self.pressure.may_poll(now) || (in_flight > 0 && !self.fresh_token(now)) {
             return Ok(None);
         }
         while let Some(feed) = self.poller.due(now) {
