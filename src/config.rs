@@ -101,6 +101,7 @@ struct RawDatadog {
     late_records: Option<LateRecords>,
     max_event_age_secs: Option<i64>,
     sends_in_flight: Option<u32>,
+    log_shape: Option<LogShape>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +176,18 @@ pub struct DatadogConfig {
     pub max_event_age_secs: i64,
     /// Batches sent at once, 1 to 16: at most this many are sent again after a crash.
     pub sends_in_flight: u32,
+    pub log_shape: LogShape,
+}
+
+/// `datadog.log_shape`: how much of a record a log object carries besides its `message`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogShape {
+    /// `message` and every field of the record at top level (the spec's shape; about 2.3x the record's bytes).
+    Full,
+    /// `message` only: Datadog's intake turns a JSON `message` into attributes itself. A record with a field of
+    /// a reserved name still goes in the full shape, so that the field cannot overwrite the reserved attribute.
+    Message,
 }
 
 /// `datadog.late_records`: what to do with a record Datadog would drop for its age.
@@ -553,6 +566,7 @@ fn validate(
             DATADOG_MAX_AGE_SECS,
         )?,
         sends_in_flight: range("datadog.sends_in_flight", d.sends_in_flight.unwrap_or(4), 1, 16)?,
+        log_shape: d.log_shape.unwrap_or(LogShape::Full),
     };
 
     let q = raw.queue;

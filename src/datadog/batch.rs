@@ -171,6 +171,7 @@ mod tests {
             ddtags: String::new(),
             late_records: LateRecords::Restamp,
             max_event_age_secs: 3600,
+            log_shape: crate::config::LogShape::Full,
         };
         let now = 1_800_000_000;
         let rec = |seq: i64, body: String, event_time: Option<i64>| Queued {
@@ -204,6 +205,7 @@ mod tests {
             ddtags: "a:b".into(),
             late_records: LateRecords::Restamp,
             max_event_age_secs: 3600,
+            log_shape: crate::config::LogShape::Full,
         };
         let now = 1_800_000_000;
         let records: Vec<Queued> = (0..1200)

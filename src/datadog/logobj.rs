@@ -6,7 +6,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::config::LateRecords;
+use crate::config::{LateRecords, LogShape};
 use crate::datetime;
 use crate::mimecast::Feed;
 
@@ -25,6 +25,7 @@ pub struct Shape {
     pub ddtags: String,
     pub late_records: LateRecords,
     pub max_event_age_secs: i64,
+    pub log_shape: LogShape,
 }
 
 impl Shape {
@@ -34,6 +35,7 @@ impl Shape {
             ddtags: cfg.tags.join(","),
             late_records: cfg.late_records,
             max_event_age_secs: cfg.max_event_age_secs,
+            log_shape: cfg.log_shape,
         }
     }
 }
@@ -84,11 +86,13 @@ pub fn write(out: &mut Vec<u8>, feed: Feed, body: &str, event_time: Option<i64>,
         write_head(out, feed, shape);
         out.extend_from_slice(b",\"message\":");
         json_string(out, body);
-        for (name, value) in &fields.0 {
-            out.push(b',');
-            json_string(out, name);
-            out.push(b':');
-            out.extend_from_slice(value.get().as_bytes());
+        if shape.log_shape == LogShape::Full || fields.renamed {
+            for (name, value) in &fields.fields {
+                out.push(b',');
+                json_string(out, name);
+                out.push(b':');
+                out.extend_from_slice(value.get().as_bytes());
+            }
         }
         out.push(b'}');
         return if late { Late::Kept } else { Late::OnTime };
@@ -115,41 +119,50 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// A record's top-level fields as the log object names them, each value a slice of the queued text.
-struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Fields<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// A name was reserved and is prefixed: the record's fields must go at top level, under their new names.
+    renamed: bool,
+}
+
+/// The top-level fields of a JSON object as they are written, before any is renamed.
+struct Object<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'a> Fields<'a> {
     /// The fields of `body` when it is a JSON object whose names stay distinct once reserved names are prefixed;
     /// `None` otherwise (not an object, not JSON, a repeated name), for the parsing path to handle.
     fn of(body: &'a str) -> Option<Fields<'a>> {
-        let Fields(mut fields) = serde_json::from_str::<Fields<'a>>(body).ok()?;
+        let Object(mut fields) = serde_json::from_str::<Object<'a>>(body).ok()?;
+        let mut renamed = false;
         for (name, _) in &mut fields {
             if RESERVED.contains(&name.as_ref()) {
                 *name = Cow::Owned(format!("mimecast.{name}"));
+                renamed = true;
             }
         }
         let mut names: Vec<&str> = fields.iter().map(|(n, _)| n.as_ref()).collect();
         names.sort_unstable();
-        names.windows(2).all(|w| w[0] != w[1]).then_some(Fields(fields))
+        names.windows(2).all(|w| w[0] != w[1]).then_some(Fields { fields, renamed })
     }
 }
 
-impl<'de> Deserialize<'de> for Fields<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Fields<'de>, D::Error> {
-        struct Object;
-        impl<'de> Visitor<'de> for Object {
-            type Value = Fields<'de>;
+impl<'de> Deserialize<'de> for Object<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Object<'de>, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Object<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<'de>, A::Error> {
                 let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(24));
                 while let Some(Name(name)) = map.next_key()? {
                     fields.push((name, map.next_value()?));
                 }
-                Ok(Fields(fields))
+                Ok(Object(fields))
             }
         }
-        d.deserialize_map(Object)
+        d.deserialize_map(Fields)
     }
 }
 
@@ -205,7 +218,9 @@ fn write_parsed(out: &mut Vec<u8>, feed: Feed, body: &str, event_time: Option<i6
         log.insert("timestamp".into(), datetime::rfc3339(now).into());
         log.insert("mimecast_late".into(), true.into());
     }
-    if let Value::Object(fields) = record {
+    let lean = shape.log_shape == LogShape::Message
+        && record.as_object().is_some_and(|m| !m.keys().any(|k| RESERVED.contains(&k.as_str())));
+    if !lean && let Value::Object(fields) = record {
         for (k, v) in fields {
             let k = if RESERVED.contains(&k.as_str()) || log.contains_key(&k) { format!("mimecast.{k}") } else { k };
             log.insert(k, v);
@@ -237,7 +252,12 @@ pub(crate) mod tests {
             ddtags: "env:prod,site:berlin".into(),
             late_records: late,
             max_event_age_secs: 61200,
+            log_shape: LogShape::Full,
         }
+    }
+
+    fn lean(late: LateRecords) -> Shape {
+        Shape { log_shape: LogShape::Message, ..shape(late) }
     }
 
     fn obj(b: &Built) -> Map<String, Value> {
@@ -273,6 +293,32 @@ pub(crate) mod tests {
         assert_eq!(o["mimecast.message"], "m");
         assert_eq!(o["mimecast.status"], "s");
         assert_eq!(o["mimecast.service"], "x");
+    }
+
+    #[test]
+    fn the_message_shape_carries_the_record_once_unless_a_name_is_reserved() {
+        let now = datetime::parse("2024-05-27T10:00:00Z").unwrap();
+        let o =
+            obj(&build(Feed::TtpUrl, URL, datetime::parse("2024-05-27T09:04:25+0000"), &lean(LateRecords::Keep), now));
+        let keys = |o: &Map<String, Value>| {
+            let mut k: Vec<String> = o.keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&o), ["ddsource", "ddtags", "hostname", "message", "service"]);
+        assert_eq!(o["message"], URL);
+        // Datadog would read `status` as the log's status: such a record keeps the full shape, renamed.
+        let body = r#"{"status":"s","eventTime":"2024-05-27T09:04:25+0000"}"#;
+        for (event_time, late) in [(None, Late::OnTime), (Some(now - 20 * 3600), Late::Restamped)] {
+            let b = build(Feed::Audit, body, event_time, &lean(LateRecords::Restamp), now);
+            assert_eq!((b.late, &obj(&b)["mimecast.status"]), (late, &Value::from("s")));
+        }
+        // A restamped record: its time at top level, the renamed field in the message only.
+        let b = build(Feed::TtpUrl, URL, Some(now - 20 * 3600), &lean(LateRecords::Restamp), now);
+        let o = obj(&b);
+        assert_eq!(keys(&o), ["ddsource", "ddtags", "hostname", "message", "mimecast_late", "service", "timestamp"]);
+        let msg: Value = serde_json::from_str(o["message"].as_str().unwrap()).unwrap();
+        assert_eq!(msg["original_date"], "2024-05-27T09:04:25+0000");
     }
 
     #[test]

@@ -48,6 +48,39 @@ fn datadogs_own_pipeline_samples_arrive_with_every_attribute() {
     assert_eq!(rig.store().counters().unwrap().kept, 6);
 }
 
+/// `log_shape = "message"`: the record goes once, as `message`, which Datadog's intake turns into the same
+/// attributes (its pipeline tests feed each sample in as the message); the log is about half the bytes.
+#[test]
+fn the_message_shape_sends_each_pipeline_sample_once_as_its_message() {
+    let rig = Rig::new();
+    let samples: Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
+    let samples = samples.as_array().unwrap();
+    for s in samples {
+        let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
+        queue_direct(&rig, feed, &[serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()]);
+    }
+    let out = rig.once(&rig.config(&[("datadog", "late_records = \"keep\"\nlog_shape = \"message\"")]));
+    assert_eq!(out.queued, 0);
+    let logs = rig.dd.accepted();
+    assert_eq!(logs.len(), 6);
+    let (mut record_bytes, mut log_bytes) = (0, 0);
+    for s in samples {
+        let service = s["service"].as_str().unwrap();
+        let sample: Value = serde_json::from_str(s["sample"].as_str().unwrap()).unwrap();
+        let log = logs.iter().find(|l| l["service"] == service).unwrap_or_else(|| panic!("no log for {service}"));
+        let mut keys: Vec<&str> = log.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["ddsource", "ddtags", "hostname", "message", "service"], "{service}");
+        let message: Value = serde_json::from_str(log["message"].as_str().unwrap()).unwrap();
+        assert_eq!(message, sample, "{service}: every field with its JSON type, in the message");
+        record_bytes += sample.to_string().len();
+        log_bytes += log.to_string().len();
+    }
+    eprintln!("message shape: {:.2}x the records' bytes", log_bytes as f64 / record_bytes as f64);
+    assert!(log_bytes < 2 * record_bytes, "{log_bytes} bytes of logs for {record_bytes} of records");
+}
+
 #[test]
 fn an_outage_in_the_middle_of_a_drain_loses_nothing() {
     let rig = Rig::new();
