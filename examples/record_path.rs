@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use mimecast_forwarder::config::LateRecords;
+use mimecast_forwarder::config::{LateRecords, LogShape};
 use mimecast_forwarder::datadog::batch;
 use mimecast_forwarder::datadog::logobj::Shape;
 use mimecast_forwarder::datetime;
@@ -126,6 +126,7 @@ fn drain(what: &str, queued: &[Queued], now: i64) {
         ddtags: "env:prod".into(),
         late_records: LateRecords::Keep,
         max_event_age_secs: 61200,
+        log_shape: LogShape::Full,
     };
     let body = queued.iter().map(|q| q.body.len()).sum::<usize>() as f64 / N as f64;
     let pack = per_record(|| {
@@ -150,6 +151,15 @@ fn drain(what: &str, queued: &[Queued], now: i64) {
         pack - clone,
         restamped - clone,
         payload.len() as f64 / N as f64
+    );
+    let lean = Shape { log_shape: LogShape::Message, ..shape.clone() };
+    let lean_payload = batch::pack(queued.to_vec(), &lean, now).payload;
+    println!(
+        "  log_shape = \"message\": {:.0} bytes of JSON per record ({:.2}x the record; \"full\": {:.2}x), {:.0} gzipped",
+        lean_payload.len() as f64 / N as f64,
+        lean_payload.len() as f64 / N as f64 / body,
+        payload.len() as f64 / N as f64 / body,
+        gzip(&lean_payload, 3).len() as f64 / N as f64
     );
     for level in [1, 2, 3, 4, 6] {
         let us = per_record(|| {
