@@ -24,7 +24,7 @@ use crate::datadog::logobj::Shape;
 use crate::datadog::sink::{self, Sent};
 use crate::datetime;
 use crate::http::Http;
-use crate::mimecast::auth::{self, AuthError, Credentials, Token};
+use crate::mimecast::auth::{self, Accounts, AuthError, Token};
 use crate::mimecast::client::{self, FetchError, Fetched, PageRequest};
 use crate::mimecast::window::Settings;
 use crate::mimecast::{Feed, wire};
@@ -119,15 +119,15 @@ enum Event {
     Wake,
 }
 
-/// The loop's state: the store, the HTTP client and the token it owns, and the three policy machines it feeds.
+/// The loop's state: the store, the HTTP client and the tokens it owns, and the three policy machines it feeds.
 struct Agent {
     cfg: Config,
     tuning: Tuning,
     mode: Mode,
     store: Store,
     http: Http,
-    creds: Credentials,
-    token: Option<Token>,
+    /// The Mimecast API applications the feeds poll under, and their tokens.
+    accounts: Accounts,
     shape: Shape,
     poller: Poller,
     sender: Sender,
@@ -247,7 +247,7 @@ impl Agent {
         }
         let (poller, sender, store_retries) = settings(&cfg, &tuning, mode);
         Ok(Agent {
-            creds: Credentials::of(&cfg.mimecast),
+            accounts: Accounts::of(&cfg.mimecast),
             shape: Shape::of(&cfg.datadog),
             poller: Poller::new(poller, &cfg.mimecast.feeds, now),
             sender: Sender::new(sender, now),
@@ -257,7 +257,6 @@ impl Agent {
             mode,
             store,
             http,
-            token: None,
             disk_gave_up: false,
             page_wal: 256 * 1024,
             disk_note: true,
@@ -305,11 +304,13 @@ impl Agent {
                     return Ok(());
                 }
             }
-            // While the one fetch in flight brings a token, the other feeds wait for it, not for a timer.
-            let token_awaited = !fetches.is_empty() && !self.fresh_token(now);
+            // A feed whose token is being fetched waits for that fetch, not for a timer.
+            let (accounts, margin) = (&self.accounts, self.tuning.token_margin);
             let wake = policy::next_wake(
                 now.at,
-                self.poller.next_wake().filter(|_| !self.pressure.queue_full() && !token_awaited),
+                self.poller
+                    .next_wake_where(|f| !accounts.waiting(f, now.at, margin))
+                    .filter(|_| !self.pressure.queue_full()),
                 self.pressure.until(),
                 self.sender.next_wake(),
             );
@@ -443,12 +444,9 @@ impl Agent {
         self.poller.reconfigure(poller, &cfg.mimecast.feeds, now);
         self.sender.reconfigure(sender, now);
         self.pressure.reconfigure(store_retries);
-        let creds = Credentials::of(&cfg.mimecast);
-        if creds != self.creds {
-            self.token = None;
+        if self.accounts.reconfigure(&cfg.mimecast) {
             self.creds_generation += 1;
         }
-        self.creds = creds;
         self.http = http;
         self.shape = Shape::of(&cfg.datadog);
         self.cfg = cfg;
@@ -596,12 +594,13 @@ impl Agent {
 
     /// Asks the poller which feed is due and starts fetching its next page. One fetch per feed may be in flight.
     /// Without a fresh token, the first fetch fetches one on its own (a task of its own, so that a page that hangs
-    /// afterwards holds up no other feed), and the others wait for it.
+    /// afterwards holds up no other feed), and the other feeds of the same API application wait for it.
     fn start_fetch(&mut self, now: Now, in_flight: usize) -> anyhow::Result<Option<Task<Fetch>>> {
-        if !self.pressure.may_poll(now) || (in_flight > 0 && !self.fresh_token(now)) {
+        if !self.pressure.may_poll(now) {
             return Ok(None);
         }
-        while let Some(feed) = self.poller.due(now) {
+        let margin = self.tuning.token_margin;
+        while let Some(feed) = self.poller.due_where(now, |f| !self.accounts.waiting(f, now.at, margin)) {
             let cursor = self.store.cursor(feed)?.context("cursor row missing")?;
             let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.window) else { continue };
             if !self.room_for_pages(now, in_flight as u64 + 1)? {
@@ -614,35 +613,33 @@ impl Agent {
                 page_token: plan.page_token,
                 page_size: self.cfg.mimecast.page_size,
             };
-            if !self.fresh_token(now) {
-                let (http, creds, generation) = (self.http.clone(), self.creds.clone(), self.creds_generation);
+            if !self.accounts.fresh(feed, now.at, margin) {
+                let creds = self.accounts.creds(feed).context("credentials missing for an enabled feed")?.clone();
+                self.accounts.on_fetching(feed);
+                let (http, generation) = (self.http.clone(), self.creds_generation);
                 return Ok(Some(smol::unblock(move || {
                     let token = auth::fetch_token(&http, &creds, now.at);
                     Fetch::Token(req, generation, token)
                 })));
             }
-            return Ok(Some(self.fetch_page(now, req)));
+            return self.fetch_page(now, req).map(Some);
         }
         Ok(None)
     }
 
-    fn fresh_token(&self, now: Now) -> bool {
-        self.token.as_ref().is_some_and(|t| t.fresh(now.at, self.tuning.token_margin))
-    }
-
     /// Starts the fetch of a page with the token in hand (a 401 still fetches a new one and retries once).
-    fn fetch_page(&self, now: Now, req: PageRequest) -> Task<Fetch> {
-        let (http, creds, token, generation, margin) = (
+    fn fetch_page(&self, now: Now, req: PageRequest) -> anyhow::Result<Task<Fetch>> {
+        let creds = self.accounts.creds(req.feed).context("credentials missing for an enabled feed")?.clone();
+        let (http, token, generation, margin) = (
             self.http.clone(),
-            self.creds.clone(),
-            self.token.clone(),
+            self.accounts.token(req.feed).cloned(),
             self.creds_generation,
             self.tuning.token_margin,
         );
-        smol::unblock(move || {
+        Ok(smol::unblock(move || {
             let f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
             Fetch::Page(req, generation, f)
-        })
+        }))
     }
 
     /// A token came back for the fetch of `req`: keep it and fetch the page, or count the failure against the
@@ -658,11 +655,9 @@ impl Agent {
             self.poller.on_abandoned(req.feed);
             return Ok(None);
         }
+        self.accounts.on_fetched(req.feed, token.as_ref().ok().cloned());
         match token {
-            Ok(t) => {
-                self.token = Some(t);
-                Ok(Some(self.fetch_page(now, req)))
-            }
+            Ok(_) => self.fetch_page(now, req).map(Some),
             Err(e) => {
                 let fetched = Fetched { result: Err(FetchError::Auth(e)), new_token: None, throttle: None };
                 self.on_fetched(now, req, generation, fetched)?;
@@ -674,7 +669,7 @@ impl Agent {
     /// A page or a failure came back: the poller decides, the loop commits or records.
     fn on_fetched(&mut self, now: Now, req: PageRequest, generation: u64, fetched: Fetched) -> anyhow::Result<()> {
         if let Some(t) = fetched.new_token.filter(|_| generation == self.creds_generation) {
-            self.token = Some(t);
+            self.accounts.renewed(req.feed, t);
         }
         let page = fetched.result.as_ref().map_err(Clone::clone);
         for action in self.poller.on_page(now, &req, page, fetched.throttle) {

@@ -197,13 +197,28 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
             return exit::CONFIG;
         }
     };
-    let creds = crate::mimecast::auth::Credentials::of(&cfg.mimecast);
+    // Each API application once, with the feeds that poll under it.
+    let mut apps: Vec<(crate::mimecast::auth::Credentials, Vec<&str>)> = Vec::new();
+    for &feed in &cfg.mimecast.feeds {
+        let creds = crate::mimecast::auth::Credentials::of(&cfg.mimecast, feed);
+        match apps.iter_mut().find(|(c, _)| *c == creds) {
+            Some((_, feeds)) => feeds.push(feed.name()),
+            None => apps.push((creds, vec![feed.name()])),
+        }
+    }
     let mut ok = true;
-    match crate::mimecast::auth::fetch_token(&http, &creds, Instant::now()) {
-        Ok(_) => crate::say!("mimecast: OK, a token was issued by {}", cfg.mimecast.base_url),
-        Err(e) => {
-            ok = false;
-            crate::say!("mimecast: FAILED: {e}");
+    for (creds, feeds) in &apps {
+        let whose = if apps.len() > 1 {
+            format!(" (client id {}: {})", creds.client_id, feeds.join(", "))
+        } else {
+            String::new()
+        };
+        match crate::mimecast::auth::fetch_token(&http, creds, Instant::now()) {
+            Ok(_) => crate::say!("mimecast{whose}: OK, a token was issued by {}", cfg.mimecast.base_url),
+            Err(e) => {
+                ok = false;
+                crate::say!("mimecast{whose}: FAILED: {e}");
+            }
         }
     }
     match crate::datadog::sink::validate_key(&http, cfg.datadog.validate_url.as_str(), &cfg.datadog.api_key) {

@@ -1,6 +1,7 @@
 //! The TOML config: parsed strictly (unknown keys refused) into `RawConfig`, then validated into `Config`.
 //! Secrets live in [`Secret`], whose `Debug` and `Display` never show the value.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,6 +88,16 @@ struct RawMimecast {
     settle_secs: Option<i64>,
     overlap_secs: Option<i64>,
     max_window_secs: Option<i64>,
+    /// `[mimecast.feeds.<feed>]`: credentials of the feed's own.
+    feeds: Option<BTreeMap<Feed, RawCredentials>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,9 +162,28 @@ pub struct MimecastConfig {
     pub overlap_secs: i64,
     /// More than `overlap_secs`.
     pub max_window_secs: i64,
+    /// `[mimecast.feeds.<feed>]`: feeds that poll under an API application of their own (its own quota). The
+    /// others use `client_id` and `client_secret` above.
+    #[serde(rename = "feeds", skip_serializing_if = "BTreeMap::is_empty")]
+    pub own_credentials: BTreeMap<Feed, FeedCredentials>,
+}
+
+/// A feed's own API application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeedCredentials {
+    pub client_id: String,
+    pub client_secret: Secret,
 }
 
 impl MimecastConfig {
+    /// The client id and secret `feed` polls with: its own, or those of `[mimecast]`.
+    pub fn credentials(&self, feed: Feed) -> (&str, &Secret) {
+        match self.own_credentials.get(&feed) {
+            Some(own) => (&own.client_id, &own.client_secret),
+            None => (&self.client_id, &self.client_secret),
+        }
+    }
+
     /// `poll_interval_secs` as a `Duration`, for `Instant` arithmetic.
     pub fn poll_interval(&self) -> Duration {
         // Validated from 1 to 86400: never negative.
@@ -415,7 +445,7 @@ fn secret(
     key: &'static str,
     file: Option<PathBuf>,
     inline: Option<String>,
-    env_name: &'static str,
+    env_name: Option<&'static str>,
     how: &'static str,
     env: &dyn Fn(&str) -> Option<String>,
     warnings: &mut Vec<String>,
@@ -431,12 +461,53 @@ fn secret(
     } else if let Some(v) = inline {
         v
     } else {
-        env(env_name).unwrap_or_default()
+        env_name.and_then(env).unwrap_or_default()
     };
     if value.is_empty() {
         return Err(ConfigError::Missing { key, how });
     }
     Ok(Secret(value))
+}
+
+/// The `[mimecast.feeds.<feed>]` tables: each holds a client id and a secret (from `client_secret_file` or
+/// `client_secret`; no environment variable, which could not say which feed it is for).
+fn own_credentials(
+    raw: BTreeMap<Feed, RawCredentials>,
+    enabled: &[Feed],
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<Feed, FeedCredentials>, ConfigError> {
+    let mut own = BTreeMap::new();
+    for (feed, c) in raw {
+        if !enabled.contains(&feed) {
+            warnings.push(format!("[mimecast.feeds.{0}] is not used: {0} is not in mimecast.log_types", feed.name()));
+        }
+        let [id_key, secret_key] = own_keys(feed);
+        const HOW: &str = "client_id and client_secret_file (or client_secret) in the feed's table, or remove the \
+                           table to use [mimecast]'s";
+        let client_id =
+            c.client_id.filter(|id| !id.is_empty()).ok_or(ConfigError::Missing { key: id_key, how: HOW })?;
+        let client_secret = secret(secret_key, c.client_secret_file, c.client_secret, None, HOW, env, warnings)?;
+        own.insert(feed, FeedCredentials { client_id, client_secret });
+    }
+    Ok(own)
+}
+
+/// The names of a feed's own credential keys, for errors (which name their key as a `&'static str`).
+fn own_keys(feed: Feed) -> [&'static str; 2] {
+    match feed {
+        Feed::Audit => ["mimecast.feeds.audit.client_id", "mimecast.feeds.audit.client_secret"],
+        Feed::Dlp => ["mimecast.feeds.dlp.client_id", "mimecast.feeds.dlp.client_secret"],
+        Feed::Rejection => ["mimecast.feeds.rejection.client_id", "mimecast.feeds.rejection.client_secret"],
+        Feed::TtpAttachment => [
+            "mimecast.feeds.ttp-attachment-protection.client_id",
+            "mimecast.feeds.ttp-attachment-protection.client_secret",
+        ],
+        Feed::TtpImpersonation => {
+            ["mimecast.feeds.ttp-impersonation.client_id", "mimecast.feeds.ttp-impersonation.client_secret"]
+        }
+        Feed::TtpUrl => ["mimecast.feeds.ttp-url.client_id", "mimecast.feeds.ttp-url.client_secret"],
+    }
 }
 
 fn range<T: PartialOrd + std::fmt::Display>(key: &'static str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
@@ -468,7 +539,7 @@ fn validate(
         "mimecast.client_secret",
         m.client_secret_file,
         m.client_secret,
-        "MIMECAST_CLIENT_SECRET",
+        Some("MIMECAST_CLIENT_SECRET"),
         "mimecast.client_secret_file, mimecast.client_secret or the environment variable MIMECAST_CLIENT_SECRET",
         env,
         warnings,
@@ -492,6 +563,7 @@ fn validate(
             &format!("more than mimecast.overlap_secs ({overlap_secs}), or windows would never advance"),
         ));
     }
+    let own_credentials = own_credentials(m.feeds.unwrap_or_default(), &feeds, env, warnings)?;
     let mimecast = MimecastConfig {
         base_url,
         client_id,
@@ -508,6 +580,7 @@ fn validate(
         settle_secs: range("mimecast.settle_secs", m.settle_secs.unwrap_or(60), 0, 86400)?,
         overlap_secs,
         max_window_secs,
+        own_credentials,
     };
 
     let d = raw.datadog;
@@ -534,7 +607,7 @@ fn validate(
         "datadog.api_key",
         d.api_key_file,
         d.api_key,
-        "DD_API_KEY",
+        Some("DD_API_KEY"),
         "datadog.api_key_file, datadog.api_key or the environment variable DD_API_KEY",
         env,
         warnings,
@@ -793,7 +866,11 @@ mod tests {
     fn renders_as_toml_that_reads_back_as_the_same_config_without_secrets() {
         let extra = "tags = [\"env:prod\"]\nlate_records = \"keep\"\n[queue]\nwhen_full = \"drop-oldest\"\n\
                      [http]\nproxy = \"http://me:pw-123@proxy:3128\"\n";
-        let text = MINIMAL.replace("[datadog]", "log_types = [\"ttp-url\", \"ttp-attachment\"]\n[datadog]");
+        let text = MINIMAL.replace(
+            "[datadog]",
+            "log_types = [\"ttp-url\", \"ttp-attachment\"]\n\
+             [mimecast.feeds.ttp-url]\nclient_id = \"url-app\"\nclient_secret = \"s3cr3t-url\"\n[datadog]",
+        );
         for c in [from_str(MINIMAL, &no_env).unwrap(), from_str(&format!("{text}{extra}"), &no_env).unwrap()] {
             let rendered = c.render();
             for secret in ["s3cr3t", "pw-123"] {
@@ -815,6 +892,37 @@ mod tests {
         assert!(rendered.contains("proxy = \"http://[redacted]@proxy:3128\"\n"), "{rendered}");
         assert!(!rendered.contains("validate"), "{rendered}");
         assert!(from_str(MINIMAL, &no_env).unwrap().render().contains("# http.proxy is not set"));
+    }
+
+    #[test]
+    fn a_feed_may_poll_under_its_own_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url_secret");
+        std::fs::write(&file, "s3cr3t-url\n").unwrap();
+        let table = |body: &str| MINIMAL.replace("[datadog]", &format!("[mimecast.feeds.ttp-url]\n{body}[datadog]"));
+        let c =
+            from_str(&table(&format!("client_id = \"url-app\"\nclient_secret_file = {file:?}\n")), &no_env).unwrap();
+        let (id, secret) = c.mimecast.credentials(Feed::TtpUrl);
+        assert_eq!((id, secret.expose()), ("url-app", "s3cr3t-url"));
+        let (id, secret) = c.mimecast.credentials(Feed::Audit);
+        assert_eq!((id, secret.expose()), ("id", "s3cr3t-mc"));
+        // A table holds both, and its secret never comes from [mimecast]'s or the environment.
+        let env = |name: &str| (name == "MIMECAST_CLIENT_SECRET").then(|| "from-env".to_owned());
+        let e = from_str(&table("client_id = \"url-app\"\n"), &env).unwrap_err().to_string();
+        assert!(e.contains("mimecast.feeds.ttp-url.client_secret") && e.contains("feed's table"), "{e}");
+        let e = err(&table("client_secret = \"s3cr3t-url\"\n"));
+        assert!(e.contains("mimecast.feeds.ttp-url.client_id") && !e.contains("s3cr3t"), "{e}");
+        assert!(err(&table("client_id = \"a\"\nclient_secret = \"b\"\nclientid = \"c\"\n")).contains("clientid"));
+        assert!(
+            err(&MINIMAL.replace("[datadog]", "[mimecast.feeds.ttp-nope]\nclient_id = \"a\"\n[datadog]"))
+                .contains("ttp-nope")
+        );
+        // A table for a feed that is not polled is kept and warned about.
+        let text = table("client_id = \"url-app\"\nclient_secret = \"s\"\n")
+            .replace("[mimecast.feeds", "log_types = [\"audit\"]\n[mimecast.feeds");
+        let mut warnings = Vec::new();
+        validate(toml::from_str(&text).unwrap(), &no_env, &mut warnings).unwrap();
+        assert!(warnings.iter().any(|w| w.contains("[mimecast.feeds.ttp-url] is not used")), "{warnings:?}");
     }
 
     fn serde_plain(v: impl Serialize) -> String {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use crate::config::{MimecastConfig, Secret};
 use crate::error::Cause;
 use crate::http::{Http, HttpError};
+use crate::mimecast::Feed;
 
 /// Bounds on a token lifetime the server gives: at least a minute (a shorter one would refetch on every call), at
 /// most a day (a longer one is a broken value, and a token is refreshed on its first 401 anyway).
@@ -78,7 +79,7 @@ impl std::error::Error for AuthError {
     }
 }
 
-/// The client credentials of `[mimecast]`.
+/// The client credentials a feed polls with: `[mimecast]`'s, or its own `[mimecast.feeds.<feed>]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
     pub base_url: String,
@@ -87,11 +88,106 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    pub fn of(cfg: &MimecastConfig) -> Credentials {
+    pub fn of(cfg: &MimecastConfig, feed: Feed) -> Credentials {
+        let (client_id, client_secret) = cfg.credentials(feed);
         Credentials {
             base_url: cfg.base_url.as_str().to_owned(),
-            client_id: cfg.client_id.clone(),
-            client_secret: cfg.client_secret.clone(),
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.clone(),
+        }
+    }
+}
+
+/// The API applications the enabled feeds poll under, each with its token, and whether a fetch of its token is
+/// in flight. Feeds that share credentials share one token. Pure state: the loop fetches the tokens.
+#[derive(Debug, Default)]
+pub struct Accounts {
+    accounts: Vec<Account>,
+    of: Vec<(Feed, usize)>,
+}
+
+#[derive(Debug)]
+struct Account {
+    creds: Credentials,
+    token: Option<Token>,
+    fetching: bool,
+}
+
+impl Accounts {
+    pub fn of(cfg: &MimecastConfig) -> Accounts {
+        let mut a = Accounts::default();
+        for &feed in &cfg.feeds {
+            let creds = Credentials::of(cfg, feed);
+            let i = match a.accounts.iter().position(|acc| acc.creds == creds) {
+                Some(i) => i,
+                None => {
+                    a.accounts.push(Account { creds, token: None, fetching: false });
+                    a.accounts.len() - 1
+                }
+            };
+            a.of.push((feed, i));
+        }
+        a
+    }
+
+    /// The same accounts for `cfg`, keeping the tokens of credentials that did not change. Says whether any
+    /// feed's credentials changed: a token in flight may then belong to credentials no longer used.
+    pub fn reconfigure(&mut self, cfg: &MimecastConfig) -> bool {
+        let mut new = Accounts::of(cfg);
+        let changed = cfg.feeds.iter().any(|&f| self.account(f).is_some_and(|a| a.creds != Credentials::of(cfg, f)));
+        for acc in &mut new.accounts {
+            acc.token = self.accounts.iter().find(|old| old.creds == acc.creds).and_then(|old| old.token.clone());
+        }
+        *self = new;
+        changed
+    }
+
+    fn account(&self, feed: Feed) -> Option<&Account> {
+        self.of.iter().find(|(f, _)| *f == feed).and_then(|&(_, i)| self.accounts.get(i))
+    }
+
+    fn account_mut(&mut self, feed: Feed) -> Option<&mut Account> {
+        self.of.iter().find(|(f, _)| *f == feed).and_then(|&(_, i)| self.accounts.get_mut(i))
+    }
+
+    /// The credentials `feed` polls with (`None` for a feed not enabled).
+    pub fn creds(&self, feed: Feed) -> Option<&Credentials> {
+        self.account(feed).map(|a| &a.creds)
+    }
+
+    pub fn token(&self, feed: Feed) -> Option<&Token> {
+        self.account(feed).and_then(|a| a.token.as_ref())
+    }
+
+    pub fn fresh(&self, feed: Feed, now: Instant, margin: Duration) -> bool {
+        self.token(feed).is_some_and(|t| t.fresh(now, margin))
+    }
+
+    /// `feed` has no fresh token and one is being fetched for its credentials: it waits for that fetch.
+    pub fn waiting(&self, feed: Feed, now: Instant, margin: Duration) -> bool {
+        !self.fresh(feed, now, margin) && self.account(feed).is_some_and(|a| a.fetching)
+    }
+
+    /// A fetch of `feed`'s token started, or came back (with the token, if one was issued).
+    pub fn on_fetching(&mut self, feed: Feed) {
+        if let Some(a) = self.account_mut(feed) {
+            a.fetching = true;
+        }
+    }
+
+    pub fn on_fetched(&mut self, feed: Feed, token: Option<Token>) {
+        if let Some(a) = self.account_mut(feed) {
+            a.fetching = false;
+            if token.is_some() {
+                a.token = token;
+            }
+        }
+    }
+
+    /// A token issued while fetching a page of `feed` (its token had expired).
+    pub fn renewed(&mut self, feed: Feed, token: Token) {
+        if let Some(a) = self.account_mut(feed) {
+            a.token = Some(token);
         }
     }
 }
@@ -244,5 +340,38 @@ mod tests {
         for leak in [wrong, "wr0ng+p%40ss%26%3D%2F%2B%25%C3%A9", "wr0ng", secret, encoded] {
             assert!(!shown.contains(leak), "{leak} in {shown}");
         }
+    }
+
+    #[test]
+    fn feeds_share_an_applications_token_and_a_reload_keeps_the_unchanged_ones() {
+        let cfg = |url_secret: &str| {
+            let text = format!(
+                "[mimecast]\nclient_id = \"main\"\nclient_secret = \"s\"\n\
+                 [mimecast.feeds.ttp-url]\nclient_id = \"url\"\nclient_secret = {url_secret:?}\n\
+                 [datadog]\napi_key = \"k\"\n"
+            );
+            crate::config::from_str(&text, &|_| None).unwrap().mimecast
+        };
+        let (now, margin) = (Instant::now(), Duration::from_secs(120));
+        let token =
+            |access: &str| Token { access: Secret::new(access.into()), expires_at: now + Duration::from_secs(600) };
+        let mut a = Accounts::of(&cfg("u1"));
+        assert_eq!(a.creds(Feed::TtpUrl).unwrap().client_id, "url");
+        assert_eq!(a.creds(Feed::Audit).unwrap().client_id, "main");
+        // A token fetch for the main application: its feeds wait for it; the URL feed does not.
+        a.on_fetching(Feed::Audit);
+        assert!(a.waiting(Feed::Dlp, now, margin) && !a.waiting(Feed::TtpUrl, now, margin));
+        a.on_fetched(Feed::Audit, Some(token("m")));
+        assert!(a.fresh(Feed::Dlp, now, margin) && !a.waiting(Feed::Dlp, now, margin));
+        a.renewed(Feed::TtpUrl, token("u"));
+        // A failed fetch ends the wait without a token.
+        a.on_fetching(Feed::TtpUrl);
+        a.on_fetched(Feed::TtpUrl, None);
+        assert_eq!(a.token(Feed::TtpUrl).unwrap().access.expose(), "u");
+        // A reload that changes nothing keeps both tokens; one that changes the URL application drops its token only.
+        assert!(!a.reconfigure(&cfg("u1")));
+        assert!(a.fresh(Feed::TtpUrl, now, margin) && a.fresh(Feed::Audit, now, margin));
+        assert!(a.reconfigure(&cfg("u2")));
+        assert!(!a.fresh(Feed::TtpUrl, now, margin) && a.fresh(Feed::Audit, now, margin));
     }
 }

@@ -136,12 +136,23 @@ impl Poller {
 
     /// The feed due soonest with no fetch in flight, if one is due.
     pub fn due(&self, now: Now) -> Option<Feed> {
-        self.polling().filter(|f| f.due <= now.at).min_by_key(|f| f.due).map(|f| f.feed)
+        self.due_where(now, |_| true)
+    }
+
+    /// The feed due soonest with no fetch in flight among those `ready` allows (the loop leaves out a feed whose
+    /// API application's token is being fetched: it waits for that fetch, not for a timer).
+    pub fn due_where(&self, now: Now, ready: impl Fn(Feed) -> bool) -> Option<Feed> {
+        self.polling().filter(|f| f.due <= now.at && ready(f.feed)).min_by_key(|f| f.due).map(|f| f.feed)
     }
 
     /// When the next feed with no fetch in flight is due, if any still polls.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.polling().map(|f| f.due).min()
+        self.next_wake_where(|_| true)
+    }
+
+    /// When the next feed with no fetch in flight that `ready` allows is due.
+    pub fn next_wake_where(&self, ready: impl Fn(Feed) -> bool) -> Option<Instant> {
+        self.polling().filter(|f| ready(f.feed)).map(|f| f.due).min()
     }
 
     fn polling(&self) -> impl Iterator<Item = &FeedState> {
@@ -739,5 +750,15 @@ mod tests {
         p.on_page(now, &req, Ok(&page), None);
         p.on_committed(now, second, 1, 0);
         assert_eq!(p.due(now), Some(second), "the other feed goes on at once");
+    }
+
+    #[test]
+    fn a_feed_the_loop_holds_back_is_neither_due_nor_woken_for() {
+        let now = Now { at: Instant::now(), unix: T0 };
+        let p = Poller::new(settings(Mode::Daemon), &[Feed::Audit, Feed::Dlp], now);
+        let not_audit = |f: Feed| f != Feed::Audit;
+        assert_eq!(p.due_where(now, not_audit), Some(Feed::Dlp));
+        assert_eq!(p.due_where(now, |_| false), None);
+        assert_eq!((p.next_wake_where(not_audit), p.next_wake_where(|_| false)), (Some(now.at), None));
     }
 }

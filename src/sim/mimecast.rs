@@ -65,6 +65,8 @@ pub struct Logged {
     pub records: usize,
     /// The fault this request took, if any: how a test knows a fault was applied.
     pub fault: Option<Fault>,
+    /// The API application whose token the request carried, if it carried a live one.
+    pub client: Option<String>,
 }
 
 struct Pending {
@@ -75,7 +77,10 @@ struct Pending {
 
 struct State {
     records: HashMap<Feed, Vec<(i64, Value)>>,
-    tokens: HashMap<String, Instant>,
+    /// Live tokens: when each expires and the application it was issued to.
+    tokens: HashMap<String, (Instant, String)>,
+    /// API applications besides the default one: client id and secret.
+    apps: HashMap<String, String>,
     token_lifetime: Duration,
     issued: u64,
     faults: Vec<Pending>,
@@ -107,6 +112,7 @@ impl MimecastSim {
         let state = Arc::new(Mutex::new(State {
             records: HashMap::new(),
             tokens: HashMap::new(),
+            apps: HashMap::new(),
             token_lifetime: Duration::from_secs(1799),
             issued: 0,
             faults: Vec::new(),
@@ -205,6 +211,11 @@ impl MimecastSim {
         self.lock().secret = s.into();
     }
 
+    /// Another API application of the same account (large tenants give busy feeds their own, for its quota).
+    pub fn add_app(&self, client_id: &str, secret: &str) {
+        self.lock().apps.insert(client_id.into(), secret.into());
+    }
+
     /// Serves rejections as a flat `data[]` instead of `data[0].rejections[]`.
     pub fn set_rejection_flat(&self, on: bool) {
         self.lock().rejection_flat = on;
@@ -295,12 +306,22 @@ fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     if matches!(fault, Some(Fault::ExpireTokens)) {
         st.tokens.clear();
     }
+    let client = client(&st, req);
     let (reply, records) = answer(&mut st, feed, req, body.as_ref(), fault);
     let status = match &reply {
         Reply::Respond { status, .. } => *status,
         _ => 0,
     };
-    st.log.push(Logged { feed: Some(feed), at: Instant::now(), filter, page_token, status, records, fault: taken });
+    st.log.push(Logged {
+        feed: Some(feed),
+        at: Instant::now(),
+        filter,
+        page_token,
+        status,
+        records,
+        fault: taken,
+        client,
+    });
     drop(st);
     if let Reply::Stall(d) = reply {
         std::thread::sleep(d);
@@ -329,16 +350,17 @@ fn token(state: &Mutex<State>, req: &Request) -> Reply {
     if let Some(location) = &st.token_redirect {
         return Reply::redirect(302, location);
     }
+    let client = field("client_id").unwrap_or_default();
+    let secret = if client == CLIENT_ID { Some(&st.secret) } else { st.apps.get(&client) };
     let ok = field("grant_type").as_deref() == Some("client_credentials")
-        && field("client_id").as_deref() == Some(CLIENT_ID)
-        && field("client_secret").as_deref() == Some(st.secret.as_str());
+        && secret.is_some_and(|s| field("client_secret").as_deref() == Some(s.as_str()));
     if !ok {
         return Reply::json(401, &json!({"error": "invalid_client", "error_description": "bad client credentials"}));
     }
     st.issued += 1;
     let token = format!("sim-token-{}", st.issued);
     let lifetime = st.token_lifetime;
-    st.tokens.insert(token.clone(), Instant::now() + lifetime);
+    st.tokens.insert(token.clone(), (Instant::now() + lifetime, client));
     let expires_in = st.expires_in_raw.clone().unwrap_or_else(|| lifetime.as_secs().to_string());
     // Written by hand so that any JSON number text (beyond u64, exponents) reaches the client as sent.
     let body =
@@ -350,13 +372,14 @@ fn token(state: &Mutex<State>, req: &Request) -> Reply {
     }
 }
 
+/// The application whose live token `req` carries.
+fn client(st: &State, req: &Request) -> Option<String> {
+    let token = req.header("Authorization").and_then(|h| h.strip_prefix("Bearer "))?;
+    st.tokens.get(token).filter(|(exp, _)| *exp > Instant::now()).map(|(_, client)| client.clone())
+}
+
 fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault: Option<Fault>) -> (Reply, usize) {
-    let authorized = req
-        .header("Authorization")
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| st.tokens.get(t))
-        .is_some_and(|exp| *exp > Instant::now());
-    if !authorized {
+    if client(st, req).is_none() {
         return (Reply::json(401, &fail("err_auth_token_expired", "token missing or expired", false)), 0);
     }
     match fault {

@@ -207,6 +207,39 @@ fn a_feed_without_permission_is_reported_and_the_others_flow() {
     assert!(err.contains("403") && err.contains("Monitoring | Data Leak Prevention | Read"), "{err}");
 }
 
+/// `[mimecast.feeds.ttp-url]`: the busy feed polls under an API application of its own (its own quota), the
+/// others under `[mimecast]`'s; one token per application; a refused application stops only its own feeds.
+#[test]
+fn a_feed_with_its_own_credentials_polls_under_them_and_only_it_is_stopped_when_they_are_refused() {
+    use mimecast_forwarder::sim::mimecast::CLIENT_ID;
+    let rig = Rig::new();
+    rig.mc.add_app("url-app", "url-secret");
+    let expected = rig.add_records(&Feed::ALL, 40, 300);
+    let own = "feeds = { ttp-url = { client_id = \"url-app\", client_secret = \"url-secret\" } }";
+    let out = rig.once(&rig.config(&[("mimecast", own)]));
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let requests = rig.mc.requests();
+    for r in &requests {
+        let want = if r.feed == Some(Feed::TtpUrl) { "url-app" } else { CLIENT_ID };
+        assert_eq!(r.client.as_deref(), Some(want), "{:?} polled under the wrong application", r.feed);
+    }
+    assert_eq!(rig.mc.tokens_issued(), 2, "one token per application, shared by its feeds");
+
+    // The feed's own secret is wrong: that feed reports it, the others go on under theirs.
+    let rig = Rig::new();
+    rig.mc.add_app("url-app", "the-right-one");
+    let others: Vec<Feed> = Feed::ALL.into_iter().filter(|f| *f != Feed::TtpUrl).collect();
+    let expected = rig.add_records(&others, 40, 300);
+    rig.add_records(&[Feed::TtpUrl], 40, 300);
+    rig.once(&rig.config(&[("mimecast", own)]));
+    assert_delivered_once(&rig.dd, &expected);
+    let cursor = rig.store().cursor(Feed::TtpUrl).unwrap().unwrap();
+    let err = cursor.last_error.unwrap();
+    assert!(err.contains("/oauth/token") && err.contains("401") && !err.contains("url-secret"), "{err}");
+    assert!(cursor.window.is_none() && cursor.last_success.is_none());
+}
+
 #[test]
 fn bad_credentials_are_reported_without_the_secret_and_nothing_moves() {
     let rig = Rig::new();
