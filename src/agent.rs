@@ -345,7 +345,7 @@ impl Agent {
                 }
                 Event::Fetched(Fetch::Page(req, generation, f)) => {
                     let handled = self.on_fetched(now, req, generation, f);
-                    self.absorb(handled, now, false)?;
+                    fetches.extend(self.absorb(handled, now, false)?.flatten());
                 }
                 Event::Sent(b, s) => {
                     let handled = self.on_sent(now, b, s);
@@ -660,30 +660,94 @@ impl Agent {
             Ok(_) => self.fetch_page(now, req).map(Some),
             Err(e) => {
                 let fetched = Fetched { result: Err(FetchError::Auth(e)), new_token: None, throttle: None };
-                self.on_fetched(now, req, generation, fetched)?;
-                Ok(None)
+                self.on_fetched(now, req, generation, fetched)
             }
         }
     }
 
-    /// A page or a failure came back: the poller decides, the loop commits or records.
-    fn on_fetched(&mut self, now: Now, req: PageRequest, generation: u64, fetched: Fetched) -> anyhow::Result<()> {
+    /// A page or a failure came back: the poller decides, the loop commits or records. The next page of the
+    /// window is fetched while this one is committed (read-ahead): that fetch comes back as the task.
+    fn on_fetched(
+        &mut self,
+        now: Now,
+        req: PageRequest,
+        generation: u64,
+        fetched: Fetched,
+    ) -> anyhow::Result<Option<Task<Fetch>>> {
         if let Some(t) = fetched.new_token.filter(|_| generation == self.creds_generation) {
             self.accounts.renewed(req.feed, t);
         }
         let page = fetched.result.as_ref().map_err(Clone::clone);
+        let mut ahead = None;
         for action in self.poller.on_page(now, &req, page, fetched.throttle) {
             match action {
                 PollAction::Commit { next_token, forget_before } => {
-                    if let Ok(page) = &fetched.result {
-                        self.commit(now, &req, page, next_token, forget_before)?;
+                    let Ok(page) = &fetched.result else { continue };
+                    if self.pressure.queue_full() {
+                        // The queue filled while this page was in flight (a page read ahead, or another feed's):
+                        // it is not stored, the cursor stays, and the page is read again once there is room.
+                        log::debug!("{}: queue full; a page that came back is read again later", req.feed);
+                        self.poller.on_abandoned(req.feed);
+                        continue;
+                    }
+                    if !self.follows_cursor(&req)? {
+                        log::warn!(
+                            "{}: a page came back that no longer follows the stored cursor; it is not stored, and \
+                             the feed goes on from the cursor",
+                            req.feed
+                        );
+                        self.poller.on_abandoned(req.feed);
+                        continue;
+                    }
+                    ahead = self.read_ahead(now, req.feed)?;
+                    if let Err(e) = self.commit(now, &req, page, next_token, forget_before) {
+                        // The page read ahead follows one that is not stored: drop it; the feed starts again from
+                        // the cursor when it may.
+                        if ahead.take().is_some() {
+                            self.poller.on_abandoned(req.feed);
+                        }
+                        return Err(e);
                     }
                 }
                 PollAction::RecordError(msg) => informational(self.store.feed_error(req.feed, &msg, now.unix))?,
                 PollAction::RestartWindow => self.store.restart_window(req.feed)?,
             }
         }
-        Ok(())
+        Ok(ahead)
+    }
+
+    /// Whether the stored cursor points at the page `req` read: the window in progress and the token it was read
+    /// with, or no window in progress for a window's first page. Every page passes but one read ahead of a page
+    /// whose commit failed, or one a reload left behind: the loop is the queue's only writer, so this read is as
+    /// good as a check inside the commit.
+    fn follows_cursor(&self, req: &PageRequest) -> anyhow::Result<bool> {
+        let cursor = self.store.cursor(req.feed)?.context("cursor row missing")?;
+        Ok(match &cursor.window {
+            Some((w, token)) => *w == req.window && *token == req.page_token,
+            None => req.page_token.is_none(),
+        })
+    }
+
+    /// Starts fetching the page after the one about to be committed, if the poller allows it, the feed's token is
+    /// fresh, and the disk has room for both pages without a checkpoint or a release (those are for
+    /// [`Agent::start_fetch`] to do).
+    fn read_ahead(&mut self, now: Now, feed: Feed) -> anyhow::Result<Option<Task<Fetch>>> {
+        if !self.pressure.may_poll(now) || !self.accounts.fresh(feed, now.at, self.tuning.token_margin) {
+            return Ok(None);
+        }
+        // The fetches in flight, the page about to be committed and the one read ahead.
+        let pages = self.poller.fetching() as u64 + 2;
+        if pressure::room(self.store.space()?, self.page_wal.saturating_mul(pages), true, true) != Room::Fits {
+            return Ok(None);
+        }
+        let Some(plan) = self.poller.read_ahead(feed) else { return Ok(None) };
+        let req = PageRequest {
+            feed,
+            window: plan.window,
+            page_token: plan.page_token,
+            page_size: self.cfg.mimecast.page_size,
+        };
+        self.fetch_page(now, req).map(Some)
     }
 
     /// Stores a page's records and the feed's next token in one transaction.

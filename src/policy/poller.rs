@@ -166,12 +166,29 @@ impl Poller {
         }
     }
 
-    /// The loop dropped the feed's fetch before it had an answer (its token belonged to replaced credentials): the
-    /// feed is due again as it was.
+    /// The loop dropped the feed's fetch or its page (its token belonged to replaced credentials; a page read
+    /// ahead no longer follows the stored cursor, or the page before it was not stored): the feed is due again as
+    /// it was, and plans its next page from the stored cursor.
     pub fn on_abandoned(&mut self, feed: Feed) {
         if let Some(f) = self.state(feed) {
             f.fetching = false;
+            f.pending = None;
         }
+    }
+
+    /// Read-ahead: the page after the one waiting for its commit, fetched while that commit runs, so that the
+    /// commit and the next round trip overlap. Only when that page has a next page, the server asked for no wait,
+    /// and nothing of the feed is in flight. The loop stores the page fetched so only if the cursor still points
+    /// at it once it comes back, and calls [`Poller::on_abandoned`] otherwise.
+    pub fn read_ahead(&mut self, feed: Feed) -> Option<Plan> {
+        let f = self.state(feed)?;
+        let (window, Some(token), throttle) = f.pending.as_ref()? else { return None };
+        if f.fetching || f.done || !throttle.is_zero() {
+            return None;
+        }
+        let plan = Plan { window: *window, page_token: Some(token.clone()) };
+        f.fetching = true;
+        Some(plan)
     }
 
     /// Fetches in flight.
@@ -282,8 +299,8 @@ impl Poller {
         w.to - self.s.window.overlap_secs - 3600
     }
 
-    /// The page of the last [`Action::Commit`] is stored: the feed goes on (at once, or after the server's wait),
-    /// or, at the window's last page, idles unless it is behind.
+    /// The page of the last [`Action::Commit`] is stored: the feed goes on (at once, or after the server's wait,
+    /// unless its next page is already in flight), or, at the window's last page, idles unless it is behind.
     pub fn on_committed(&mut self, now: Now, feed: Feed, queued: u64, skipped: u64) {
         let (mode, interval, settings) = (self.s.retries.mode, self.s.poll_interval, self.s.window);
         let horizon = self.horizon(now);
@@ -750,6 +767,38 @@ mod tests {
         p.on_page(now, &req, Ok(&page), None);
         p.on_committed(now, second, 1, 0);
         assert_eq!(p.due(now), Some(second), "the other feed goes on at once");
+    }
+
+    #[test]
+    fn the_next_page_is_read_ahead_only_after_a_page_with_a_next_and_no_wait() {
+        let now = Now { at: Instant::now(), unix: T0 };
+        let mut p = Poller::new(settings(Mode::Daemon), &[Feed::Audit], now);
+        let req = PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 1 };
+        let page = |next: Option<&str>| Page { records: vec![json!({})], next: next.map(String::from), repaired: 0 };
+        assert_eq!(p.read_ahead(Feed::Audit), None, "nothing waits for its commit");
+        p.on_fetching(Feed::Audit);
+        p.on_page(now, &req, Ok(&page(Some("A"))), None);
+        let plan = p.read_ahead(Feed::Audit).expect("page A is read ahead");
+        assert_eq!((plan.window, plan.page_token.as_deref()), (req.window, Some("A")));
+        assert_eq!(p.read_ahead(Feed::Audit), None, "one fetch per feed in flight");
+        // The commit of the page before: the feed is not due, since its next page is in flight.
+        p.on_committed(now, Feed::Audit, 1, 0);
+        assert_eq!((p.due(now), p.next_wake(), p.fetching()), (None, None, 1));
+        // Page A came back but its predecessor was not stored: abandoned, the feed plans from its cursor again.
+        let req_a = PageRequest { page_token: Some("A".into()), ..req.clone() };
+        p.on_page(now, &req_a, Ok(&page(Some("B"))), None);
+        p.on_abandoned(Feed::Audit);
+        assert_eq!(p.read_ahead(Feed::Audit), None, "the abandoned page's next is not read ahead");
+        assert_eq!(p.due(now), Some(Feed::Audit));
+        // No read-ahead after the window's last page, or when the server asked for a wait.
+        p.on_fetching(Feed::Audit);
+        p.on_page(now, &req_a, Ok(&page(None)), None);
+        assert_eq!(p.read_ahead(Feed::Audit), None);
+        p.on_committed(now, Feed::Audit, 1, 0);
+        let mut p = Poller::new(settings(Mode::Daemon), &[Feed::Audit], now);
+        p.on_fetching(Feed::Audit);
+        p.on_page(now, &req, Ok(&page(Some("A"))), Some(Duration::from_secs(2)));
+        assert_eq!(p.read_ahead(Feed::Audit), None);
     }
 
     #[test]
