@@ -1,7 +1,7 @@
 //! The agent's own health in Datadog, through the real binary against the simulators: the metrics and service
 //! checks arrive with their tags, say CRITICAL when the intake refuses the key or a feed is refused, stop when
 //! turned off, and a health API that hangs or fails holds up no log. And the dashboard and monitors the packages
-//! ship name only metrics and checks the agent sends.
+//! ship, and the README, name only (and every) metric and check the agent sends.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -279,4 +279,16 @@ fn the_shipped_dashboard_and_monitors_name_only_what_the_agent_sends() {
         assert!(deb.contains(&(source.to_owned(), dest.clone())), "{source} is not installed by the .deb as {dest}");
         assert!(rpm.contains(&(source.to_owned(), format!("/{dest}"))), "{source} is not installed by the .rpm");
     }
+}
+
+#[test]
+fn the_readme_lists_every_name_and_the_timeseries_count() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let section = readme.split("## Health in Datadog").nth(1).and_then(|s| s.split("\n## ").next()).unwrap();
+    for name in METRICS.iter().chain(CHECKS) {
+        assert!(section.contains(&format!("| `{name}` |")), "README's health tables lack {name}");
+    }
+    let (global, per_feed) = (health::timeseries(0), health::timeseries(1) - health::timeseries(0));
+    assert!(section.contains(&format!("**{global} + {per_feed} × (enabled feeds)**")), "the formula");
+    assert!(section.contains(&format!("**{}** with all six feeds", health::timeseries(6))), "the count for six");
 }
