@@ -2,7 +2,9 @@
 //! smol's blocking pool through `smol::unblock`: one Mimecast fetch per feed and up to `datadog.sends_in_flight`
 //! Datadog sends are in flight, and every task is awaited in the loop below, none detached. Every decision is
 //! made on this thread, between awaits, from one closed set of [`Event`]s, by the machines of [`crate::policy`];
-//! the loop reads the clock once per event and carries out what they ask for.
+//! the loop reads the clock once per event and carries out what they ask for. The daemon's health report to
+//! Datadog ([`health`]) is one more task, held by the loop and dropped with it, but never awaited: it cannot
+//! hold up a send.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

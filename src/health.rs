@@ -2,7 +2,7 @@
 //! (`POST /api/v2/series`), and service checks that say whether it can deliver and whether each feed can poll
 //! (`POST /api/v1/check_run`), to the site and with the API key that the logs go to.
 //!
-//! [`payloads`] builds both bodies from a [`status::Report`] (what `status` shows), what the machines know that
+//! [`payloads`] builds both bodies from a [`Report`] (what `status` shows), what the machines know that
 //! the store does not ([`Live`]: a refusal that needs an operator), the time, the host and the tags. It is pure.
 //! [`Reporter`] is the shell around it: when a report is due, at most one in flight on the blocking pool, and how
 //! a failure is logged. Telemetry never waits on or delays a log send: the loop only reads the report (a few
