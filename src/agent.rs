@@ -2,7 +2,9 @@
 //! smol's blocking pool through `smol::unblock`: one Mimecast fetch per feed and up to `datadog.sends_in_flight`
 //! Datadog sends are in flight, and every task is awaited in the loop below, none detached. Every decision is
 //! made on this thread, between awaits, from one closed set of [`Event`]s, by the machines of [`crate::policy`];
-//! the loop reads the clock once per event and carries out what they ask for.
+//! the loop reads the clock once per event and carries out what they ask for. The daemon's health report to
+//! Datadog ([`health`]) is one more task, held by the loop and dropped with it, but never awaited: it cannot
+//! hold up a send.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use crate::datadog::bisect::Half;
 use crate::datadog::logobj::Shape;
 use crate::datadog::sink::{self, Sent};
 use crate::datetime;
+use crate::health;
 use crate::http::Http;
 use crate::mimecast::auth::{self, Accounts, AuthError, Token};
 use crate::mimecast::client::{self, FetchError, Fetched, PageRequest};
@@ -278,6 +281,8 @@ impl Agent {
         // Every task is awaited here or dropped at shutdown; none is detached.
         let mut fetches: Vec<Task<Fetch>> = Vec::new();
         let mut sends: Vec<Task<(Batch, Sent)>> = Vec::new();
+        // The agent's own health: its one task is never awaited, so it cannot hold up anything here.
+        let mut health = health::Reporter::default();
         let once = self.mode == Mode::Once;
         loop {
             let now = self.now();
@@ -298,6 +303,7 @@ impl Agent {
                     None => break,
                 }
             }
+            self.report_health(&mut health, now);
             if once && fetches.is_empty() && sends.is_empty() {
                 let over = self.pass_over();
                 if self.absorb(over, now, false)? == Some(true) {
@@ -314,6 +320,7 @@ impl Agent {
                 self.pressure.until(),
                 self.sender.next_wake(),
             );
+            let wake = health.next_wake().map_or(wake, |h| wake.min(h));
             let event = async { Event::Fetched(first(&mut fetches).await) }
                 .or(async {
                     let (b, s) = first(&mut sends).await;
@@ -556,6 +563,21 @@ impl Agent {
     /// describes.
     fn remember(&mut self, note: Note, at: i64, message: &str) -> anyhow::Result<()> {
         informational(self.store.set_note(note, at, message))
+    }
+
+    /// The daemon's health report to Datadog, when one is due ([`health::Reporter`]): gathered here from the store
+    /// (a few indexed reads, once per interval) and sent on the blocking pool by a task the loop never awaits. A
+    /// store that cannot be read now skips the report; nothing here fails the loop or waits.
+    fn report_health(&self, health: &mut health::Reporter, now: Now) {
+        if self.mode == Mode::Once || !health.due(now.at, &self.cfg.telemetry) {
+            return;
+        }
+        let live =
+            health::Live { datadog_refused: self.sender.refused(), feeds_refused: self.poller.refused().collect() };
+        match crate::status::gather(&self.store, &self.cfg, now.unix) {
+            Ok(report) => health.send(&self.http, &self.cfg, &report, &live, now.unix),
+            Err(e) => log::debug!("health report skipped: {e}"),
+        }
     }
 
     /// `--once`: whether the pass is over ([`policy::pass_over`]).

@@ -72,6 +72,8 @@ struct RawConfig {
     queue: RawQueue,
     #[serde(default)]
     http: RawHttp,
+    #[serde(default)]
+    telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +133,14 @@ struct RawHttp {
     ca_file: Option<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    enabled: Option<bool>,
+    interval_secs: Option<i64>,
+    api_url: Option<String>,
+}
+
 /// The validated configuration. Durations are whole seconds as `i64`, the unit of the clock, the store and the
 /// window arithmetic that use them; the two that are added to `Instant`s are also given as a `Duration`
 /// ([`MimecastConfig::poll_interval`], [`HttpConfig::timeout`]). Every value is in its range, so no user casts.
@@ -142,6 +152,7 @@ pub struct Config {
     pub datadog: DatadogConfig,
     pub queue: QueueConfig,
     pub http: HttpConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -263,6 +274,31 @@ impl HttpConfig {
     pub fn timeout(&self) -> Duration {
         // Validated from 1 to 600: never negative.
         Duration::from_secs(self.timeout_secs.unsigned_abs())
+    }
+}
+
+/// `[telemetry]`: the agent's own metrics and service checks ([`crate::health`]), sent to the Datadog API of the
+/// same site with the same key.
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetryConfig {
+    pub enabled: bool,
+    /// 1 to 3600.
+    pub interval_secs: i64,
+    /// Where the API is: `https://api.{site}`, or the origin of `datadog.intake_url` when that is set.
+    pub api_url: Url,
+    /// `POST …/api/v2/series`: the metrics. Not a key of its own.
+    #[serde(skip)]
+    pub series_url: Url,
+    /// `POST …/api/v1/check_run`: the service checks. Not a key of its own.
+    #[serde(skip)]
+    pub check_run_url: Url,
+}
+
+impl TelemetryConfig {
+    /// `interval_secs` as a `Duration`, for `Instant` arithmetic.
+    pub fn interval(&self) -> Duration {
+        // Validated from 1 to 3600: never negative.
+        Duration::from_secs(self.interval_secs.unsigned_abs())
     }
 }
 
@@ -658,7 +694,33 @@ fn validate(
         proxy: h.proxy.map(|p| url("http.proxy", &p)).transpose()?,
         ca_file: h.ca_file,
     };
-    Ok(Config { mimecast, datadog, queue, http })
+    let telemetry = telemetry(raw.telemetry, &datadog)?;
+    Ok(Config { mimecast, datadog, queue, http, telemetry })
+}
+
+/// `[telemetry]`. The API is `https://api.{site}`, or the origin of `datadog.intake_url` when that is set
+/// (proxies, tests), as for `check-config --connect`'s key check, unless `api_url` names another (a relay, which
+/// may have a path of its own: the endpoints' paths are appended to it).
+fn telemetry(t: RawTelemetry, datadog: &DatadogConfig) -> Result<TelemetryConfig, ConfigError> {
+    let key = "telemetry.api_url";
+    let api_url = url(key, &t.api_url.unwrap_or_else(|| datadog.validate_url.origin()))?;
+    if api_url.as_str().contains(['?', '#']) {
+        return Err(invalid(key, format!("{:?}", api_url.to_string()), "a URL without a query or fragment"));
+    }
+    let at = |path: &str| {
+        Url::parse(&format!("{}{path}", api_url.as_str())).map_err(|error| ConfigError::Url {
+            key,
+            value: api_url.to_string(),
+            error,
+        })
+    };
+    Ok(TelemetryConfig {
+        enabled: t.enabled.unwrap_or(true),
+        interval_secs: range("telemetry.interval_secs", t.interval_secs.unwrap_or(60), 1, 3600)?,
+        series_url: at("/api/v2/series")?,
+        check_run_url: at("/api/v1/check_run")?,
+        api_url,
+    })
 }
 
 /// This machine's host name, from the kernel.
@@ -714,6 +776,42 @@ mod tests {
         assert_eq!((c.datadog.late_records, c.datadog.max_event_age_secs), (LateRecords::Restamp, 61200));
         assert_eq!((c.queue.max_bytes, c.queue.when_full), (1 << 30, WhenFull::Pause));
         assert_eq!(c.http.timeout_secs, 30);
+        assert_eq!((c.telemetry.enabled, c.telemetry.interval()), (true, Duration::from_secs(60)));
+        assert_eq!(c.telemetry.api_url.as_str(), "https://api.datadoghq.com");
+    }
+
+    #[test]
+    fn telemetry_goes_to_the_api_of_the_site_or_of_the_intake_url() {
+        let urls = |text: &str| {
+            let t = from_str(text, &no_env).unwrap().telemetry;
+            (t.series_url.as_str().to_owned(), t.check_run_url.as_str().to_owned())
+        };
+        for site in SITES {
+            let (series, checks) = urls(&format!("{MINIMAL}site = \"{site}\"\n"));
+            assert_eq!(series, format!("https://api.{site}/api/v2/series"));
+            assert_eq!(checks, format!("https://api.{site}/api/v1/check_run"));
+        }
+        let (series, checks) = urls(&format!("{MINIMAL}intake_url = \"http://127.0.0.1:9/api/v2/logs\"\n"));
+        assert_eq!(
+            (series.as_str(), checks.as_str()),
+            ("http://127.0.0.1:9/api/v2/series", "http://127.0.0.1:9/api/v1/check_run")
+        );
+        let relay = format!(
+            "{MINIMAL}intake_url = \"http://127.0.0.1:9/logs\"\n[telemetry]\napi_url = \"https://relay:8443/dd/\"\n"
+        );
+        assert_eq!(urls(&relay).0, "https://relay:8443/dd/api/v2/series");
+        let c = from_str(&format!("{MINIMAL}[telemetry]\nenabled = false\ninterval_secs = 1\n"), &no_env).unwrap();
+        assert_eq!((c.telemetry.enabled, c.telemetry.interval_secs), (false, 1));
+        for (line, says) in [
+            ("interval_secs = 0", "telemetry.interval_secs = 0: expected a whole number from 1 to 3600"),
+            ("interval_secs = 3601", "from 1 to 3600"),
+            ("api_url = \"api.datadoghq.com\"", "invalid telemetry.api_url"),
+            ("api_url = \"https://relay/?x=1\"", "without a query"),
+            ("enabled = \"yes\"", "(telemetry.enabled)"),
+        ] {
+            let e = err(&format!("{MINIMAL}[telemetry]\n{line}\n"));
+            assert!(e.contains(says), "{line}: {e}");
+        }
     }
 
     #[test]
@@ -787,8 +885,8 @@ mod tests {
         // Errors elsewhere still say what is wrong, and where.
         let e = err(&format!("{MINIMAL}[queue]\nmax_bytes = \"lots\"\n"));
         assert!(e.contains("line 7 (queue.max_bytes)") && e.contains("lots"), "{e}");
-        let e = err(&format!("{MINIMAL}[telemetry] # not yet\nenabled = true\n"));
-        assert!(e.starts_with("<string>: line 6: unknown field `telemetry`"), "{e}");
+        let e = err(&format!("{MINIMAL}[telemetri] # misspelt\nenabled = true\n"));
+        assert!(e.starts_with("<string>: line 6: unknown field `telemetri`"), "{e}");
         let e = err(&format!("{MINIMAL}tags = [\n  \"env:prod\",\n  3,\n]\n"));
         assert!(e.contains("(datadog.tags)"), "{e}");
     }

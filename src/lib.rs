@@ -14,6 +14,7 @@
 //! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers; [`error`] holds
 //!   what the error enums share.
 //! - [`status`]: the read-only report behind `mimecast-forwarder status`.
+//! - [`health`]: the same report as the agent's own metrics and service checks in Datadog.
 //! - [`sim`]: loopback simulators of Mimecast and Datadog, used by `demo` and the tests.
 //! - [`demo`]: the whole pipeline against the simulators.
 
@@ -36,6 +37,7 @@ pub mod datadog;
 pub mod datetime;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod instance;
 pub mod mimecast;

@@ -73,6 +73,9 @@ struct FeedState {
     pages: u64,
     queued: u64,
     skipped: u64,
+    /// A failure needed an operator (credentials, a permission) or gave the `--once` pass up, and no page was
+    /// committed since: for the agent's health report.
+    refused: bool,
 }
 
 impl FeedState {
@@ -89,6 +92,7 @@ impl FeedState {
             pages: 0,
             queued: 0,
             skipped: 0,
+            refused: false,
         }
     }
 }
@@ -201,6 +205,11 @@ impl Poller {
         self.feeds.iter().all(|f| f.done)
     }
 
+    /// The feeds refused until an operator acts (credentials, a permission), or given up for this pass.
+    pub fn refused(&self) -> impl Iterator<Item = Feed> + '_ {
+        self.feeds.iter().filter(|f| f.refused).map(|f| f.feed)
+    }
+
     /// A feed or the whole poller gave up in this `--once` pass.
     pub fn gave_up(&self) -> bool {
         self.gave_up
@@ -306,7 +315,7 @@ impl Poller {
         let horizon = self.horizon(now);
         let Some(f) = self.state(feed) else { return };
         let Some((w, next_token, throttle)) = f.pending.take() else { return };
-        f.failures = 0;
+        (f.failures, f.refused) = (0, false);
         f.pages += 1;
         f.queued += queued;
         f.skipped += skipped;
@@ -364,6 +373,7 @@ impl Poller {
         f.due = now.at + delay;
         let gave_up = r.mode == Mode::Once && (retry == Retry::Slow || attempts >= r.once_attempts);
         f.done |= gave_up;
+        f.refused |= retry == Retry::Slow || gave_up;
         self.gave_up |= gave_up;
         let mut actions = vec![Action::RecordError(e.to_string())];
         if retry == Retry::Slow {
@@ -614,6 +624,33 @@ mod tests {
                 (Ev::Fail(failed(false, "err_validation", "bad request")), (vec![err()], Some(300))),
             ],
         );
+    }
+
+    #[test]
+    fn a_feed_is_refused_from_a_failure_that_needs_an_operator_until_a_page_is_committed() {
+        let refused = |rig: &Rig| rig.p.refused().collect::<Vec<_>>();
+        let net = || FetchError::Server { status: 503, detail: "unavailable".into() };
+        let mut rig = check(Mode::Daemon, 600, &[(Ev::Fail(net()), (vec![err()], Some(2)))]);
+        assert_eq!(refused(&rig), [], "a transient failure is not a refusal");
+        rig.step(Ev::Wait(2));
+        rig.step(Ev::Fail(FetchError::Forbidden(Feed::Audit)));
+        assert_eq!(refused(&rig), [Feed::Audit]);
+        rig.step(Ev::Wait(300));
+        rig.step(Ev::Fail(net()));
+        assert_eq!(refused(&rig), [Feed::Audit], "nothing has shown that the permission was granted");
+        rig.step(Ev::Wait(300));
+        rig.step(Ev::Page(Some("A")));
+        assert_eq!(refused(&rig), []);
+        // In --once, a feed that gave up is refused for the rest of the pass.
+        let net = || FetchError::Server { status: 502, detail: "bad gateway".into() };
+        let mut rig = check(Mode::Once, 600, &[(Ev::Fail(net()), (vec![err()], Some(2)))]);
+        for _ in 0..2 {
+            assert_eq!(refused(&rig), []);
+            rig.step(Ev::Wait(10));
+            rig.step(Ev::Fail(net()));
+        }
+        assert!(rig.p.gave_up());
+        assert_eq!(refused(&rig), [Feed::Audit]);
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct Sender {
     sent_up_to: HashMap<Feed, i64>,
     delivered_since: u64,
     since: Option<Instant>,
+    /// The intake's last word was a refusal that needs an operator (401/403, a wrong URL), and nothing was
+    /// accepted since: for the agent's health report.
+    refused: bool,
 }
 
 impl Sender {
@@ -116,6 +119,7 @@ impl Sender {
             sent_up_to: HashMap::new(),
             delivered_since: 0,
             since: None,
+            refused: false,
         }
     }
 
@@ -174,6 +178,11 @@ impl Sender {
         self.done
     }
 
+    /// The intake refuses the key or the URL (an operator must act) and has accepted nothing since.
+    pub fn refused(&self) -> bool {
+        self.refused
+    }
+
     /// Pieces of a refused batch are still waiting.
     pub fn is_bisecting(&self) -> bool {
         self.bisection.is_active()
@@ -217,6 +226,7 @@ impl Sender {
         }
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
+                self.refused = false;
                 // The refused first half of this pair: its sibling is accepted, so the fault is in it.
                 let proven_bad = self.bisection.accepted(b.half);
                 let mut actions = vec![Action::Remove(b)];
@@ -253,6 +263,7 @@ impl Sender {
             Disposition::Hold => {
                 self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
                 self.failures += 1;
+                self.refused = true;
                 let msg = format!(
                     "Datadog refused the API key or the intake URL ({}); every record stays queued; fix \
                      datadog.api_key or datadog.site/intake_url; retrying in {}s",
@@ -510,9 +521,22 @@ mod tests {
 
     #[test]
     fn a_refused_key_holds_everything_and_retries_slowly() {
-        let rig = check(Mode::Daemon, 4, &[(Ev::Answer(403, None), seen(ALL4, &["error"], Some(300)))]);
+        let mut rig = check(Mode::Daemon, 4, &[(Ev::Answer(403, None), seen(ALL4, &["error"], Some(300)))]);
         assert_eq!(rig.queue.len(), 4);
         assert!(!rig.s.done());
+        // The health report says so until the intake accepts something; a transient failure does not clear it.
+        assert!(rig.s.refused());
+        let rows = [
+            (Ev::Wait(300), seen(&[], &[], Some(0))),
+            (Ev::Answer(503, None), seen(ALL4, &["error"], Some(2))),
+            (Ev::Wait(2), seen(&[], &[], Some(0))),
+        ];
+        for (i, (ev, want)) in rows.into_iter().enumerate() {
+            assert_eq!(rig.step(ev), want, "row {i}: {ev:?}");
+        }
+        assert!(rig.s.refused());
+        assert_eq!(rig.step(Ev::Answer(202, None)), seen(ALL4, &["remove"], Some(0)));
+        assert!(!rig.s.refused());
         // In --once, a refused key ends the pass at once.
         let rig = check(Mode::Once, 4, &[(Ev::Answer(401, None), seen(ALL4, &["error"], None))]);
         assert!(rig.s.done());

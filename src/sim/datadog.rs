@@ -2,6 +2,12 @@
 //! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, hostile answers (any
 //! `Retry-After`, a captive portal's HTML 200, redirects), requests held until the test releases them, and a
 //! record of every log it accepted.
+//!
+//! It also answers the API endpoints of the agent's own health, `POST /api/v2/series` (metrics) and
+//! `POST /api/v1/check_run` (service checks): the key checked, the JSON checked for the fields Datadog requires,
+//! and what they carried kept for tests. Their faults are their own ([`DatadogSim::set_health_down`],
+//! [`DatadogSim::set_health_hold`]) and their requests are not counted in [`DatadogSim::requests`], so that the
+//! health reports never disturb a test of the intake.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -58,6 +64,20 @@ struct State {
     /// How long every intake request waits before it is handled: a distant intake (see
     /// [`DatadogSim::set_latency`]).
     latency: Duration,
+    health: Health,
+}
+
+/// What the health endpoints received, and how they answer.
+#[derive(Default)]
+struct Health {
+    /// Every series accepted, each one metric with its points and tags.
+    series: Vec<Value>,
+    /// Every service check accepted.
+    checks: Vec<Value>,
+    /// Requests that reached either endpoint, answered or not.
+    requests: usize,
+    down: Option<u16>,
+    hold: bool,
 }
 
 /// The running simulator.
@@ -65,15 +85,20 @@ pub struct DatadogSim {
     server: Server,
     state: Arc<Mutex<State>>,
     gate: Arc<Gate>,
+    /// Holds health requests while [`DatadogSim::set_health_hold`] is on; apart from the intake's gate.
+    health_gate: Arc<Gate>,
 }
 
 impl DatadogSim {
     pub fn start() -> std::io::Result<DatadogSim> {
         let state = Arc::new(Mutex::new(State { api_key: API_KEY.into(), ..State::default() }));
-        let gate = Arc::new(Gate::default());
-        let (s, g) = (state.clone(), gate.clone());
-        let server = Server::start(move |req| handle(&s, &g, req))?;
-        Ok(DatadogSim { server, state, gate })
+        let (gate, health_gate) = (Arc::new(Gate::default()), Arc::new(Gate::default()));
+        let (s, g, hg) = (state.clone(), gate.clone(), health_gate.clone());
+        let server = Server::start(move |req| match req.path.as_str() {
+            SERIES | CHECK_RUN => handle_health(&s, &hg, req),
+            _ => handle(&s, &g, req),
+        })?;
+        Ok(DatadogSim { server, state, gate, health_gate })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -167,6 +192,44 @@ impl DatadogSim {
     pub fn set_poison(&self, text: Option<&str>) {
         self.lock().poison = text.map(str::to_owned);
     }
+
+    /// The value for `telemetry.api_url` (the agent derives the same from `intake_url`).
+    pub fn api_url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Every series the metrics endpoint accepted, in arrival order: `{"metric", "type", "points", "tags", …}`.
+    pub fn series(&self) -> Vec<Value> {
+        self.lock().health.series.clone()
+    }
+
+    /// Every service check the check_run endpoint accepted, in arrival order.
+    pub fn checks(&self) -> Vec<Value> {
+        self.lock().health.checks.clone()
+    }
+
+    /// Requests that reached the health endpoints, whatever their answer (a held one included).
+    pub fn health_requests(&self) -> usize {
+        self.lock().health.requests
+    }
+
+    /// Answer every health request with this status, or serve them normally with `None`. The intake is not affected.
+    pub fn set_health_down(&self, status: Option<u16>) {
+        self.lock().health.down = status;
+    }
+
+    /// Hold every health request until this is turned off again (a hung metrics API); the intake is not affected.
+    pub fn set_health_hold(&self, on: bool) {
+        self.lock().health.hold = on;
+        if !on {
+            self.health_gate.release();
+        }
+    }
+
+    /// Health requests held now.
+    pub fn health_held(&self) -> usize {
+        self.health_gate.held()
+    }
 }
 
 /// Each accepted log's record key (from its `service` and `message`) with how often it arrived: the way tests
@@ -199,6 +262,7 @@ impl Drop for DatadogSim {
     fn drop(&mut self) {
         // A test that ends (or fails) with a request held must not leave its thread waiting.
         self.gate.release();
+        self.health_gate.release();
     }
 }
 
@@ -290,6 +354,72 @@ fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     Reply::json(202, &json!({}))
 }
 
+const SERIES: &str = "/api/v2/series";
+const CHECK_RUN: &str = "/api/v1/check_run";
+
+/// The metrics and service-check endpoints: the key, the JSON and its required fields checked as Datadog does,
+/// and what was accepted kept. Datadog's answers: 202 `{"errors":[]}` and 202 `{"status":"ok"}`.
+fn handle_health(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
+    let mut st = lock(state);
+    st.health.requests += 1;
+    if st.health.hold {
+        drop(st);
+        gate.hold();
+        st = lock(state);
+    }
+    if let Some(s) = st.health.down {
+        return error(s, "injected");
+    }
+    if req.method != "POST" {
+        return error(405, "Method not allowed");
+    }
+    if req.header("DD-API-KEY") != Some(st.api_key.as_str()) {
+        return error(403, "Forbidden");
+    }
+    let body = match decode(req).and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string())) {
+        Ok(b) => b,
+        Err(m) => return error(400, &format!("malformed JSON: {m}")),
+    };
+    if req.path == SERIES {
+        match body.get("series").and_then(Value::as_array) {
+            Some(series) if series.iter().all(valid_series) => {
+                st.health.series.extend(series.iter().cloned());
+                Reply::json(202, &json!({"errors": []}))
+            }
+            _ => {
+                error(400, "expected {\"series\": [{\"metric\", \"type\", \"points\": [{\"timestamp\", \"value\"}]}]}")
+            }
+        }
+    } else {
+        match body.as_array() {
+            Some(checks) if checks.iter().all(valid_check) => {
+                st.health.checks.extend(checks.iter().cloned());
+                Reply::json(202, &json!({"status": "ok"}))
+            }
+            _ => error(400, "expected [{\"check\", \"host_name\", \"status\": 0..3, \"timestamp\"}]"),
+        }
+    }
+}
+
+/// A series as `POST /api/v2/series` requires it: a metric name, a type from 0 to 3, and points of a whole
+/// timestamp and a number; tags, if any, strings.
+fn valid_series(s: &Value) -> bool {
+    let point = |p: &Value| p["timestamp"].is_i64() && p["value"].is_number();
+    s["metric"].as_str().is_some_and(|m| !m.is_empty())
+        && s["type"].as_u64().is_some_and(|t| t <= 3)
+        && s["points"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(point))
+        && s.get("tags").is_none_or(|t| t.as_array().is_some_and(|t| t.iter().all(Value::is_string)))
+}
+
+/// A service check as `POST /api/v1/check_run` requires it: a name, a host, a status from 0 to 3.
+fn valid_check(c: &Value) -> bool {
+    c["check"].as_str().is_some_and(|n| !n.is_empty())
+        && c["host_name"].is_string()
+        && c["status"].as_u64().is_some_and(|s| s <= 3)
+        && c.get("timestamp").is_none_or(Value::is_i64)
+        && c.get("tags").is_none_or(|t| t.as_array().is_some_and(|t| t.iter().all(Value::is_string)))
+}
+
 fn decode(req: &Request) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let limited = |r: &mut dyn Read, out: &mut Vec<u8>| {
@@ -322,5 +452,34 @@ mod tests {
             assert!(start.elapsed() >= Duration::from_millis(120), "{:?}", start.elapsed());
         }
         assert_eq!((sim.requests(), sim.accepted_count()), (2, 2));
+    }
+
+    #[test]
+    fn health_endpoints_check_the_key_and_the_json_and_keep_what_they_accepted() {
+        let sim = DatadogSim::start().unwrap();
+        let post = |path: &str, key: &str, body: &str| {
+            let answer = ureq::post(&format!("{}{path}", sim.api_url()))
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .header("DD-API-KEY", key)
+                .send(body)
+                .unwrap();
+            answer.status().as_u16()
+        };
+        let series = r#"{"series":[{"metric":"m","type":3,"points":[{"timestamp":1,"value":2.5}],"tags":["a:b"]}]}"#;
+        let checks = r#"[{"check":"c","host_name":"h","status":2,"timestamp":1,"message":"m","tags":[]}]"#;
+        assert_eq!(post(SERIES, API_KEY, series), 202);
+        assert_eq!(post(CHECK_RUN, API_KEY, checks), 202);
+        assert_eq!(post(SERIES, "wrong-key", series), 403);
+        assert_eq!(post(SERIES, API_KEY, r#"{"series":[{"metric":"m","type":7,"points":[]}]}"#), 400);
+        assert_eq!(post(CHECK_RUN, API_KEY, r#"[{"check":"c","host_name":"h","status":4}]"#), 400);
+        assert_eq!(post(CHECK_RUN, API_KEY, "not json"), 400);
+        sim.set_health_down(Some(500));
+        assert_eq!(post(SERIES, API_KEY, series), 500);
+        assert_eq!((sim.series().len(), sim.checks().len(), sim.health_requests()), (1, 1, 7));
+        assert_eq!(sim.series()[0]["tags"][0], "a:b");
+        assert_eq!(sim.checks()[0]["status"], 2);
+        assert_eq!(sim.requests(), 0, "the intake's count is its own");
     }
 }

@@ -2,7 +2,8 @@
 //! compiled and linked once, and the tests of every module run in one process, in parallel.
 //!
 //! Against the loopback simulators, in-process: `collect`, `deliver`, `hostile_peers`. Against the real binary:
-//! `cli`, `adversity`, `dead_letters`. The proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`,
+//! `cli`, `adversity`, `dead_letters`, `health` (the agent's own metrics and service checks, and the shipped
+//! dashboard and monitors). The proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`,
 //! which keeps the README's example config true.
 
 #![allow(clippy::unwrap_used)]
@@ -15,6 +16,7 @@ mod collect;
 mod dead_letters;
 mod deliver;
 mod docs;
+mod health;
 mod hostile_peers;
 mod hostile_wire;
 mod proof_crash;
