@@ -39,7 +39,8 @@ Usage:
   mimecast-forwarder --version
 
 --config defaults to $MIMECAST_FORWARDER_CONFIG, else /etc/mimecast-forwarder/config.toml.
-Log level: RUST_LOG (default info). Run `mimecast-forwarder COMMAND --help` for one command.
+Log level: RUST_LOG (default info). `mimecast-forwarder help COMMAND` (or COMMAND --help) for one command,
+with its exit codes; every command exits 64 on a usage error.
 ";
 
 const RUN_HELP: &str = "\
@@ -51,7 +52,7 @@ keeps the running one if the new one is invalid. Only one run may use a queue at
   --once   one pass: poll every feed up to now, drain until empty or refused, exit.
 Exit codes: 0 clean stop (--once: queue empty and every feed answered); 75 records remain queued (--once), or
 another run holds the queue; 69 (--once) the queue is empty but a feed or the intake gave up; 78 bad config;
-70 internal error (a damaged or unwritable queue, with what to do).
+70 internal error (a damaged or unwritable queue, with what to do); 64 usage.
 ";
 
 const CHECK_HELP: &str = "\
@@ -59,7 +60,7 @@ mimecast-forwarder check-config [--config PATH] [--connect]
 
 Validates the config and prints the effective settings with secrets redacted.
   --connect   also fetch a Mimecast token and validate the Datadog API key.
-Exit codes: 0 valid; 78 invalid; 69 --connect could not authenticate.
+Exit codes: 0 valid; 78 invalid; 69 --connect could not authenticate; 64 usage.
 ";
 
 const STATUS_HELP: &str = "\
@@ -67,8 +68,10 @@ mimecast-forwarder status [--config PATH] [--json]
 
 What is queued, how old and how big; each feed's watermark, last success and last error; dead letters; drops.
 Read-only and safe while `run` is running.
-  --json   one JSON object, for scripts.
-Exit codes: 0; 78 bad config; 66 no queue database yet; 70 the database is damaged or unreadable.
+  --json   one JSON object, for scripts; when there is no report to give, {\"queue\": null, \"error\": \"…\"}.
+Exit codes: 0; 78 bad config; 66 no queue database yet (`run` creates it); 70 the database is damaged,
+unreadable, held locked by another process for too long, or of another version than this build (with what to
+do); 64 usage.
 ";
 
 const DEAD_LETTERS_HELP: &str = "\
@@ -96,19 +99,19 @@ Ends by itself within about 30 s with a summary. Exit code 0 only if nothing was
 pub fn parse(args: &[String]) -> Result<Command, String> {
     let mut it = args.iter().map(String::as_str);
     let sub = match it.next() {
-        None | Some("-h" | "--help" | "help") => return Ok(Command::Help(USAGE)),
+        Some("help") => {
+            return match (it.next(), it.next()) {
+                (None, _) => Ok(Command::Help(USAGE)),
+                (Some(sub), None) => help_of(sub).map(Command::Help),
+                (Some(_), Some(extra)) => Err(format!("unexpected argument {extra:?} for help")),
+            };
+        }
+        None | Some("-h" | "--help") => return Ok(Command::Help(USAGE)),
         Some("-V" | "--version") => return Ok(Command::Version),
         Some(s) => s,
     };
     let (mut config, mut once, mut connect, mut json) = (None, false, false, false);
-    let help = match sub {
-        "run" => RUN_HELP,
-        "check-config" => CHECK_HELP,
-        "status" => STATUS_HELP,
-        "dead-letters" => DEAD_LETTERS_HELP,
-        "demo" => DEMO_HELP,
-        other => return Err(format!("unknown command {other:?}")),
-    };
+    let help = help_of(sub)?;
     // `dead-letters` takes its action first: `dead-letters list`, `dead-letters requeue 3 7`.
     let action = match sub {
         "dead-letters" => match it.next() {
@@ -154,6 +157,18 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             Command::DeadLetters { config, action: DeadLetterAction::Requeue(which), json }
         }
         _ => Command::Demo,
+    })
+}
+
+/// The help of one command (`COMMAND --help`, `help COMMAND`).
+fn help_of(sub: &str) -> Result<&'static str, String> {
+    Ok(match sub {
+        "run" => RUN_HELP,
+        "check-config" => CHECK_HELP,
+        "status" => STATUS_HELP,
+        "dead-letters" => DEAD_LETTERS_HELP,
+        "demo" => DEMO_HELP,
+        other => return Err(format!("unknown command {other:?}")),
     })
 }
 
@@ -216,48 +231,67 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
     if ok { exit::OK } else { exit::UNAVAILABLE }
 }
 
+/// Why `status` or `dead-letters` cannot go on: the exit code and what to say.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl Failure {
+    /// Says it on stderr, and gives back the exit code.
+    fn report(self) -> i32 {
+        let prefix = match self.code {
+            exit::CONFIG => "config error: ",
+            exit::SOFTWARE => "error: ",
+            _ => "",
+        };
+        eprintln!("{prefix}{}", self.message);
+        self.code
+    }
+}
+
 /// The config for commands that only read or tidy the queue (`status`, `dead-letters`). They need no
-/// credentials, so missing ones get placeholders instead of failing; a config error is reported here and given
-/// back as the exit code.
-fn load_queue_config(path: &Path) -> Result<Config, i32> {
+/// credentials, so missing ones get placeholders instead of failing.
+fn load_queue_config(path: &Path) -> Result<Config, Failure> {
     let placeholder = |name: &str| {
         real_env(name).or_else(|| {
             matches!(name, "MIMECAST_CLIENT_ID" | "MIMECAST_CLIENT_SECRET" | "DD_API_KEY").then(|| "-".to_owned())
         })
     };
-    config::load(path, &placeholder).map(|l| l.config).map_err(|e| {
-        eprintln!("config error: {e}");
-        exit::CONFIG
-    })
+    config::load(path, &placeholder)
+        .map(|l| l.config)
+        .map_err(|e| Failure { code: exit::CONFIG, message: e.to_string() })
 }
 
 /// Opens the configured queue, which must exist already; says why not and gives back the exit code.
-fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, i32> {
+fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, Failure> {
     let path = &cfg.queue.path;
     if !path.exists() {
-        eprintln!("no queue database at {} yet: `mimecast-forwarder run` creates it", path.display());
-        return Err(exit::NO_INPUT);
+        let message = format!("no queue database at {} yet: `mimecast-forwarder run` creates it", path.display());
+        return Err(Failure { code: exit::NO_INPUT, message });
     }
     let store = if read_only { Store::open_read_only(path) } else { Store::open(path) };
-    store.map_err(|e| {
-        eprintln!("error: {e}");
-        exit::SOFTWARE
-    })
+    store.map_err(|e| Failure { code: exit::SOFTWARE, message: e.to_string() })
 }
 
-/// `status`.
+/// `status`. With `--json`, stdout holds one JSON object whatever happens: the report, or
+/// `{"queue": null, "error": "…"}` when there is none to give (the exit code says why, the message is on
+/// stderr too), so that a script can always parse what it reads.
 pub fn status(path: &Path, json: bool) -> i32 {
     let report = load_queue_config(path).and_then(|cfg| {
         let store = open_queue(&cfg, true)?;
-        crate::status::gather(&store, &cfg, crate::datetime::now()).map_err(|e| {
-            eprintln!("error: {e}");
-            exit::SOFTWARE
-        })
+        crate::status::gather(&store, &cfg, crate::datetime::now())
+            .map_err(|e| Failure { code: exit::SOFTWARE, message: e.to_string() })
     });
     match report {
         Ok(r) if json => crate::say!("{}", r.to_json()),
         Ok(r) => crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end()),
-        Err(code) => return code,
+        Err(failure) => {
+            if json {
+                crate::say!("{}", serde_json::json!({"queue": null, "error": failure.message}));
+            }
+            return failure.report();
+        }
     }
     exit::OK
 }
@@ -270,7 +304,7 @@ const DATA_ERR: i32 = 65;
 pub fn dead_letters(path: &Path, action: &DeadLetterAction, json: bool) -> i32 {
     let store = load_queue_config(path).and_then(|cfg| open_queue(&cfg, *action == DeadLetterAction::List));
     let result = match (store, action) {
-        (Err(code), _) => return code,
+        (Err(failure), _) => return failure.report(),
         (Ok(store), DeadLetterAction::List) => store.dead_letters().map(|list| list_dead_letters(&list, json)),
         (Ok(mut store), DeadLetterAction::Requeue(ids)) => {
             store.requeue(ids.as_deref(), crate::datetime::now()).map(|out| report_requeue(&out, json))
@@ -361,6 +395,11 @@ mod tests {
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(p(&[]), Ok(Command::Help(USAGE)));
         assert_eq!(p(&["status", "--help"]), Ok(Command::Help(STATUS_HELP)));
+        assert_eq!(p(&["help"]), Ok(Command::Help(USAGE)));
+        assert_eq!(p(&["help", "run"]), Ok(Command::Help(RUN_HELP)));
+        assert_eq!(p(&["help", "dead-letters"]), Ok(Command::Help(DEAD_LETTERS_HELP)));
+        assert!(p(&["help", "frobnicate"]).is_err());
+        assert!(p(&["help", "run", "status"]).is_err());
         assert!(p(&["run", "--json"]).is_err());
         assert!(p(&["frobnicate"]).is_err());
         assert!(p(&["run", "--config"]).is_err());

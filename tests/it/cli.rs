@@ -59,10 +59,67 @@ fn help_version_and_usage_errors() {
         assert!(out.contains(&format!("mimecast-forwarder {sub}")), "{out}");
     }
     assert_eq!(run(&["frobnicate"]).0, 64);
+    // `help COMMAND` is that command's help, not the general one.
+    for sub in ["run", "check-config", "status", "dead-letters", "demo"] {
+        let (code, out, _) = run(&["help", sub]);
+        assert_eq!((code, &out), (0, &run(&[sub, "--help"]).1), "help {sub}");
+        assert!(out.starts_with(&format!("mimecast-forwarder {sub}")), "{out}");
+    }
+    assert_eq!(run(&["help"]).1, run(&["--help"]).1);
+    let (code, _, err) = run(&["help", "frobnicate"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("unknown command \"frobnicate\""), "{err}");
+}
+
+/// The exit codes a text lists: its numbers (the code lists hold no others).
+fn codes_in(text: &str) -> std::collections::BTreeSet<i32> {
+    text.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
+}
+
+/// The exit codes that `COMMAND --help` lists, and those of its row in the README's table of commands.
+fn documented_codes(sub: &str) -> (std::collections::BTreeSet<i32>, std::collections::BTreeSet<i32>) {
+    let help = run(&[sub, "--help"]).1;
+    let listed = help.split("Exit code").nth(1).unwrap_or_else(|| panic!("no exit codes in {help}"));
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let row = readme.lines().find(|l| l.starts_with(&format!("| `{sub} "))).expect("the command's README row");
+    (codes_in(listed), codes_in(row.rsplit('|').nth(1).unwrap()))
+}
+
+#[test]
+fn status_returns_only_listed_codes_and_json_is_always_one_object() {
     let rig = Rig::new();
-    let path = write_config(&rig, &[]);
-    let (code, _, err) = run(&["status", "--config", path.to_str().unwrap()]);
-    assert_eq!(code, 66, "{err}");
+    let good = write_config(&rig, &[]);
+    let p = good.to_str().unwrap();
+    let (help, readme) = documented_codes("status");
+    // (what, config, expected code): each way status can end.
+    let mut seen = Vec::new();
+    let mut check = |what: &str, config: &str, expected: i32| {
+        let (code, out, err) = run(&["status", "--json", "--config", config]);
+        assert_eq!(code, expected, "{what}: {err}");
+        assert!(help.contains(&code) && readme.contains(&code), "{what}: {code} is not listed: {help:?} {readme:?}");
+        let json: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {out}"));
+        if code != 0 {
+            assert!(json["queue"].is_null(), "{what}: {json}");
+            let error = json["error"].as_str().unwrap_or_else(|| panic!("{what}: no error in {json}"));
+            assert!(!error.is_empty() && err.contains(error), "{what}: {json}\n{err}");
+        }
+        seen.push((what.to_owned(), json));
+    };
+    check("no queue yet", p, 66);
+    let bad = rig.dir.path().join("bad.toml");
+    std::fs::write(&bad, rig.config_text(&[("queue", "max_bytes = 0")])).unwrap();
+    check("a bad config", bad.to_str().unwrap(), 78);
+    std::fs::write(rig.db_path(), vec![0x5a_u8; 16384]).unwrap();
+    check("a damaged database", p, 70);
+    std::fs::remove_file(rig.db_path()).unwrap();
+    drop(rig.store()); // An empty queue.
+    check("an empty queue", p, 0);
+    assert!(seen[0].1["error"].as_str().unwrap().contains("no queue database"), "{:?}", seen[0]);
+    assert!(seen[2].1["error"].as_str().unwrap().contains("damaged"), "{:?}", seen[2]);
+    assert_eq!(seen[3].1["queue"]["records"], 0, "{:?}", seen[3]);
+    let (code, _, _) = run(&["status", "--frobnicate"]);
+    assert_eq!(code, 64);
+    assert!(help.contains(&code) && readme.contains(&code), "{help:?} {readme:?}");
 }
 
 /// Guards: env_logger is built without its default features (no regex filters, no colours, no humantime): RUST_LOG
