@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::http::{Url, UrlError};
 use crate::mimecast::Feed;
 
+mod wants;
+
 /// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident:
 /// `Debug`, `Display` and `Serialize` (what `check-config` prints) all give `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -353,7 +355,9 @@ fn describe(e: &toml::de::Error, text: &str) -> String {
         Some(t) => format!("{t}.{key}"),
         None => key,
     };
-    format!("line {line_no} ({key}): {}", scrub_all(message, text))
+    // serde names types (`expected u32`); say what the key takes instead.
+    let message = wants::reword(&key, message).unwrap_or_else(|| message.to_owned());
+    format!("line {line_no} ({key}): {}", scrub_all(&message, text))
 }
 
 /// The name of the table a `[table]` line opens. Quoted names are not taken for headers: a line of a value

@@ -50,6 +50,27 @@ fn check_config_validates_and_redacts() {
 }
 
 #[test]
+fn a_value_of_the_wrong_type_is_said_in_words() {
+    let rig = Rig::new();
+    for ((section, line), says) in [
+        (
+            ("mimecast", "page_size = \"big\""),
+            "(mimecast.page_size): must be a whole number from 1 to 1000, got the string \"big\"",
+        ),
+        (("mimecast", "poll_interval_secs = 1.5"), "must be a whole number of seconds from 1 to 86400, got 1.5"),
+        (("queue", "max_bytes = -1"), "(queue.max_bytes): must be a whole number of bytes from 1 to"),
+        (("datadog", "hostname = true"), "(datadog.hostname): must be a host name in quotes, got true"),
+        (("queue", "when_full = 1"), "(queue.when_full): must be \"pause\" or \"drop-oldest\""),
+    ] {
+        let path = write_config(&rig, &[(section, line)]);
+        let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 78, "{line}: {err}");
+        assert!(err.contains(says), "{line}: {err}");
+        assert!(!["u32", "u64", "i64", "expected"].iter().any(|t| err.contains(t)), "{line}: {err}");
+    }
+}
+
+#[test]
 fn help_version_and_usage_errors() {
     let (code, out, _) = run(&["--version"]);
     assert_eq!((code, out.trim()), (0, concat!("mimecast-forwarder ", env!("CARGO_PKG_VERSION"))));
