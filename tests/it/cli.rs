@@ -50,6 +50,26 @@ fn check_config_validates_and_redacts() {
 }
 
 #[test]
+fn every_missing_credential_is_named_in_one_run() {
+    let rig = Rig::new();
+    let path = rig.dir.path().join("config.toml");
+    let text = rig.config_text(&[]);
+    let secretless: String =
+        text.lines().filter(|l| !l.contains("client_") && !l.contains("api_key")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, secretless).unwrap();
+    for args in [vec!["check-config", "--config"], vec!["run", "--once", "--config"]] {
+        let mut args = args.clone();
+        args.push(path.to_str().unwrap());
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 78, "{args:?}: {err}");
+        for key in ["mimecast.client_id", "mimecast.client_secret", "datadog.api_key"] {
+            assert!(err.contains(&format!("missing {key}")), "{args:?}: {key} not named: {err}");
+        }
+        assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    }
+}
+
+#[test]
 fn a_value_of_the_wrong_type_is_said_in_words() {
     let rig = Rig::new();
     for ((section, line), says) in [

@@ -24,7 +24,9 @@ fn the_readme_shows_the_shipped_config_and_it_parses() {
     assert_eq!(c.datadog.intake_url.as_str(), "https://http-intake.logs.datadoghq.com/api/v2/logs");
     assert_eq!((c.datadog.late_records, c.queue.when_full), (LateRecords::Restamp, WhenFull::Pause));
     assert_eq!(c.queue.path.to_str(), Some("/var/lib/mimecast-forwarder/queue.db"));
-    // Without credentials the shipped config is refused, naming what is missing.
+    // Without credentials the shipped config is refused, naming all that is missing at once.
     let e = config::from_str(&shipped, &|_| None).unwrap_err().to_string();
-    assert!(e.contains("mimecast.client_id"), "{e}");
+    for key in ["mimecast.client_id", "mimecast.client_secret", "datadog.api_key"] {
+        assert!(e.contains(&format!("missing {key}")), "{e}");
+    }
 }
