@@ -4,7 +4,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::bin::{
-    SpawnDaemon, cmd, no_secret, run, run_within, signal, stderr_lines, wait_exit, wait_for, write_config,
+    SpawnDaemon, cmd, no_secret, output_within, run, signal, stderr_lines, wait_exit, wait_for, write_config,
 };
 use crate::common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
@@ -117,13 +117,27 @@ fn codes_in(text: &str) -> std::collections::BTreeSet<i32> {
     text.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
 }
 
-/// The exit codes that `COMMAND --help` lists, and those of its row in the README's table of commands.
+/// The exit codes that `COMMAND --help` lists, and those of its rows in the README's table of commands.
 fn documented_codes(sub: &str) -> (std::collections::BTreeSet<i32>, std::collections::BTreeSet<i32>) {
     let help = run(&[sub, "--help"]).1;
     let listed = help.split("Exit code").nth(1).unwrap_or_else(|| panic!("no exit codes in {help}"));
     let readme = std::fs::read_to_string("README.md").unwrap();
-    let row = readme.lines().find(|l| l.starts_with(&format!("| `{sub} "))).expect("the command's README row");
-    (codes_in(listed), codes_in(row.rsplit('|').nth(1).unwrap()))
+    let rows: String = readme
+        .lines()
+        .filter(|l| l.starts_with(&format!("| `{sub} ")) || l.starts_with(&format!("| `{sub}` ")))
+        .map(|row| row.rsplit('|').nth(1).unwrap())
+        .collect();
+    assert!(!rows.is_empty(), "no README row for {sub}");
+    (codes_in(listed), codes_in(&rows))
+}
+
+#[test]
+fn each_commands_help_and_readme_list_the_same_exit_codes() {
+    for sub in ["run", "check-config", "status", "dead-letters", "demo"] {
+        let (help, readme) = documented_codes(sub);
+        assert_eq!(help, readme, "{sub}: its help and the README list other exit codes");
+        assert!(help.contains(&0) && help.contains(&64), "{sub}: {help:?}");
+    }
 }
 
 #[test]
@@ -404,12 +418,23 @@ fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
 
 #[test]
 fn demo_runs_and_loses_nothing() {
-    // A demo that never ends is killed and fails the test; how long it takes is not asserted.
-    let (code, out, err) = run_within(&["demo"], Duration::from_secs(120));
+    // As a new user runs it: no RUST_LOG. A demo that never ends is killed and fails the test; how long it takes
+    // is not asserted.
+    let mut demo = cmd(&["demo"]);
+    demo.env_remove("RUST_LOG");
+    let (code, out, err) = output_within(demo, Duration::from_secs(120));
     assert_eq!(code, 0, "{out}\n{err}");
     let summary = out.lines().find(|l| l.starts_with("summary:")).unwrap_or_else(|| panic!("no summary in {out}"));
     assert!(summary.ends_with("duplicates 0 / lost 0"), "{summary}");
     assert!(out.contains("Datadog starts answering 503") && out.contains("Datadog is back"), "{out}");
+    // The last progress line, just before the summary, says what the summary says.
+    let generated = summary.split(" / ").next().unwrap().trim_start_matches("summary: generated ");
+    let last = out.lines().rfind(|l| l.starts_with("t+")).unwrap();
+    assert!(last.ends_with(&format!("delivered {generated} of {generated}")), "{last}\n{out}");
+    let before_summary = out.lines().rev().skip_while(|l| !l.starts_with("summary:")).skip(1).find(|l| !l.is_empty());
+    assert_eq!(before_summary, Some(last), "{out}");
+    // The retries the demo makes the agent meet are not warnings on the terminal between the progress lines.
+    assert!(!err.contains("WARN") && !err.contains("retrying"), "{err}");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The README's example config is the shipped file, and it parses to the documented defaults.
+//! The README's example config is the shipped file, and it parses to the documented defaults; the README states
+//! the demo's time limit.
 
 use mimecast_forwarder::config::{self, LateRecords, WhenFull};
 use mimecast_forwarder::mimecast::Feed;
@@ -29,4 +30,11 @@ fn the_readme_shows_the_shipped_config_and_it_parses() {
     for key in ["mimecast.client_id", "mimecast.client_secret", "datadog.api_key"] {
         assert!(e.contains(&format!("missing {key}")), "{e}");
     }
+}
+
+#[test]
+fn the_readme_states_the_demos_time_limit() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let limit = format!("within {} s at most", mimecast_forwarder::demo::LIMIT.as_secs());
+    assert!(readme.contains(&limit), "README does not say the demo ends {limit}");
 }
