@@ -10,7 +10,7 @@ use crate::store::{DeadLetter, Requeued, Store};
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Run { config: Option<PathBuf>, once: bool },
+    Run { config: Option<PathBuf>, once: bool, allow_root: bool },
     CheckConfig { config: Option<PathBuf>, connect: bool },
     Status { config: Option<PathBuf>, json: bool },
     DeadLetters { config: Option<PathBuf>, action: DeadLetterAction, json: bool },
@@ -31,7 +31,7 @@ pub const USAGE: &str = "\
 mimecast-forwarder: forwards Mimecast security logs to Datadog through a durable on-disk queue
 
 Usage:
-  mimecast-forwarder run [--config PATH] [--once]
+  mimecast-forwarder run [--config PATH] [--once] [--allow-root]
   mimecast-forwarder check-config [--config PATH] [--connect]
   mimecast-forwarder status [--config PATH] [--json]
   mimecast-forwarder dead-letters list|requeue [ID…|--all] [--config PATH] [--json]
@@ -44,15 +44,19 @@ with its exit codes; every command exits 64 on a usage error.
 ";
 
 const RUN_HELP: &str = "\
-mimecast-forwarder run [--config PATH] [--once]
+mimecast-forwarder run [--config PATH] [--once] [--allow-root]
 
 Polls the enabled Mimecast feeds into the SQLite queue and drains the queue to Datadog, in the foreground,
 logging to stderr. SIGTERM or SIGINT stops it cleanly; SIGHUP (systemctl reload) reads the config again and
 keeps the running one if the new one is invalid. Only one run may use a queue at a time.
-  --once   one pass: poll every feed up to now, drain until empty or refused, exit.
+  --once         one pass: poll every feed up to now, drain until empty or refused, exit.
+  --allow-root   run as root even on a queue whose directory or files belong to another user (the service's
+                 user, mimecast-forwarder); without it root refuses, since that user could not open the files
+                 root creates there. Give them back afterwards: chown mimecast-forwarder: QUEUE_PATH*
 Exit codes: 0 clean stop (--once: queue empty and every feed answered); 75 records remain queued (--once), or
 another run holds the queue; 69 (--once) the queue is empty but a feed or the intake gave up; 78 bad config;
-70 internal error (a damaged or unwritable queue, with what to do); 64 usage.
+70 internal error (a damaged or unwritable queue, with what to do); 77 refused to run as root on another user's
+queue (without --allow-root); 64 usage.
 ";
 
 const CHECK_HELP: &str = "\
@@ -113,7 +117,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         Some("-V" | "--version") => return Ok(Command::Version),
         Some(s) => s,
     };
-    let (mut config, mut once, mut connect, mut json) = (None, false, false, false);
+    let (mut config, mut once, mut connect, mut json, mut allow_root) = (None, false, false, false, false);
     let help = help_of(sub)?;
     // `dead-letters` takes its action first: `dead-letters list`, `dead-letters requeue 3 7`.
     let action = match sub {
@@ -136,6 +140,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                 config = Some(PathBuf::from(&a["--config=".len()..]));
             }
             ("run", _, "--once") => once = true,
+            ("run", _, "--allow-root") => allow_root = true,
             ("check-config", _, "--connect") => connect = true,
             ("status" | "dead-letters", _, "--json") => json = true,
             ("dead-letters", Some("requeue"), "--all") => all = true,
@@ -146,7 +151,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         }
     }
     Ok(match (sub, action) {
-        ("run", _) => Command::Run { config, once },
+        ("run", _) => Command::Run { config, once, allow_root },
         ("check-config", _) => Command::CheckConfig { config, connect },
         ("status", _) => Command::Status { config, json },
         ("dead-letters", Some("list")) => Command::DeadLetters { config, action: DeadLetterAction::List, json },
@@ -180,6 +185,15 @@ pub fn config_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("MIMECAST_FORWARDER_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+/// This process's command line, quoted for a shell where it needs to be: what an error suggests running again
+/// (as another user).
+pub fn command_line() -> String {
+    let plain = |a: &str| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "_./:=@%+,-".contains(c));
+    let words: Vec<String> =
+        std::env::args().map(|a| if plain(&a) { a } else { format!("'{}'", a.replace('\'', "'\\''")) }).collect();
+    words.join(" ")
 }
 
 fn real_env(name: &str) -> Option<String> {
@@ -387,8 +401,12 @@ mod tests {
 
     #[test]
     fn parses_the_documented_commands() {
-        assert_eq!(p(&["run"]), Ok(Command::Run { config: None, once: false }));
-        assert_eq!(p(&["run", "--once", "--config", "/c"]), Ok(Command::Run { config: Some("/c".into()), once: true }));
+        assert_eq!(p(&["run"]), Ok(Command::Run { config: None, once: false, allow_root: false }));
+        assert_eq!(
+            p(&["run", "--once", "--config", "/c"]),
+            Ok(Command::Run { config: Some("/c".into()), once: true, allow_root: false })
+        );
+        assert_eq!(p(&["run", "--allow-root"]), Ok(Command::Run { config: None, once: false, allow_root: true }));
         assert_eq!(p(&["check-config", "--connect"]), Ok(Command::CheckConfig { config: None, connect: true }));
         assert_eq!(
             p(&["status", "--json", "--config=/x"]),
