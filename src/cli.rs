@@ -10,7 +10,7 @@ use crate::store::{DeadLetter, Requeued, Store};
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Run { config: Option<PathBuf>, once: bool },
+    Run { config: Option<PathBuf>, once: bool, allow_root: bool },
     CheckConfig { config: Option<PathBuf>, connect: bool },
     Status { config: Option<PathBuf>, json: bool },
     DeadLetters { config: Option<PathBuf>, action: DeadLetterAction, json: bool },
@@ -31,7 +31,7 @@ pub const USAGE: &str = "\
 mimecast-forwarder: forwards Mimecast security logs to Datadog through a durable on-disk queue
 
 Usage:
-  mimecast-forwarder run [--config PATH] [--once]
+  mimecast-forwarder run [--config PATH] [--once] [--allow-root]
   mimecast-forwarder check-config [--config PATH] [--connect]
   mimecast-forwarder status [--config PATH] [--json]
   mimecast-forwarder dead-letters list|requeue [ID…|--all] [--config PATH] [--json]
@@ -39,19 +39,24 @@ Usage:
   mimecast-forwarder --version
 
 --config defaults to $MIMECAST_FORWARDER_CONFIG, else /etc/mimecast-forwarder/config.toml.
-Log level: RUST_LOG (default info). Run `mimecast-forwarder COMMAND --help` for one command.
+Log level: RUST_LOG (default info). `mimecast-forwarder help COMMAND` (or COMMAND --help) for one command,
+with its exit codes; every command exits 64 on a usage error.
 ";
 
 const RUN_HELP: &str = "\
-mimecast-forwarder run [--config PATH] [--once]
+mimecast-forwarder run [--config PATH] [--once] [--allow-root]
 
 Polls the enabled Mimecast feeds into the SQLite queue and drains the queue to Datadog, in the foreground,
 logging to stderr. SIGTERM or SIGINT stops it cleanly; SIGHUP (systemctl reload) reads the config again and
 keeps the running one if the new one is invalid. Only one run may use a queue at a time.
-  --once   one pass: poll every feed up to now, drain until empty or refused, exit.
+  --once         one pass: poll every feed up to now, drain until empty or refused, exit.
+  --allow-root   run as root even on a queue whose directory or files belong to another user (the service's
+                 user, mimecast-forwarder); without it root refuses, since that user could not open the files
+                 root creates there. Give them back afterwards: chown mimecast-forwarder: QUEUE_PATH*
 Exit codes: 0 clean stop (--once: queue empty and every feed answered); 75 records remain queued (--once), or
 another run holds the queue; 69 (--once) the queue is empty but a feed or the intake gave up; 78 bad config;
-70 internal error (a damaged or unwritable queue, with what to do).
+70 internal error (a damaged or unwritable queue, with what to do); 77 refused to run as root on another user's
+queue (without --allow-root); 64 usage.
 ";
 
 const CHECK_HELP: &str = "\
@@ -59,7 +64,7 @@ mimecast-forwarder check-config [--config PATH] [--connect]
 
 Validates the config and prints the effective settings with secrets redacted.
   --connect   also fetch a Mimecast token and validate the Datadog API key.
-Exit codes: 0 valid; 78 invalid; 69 --connect could not authenticate.
+Exit codes: 0 valid; 78 invalid; 69 --connect could not authenticate; 64 usage.
 ";
 
 const STATUS_HELP: &str = "\
@@ -67,8 +72,10 @@ mimecast-forwarder status [--config PATH] [--json]
 
 What is queued, how old and how big; each feed's watermark, last success and last error; dead letters; drops.
 Read-only and safe while `run` is running.
-  --json   one JSON object, for scripts.
-Exit codes: 0; 78 bad config; 66 no queue database yet; 70 the database is damaged or unreadable.
+  --json   one JSON object, for scripts; when there is no report to give, {\"queue\": null, \"error\": \"…\"}.
+Exit codes: 0; 78 bad config; 66 no queue database yet (`run` creates it); 70 the database is damaged,
+unreadable, held locked by another process for too long, or of another version than this build (with what to
+do); 64 usage.
 ";
 
 const DEAD_LETTERS_HELP: &str = "\
@@ -89,26 +96,29 @@ mimecast-forwarder demo
 
 Runs the whole pipeline on this machine with no accounts: loopback simulators of Mimecast (six feeds,
 pagination, token expiry, a 429) and of Datadog (with an outage in the middle), in a temporary directory.
-Ends by itself within about 30 s with a summary. Exit code 0 only if nothing was lost.
+Prints what was delivered every second; takes about 10 s and ends by itself within 30 s at most, with a
+summary. The agent's own log shows errors only; RUST_LOG=warn adds its retries (on stderr).
+Exit codes: 0 nothing was lost; 1 records were lost (a bug: please report it); 70 the demo could not run
+(no loopback sockets or temporary directory); 64 usage.
 ";
 
 /// Parses the arguments after the program name.
 pub fn parse(args: &[String]) -> Result<Command, String> {
     let mut it = args.iter().map(String::as_str);
     let sub = match it.next() {
-        None | Some("-h" | "--help" | "help") => return Ok(Command::Help(USAGE)),
+        Some("help") => {
+            return match (it.next(), it.next()) {
+                (None, _) => Ok(Command::Help(USAGE)),
+                (Some(sub), None) => help_of(sub).map(Command::Help),
+                (Some(_), Some(extra)) => Err(format!("unexpected argument {extra:?} for help")),
+            };
+        }
+        None | Some("-h" | "--help") => return Ok(Command::Help(USAGE)),
         Some("-V" | "--version") => return Ok(Command::Version),
         Some(s) => s,
     };
-    let (mut config, mut once, mut connect, mut json) = (None, false, false, false);
-    let help = match sub {
-        "run" => RUN_HELP,
-        "check-config" => CHECK_HELP,
-        "status" => STATUS_HELP,
-        "dead-letters" => DEAD_LETTERS_HELP,
-        "demo" => DEMO_HELP,
-        other => return Err(format!("unknown command {other:?}")),
-    };
+    let (mut config, mut once, mut connect, mut json, mut allow_root) = (None, false, false, false, false);
+    let help = help_of(sub)?;
     // `dead-letters` takes its action first: `dead-letters list`, `dead-letters requeue 3 7`.
     let action = match sub {
         "dead-letters" => match it.next() {
@@ -130,6 +140,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                 config = Some(PathBuf::from(&a["--config=".len()..]));
             }
             ("run", _, "--once") => once = true,
+            ("run", _, "--allow-root") => allow_root = true,
             ("check-config", _, "--connect") => connect = true,
             ("status" | "dead-letters", _, "--json") => json = true,
             ("dead-letters", Some("requeue"), "--all") => all = true,
@@ -140,7 +151,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         }
     }
     Ok(match (sub, action) {
-        ("run", _) => Command::Run { config, once },
+        ("run", _) => Command::Run { config, once, allow_root },
         ("check-config", _) => Command::CheckConfig { config, connect },
         ("status", _) => Command::Status { config, json },
         ("dead-letters", Some("list")) => Command::DeadLetters { config, action: DeadLetterAction::List, json },
@@ -157,11 +168,32 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
     })
 }
 
+/// The help of one command (`COMMAND --help`, `help COMMAND`).
+fn help_of(sub: &str) -> Result<&'static str, String> {
+    Ok(match sub {
+        "run" => RUN_HELP,
+        "check-config" => CHECK_HELP,
+        "status" => STATUS_HELP,
+        "dead-letters" => DEAD_LETTERS_HELP,
+        "demo" => DEMO_HELP,
+        other => return Err(format!("unknown command {other:?}")),
+    })
+}
+
 /// `--config`, else `$MIMECAST_FORWARDER_CONFIG`, else the packaged path.
 pub fn config_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("MIMECAST_FORWARDER_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+/// This process's command line, quoted for a shell where it needs to be: what an error suggests running again
+/// (as another user).
+pub fn command_line() -> String {
+    let plain = |a: &str| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "_./:=@%+,-".contains(c));
+    let words: Vec<String> =
+        std::env::args().map(|a| if plain(&a) { a } else { format!("'{}'", a.replace('\'', "'\\''")) }).collect();
+    words.join(" ")
 }
 
 fn real_env(name: &str) -> Option<String> {
@@ -231,48 +263,67 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
     if ok { exit::OK } else { exit::UNAVAILABLE }
 }
 
+/// Why `status` or `dead-letters` cannot go on: the exit code and what to say.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl Failure {
+    /// Says it on stderr, and gives back the exit code.
+    fn report(self) -> i32 {
+        let prefix = match self.code {
+            exit::CONFIG => "config error: ",
+            exit::SOFTWARE => "error: ",
+            _ => "",
+        };
+        eprintln!("{prefix}{}", self.message);
+        self.code
+    }
+}
+
 /// The config for commands that only read or tidy the queue (`status`, `dead-letters`). They need no
-/// credentials, so missing ones get placeholders instead of failing; a config error is reported here and given
-/// back as the exit code.
-fn load_queue_config(path: &Path) -> Result<Config, i32> {
+/// credentials, so missing ones get placeholders instead of failing.
+fn load_queue_config(path: &Path) -> Result<Config, Failure> {
     let placeholder = |name: &str| {
         real_env(name).or_else(|| {
             matches!(name, "MIMECAST_CLIENT_ID" | "MIMECAST_CLIENT_SECRET" | "DD_API_KEY").then(|| "-".to_owned())
         })
     };
-    config::load(path, &placeholder).map(|l| l.config).map_err(|e| {
-        eprintln!("config error: {e}");
-        exit::CONFIG
-    })
+    config::load(path, &placeholder)
+        .map(|l| l.config)
+        .map_err(|e| Failure { code: exit::CONFIG, message: e.to_string() })
 }
 
 /// Opens the configured queue, which must exist already; says why not and gives back the exit code.
-fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, i32> {
+fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, Failure> {
     let path = &cfg.queue.path;
     if !path.exists() {
-        eprintln!("no queue database at {} yet: `mimecast-forwarder run` creates it", path.display());
-        return Err(exit::NO_INPUT);
+        let message = format!("no queue database at {} yet: `mimecast-forwarder run` creates it", path.display());
+        return Err(Failure { code: exit::NO_INPUT, message });
     }
     let store = if read_only { Store::open_read_only(path) } else { Store::open(path) };
-    store.map_err(|e| {
-        eprintln!("error: {e}");
-        exit::SOFTWARE
-    })
+    store.map_err(|e| Failure { code: exit::SOFTWARE, message: e.to_string() })
 }
 
-/// `status`.
+/// `status`. With `--json`, stdout holds one JSON object whatever happens: the report, or
+/// `{"queue": null, "error": "…"}` when there is none to give (the exit code says why, the message is on
+/// stderr too), so that a script can always parse what it reads.
 pub fn status(path: &Path, json: bool) -> i32 {
     let report = load_queue_config(path).and_then(|cfg| {
         let store = open_queue(&cfg, true)?;
-        crate::status::gather(&store, &cfg, crate::datetime::now()).map_err(|e| {
-            eprintln!("error: {e}");
-            exit::SOFTWARE
-        })
+        crate::status::gather(&store, &cfg, crate::datetime::now())
+            .map_err(|e| Failure { code: exit::SOFTWARE, message: e.to_string() })
     });
     match report {
         Ok(r) if json => crate::say!("{}", r.to_json()),
         Ok(r) => crate::say!("{}", crate::status::render(&r, crate::datetime::now()).trim_end()),
-        Err(code) => return code,
+        Err(failure) => {
+            if json {
+                crate::say!("{}", serde_json::json!({"queue": null, "error": failure.message}));
+            }
+            return failure.report();
+        }
     }
     exit::OK
 }
@@ -285,7 +336,7 @@ const DATA_ERR: i32 = 65;
 pub fn dead_letters(path: &Path, action: &DeadLetterAction, json: bool) -> i32 {
     let store = load_queue_config(path).and_then(|cfg| open_queue(&cfg, *action == DeadLetterAction::List));
     let result = match (store, action) {
-        (Err(code), _) => return code,
+        (Err(failure), _) => return failure.report(),
         (Ok(store), DeadLetterAction::List) => store.dead_letters().map(|list| list_dead_letters(&list, json)),
         (Ok(mut store), DeadLetterAction::Requeue(ids)) => {
             store.requeue(ids.as_deref(), crate::datetime::now()).map(|out| report_requeue(&out, json))
@@ -365,8 +416,12 @@ mod tests {
 
     #[test]
     fn parses_the_documented_commands() {
-        assert_eq!(p(&["run"]), Ok(Command::Run { config: None, once: false }));
-        assert_eq!(p(&["run", "--once", "--config", "/c"]), Ok(Command::Run { config: Some("/c".into()), once: true }));
+        assert_eq!(p(&["run"]), Ok(Command::Run { config: None, once: false, allow_root: false }));
+        assert_eq!(
+            p(&["run", "--once", "--config", "/c"]),
+            Ok(Command::Run { config: Some("/c".into()), once: true, allow_root: false })
+        );
+        assert_eq!(p(&["run", "--allow-root"]), Ok(Command::Run { config: None, once: false, allow_root: true }));
         assert_eq!(p(&["check-config", "--connect"]), Ok(Command::CheckConfig { config: None, connect: true }));
         assert_eq!(
             p(&["status", "--json", "--config=/x"]),
@@ -376,9 +431,20 @@ mod tests {
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(p(&[]), Ok(Command::Help(USAGE)));
         assert_eq!(p(&["status", "--help"]), Ok(Command::Help(STATUS_HELP)));
+        assert_eq!(p(&["help"]), Ok(Command::Help(USAGE)));
+        assert_eq!(p(&["help", "run"]), Ok(Command::Help(RUN_HELP)));
+        assert_eq!(p(&["help", "dead-letters"]), Ok(Command::Help(DEAD_LETTERS_HELP)));
+        assert!(p(&["help", "frobnicate"]).is_err());
+        assert!(p(&["help", "run", "status"]).is_err());
         assert!(p(&["run", "--json"]).is_err());
         assert!(p(&["frobnicate"]).is_err());
         assert!(p(&["run", "--config"]).is_err());
+    }
+
+    #[test]
+    fn demo_help_states_the_demos_time_limit() {
+        let limit = format!("within {} s at most", crate::demo::LIMIT.as_secs());
+        assert!(DEMO_HELP.contains(&limit), "{DEMO_HELP}");
     }
 
     #[test]

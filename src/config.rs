@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::http::{Url, UrlError};
 use crate::mimecast::Feed;
 
+mod wants;
+
 /// A credential. Its value is reachable only through [`Secret::expose`], so it cannot reach a log by accident:
 /// `Debug`, `Display` and `Serialize` (what `check-config` prints) all give `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -337,6 +339,9 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// More than one of the above, in one message: every missing or unreadable credential, and the first other
+    /// problem, so that a new install learns all it lacks from one run.
+    Several(Vec<ConfigError>),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -354,6 +359,13 @@ impl std::fmt::Display for ConfigError {
             ConfigError::SecretFile { key, path, error } => {
                 write!(f, "invalid {key} = {}: expected a readable file ({error})", path.display())
             }
+            ConfigError::Several(all) => {
+                write!(f, "{} problems: ", all.len())?;
+                for (i, e) in all.iter().enumerate() {
+                    write!(f, "{}{e}", if i == 0 { "" } else { "; " })?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -363,7 +375,10 @@ impl std::error::Error for ConfigError {
         match self {
             ConfigError::Read { error, .. } | ConfigError::SecretFile { error, .. } => Some(error),
             ConfigError::Url { error, .. } => Some(error),
-            ConfigError::Parse { .. } | ConfigError::Invalid { .. } | ConfigError::Missing { .. } => None,
+            ConfigError::Parse { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::Missing { .. }
+            | ConfigError::Several(_) => None,
         }
     }
 }
@@ -432,7 +447,9 @@ fn describe(e: &toml::de::Error, text: &str) -> String {
         Some(t) => format!("{t}.{key}"),
         None => key,
     };
-    format!("line {line_no} ({key}): {}", scrub_all(message, text))
+    // serde names types (`expected u32`); say what the key takes instead.
+    let message = wants::reword(&key, message).unwrap_or_else(|| message.to_owned());
+    format!("line {line_no} ({key}): {}", scrub_all(&message, text))
 }
 
 /// The name of the table a `[table]` line opens. Quoted names are not taken for headers: a line of a value
@@ -557,29 +574,84 @@ fn url(key: &'static str, v: &str) -> Result<Url, ConfigError> {
     Url::parse(v).map_err(|error| ConfigError::Url { key, value: crate::http::without_password(v), error })
 }
 
+/// The credentials, the only keys without a default.
+struct Credentials {
+    client_id: String,
+    client_secret: Secret,
+    api_key: Secret,
+    own: BTreeMap<Feed, FeedCredentials>,
+}
+
+/// Validates `raw`. Every missing or unreadable credential is reported, together with the first other problem
+/// (a fresh install lacks all three credentials: one run names them all).
 fn validate(
-    raw: RawConfig,
+    mut raw: RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
     warnings: &mut Vec<String>,
 ) -> Result<Config, ConfigError> {
-    let m = raw.mimecast;
-    let base_url = url("mimecast.base_url", m.base_url.as_deref().unwrap_or("https://api.services.mimecast.com"))?;
-    let client_id = m.client_id.or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
+    let mut problems = Vec::new();
+    let keep = |r: Result<Secret, ConfigError>, problems: &mut Vec<ConfigError>| {
+        r.unwrap_or_else(|e| {
+            problems.push(e);
+            Secret(String::new())
+        })
+    };
+    let (m, d) = (&mut raw.mimecast, &mut raw.datadog);
+    let client_id = m.client_id.take().or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
     if client_id.is_empty() {
-        return Err(ConfigError::Missing {
+        problems.push(ConfigError::Missing {
             key: "mimecast.client_id",
             how: "mimecast.client_id or the environment variable MIMECAST_CLIENT_ID",
         });
     }
-    let client_secret = secret(
-        "mimecast.client_secret",
-        m.client_secret_file,
-        m.client_secret,
-        Some("MIMECAST_CLIENT_SECRET"),
-        "mimecast.client_secret_file, mimecast.client_secret or the environment variable MIMECAST_CLIENT_SECRET",
-        env,
-        warnings,
-    )?;
+    let client_secret = keep(
+        secret(
+            "mimecast.client_secret",
+            m.client_secret_file.take(),
+            m.client_secret.take(),
+            Some("MIMECAST_CLIENT_SECRET"),
+            "mimecast.client_secret_file, mimecast.client_secret or the environment variable MIMECAST_CLIENT_SECRET",
+            env,
+            warnings,
+        ),
+        &mut problems,
+    );
+    let api_key = keep(
+        secret(
+            "datadog.api_key",
+            d.api_key_file.take(),
+            d.api_key.take(),
+            Some("DD_API_KEY"),
+            "datadog.api_key_file, datadog.api_key or the environment variable DD_API_KEY",
+            env,
+            warnings,
+        ),
+        &mut problems,
+    );
+    // A feed's own credentials: a table for a feed that is not polled is only warned about.
+    let enabled = m.log_types.clone().unwrap_or_else(|| Feed::ALL.to_vec());
+    let own = own_credentials(m.feeds.take().unwrap_or_default(), &enabled, env, warnings).unwrap_or_else(|e| {
+        problems.push(e);
+        BTreeMap::new()
+    });
+    let checked = validate_settings(raw, Credentials { client_id, client_secret, api_key, own });
+    match (checked, problems.len()) {
+        (Ok(config), 0) => Ok(config),
+        (Ok(_), 1) => Err(problems.remove(0)),
+        (Ok(_), _) => Err(ConfigError::Several(problems)),
+        (Err(e), 0) => Err(e),
+        (Err(e), _) => {
+            problems.push(e);
+            Err(ConfigError::Several(problems))
+        }
+    }
+}
+
+/// Validates everything but the credentials.
+fn validate_settings(raw: RawConfig, creds: Credentials) -> Result<Config, ConfigError> {
+    let Credentials { client_id, client_secret, api_key, own } = creds;
+    let m = raw.mimecast;
+    let base_url = url("mimecast.base_url", m.base_url.as_deref().unwrap_or("https://api.services.mimecast.com"))?;
     let mut feeds = Vec::new();
     for feed in m.log_types.unwrap_or_else(|| Feed::ALL.to_vec()) {
         if feeds.contains(&feed) {
@@ -599,7 +671,6 @@ fn validate(
             &format!("more than mimecast.overlap_secs ({overlap_secs}), or windows would never advance"),
         ));
     }
-    let own_credentials = own_credentials(m.feeds.unwrap_or_default(), &feeds, env, warnings)?;
     let mimecast = MimecastConfig {
         base_url,
         client_id,
@@ -616,7 +687,7 @@ fn validate(
         settle_secs: range("mimecast.settle_secs", m.settle_secs.unwrap_or(60), 0, 86400)?,
         overlap_secs,
         max_window_secs,
-        own_credentials,
+        own_credentials: own,
     };
 
     let d = raw.datadog;
@@ -639,15 +710,6 @@ fn validate(
             url("datadog.site", &format!("https://api.{site}/api/v1/validate"))?,
         ),
     };
-    let api_key = secret(
-        "datadog.api_key",
-        d.api_key_file,
-        d.api_key,
-        Some("DD_API_KEY"),
-        "datadog.api_key_file, datadog.api_key or the environment variable DD_API_KEY",
-        env,
-        warnings,
-    )?;
     let hostname = match d.hostname {
         Some(h) if h.trim().is_empty() => return Err(invalid("datadog.hostname", "\"\"", "a non-empty host name")),
         Some(h) => h,
@@ -844,6 +906,26 @@ mod tests {
         assert!(e.contains("datadog.max_event_age_secs") && e.contains("64800"), "{e}");
         let e = err("[mimecast]\nclient_id = \"id\"\n");
         assert!(e.contains("mimecast.client_secret") && e.contains("MIMECAST_CLIENT_SECRET"), "{e}");
+    }
+
+    #[test]
+    fn every_missing_credential_is_reported_at_once_with_the_first_other_problem() {
+        let keys = ["mimecast.client_id", "mimecast.client_secret", "datadog.api_key"];
+        let e = from_str("", &no_env).unwrap_err();
+        assert!(matches!(&e, ConfigError::Several(all) if all.len() == 3), "{e:?}");
+        let text = e.to_string();
+        assert!(text.starts_with("3 problems: missing mimecast.client_id: set "), "{text}");
+        assert!(keys.iter().all(|k| text.contains(&format!("missing {k}: set "))), "{text}");
+        // With a bad value too: that one is said as well.
+        let e = err("[mimecast]\npage_size = 0\n");
+        assert!(e.starts_with("4 problems: ") && e.contains("mimecast.page_size = 0"), "{e}");
+        // An unreadable secret file is one of them; one problem alone is said as it is.
+        let e = err("[mimecast]\nclient_secret_file = \"/nonexistent/secret\"\n");
+        assert!(e.starts_with("3 problems: ") && e.contains("/nonexistent/secret"), "{e}");
+        let env = |k: &str| (k != "DD_API_KEY").then(|| "from-env".to_string());
+        let e = from_str("", &env).unwrap_err();
+        assert!(matches!(e, ConfigError::Missing { key: "datadog.api_key", .. }), "{e:?}");
+        assert!(from_str("", &|_| Some("x".to_string())).is_ok());
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
+use crate::store::Foreign;
+
 /// The held lock; dropping it (or exiting) releases it.
 #[derive(Debug)]
 pub struct Instance {
@@ -20,8 +22,9 @@ pub struct Instance {
 pub enum LockError {
     /// Another process holds the lock.
     Held { queue: PathBuf, holder: String },
-    /// The lock file could not be opened or locked at all.
-    Io { path: PathBuf, error: std::io::Error },
+    /// The lock file could not be opened or locked at all; `foreign` when it belongs to another user (a run as
+    /// root made it).
+    Io { path: PathBuf, error: std::io::Error, foreign: Option<Foreign> },
 }
 
 impl std::fmt::Display for LockError {
@@ -33,7 +36,13 @@ impl std::fmt::Display for LockError {
                  cron job) may use a queue at a time: stop the other one or give this one its own queue.path",
                 queue.display()
             ),
-            LockError::Io { path, error } if error.kind() == std::io::ErrorKind::PermissionDenied => write!(
+            LockError::Io { path, error, foreign: Some(foreign) } => write!(
+                f,
+                "cannot create or lock {}: {error}; this process runs as {}, and {foreign}",
+                path.display(),
+                crate::store::process_user()
+            ),
+            LockError::Io { path, error, .. } if error.kind() == std::io::ErrorKind::PermissionDenied => write!(
                 f,
                 "cannot create or lock {}: {error}; this process runs as {}, and the queue's directory must be \
                  writable by that user (for the packaged layout `chown -R mimecast-forwarder: \
@@ -41,7 +50,7 @@ impl std::fmt::Display for LockError {
                 path.display(),
                 crate::store::process_user()
             ),
-            LockError::Io { path, error } => write!(f, "cannot create or lock {}: {error}", path.display()),
+            LockError::Io { path, error, .. } => write!(f, "cannot create or lock {}: {error}", path.display()),
         }
     }
 }
@@ -52,6 +61,75 @@ impl std::error::Error for LockError {
             LockError::Held { .. } => None,
             LockError::Io { error, .. } => Some(error),
         }
+    }
+}
+
+/// Why root may not use a queue: it belongs to another user, presumably the service's. The files root would
+/// create there (the database, its lock) would be root's, and that user could not open them any more; and root
+/// should not write into a directory another user controls.
+#[derive(Debug)]
+pub struct RootRefused {
+    pub queue: PathBuf,
+    /// The queue's directory, or the first of its files, that belongs to `owner`.
+    pub file: PathBuf,
+    pub owner: u32,
+    /// This command line, to run again as `owner`.
+    pub command: String,
+}
+
+impl RootRefused {
+    /// `owner`'s name, or `#uid` (as `sudo -u` takes it).
+    fn owner_name(&self) -> String {
+        crate::store::name_of(self.owner).unwrap_or_else(|| format!("#{}", self.owner))
+    }
+
+    /// The command that gives the queue's files back to their owner after a run as root.
+    pub fn give_back(&self) -> String {
+        let who = crate::store::name_of(self.owner).map_or_else(|| format!("{}", self.owner), |n| format!("{n}:"));
+        format!("chown {who} {}*", self.queue.display())
+    }
+}
+
+impl std::fmt::Display for RootRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.owner_name();
+        write!(
+            f,
+            "refusing to run as root on queue {}: {} belongs to {}, and the files root would create there (the \
+             database, its lock) would be root's, which {name} could not open any more. Run it as that user: \
+             `sudo -u {name} {}`. To run as root all the same, add --allow-root, and give the files back before \
+             {name} uses the queue again: `{}`",
+            self.queue.display(),
+            self.file.display(),
+            crate::store::user_of(self.owner),
+            self.command,
+            self.give_back()
+        )
+    }
+}
+
+impl std::error::Error for RootRefused {}
+
+/// When this process runs as root: refuses a queue whose directory or files belong to another user. `command`
+/// is this command line, which the refusal suggests running as that user.
+pub fn root_may_use(queue: &Path, command: &str) -> Result<(), RootRefused> {
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let dir = queue.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let files = ["", "-wal", "-shm", ".lock"].map(|suffix| {
+        let mut file = queue.as_os_str().to_owned();
+        file.push(suffix);
+        PathBuf::from(file)
+    });
+    let owned = std::iter::once(dir.to_path_buf()).chain(files).find_map(|file| {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&file).ok()?.uid();
+        (owner != 0).then_some((file, owner))
+    });
+    match owned {
+        None => Ok(()),
+        Some((file, owner)) => Err(RootRefused { queue: queue.into(), file, owner, command: command.into() }),
     }
 }
 
@@ -73,8 +151,13 @@ pub fn acquire(queue: &Path, now: i64) -> Result<Instance, LockError> {
         let dir = queue.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         Some(std::fs::canonicalize(dir).ok()?.join(queue.file_name()?))
     });
-    let path = lock_path(real.as_deref().unwrap_or(queue));
-    let io = |error| LockError::Io { path: path.clone(), error };
+    let real = real.as_deref().unwrap_or(queue);
+    let path = lock_path(real);
+    let io = |error: std::io::Error| {
+        let foreign =
+            (error.kind() == std::io::ErrorKind::PermissionDenied).then(|| Foreign::of(&path, real)).flatten();
+        LockError::Io { path: path.clone(), error, foreign }
+    };
     let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => {}

@@ -53,6 +53,8 @@ pub mod exit {
     pub const NO_INPUT: i32 = 66;
     pub const UNAVAILABLE: i32 = 69;
     pub const SOFTWARE: i32 = 70;
+    /// EX_NOPERM: root refused to use another user's queue.
+    pub const NO_PERM: i32 = 77;
     pub const TEMP_FAIL: i32 = 75;
     pub const CONFIG: i32 = 78;
 }

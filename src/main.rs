@@ -8,8 +8,9 @@ use mimecast_forwarder::{exit, signals};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // The demo prints its own account of what flows; the agent's info lines would drown it.
-    init_logging(if args.first().map(String::as_str) == Some("demo") { "warn" } else { "info" });
+    // The demo prints its own account of what flows, on stdout; the agent's info lines, and the warnings of the
+    // retries the demo makes it meet, would drown it on a terminal (RUST_LOG=warn shows them, on stderr).
+    init_logging(if args.first().map(String::as_str) == Some("demo") { "error" } else { "info" });
     let code = match cli::parse(&args) {
         Ok(Command::Help(text)) => {
             mimecast_forwarder::say!("{}", text.trim_end());
@@ -19,7 +20,7 @@ fn main() {
             mimecast_forwarder::say!("mimecast-forwarder {}", env!("CARGO_PKG_VERSION"));
             exit::OK
         }
-        Ok(Command::Run { config, once }) => run(&cli::config_path(config), once),
+        Ok(Command::Run { config, once, allow_root }) => run(&cli::config_path(config), once, allow_root),
         Ok(Command::CheckConfig { config, connect }) => cli::check_config(&cli::config_path(config), connect),
         Ok(Command::Status { config, json }) => cli::status(&cli::config_path(config), json),
         Ok(Command::DeadLetters { config, action, json }) => {
@@ -34,7 +35,7 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(path: &std::path::Path, once: bool) -> i32 {
+fn run(path: &std::path::Path, once: bool, allow_root: bool) -> i32 {
     let cfg = match cli::load_config(path) {
         Ok(c) => c,
         Err(e) => {
@@ -42,6 +43,20 @@ fn run(path: &std::path::Path, once: bool) -> i32 {
             return exit::CONFIG;
         }
     };
+    match mimecast_forwarder::instance::root_may_use(&cfg.queue.path, &cli::command_line()) {
+        Err(refused) if !allow_root => {
+            log::error!("{refused}");
+            return exit::NO_PERM;
+        }
+        Err(refused) => log::warn!(
+            "running as root on {} (--allow-root), which belongs to {}: give its files back before the service \
+             starts again: `{}`",
+            refused.file.display(),
+            mimecast_forwarder::store::user_of(refused.owner),
+            refused.give_back()
+        ),
+        Ok(()) => {}
+    }
     let mode = if once { Mode::Once } else { Mode::Daemon };
     let signals = signals::shutdown().and_then(|stop| {
         let reload = agent::Reload { path: path.to_owned(), signal: signals::Hangups::new()? };

@@ -22,8 +22,9 @@ pub enum StoreError {
     /// Transient.
     Busy { path: PathBuf },
     /// This process may not write the database file or its directory (SQLite also creates `-wal` and `-shm`
-    /// files beside it).
-    ReadOnly { path: PathBuf, user: String },
+    /// files beside it). `foreign` is the first of the queue's files that belongs to another user, when one does
+    /// (a run as root created it).
+    ReadOnly { path: PathBuf, user: String, foreign: Option<Foreign> },
     /// Any other SQLite failure, with what we were doing.
     Sql { context: &'static str, error: rusqlite::Error },
 }
@@ -74,7 +75,12 @@ impl std::fmt::Display for StoreError {
                  sqlite3 by hand?); try again once it lets go",
                 path.display()
             ),
-            StoreError::ReadOnly { path, user } => write!(
+            StoreError::ReadOnly { path, user, foreign: Some(foreign) } => write!(
+                f,
+                "queue database {} cannot be written by this process, running as {user}: {foreign}",
+                path.display()
+            ),
+            StoreError::ReadOnly { path, user, foreign: None } => write!(
                 f,
                 "queue database {} cannot be written by this process, running as {user}: the file and its \
                  directory must be writable by that user (SQLite creates the -wal and -shm files beside it); fix \
@@ -118,7 +124,7 @@ pub(crate) fn classify(path: &Path, e: StoreError) -> StoreError {
         }
         Some(C::DatabaseBusy | C::DatabaseLocked) => StoreError::Busy { path },
         Some(C::ReadOnly | C::CannotOpen | C::PermissionDenied | C::AuthorizationForStatementDenied) => {
-            StoreError::ReadOnly { path, user: process_user() }
+            read_only(&path)
         }
         Some(C::DatabaseCorrupt | C::NotADatabase) => {
             StoreError::Corrupt { path, detail: format!("{context}: {error}") }
@@ -134,19 +140,86 @@ pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
     Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
+/// [`StoreError::ReadOnly`] for the queue at `path`, naming a file of it that belongs to another user.
+pub(crate) fn read_only(path: &Path) -> StoreError {
+    let foreign = ["", "-wal", "-shm"].into_iter().find_map(|suffix| {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        Foreign::of(Path::new(&file), path)
+    });
+    StoreError::ReadOnly { path: path.into(), user: process_user(), foreign }
+}
+
+/// A file of the queue that belongs to another user than this process's, which therefore may not write it: a
+/// run as root (`sudo mimecast-forwarder run`) left it for the service's user. Says whose it is and how to give
+/// the queue's files back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    pub file: PathBuf,
+    /// Its owner, "root (uid 0)".
+    pub owner: String,
+    /// `chown mimecast-forwarder: /var/lib/mimecast-forwarder/queue.db*`: the database, its `-wal` and `-shm`
+    /// and its `.lock`, to this process's user.
+    pub fix: String,
+}
+
+impl Foreign {
+    /// `file`, of the queue at `queue`, if it exists and belongs to another user than this process's.
+    pub(crate) fn of(file: &Path, queue: &Path) -> Option<Foreign> {
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata(file).ok()?.uid();
+        (uid != rustix::process::geteuid().as_raw()).then(|| Foreign {
+            file: file.into(),
+            owner: user_of(uid),
+            fix: format!("chown {} {}*", chown_spec(), queue.display()),
+        })
+    }
+}
+
+impl std::fmt::Display for Foreign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} belongs to {} (left by a run as another user, such as root?); give the queue's files back to this \
+             user, as root: `{}`",
+            self.file.display(),
+            self.owner,
+            self.fix
+        )
+    }
+}
+
 /// This process's user, as "name (uid N)", or "uid N" when /etc/passwd does not name it.
 pub(crate) fn process_user() -> String {
-    let uid = rustix::process::getuid().as_raw();
+    user_of(rustix::process::getuid().as_raw())
+}
+
+/// A user, as "name (uid N)", or "uid N" when /etc/passwd does not name it.
+pub fn user_of(uid: u32) -> String {
     user_name(&std::fs::read_to_string("/etc/passwd").unwrap_or_default(), uid)
 }
 
-fn user_name(passwd: &str, uid: u32) -> String {
-    let name = passwd.lines().find_map(|line| {
+/// The name /etc/passwd gives `uid`.
+pub(crate) fn name_of(uid: u32) -> Option<String> {
+    name_in(&std::fs::read_to_string("/etc/passwd").unwrap_or_default(), uid).map(str::to_owned)
+}
+
+/// This process's user for `chown`: `name:` (the user and its login group), or `uid:gid` without a name.
+fn chown_spec() -> String {
+    let uid = rustix::process::geteuid().as_raw();
+    name_of(uid).map_or_else(|| format!("{uid}:{}", rustix::process::getegid().as_raw()), |name| format!("{name}:"))
+}
+
+fn name_in(passwd: &str, uid: u32) -> Option<&str> {
+    passwd.lines().find_map(|line| {
         let mut fields = line.split(':');
         let name = fields.next()?;
         (fields.nth(1)?.parse::<u32>().ok()? == uid).then_some(name)
-    });
-    match name {
+    })
+}
+
+fn user_name(passwd: &str, uid: u32) -> String {
+    match name_in(passwd, uid) {
         Some(name) => format!("{name} (uid {uid})"),
         None => format!("uid {uid}"),
     }
@@ -215,6 +288,26 @@ mod tests {
         assert_eq!(user_name(passwd, 1234), "uid 1234");
         assert_eq!(user_name("garbage\n::\n", 5), "uid 5");
         assert!(process_user().contains("uid "));
+    }
+
+    #[test]
+    fn a_file_of_another_user_is_named_with_the_chown_that_gives_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("queue.db");
+        std::fs::write(&queue, b"").unwrap();
+        assert_eq!(Foreign::of(&queue, &queue), None, "this process's own file");
+        assert_eq!(Foreign::of(&dir.path().join("absent"), &queue), None);
+        assert!(matches!(read_only(&queue), StoreError::ReadOnly { foreign: None, .. }));
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: not root, so no file of another user can be made here");
+            return;
+        }
+        std::os::unix::fs::chown(&queue, Some(65534), None).unwrap();
+        let foreign = Foreign::of(&queue, &queue).expect("another user's file");
+        assert_eq!(foreign.fix, format!("chown root: {}*", queue.display()));
+        assert!(foreign.owner.ends_with("(uid 65534)") || foreign.owner == "uid 65534", "{foreign:?}");
+        let text = read_only(&queue).to_string();
+        assert!(text.contains(&format!("{} belongs to ", queue.display())) && text.contains(&foreign.fix), "{text}");
     }
 
     #[test]

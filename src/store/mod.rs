@@ -16,9 +16,10 @@ use rusqlite::{Connection, OpenFlags};
 pub use cursor::Cursor;
 pub use dead_letter::{DeadLetter, Requeued};
 pub(crate) use error::Context;
-pub use error::StoreError;
 use error::classify;
-pub(crate) use error::process_user;
+pub use error::user_of;
+pub use error::{Foreign, StoreError};
+pub(crate) use error::{name_of, process_user};
 pub use note::Note;
 pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
 
@@ -160,7 +161,7 @@ impl Store {
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
             if conn.is_readonly(rusqlite::MAIN_DB).ctx("opening the queue database")? {
-                return Err(StoreError::ReadOnly { path: path.into(), user: error::process_user() });
+                return Err(error::read_only(path));
             }
             if schema_version(conn)? == 0 {
                 // Before the first table and before WAL mode writes the header (and the page size before
@@ -855,7 +856,10 @@ mod tests {
         let path = dir.path().join("queue.db");
         drop(Store::open(&path).unwrap());
         let e = Store::open_with(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).err().unwrap();
-        assert!(matches!(&e, StoreError::ReadOnly { path: p, user } if *p == path && user.contains("uid ")), "{e}");
+        assert!(
+            matches!(&e, StoreError::ReadOnly { path: p, user, foreign: None } if *p == path && user.contains("uid ")),
+            "{e}"
+        );
         assert!(e.to_string().contains("chown -R mimecast-forwarder:"), "{e}");
     }
 

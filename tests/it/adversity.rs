@@ -177,6 +177,84 @@ fn a_queue_this_user_may_not_write_names_the_path_and_the_user() {
     assert!(err.contains("nobody") && err.contains("65534"), "{err}");
 }
 
+/// Whether this test process can act as root and run commands as user nobody; says why not when it cannot.
+fn can_switch_to_nobody() -> bool {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: not running as root, so root's refusal cannot be tried");
+        return false;
+    }
+    let probe = Command::new("setpriv").args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot run a command as user nobody here (setpriv)");
+        return false;
+    }
+    true
+}
+
+/// `run --once` as root with `extra` arguments: its exit code and stderr.
+fn once_as_root(config: &Path, extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["run", "--once", "--config", config.to_str().unwrap()];
+    args.extend(extra);
+    let (code, _, err) = run(&args);
+    (code, err)
+}
+
+#[test]
+fn root_refuses_the_service_users_queue_and_that_user_is_told_how_to_take_it_back() {
+    let rig = Rig::new();
+    if !can_switch_to_nobody() {
+        return;
+    }
+    let expected = rig.add_records(&[Feed::Audit], 40, 300);
+    // The packaged layout: the service's user (here nobody) owns the state directory, 0750.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let state = rig.dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(rig.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = state.join("queue.db");
+    let queue = format!("path = {:?}", db.display().to_string());
+    let path = write_config(&rig, &[("queue", &queue), ("mimecast", "log_types = [\"audit\"]")]);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let db_glob = format!("{}*", db.display());
+
+    // Root refuses, names the directory, its owner and both ways on, and creates nothing.
+    let (code, err) = once_as_root(&path, &[]);
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains(&format!("{} belongs to nobody (uid 65534)", state.display())), "{err}");
+    assert!(err.contains("`sudo -u nobody ") && err.contains(" run --once --config "), "{err}");
+    assert!(err.contains("--allow-root") && err.contains(&format!("`chown nobody: {db_glob}`")), "{err}");
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "root created files in the service's directory");
+    let (code, out, _) = run(&["run", "--help"]);
+    assert!(out.contains("77") && out.contains("--allow-root"), "{code}: {out}");
+
+    // With --allow-root it runs, warns, and leaves root's files behind.
+    let (code, err) = once_as_root(&path, &["--allow-root"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--allow-root") && err.contains(&format!("`chown nobody: {db_glob}`")), "{err}");
+    assert_eq!(std::fs::metadata(&db).unwrap().uid(), 0);
+    assert_delivered_once(&rig.dd, &expected);
+
+    // The service's user meets them: the error names the file, its owner and the fix.
+    let (code, err) = once_as_nobody(&path);
+    assert_eq!(code, Some(70), "{err}");
+    assert!(err.contains(&format!("{}.lock belongs to root (uid 0)", db.display())), "{err}");
+    let fix = format!("`chown nobody: {db_glob}`");
+    assert!(err.contains(&fix), "{err}");
+    // The database too, once the lock file is the service user's.
+    std::os::unix::fs::chown(format!("{}.lock", db.display()), Some(65534), Some(65534)).unwrap();
+    let (code, err) = once_as_nobody(&path);
+    assert_eq!(code, Some(70), "{err}");
+    assert!(err.contains(&format!("{} belongs to root (uid 0)", db.display())) && err.contains(&fix), "{err}");
+
+    // The fix as said works.
+    let said = fix.trim_matches('`');
+    assert!(Command::new("sh").args(["-c", said]).status().unwrap().success(), "{said}");
+    let (code, err) = once_as_nobody(&path);
+    assert_eq!(code, Some(0), "{err}");
+}
+
 #[test]
 fn damage_in_the_middle_of_the_queue_is_reported_with_what_to_do() {
     let rig = Rig::new();
@@ -198,8 +276,9 @@ fn damage_in_the_middle_of_the_queue_is_reported_with_what_to_do() {
     let (code, _, err) = run(&["run", "--once", "--config", p]);
     assert_eq!(code, 70, "{err}");
     assert!(err.contains("damaged") && err.contains("queue.db") && err.contains("move the file aside"), "{err}");
+    // 70, the code status's help lists for a damaged database.
     let (code, _, err) = run(&["status", "--config", p]);
-    assert_ne!(code, 0, "{err}");
+    assert_eq!(code, 70, "{err}");
     assert!(err.contains("damaged"), "{err}");
 }
 

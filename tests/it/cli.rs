@@ -4,7 +4,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::bin::{
-    SpawnDaemon, cmd, no_secret, run, run_within, signal, stderr_lines, wait_exit, wait_for, write_config,
+    SpawnDaemon, cmd, no_secret, output_within, run, signal, stderr_lines, wait_exit, wait_for, write_config,
 };
 use crate::common::{Rig, assert_delivered_once};
 use mimecast_forwarder::mimecast::Feed;
@@ -50,6 +50,47 @@ fn check_config_validates_and_redacts() {
 }
 
 #[test]
+fn every_missing_credential_is_named_in_one_run() {
+    let rig = Rig::new();
+    let path = rig.dir.path().join("config.toml");
+    let text = rig.config_text(&[]);
+    let secretless: String =
+        text.lines().filter(|l| !l.contains("client_") && !l.contains("api_key")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, secretless).unwrap();
+    for args in [vec!["check-config", "--config"], vec!["run", "--once", "--config"]] {
+        let mut args = args.clone();
+        args.push(path.to_str().unwrap());
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 78, "{args:?}: {err}");
+        for key in ["mimecast.client_id", "mimecast.client_secret", "datadog.api_key"] {
+            assert!(err.contains(&format!("missing {key}")), "{args:?}: {key} not named: {err}");
+        }
+        assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    }
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_said_in_words() {
+    let rig = Rig::new();
+    for ((section, line), says) in [
+        (
+            ("mimecast", "page_size = \"big\""),
+            "(mimecast.page_size): must be a whole number from 1 to 1000, got the string \"big\"",
+        ),
+        (("mimecast", "poll_interval_secs = 1.5"), "must be a whole number of seconds from 1 to 86400, got 1.5"),
+        (("queue", "max_bytes = -1"), "(queue.max_bytes): must be a whole number of bytes from 1 to"),
+        (("datadog", "hostname = true"), "(datadog.hostname): must be a host name in quotes, got true"),
+        (("queue", "when_full = 1"), "(queue.when_full): must be \"pause\" or \"drop-oldest\""),
+    ] {
+        let path = write_config(&rig, &[(section, line)]);
+        let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 78, "{line}: {err}");
+        assert!(err.contains(says), "{line}: {err}");
+        assert!(!["u32", "u64", "i64", "expected"].iter().any(|t| err.contains(t)), "{line}: {err}");
+    }
+}
+
+#[test]
 fn help_version_and_usage_errors() {
     let (code, out, _) = run(&["--version"]);
     assert_eq!((code, out.trim()), (0, concat!("mimecast-forwarder ", env!("CARGO_PKG_VERSION"))));
@@ -59,10 +100,81 @@ fn help_version_and_usage_errors() {
         assert!(out.contains(&format!("mimecast-forwarder {sub}")), "{out}");
     }
     assert_eq!(run(&["frobnicate"]).0, 64);
+    // `help COMMAND` is that command's help, not the general one.
+    for sub in ["run", "check-config", "status", "dead-letters", "demo"] {
+        let (code, out, _) = run(&["help", sub]);
+        assert_eq!((code, &out), (0, &run(&[sub, "--help"]).1), "help {sub}");
+        assert!(out.starts_with(&format!("mimecast-forwarder {sub}")), "{out}");
+    }
+    assert_eq!(run(&["help"]).1, run(&["--help"]).1);
+    let (code, _, err) = run(&["help", "frobnicate"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("unknown command \"frobnicate\""), "{err}");
+}
+
+/// The exit codes a text lists: its numbers (the code lists hold no others).
+fn codes_in(text: &str) -> std::collections::BTreeSet<i32> {
+    text.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
+}
+
+/// The exit codes that `COMMAND --help` lists, and those of its rows in the README's table of commands.
+fn documented_codes(sub: &str) -> (std::collections::BTreeSet<i32>, std::collections::BTreeSet<i32>) {
+    let help = run(&[sub, "--help"]).1;
+    let listed = help.split("Exit code").nth(1).unwrap_or_else(|| panic!("no exit codes in {help}"));
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let rows: String = readme
+        .lines()
+        .filter(|l| l.starts_with(&format!("| `{sub} ")) || l.starts_with(&format!("| `{sub}` ")))
+        .map(|row| row.rsplit('|').nth(1).unwrap())
+        .collect();
+    assert!(!rows.is_empty(), "no README row for {sub}");
+    (codes_in(listed), codes_in(&rows))
+}
+
+#[test]
+fn each_commands_help_and_readme_list_the_same_exit_codes() {
+    for sub in ["run", "check-config", "status", "dead-letters", "demo"] {
+        let (help, readme) = documented_codes(sub);
+        assert_eq!(help, readme, "{sub}: its help and the README list other exit codes");
+        assert!(help.contains(&0) && help.contains(&64), "{sub}: {help:?}");
+    }
+}
+
+#[test]
+fn status_returns_only_listed_codes_and_json_is_always_one_object() {
     let rig = Rig::new();
-    let path = write_config(&rig, &[]);
-    let (code, _, err) = run(&["status", "--config", path.to_str().unwrap()]);
-    assert_eq!(code, 66, "{err}");
+    let good = write_config(&rig, &[]);
+    let p = good.to_str().unwrap();
+    let (help, readme) = documented_codes("status");
+    // (what, config, expected code): each way status can end.
+    let mut seen = Vec::new();
+    let mut check = |what: &str, config: &str, expected: i32| {
+        let (code, out, err) = run(&["status", "--json", "--config", config]);
+        assert_eq!(code, expected, "{what}: {err}");
+        assert!(help.contains(&code) && readme.contains(&code), "{what}: {code} is not listed: {help:?} {readme:?}");
+        let json: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {out}"));
+        if code != 0 {
+            assert!(json["queue"].is_null(), "{what}: {json}");
+            let error = json["error"].as_str().unwrap_or_else(|| panic!("{what}: no error in {json}"));
+            assert!(!error.is_empty() && err.contains(error), "{what}: {json}\n{err}");
+        }
+        seen.push((what.to_owned(), json));
+    };
+    check("no queue yet", p, 66);
+    let bad = rig.dir.path().join("bad.toml");
+    std::fs::write(&bad, rig.config_text(&[("queue", "max_bytes = 0")])).unwrap();
+    check("a bad config", bad.to_str().unwrap(), 78);
+    std::fs::write(rig.db_path(), vec![0x5a_u8; 16384]).unwrap();
+    check("a damaged database", p, 70);
+    std::fs::remove_file(rig.db_path()).unwrap();
+    drop(rig.store()); // An empty queue.
+    check("an empty queue", p, 0);
+    assert!(seen[0].1["error"].as_str().unwrap().contains("no queue database"), "{:?}", seen[0]);
+    assert!(seen[2].1["error"].as_str().unwrap().contains("damaged"), "{:?}", seen[2]);
+    assert_eq!(seen[3].1["queue"]["records"], 0, "{:?}", seen[3]);
+    let (code, _, _) = run(&["status", "--frobnicate"]);
+    assert_eq!(code, 64);
+    assert!(help.contains(&code) && readme.contains(&code), "{help:?} {readme:?}");
 }
 
 /// Guards: env_logger is built without its default features (no regex filters, no colours, no humantime): RUST_LOG
@@ -306,12 +418,23 @@ fn kill_9_after_page_k_resumes_at_page_k_plus_1() {
 
 #[test]
 fn demo_runs_and_loses_nothing() {
-    // A demo that never ends is killed and fails the test; how long it takes is not asserted.
-    let (code, out, err) = run_within(&["demo"], Duration::from_secs(120));
+    // As a new user runs it: no RUST_LOG. A demo that never ends is killed and fails the test; how long it takes
+    // is not asserted.
+    let mut demo = cmd(&["demo"]);
+    demo.env_remove("RUST_LOG");
+    let (code, out, err) = output_within(demo, Duration::from_secs(120));
     assert_eq!(code, 0, "{out}\n{err}");
     let summary = out.lines().find(|l| l.starts_with("summary:")).unwrap_or_else(|| panic!("no summary in {out}"));
     assert!(summary.ends_with("duplicates 0 / lost 0"), "{summary}");
     assert!(out.contains("Datadog starts answering 503") && out.contains("Datadog is back"), "{out}");
+    // The last progress line, just before the summary, says what the summary says.
+    let generated = summary.split(" / ").next().unwrap().trim_start_matches("summary: generated ");
+    let last = out.lines().rfind(|l| l.starts_with("t+")).unwrap();
+    assert!(last.ends_with(&format!("delivered {generated} of {generated}")), "{last}\n{out}");
+    let before_summary = out.lines().rev().skip_while(|l| !l.starts_with("summary:")).skip(1).find(|l| !l.is_empty());
+    assert_eq!(before_summary, Some(last), "{out}");
+    // The retries the demo makes the agent meet are not warnings on the terminal between the progress lines.
+    assert!(!err.contains("WARN") && !err.contains("retrying"), "{err}");
 }
 
 #[test]

@@ -44,7 +44,13 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
 /// [`run`] with another hang guard: the process is killed, and the test fails, if it has not ended within
 /// `limit`. The limit bounds a failure; it does not measure the command.
 pub fn run_within(args: &[&str], limit: Duration) -> (i32, String, String) {
-    let mut child = cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn_daemon();
+    output_within(cmd(args), limit)
+}
+
+/// [`run_within`] for a command prepared by the caller (another environment).
+pub fn output_within(mut command: Command, limit: Duration) -> (i32, String, String) {
+    let what = format!("{:?} to end", command.get_args().collect::<Vec<_>>());
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn_daemon();
     let read_all = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -54,7 +60,7 @@ pub fn run_within(args: &[&str], limit: Duration) -> (i32, String, String) {
     };
     let out = read_all(Box::new(child.stdout.take().expect("stdout is piped")));
     let err = read_all(Box::new(child.stderr.take().expect("stderr is piped")));
-    let status = wait_exit(&mut child, &format!("{args:?} to end"), limit);
+    let status = wait_exit(&mut child, &what, limit);
     (status.code().unwrap_or(-1), out.join().unwrap(), err.join().unwrap())
 }
 
