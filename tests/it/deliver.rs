@@ -17,25 +17,35 @@ fn recent(feed: Feed, n: u64, size: usize) -> Vec<Value> {
     (0..n).map(|i| generate(feed, i, now - 600 + (i as i64 % 500), size)).collect()
 }
 
+/// Queues the one sample per log type of Datadog's pipeline tests; gives back each with its `service`.
+fn queue_pipeline_samples(rig: &Rig) -> Vec<(String, Value)> {
+    let samples: Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
+    let samples: Vec<(String, Value)> = samples
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (s["service"].as_str().unwrap().to_owned(), serde_json::from_str(s["sample"].as_str().unwrap()).unwrap())
+        })
+        .collect();
+    for (service, sample) in &samples {
+        queue_direct(rig, Feed::from_name(service).unwrap(), std::slice::from_ref(sample));
+    }
+    samples
+}
+
 #[test]
 fn datadogs_own_pipeline_samples_arrive_with_every_attribute() {
     let rig = Rig::new();
-    let samples: Value =
-        serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
-    let samples = samples.as_array().unwrap();
-    for s in samples {
-        let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
-        queue_direct(&rig, feed, &[serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()]);
-    }
+    let samples = queue_pipeline_samples(&rig);
     // The samples are from 2024: keep them as they are to compare every attribute.
     let out = rig.once(&rig.config(&[("datadog", "late_records = \"keep\"")]));
     assert_eq!(out.queued, 0);
     let logs = rig.dd.accepted();
     assert_eq!(logs.len(), 6);
-    for s in samples {
-        let service = s["service"].as_str().unwrap();
-        let sample: Value = serde_json::from_str(s["sample"].as_str().unwrap()).unwrap();
-        let log = logs.iter().find(|l| l["service"] == service).unwrap_or_else(|| panic!("no log for {service}"));
+    for (service, sample) in &samples {
+        let log = logs.iter().find(|l| l["service"] == service.as_str()).unwrap_or_else(|| panic!("no log for {service}"));
         assert_eq!(log["ddsource"], "mimecast");
         assert_eq!(log["hostname"], "test-host");
         assert_eq!(log["ddtags"], "env:test");
@@ -43,7 +53,7 @@ fn datadogs_own_pipeline_samples_arrive_with_every_attribute() {
             assert_eq!(&log[k], v, "{service}.{k} keeps its value and JSON type");
         }
         let message: Value = serde_json::from_str(log["message"].as_str().unwrap()).unwrap();
-        assert_eq!(message, sample);
+        assert_eq!(&message, sample);
     }
     assert_eq!(rig.store().counters().unwrap().kept, 6);
 }
@@ -53,27 +63,19 @@ fn datadogs_own_pipeline_samples_arrive_with_every_attribute() {
 #[test]
 fn the_message_shape_sends_each_pipeline_sample_once_as_its_message() {
     let rig = Rig::new();
-    let samples: Value =
-        serde_json::from_str(&std::fs::read_to_string("tests/data/datadog_pipeline_samples.json").unwrap()).unwrap();
-    let samples = samples.as_array().unwrap();
-    for s in samples {
-        let feed = Feed::from_name(s["service"].as_str().unwrap()).unwrap();
-        queue_direct(&rig, feed, &[serde_json::from_str(s["sample"].as_str().unwrap()).unwrap()]);
-    }
+    let samples = queue_pipeline_samples(&rig);
     let out = rig.once(&rig.config(&[("datadog", "late_records = \"keep\"\nlog_shape = \"message\"")]));
     assert_eq!(out.queued, 0);
     let logs = rig.dd.accepted();
     assert_eq!(logs.len(), 6);
     let (mut record_bytes, mut log_bytes) = (0, 0);
-    for s in samples {
-        let service = s["service"].as_str().unwrap();
-        let sample: Value = serde_json::from_str(s["sample"].as_str().unwrap()).unwrap();
-        let log = logs.iter().find(|l| l["service"] == service).unwrap_or_else(|| panic!("no log for {service}"));
+    for (service, sample) in &samples {
+        let log = logs.iter().find(|l| l["service"] == service.as_str()).unwrap_or_else(|| panic!("no log for {service}"));
         let mut keys: Vec<&str> = log.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["ddsource", "ddtags", "hostname", "message", "service"], "{service}");
         let message: Value = serde_json::from_str(log["message"].as_str().unwrap()).unwrap();
-        assert_eq!(message, sample, "{service}: every field with its JSON type, in the message");
+        assert_eq!(&message, sample, "{service}: every field with its JSON type, in the message");
         record_bytes += sample.to_string().len();
         log_bytes += log.to_string().len();
     }
