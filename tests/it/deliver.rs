@@ -45,7 +45,8 @@ fn datadogs_own_pipeline_samples_arrive_with_every_attribute() {
     let logs = rig.dd.accepted();
     assert_eq!(logs.len(), 6);
     for (service, sample) in &samples {
-        let log = logs.iter().find(|l| l["service"] == service.as_str()).unwrap_or_else(|| panic!("no log for {service}"));
+        let log =
+            logs.iter().find(|l| l["service"] == service.as_str()).unwrap_or_else(|| panic!("no log for {service}"));
         assert_eq!(log["ddsource"], "mimecast");
         assert_eq!(log["hostname"], "test-host");
         assert_eq!(log["ddtags"], "env:test");
@@ -70,7 +71,8 @@ fn the_message_shape_sends_each_pipeline_sample_once_as_its_message() {
     assert_eq!(logs.len(), 6);
     let (mut record_bytes, mut log_bytes) = (0, 0);
     for (service, sample) in &samples {
-        let log = logs.iter().find(|l| l["service"] == service.as_str()).unwrap_or_else(|| panic!("no log for {service}"));
+        let log =
+            logs.iter().find(|l| l["service"] == service.as_str()).unwrap_or_else(|| panic!("no log for {service}"));
         let mut keys: Vec<&str> = log.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["ddsource", "ddtags", "hostname", "message", "service"], "{service}");
