@@ -2,7 +2,8 @@
 //! compiled and linked once, and the tests of every module run in one process, in parallel.
 //!
 //! Against the loopback simulators, in-process: `collect`, `deliver`, `hostile_peers`. Against the real binary:
-//! `cli`, `adversity`, `dead_letters`. The proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`,
+//! `cli`, `adversity`, `dead_letters`, `systemd` (the notification protocol, with the test as the service
+//! manager). The proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`,
 //! which keeps the README's example config true.
 
 #![allow(clippy::unwrap_used)]
@@ -19,3 +20,4 @@ mod hostile_peers;
 mod hostile_wire;
 mod proof_crash;
 mod store_props;
+mod systemd;
