@@ -4,7 +4,7 @@
 //! Against the loopback simulators, in-process: `collect`, `deliver`, `hostile_peers`. Against the real binary:
 //! `cli`, `adversity`, `dead_letters`, `systemd` (the notification protocol, with the test as the service
 //! manager). The proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`,
-//! which keeps the README's example config true.
+//! which keeps the README's example config and the man page true.
 
 #![allow(clippy::unwrap_used)]
 
