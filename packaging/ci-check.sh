@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Builds both packages, checks their contents, lints them, checks the unit, then installs the .deb on this machine,
+# Builds both packages (packaging/build.sh, which installs the pinned tools of packaging/versions.sh), checks their
+# contents, their glibc floor and dependencies, lints them, checks the unit, then installs the .deb on this machine,
 # runs the installed binary on the installed config, upgrades over an edited config, removes and purges it, and
-# checks that nothing is left behind. Run as root (CI is).
+# checks that nothing is left behind; then installs and erases the .rpm likewise. Run as root (CI is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fail() { echo "ci-check: $*" >&2; exit 1; }
+# shellcheck source=packaging/versions.sh
+. packaging/versions.sh
 
 echo "-- tools"
 missing=()
@@ -14,31 +17,46 @@ command -v rpmlint >/dev/null || missing+=(rpmlint)
 command -v rpm >/dev/null || missing+=(rpm)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v objdump >/dev/null || missing+=(binutils)
+command -v man >/dev/null || missing+=(man-db)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-cargo deb --version >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb
-cargo generate-rpm --version >/dev/null 2>&1 || cargo install --locked --quiet cargo-generate-rpm
 
 echo "-- build"
 bash packaging/build.sh
 deb=$(ls target/debian/mimecast-forwarder_*.deb | head -n1)
 rpmfile=$(ls target/generate-rpm/mimecast-forwarder-*.rpm | head -n1)
 
-echo "-- glibc baseline (README promises 2.34)"
-newest=$(objdump -T target/release/mimecast-forwarder | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n1)
+echo "-- glibc floor (README promises $GLIBC_FLOOR): the binary inside the .deb"
+mkdir -p target/ci-check
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/mimecast-forwarder >target/ci-check/mimecast-forwarder
+newest=$(objdump -T target/ci-check/mimecast-forwarder | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n1)
 echo "newest glibc symbol version: $newest"
-[ "$(printf '%s\n2.34\n' "$newest" | sort -V | tail -n1)" = "2.34" ] || fail "the binary needs glibc $newest > 2.34"
+[ "$(printf '%s\n%s\n' "$newest" "$GLIBC_FLOOR" | sort -V | tail -n1)" = "$GLIBC_FLOOR" ] \
+    || fail "the binary needs glibc $newest, above the floor $GLIBC_FLOOR"
+# Only glibc's own libraries, which every distribution has: anything else would need a package dependency.
+needed=$(objdump -p target/ci-check/mimecast-forwarder | awk '/NEEDED/ { print $2 }' | sort | tr '\n' ' ')
+echo "needed libraries: $needed"
+[ "$needed" = "libc.so.6 libdl.so.2 libm.so.6 libpthread.so.0 " ] || fail "unexpected shared libraries: $needed"
+chmod +x target/ci-check/mimecast-forwarder && target/ci-check/mimecast-forwarder --version
+depends=$(dpkg-deb -f "$deb" Depends)
+grep -qF "libc6 (>= $GLIBC_FLOOR)" <<<"$depends" || fail "the .deb depends on '$depends', not libc6 (>= $GLIBC_FLOOR)"
+rpm_glibc=$(rpm -qpR "$rpmfile" | grep -o 'libc.so.6(GLIBC_[0-9.]*)' | grep -o '[0-9][0-9.]*[0-9]' | sort -V | tail -n1)
+[ "$rpm_glibc" = "$GLIBC_FLOOR" ] || fail "the .rpm requires glibc $rpm_glibc, not $GLIBC_FLOOR"
 
 echo "-- .deb contents"
 deb_list=$(dpkg-deb -c "$deb")
 echo "$deb_list"
 for path in ./usr/bin/mimecast-forwarder ./etc/mimecast-forwarder/config.toml \
     ./usr/lib/systemd/system/mimecast-forwarder.service ./usr/share/doc/mimecast-forwarder/README.md \
-    ./usr/share/doc/mimecast-forwarder/copyright; do
+    ./usr/share/doc/mimecast-forwarder/copyright ./usr/share/man/man1/mimecast-forwarder.1.gz; do
     grep -q " $path\$" <<<"$deb_list" || fail "$path missing from the .deb"
 done
+# The synopsis is one line of at most 79 characters, not a description cut mid-sentence.
+synopsis=$(dpkg-deb -f "$deb" Description | head -n1)
+echo "synopsis: $synopsis"
+[ ${#synopsis} -lt 80 ] || fail "the .deb synopsis is ${#synopsis} characters long"
 conffiles=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles)
 grep -qx /etc/mimecast-forwarder/config.toml <<<"$conffiles" || fail "config.toml is not a conffile"
 
@@ -46,7 +64,8 @@ echo "-- .rpm contents"
 rpm_list=$(rpm -qlp "$rpmfile")
 echo "$rpm_list"
 for path in /usr/bin/mimecast-forwarder /etc/mimecast-forwarder/config.toml \
-    /usr/lib/systemd/system/mimecast-forwarder.service /usr/share/doc/mimecast-forwarder/README.md; do
+    /usr/lib/systemd/system/mimecast-forwarder.service /usr/share/doc/mimecast-forwarder/README.md \
+    /usr/share/man/man1/mimecast-forwarder.1.gz; do
     grep -qx "$path" <<<"$rpm_list" || fail "$path missing from the .rpm"
 done
 grep -qx /etc/mimecast-forwarder/config.toml <<<"$(rpm -qp --configfiles "$rpmfile")" || fail "config.toml is not %config"
@@ -56,25 +75,34 @@ echo "-- lintian"
 # Accepted warnings (lintian --fail-on error still fails on any error):
 # - maintainer-script-calls-systemctl: deliberate; the scripts guard every call with /run/systemd/system
 #   and we do not use debhelper, whose generated snippets would enable and start the unit on a fresh install.
-# - no-manual-page: `--help` on each command is the manual.
 # - non-standard-file-perm for config.toml: interface.md requires root:mimecast-forwarder 0640, since the file
 #   may hold secrets; postinst sets the group once the user exists.
 # - initial-upload-closes-no-bugs: the package is not uploaded to Debian, so there is no ITP bug to close.
 lintian --fail-on error,warning --suppress-tags \
-    maintainer-script-calls-systemctl,no-manual-page,non-standard-file-perm,initial-upload-closes-no-bugs "$deb"
+    maintainer-script-calls-systemctl,non-standard-file-perm,initial-upload-closes-no-bugs "$deb" \
+    | tee target/ci-check/lintian.txt
+! grep -q -e no-manual-page -e manpage target/ci-check/lintian.txt || fail "lintian finds fault with the man page"
 
 echo "-- rpmlint"
-# packaging/rpmlintrc lists the accepted findings with their reasons; rpmlint exits non-zero on anything else
-# that is an error, and any remaining warning fails here too.
-rpmlint -r packaging/rpmlintrc "$rpmfile" | tee target/rpmlint.txt
+# packaging/rpmlintrc lists the accepted findings with their reasons, packaging/rpmlint.toml the settings of
+# Fedora and RHEL where this rpmlint's differ; rpmlint exits non-zero on anything else that is an error, and any
+# remaining warning fails here too.
+rpmlint -c packaging/rpmlint.toml -r packaging/rpmlintrc "$rpmfile" | tee target/rpmlint.txt
 grep -q ' 0 errors, 0 warnings' target/rpmlint.txt || fail "rpmlint found errors or warnings"
 
 echo "-- systemd unit"
 systemd-analyze security --offline=yes --threshold=25 packaging/mimecast-forwarder.service | tail -n 3
+for line in Type=notify NotifyAccess=main WatchdogSec=60s; do
+    grep -qx "$line" packaging/mimecast-forwarder.service || fail "the unit lacks $line"
+done
 
 echo "-- install the .deb"
 dpkg -i "$deb"
-systemd-analyze verify /usr/lib/systemd/system/mimecast-forwarder.service
+# verify exits non-zero on errors and prints warnings: any output at all fails.
+verify=$(systemd-analyze verify /usr/lib/systemd/system/mimecast-forwarder.service 2>&1) \
+    || fail "systemd-analyze verify: $verify"
+[ -z "$verify" ] || fail "systemd-analyze verify: $verify"
+echo "systemd-analyze verify: no findings"
 getent passwd mimecast-forwarder >/dev/null || fail "no mimecast-forwarder user"
 [ "$(stat -c '%U:%G %a' /etc/mimecast-forwarder/config.toml)" = "root:mimecast-forwarder 640" ] \
     || fail "config owner/mode is $(stat -c '%U:%G %a' /etc/mimecast-forwarder/config.toml)"
@@ -118,4 +146,23 @@ for path in /etc/mimecast-forwarder /var/lib/mimecast-forwarder /usr/lib/systemd
 done
 ! getent passwd mimecast-forwarder >/dev/null || fail "user left after purge"
 ! getent group mimecast-forwarder >/dev/null || fail "group left after purge"
+
+echo "-- the .rpm on this machine (rpm --nodeps: the dependencies are Red Hat's names): install, erase"
+# dnf remove is rpm -e: the package's directories must not stay behind, except for what the admin left in them.
+rpm -i --nodeps "$rpmfile" 2>&1 | grep -v -e 'RPM should not be used directly' -e 'assuming you know' || true
+[ "$(stat -c '%U:%G %a' /etc/mimecast-forwarder/config.toml)" = "root:mimecast-forwarder 640" ] \
+    || fail "rpm: config owner/mode is $(stat -c '%U:%G %a' /etc/mimecast-forwarder/config.toml)"
+rpm -e mimecast-forwarder 2>&1 | grep -v -e 'RPM should not be used directly' -e 'assuming you know' || true
+for path in /etc/mimecast-forwarder /var/lib/mimecast-forwarder /usr/share/doc/mimecast-forwarder \
+    /usr/share/licenses/mimecast-forwarder /usr/share/man/man1/mimecast-forwarder.1.gz /usr/bin/mimecast-forwarder; do
+    [ ! -e "$path" ] || fail "$path left after rpm -e"
+done
+rpm -i --nodeps "$rpmfile" 2>&1 | grep -v -e 'RPM should not be used directly' -e 'assuming you know' || true
+sed -i 's/^poll_interval_secs = 60/poll_interval_secs = 120/' /etc/mimecast-forwarder/config.toml
+rpm -e mimecast-forwarder 2>&1 | grep -v -e 'RPM should not be used directly' -e 'assuming you know' || true
+[ -e /etc/mimecast-forwarder/config.toml.rpmsave ] || fail "rpm -e did not keep the edited config as .rpmsave"
+# RPM keeps the user (README); this machine drops it again.
+rm -rf /etc/mimecast-forwarder
+userdel mimecast-forwarder
+getent group mimecast-forwarder >/dev/null && groupdel mimecast-forwarder
 echo "packages OK"

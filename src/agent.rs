@@ -36,6 +36,7 @@ use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
 use crate::policy::pressure::{self, Pause, Pressure, Room};
 use crate::policy::sender::{Action as SendAction, Batch, Next, Sender, SenderSettings, Summary};
 use crate::policy::{self, Now, PassState, Retries};
+use crate::sd_notify::Notifier;
 use crate::store::{NewRecord, Note, PageCommit, Store, StoreError};
 
 /// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
@@ -159,16 +160,18 @@ pub async fn run(
     mode: Mode,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Outcome> {
-    run_with_reload(cfg, tuning, mode, shutdown, None).await
+    run_with_reload(cfg, tuning, mode, shutdown, None, Notifier::disabled()).await
 }
 
-/// [`run`], re-reading the config file on each SIGHUP that `reload` receives.
+/// [`run`], re-reading the config file on each SIGHUP that `reload` receives, and telling systemd through
+/// `notify` when it is ready, that it is alive (the watchdog), what it is doing, and when it stops.
 pub async fn run_with_reload(
     cfg: &Config,
     tuning: &Tuning,
     mode: Mode,
     shutdown: impl Future<Output = ()>,
     reload: Option<Reload>,
+    mut notify: Notifier,
 ) -> anyhow::Result<Outcome> {
     let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
@@ -190,19 +193,29 @@ pub async fn run_with_reload(
             return Err(e.into());
         }
         log::warn!("{e}; trying again in {:.1}s", pause.delay.as_secs_f64());
+        notify.status(now.at, &format!("waiting for the queue database: {e}"));
         let stopped = async {
             (&mut shutdown).await;
             true
         }
         .or(async {
-            smol::Timer::after(pause.delay).await;
+            // Waiting is not being stuck: the watchdog is pinged through the wait.
+            let until = now.at + pause.delay;
+            while Instant::now() < until {
+                smol::Timer::at(notify.wake_by(until)).await;
+                notify.on_turn(Instant::now());
+            }
             false
         });
         if stopped.await {
+            notify.stopping();
             return Ok(Outcome { queued: 0, gave_up: false });
         }
     };
-    agent.main_loop(shutdown, reload).await?;
+    notify.ready();
+    let ended = agent.main_loop(shutdown, reload, &mut notify).await;
+    notify.stopping();
+    ended?;
     Ok(Outcome { queued: agent.store.counters()?.queue_records, gave_up: agent.gave_up() })
 }
 
@@ -276,7 +289,12 @@ impl Agent {
         self.poller.gave_up() || self.sender.done() || self.disk_gave_up
     }
 
-    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>, reload: Option<Reload>) -> anyhow::Result<()> {
+    async fn main_loop(
+        &mut self,
+        shutdown: impl Future<Output = ()>,
+        reload: Option<Reload>,
+        notify: &mut Notifier,
+    ) -> anyhow::Result<()> {
         let mut shutdown = pin!(shutdown);
         // Every task is awaited here or dropped at shutdown; none is detached.
         let mut fetches: Vec<Task<Fetch>> = Vec::new();
@@ -286,6 +304,7 @@ impl Agent {
         let once = self.mode == Mode::Once;
         loop {
             let now = self.now();
+            self.tell_systemd(notify, now);
             // The queue's size against `max_bytes`, once: nothing is committed until the next event.
             let measured = self.measure_queue();
             self.absorb(measured, now, false)?;
@@ -312,14 +331,14 @@ impl Agent {
             }
             // A feed whose token is being fetched waits for that fetch, not for a timer.
             let (accounts, margin) = (&self.accounts, self.tuning.token_margin);
-            let wake = policy::next_wake(
+            let wake = notify.wake_by(policy::next_wake(
                 now.at,
                 self.poller
                     .next_wake_where(|f| !accounts.waiting(f, now.at, margin))
                     .filter(|_| !self.pressure.queue_full()),
                 self.pressure.until(),
                 self.sender.next_wake(),
-            );
+            ));
             let wake = health.next_wake().map_or(wake, |h| wake.min(h));
             let event = async { Event::Fetched(first(&mut fetches).await) }
                 .or(async {
@@ -365,6 +384,7 @@ impl Agent {
                     }
                 }
                 Event::Shutdown => {
+                    notify.stopping();
                     // Fetches in flight are abandoned: nothing of them is committed, so they are read again.
                     drop(fetches);
                     self.finish_sends(sends).await?;
@@ -381,6 +401,19 @@ impl Agent {
                     }
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// The loop turn's word to systemd: the watchdog's ping (only here, so a loop that stops turning is restarted)
+    /// and, every few seconds, the `STATUS=` line if it changed. The line only informs: a store that cannot be
+    /// read now leaves the last one standing.
+    fn tell_systemd(&self, notify: &mut Notifier, now: Now) {
+        notify.on_turn(now.at);
+        if notify.status_due(now.at) {
+            match crate::status::gather(&self.store, &self.cfg, now.unix) {
+                Ok(r) => notify.status(now.at, &crate::status::one_line(&r, now.unix)),
+                Err(e) => log::debug!("no STATUS= for systemd this time: {e}"),
             }
         }
     }

@@ -9,7 +9,8 @@
 //! - [`datadog`]: the log object, batch packing, what each intake status means, and sending.
 //! - [`policy`]: the agent's decisions as pure state machines (poller, sender, store pressure), table-tested.
 //! - [`agent`]: the main loop: reads the clock, feeds the machines events, carries out their actions; [`signals`]
-//!   are what stops it and what makes it read the config again.
+//!   are what stops it and what makes it read the config again; [`sd_notify`] tells systemd it is ready, alive
+//!   (the watchdog), what it is doing, and stopping.
 //! - [`instance`]: the lock that lets only one `run` use a queue.
 //! - [`http`]: the only place ureq is used; [`backoff`] and [`datetime`] are small pure helpers; [`error`] holds
 //!   what the error enums share.
@@ -42,6 +43,7 @@ pub mod http;
 pub mod instance;
 pub mod mimecast;
 pub mod policy;
+pub mod sd_notify;
 pub mod signals;
 pub mod sim;
 pub mod status;

@@ -63,7 +63,8 @@ fn run(path: &std::path::Path, once: bool, allow_root: bool) -> i32 {
         Ok((stop, reload))
     });
     let result = signals.map_err(anyhow::Error::from).and_then(|(stop, reload)| {
-        smol::block_on(agent::run_with_reload(&cfg, &Tuning::default(), mode, stop, Some(reload)))
+        let notify = mimecast_forwarder::sd_notify::Notifier::from_env();
+        smol::block_on(agent::run_with_reload(&cfg, &Tuning::default(), mode, stop, Some(reload), notify))
     });
     match result {
         Ok(outcome) if once && outcome.queued > 0 => {

@@ -234,6 +234,34 @@ fn problems(r: &Report, now: i64) -> Vec<String> {
     problems
 }
 
+/// The one line systemd shows for the service (`STATUS=`, in `systemctl status`): how much is queued, how old the
+/// oldest record is, and the most recent error still standing (Datadog's, a feed's or a full disk), if any.
+pub fn one_line(r: &Report, now: i64) -> String {
+    let q = &r.queue;
+    let mut line = format!("{} records queued", q.records);
+    if let Some(age) = q.oldest_age_secs {
+        line.push_str(&format!(", oldest {}", human(age)));
+    }
+    if q.paused {
+        line.push_str(", queue full (polling paused)");
+    }
+    let feeds = r.feeds.iter().map(|f| (f.last_error_at, format!("feed {}", f.feed.name()), &f.last_error));
+    let errors = [(r.datadog.last_error_at, "Datadog".to_string(), &r.datadog.last_error)]
+        .into_iter()
+        .chain(feeds)
+        .chain([(q.disk_full_at, "disk full".to_string(), &q.disk_full)]);
+    let latest =
+        errors.filter_map(|(at, what, e)| Some((at.map_or(i64::MIN, |t| t.0), what, e.as_ref()?))).max_by_key(|e| e.0);
+    match latest {
+        Some((i64::MIN, what, e)) => line.push_str(&format!("; last error: {what}: {e}")),
+        Some((at, what, e)) => {
+            line.push_str(&format!("; last error {} ago: {what}: {e}", human(now.saturating_sub(at))))
+        }
+        None => line.push_str("; no errors"),
+    }
+    line
+}
+
 fn human(secs: i64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
@@ -389,6 +417,25 @@ mod tests {
         r.datadog.last_success = Some(Stamp(i64::MIN));
         r.feeds[0].watermark = Some(Stamp(i64::MAX));
         assert!(render(&r, 2_060).contains("datadog      last success"));
+    }
+
+    #[test]
+    fn one_line_for_systemd_says_the_queue_and_the_latest_error() {
+        let cfg = crate::config::from_str(CONFIG, &|_| None).unwrap();
+        let mut store = store();
+        let check = |store: &Store, expected: &str| {
+            assert_eq!(one_line(&gather(store, &cfg, 2_060).unwrap(), 2_060), expected);
+        };
+        check(&store, "1 records queued, oldest 60s; no errors");
+        store.set_note(Note::DatadogLastError, 2_010, "HTTP 503").unwrap();
+        check(&store, "1 records queued, oldest 60s; last error 50s ago: Datadog: HTTP 503");
+        store.feed_error(Feed::Dlp, "HTTP 403: no permission", 2_040).unwrap();
+        check(&store, "1 records queued, oldest 60s; last error 20s ago: feed dlp: HTTP 403: no permission");
+        store.set_note(Note::DiskFull, 2_050, "no space left").unwrap();
+        check(&store, "1 records queued, oldest 60s; last error 10s ago: disk full: no space left");
+        let mut r = gather(&Store::in_memory(), &cfg, 2_060).unwrap();
+        r.queue.paused = true;
+        assert_eq!(one_line(&r, 2_060), "0 records queued, queue full (polling paused); no errors");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! Against the loopback simulators, in-process: `collect`, `deliver`, `hostile_peers`. Against the real binary:
 //! `cli`, `adversity`, `dead_letters`, `health` (the agent's own metrics and service checks, and the shipped
-//! dashboard and monitors). The proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`,
-//! which keeps the README's example config true.
+//! dashboard and monitors), `systemd` (the notification protocol, with the test as the service manager). The
+//! proof suite: `proof_crash`, `store_props`, `hostile_wire`. And `docs`, which keeps the README's example config
+//! and the man page true.
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,3 +22,4 @@ mod hostile_peers;
 mod hostile_wire;
 mod proof_crash;
 mod store_props;
+mod systemd;

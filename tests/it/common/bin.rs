@@ -27,6 +27,10 @@ pub fn cmd(args: &[&str]) -> Command {
         .env_remove("MIMECAST_CLIENT_SECRET")
         .env_remove("DD_API_KEY")
         .env_remove("JOURNAL_STREAM")
+        // Tests that play the service manager set these themselves; no run may talk to one that started the tests.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     c
