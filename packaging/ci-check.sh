@@ -97,6 +97,11 @@ for line in Type=notify NotifyAccess=main WatchdogSec=60s; do
 done
 
 echo "-- install the .deb"
+# A run that stopped part way on this machine may have left the package installed with an edited config: start
+# from nothing, as a fresh machine does.
+if dpkg-query -W mimecast-forwarder >/dev/null 2>&1; then
+    dpkg -P mimecast-forwarder >/dev/null || fail "could not purge an earlier install"
+fi
 dpkg -i "$deb"
 # verify exits non-zero on errors and prints warnings: any output at all fails.
 verify=$(systemd-analyze verify /usr/lib/systemd/system/mimecast-forwarder.service 2>&1) \
