@@ -9,8 +9,8 @@ fi
 # Cargo.toml). One that still holds something stays: an edited config kept as config.toml.rpmsave, secret files,
 # the queue.
 if [ "$1" -eq 0 ]; then
-    for dir in /etc/mimecast-forwarder /var/lib/mimecast-forwarder /usr/share/doc/mimecast-forwarder \
-        /usr/share/licenses/mimecast-forwarder; do
+    for dir in /etc/mimecast-forwarder /var/lib/mimecast-forwarder /usr/share/doc/mimecast-forwarder/datadog/monitors \
+        /usr/share/doc/mimecast-forwarder/datadog /usr/share/doc/mimecast-forwarder /usr/share/licenses/mimecast-forwarder; do
         rmdir "$dir" 2>/dev/null || true
     done
 fi
