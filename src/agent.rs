@@ -369,8 +369,8 @@ impl Agent {
                     let handled = self.on_token(now, req, generation, token);
                     fetches.extend(self.absorb(handled, now, false)?.flatten());
                 }
-                Event::Fetched(Fetch::Page(req, generation, f)) => {
-                    let handled = self.on_fetched(now, req, generation, f);
+                Event::Fetched(Fetch::Page(req, generation, f, records)) => {
+                    let handled = self.on_fetched(now, req, generation, f, records);
                     fetches.extend(self.absorb(handled, now, false)?.flatten());
                 }
                 Event::Sent(b, s) => {
@@ -692,8 +692,11 @@ impl Agent {
             self.tuning.token_margin,
         );
         Ok(smol::unblock(move || {
-            let f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
-            Fetch::Page(req, generation, f)
+            let mut f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
+            // Each record's key, time and queued text are made here, on the pool, while the loop commits the page
+            // before; each parsed record is dropped as soon as it is done with.
+            let records = f.result.as_mut().ok().map(|page| prepare(req.feed, std::mem::take(&mut page.records)));
+            Fetch::Page(req, generation, f, records.unwrap_or_default())
         }))
     }
 
@@ -715,7 +718,7 @@ impl Agent {
             Ok(_) => self.fetch_page(now, req).map(Some),
             Err(e) => {
                 let fetched = Fetched { result: Err(FetchError::Auth(e)), new_token: None, throttle: None };
-                self.on_fetched(now, req, generation, fetched)
+                self.on_fetched(now, req, generation, fetched, Vec::new())
             }
         }
     }
@@ -728,6 +731,7 @@ impl Agent {
         req: PageRequest,
         generation: u64,
         fetched: Fetched,
+        mut records: Vec<NewRecord>,
     ) -> anyhow::Result<Option<Task<Fetch>>> {
         if let Some(t) = fetched.new_token.filter(|_| generation == self.creds_generation) {
             self.accounts.renewed(req.feed, t);
@@ -737,7 +741,9 @@ impl Agent {
         for action in self.poller.on_page(now, &req, page, fetched.throttle) {
             match action {
                 PollAction::Commit { next_token, forget_before } => {
-                    let Ok(page) = &fetched.result else { continue };
+                    if fetched.result.is_err() {
+                        continue;
+                    }
                     if self.pressure.queue_full() {
                         // The queue filled while this page was in flight (a page read ahead, or another feed's):
                         // it is not stored, the cursor stays, and the page is read again once there is room.
@@ -755,7 +761,7 @@ impl Agent {
                         continue;
                     }
                     ahead = self.read_ahead(now, req.feed)?;
-                    if let Err(e) = self.commit(now, &req, page, next_token, forget_before) {
+                    if let Err(e) = self.commit(now, &req, std::mem::take(&mut records), next_token, forget_before) {
                         // The page read ahead follows one that is not stored: drop it; the feed starts again from
                         // the cursor when it may.
                         if ahead.take().is_some() {
@@ -810,19 +816,10 @@ impl Agent {
         &mut self,
         now: Now,
         req: &PageRequest,
-        page: &wire::Page,
+        records: Vec<NewRecord>,
         next_token: Option<String>,
         forget_before: i64,
     ) -> anyhow::Result<()> {
-        let records = page
-            .records
-            .iter()
-            .map(|r| NewRecord {
-                key: wire::record_key(req.feed, r),
-                event_time: wire::record_time(req.feed, r),
-                body: wire::body(r),
-            })
-            .collect();
         let commit = PageCommit { feed: req.feed, window: req.window, next_token, records, forget_before };
         let wal_before = self.store.wal_bytes();
         let out = self.store.commit_page(&commit, now.unix, self.cfg.queue.max_bytes, self.cfg.queue.when_full)?;
@@ -988,7 +985,20 @@ impl Agent {
 /// What a fetch task brings back, with the credentials generation it started under.
 enum Fetch {
     Token(PageRequest, u64, Result<Token, AuthError>),
-    Page(PageRequest, u64, Fetched),
+    /// The page, with its records taken out and made ready for the queue.
+    Page(PageRequest, u64, Fetched, Vec<NewRecord>),
+}
+
+/// Each record of a page as the queue keeps it: its key, its time and its compact text.
+fn prepare(feed: Feed, records: Vec<serde_json::Value>) -> Vec<NewRecord> {
+    records
+        .into_iter()
+        .map(|r| NewRecord {
+            key: wire::record_key(feed, &r),
+            event_time: wire::record_time(feed, &r),
+            body: wire::body(&r),
+        })
+        .collect()
 }
 
 /// The highest sequence number of each feed among `order` up to and including `upto` (a batch packs a prefix of

@@ -13,6 +13,9 @@ use crate::http::printable;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
     pub records: Vec<Value>,
+    /// How many records the page held: the loop takes `records` out to queue them, and the page still says
+    /// whether it was empty.
+    pub held: usize,
     pub next: Option<String>,
     /// Characters that no JSON parser accepts (invalid UTF-8, unpaired UTF-16 surrogates) were replaced with
     /// U+FFFD to read this page: how many.
@@ -22,7 +25,7 @@ pub struct Page {
 impl Page {
     /// Real responses carry `next` on a final, empty page: stop on a missing `next` or an empty page.
     pub fn is_last(&self) -> bool {
-        self.next.is_none() || self.records.is_empty()
+        self.next.is_none() || self.held == 0
     }
 }
 
@@ -108,7 +111,7 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
         None => objects(data, "data[]")?,
         Some(key) => unwrap_records(feed, key, data)?,
     };
-    Ok(Page { records, next: next_token(&meta)?, repaired })
+    Ok(Page { held: records.len(), records, next: next_token(&meta)?, repaired })
 }
 
 fn malformed(m: &str) -> WireError {

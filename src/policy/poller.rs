@@ -472,7 +472,7 @@ mod tests {
                 Ev::Page(next) => {
                     let plan = plan(self);
                     let records = vec![json!({"id": "x"})];
-                    let page = Page { records, next: next.map(String::from), repaired: 0 };
+                    let page = Page { held: records.len(), records, next: next.map(String::from), repaired: 0 };
                     let actions = self.p.on_page(self.now, &plan, Ok(&page), None);
                     if let Some(Action::Commit { next_token, .. }) = actions.first() {
                         self.window = next_token.clone().map(|t| (plan.window, Some(t)));
@@ -749,7 +749,7 @@ mod tests {
         let mut rig = Rig::new(Mode::Daemon, 600);
         let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("a window");
         let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
-        let page = Page { records: vec![json!({})], next: Some("A".into()), repaired: 0 };
+        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0 };
         let actions = rig.p.on_page(rig.now, &req, Ok(&page), Some(Duration::from_secs(7)));
         // Seen keys are kept for the overlap plus an hour behind the window's end.
         let forget_before = plan.window.to - 300 - 3600;
@@ -770,7 +770,7 @@ mod tests {
         rig.p.reconfigure(settings(Mode::Daemon), &[Feed::Dlp], rig.now);
         let req =
             PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
-        let page = Page { records: vec![], next: None, repaired: 0 };
+        let page = Page { records: vec![], held: 0, next: None, repaired: 0 };
         assert_eq!(rig.p.on_page(rig.now, &req, Ok(&page), None), vec![]);
     }
 
@@ -800,7 +800,7 @@ mod tests {
         assert_eq!(p.fetching(), 1);
         assert_eq!(p.next_wake(), Some(now.at + Duration::from_secs(300)));
         let req = PageRequest { feed: second, ..req };
-        let page = Page { records: vec![json!({})], next: Some("A".into()), repaired: 0 };
+        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0 };
         p.on_page(now, &req, Ok(&page), None);
         p.on_committed(now, second, 1, 0);
         assert_eq!(p.due(now), Some(second), "the other feed goes on at once");
@@ -811,7 +811,8 @@ mod tests {
         let now = Now { at: Instant::now(), unix: T0 };
         let mut p = Poller::new(settings(Mode::Daemon), &[Feed::Audit], now);
         let req = PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 1 };
-        let page = |next: Option<&str>| Page { records: vec![json!({})], next: next.map(String::from), repaired: 0 };
+        let page =
+            |next: Option<&str>| Page { records: vec![json!({})], held: 1, next: next.map(String::from), repaired: 0 };
         assert_eq!(p.read_ahead(Feed::Audit), None, "nothing waits for its commit");
         p.on_fetching(Feed::Audit);
         p.on_page(now, &req, Ok(&page(Some("A"))), None);
