@@ -212,7 +212,20 @@ fn kill_9_at_random_moments_under_faults_and_a_slow_intake_loses_nothing() {
         started.elapsed().as_secs_f64(),
         log_path.display(),
     );
-    assert!(lost.is_empty(), "seed {seed}: {} records lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(lost.is_empty(), "seed {seed}: {} records lost, e.g. {:?}; {}", lost.len(), &lost[..lost.len().min(5)], {
+        // Where they went: queued once and removed (the key is seen), set aside, or never queued.
+        let db = rusqlite::Connection::open(rig.db_path()).unwrap();
+        let count = |sql: &str| -> usize {
+            lost.iter().filter(|(k, f)| db.query_row(sql, [f.name(), k.as_str()], |_| Ok(())).is_ok()).count()
+        };
+        format!(
+            "{} were queued once (their key is seen), {} are dead letters, {} are still queued; see {}",
+            count("SELECT 1 FROM seen WHERE feed = ?1 AND key = ?2"),
+            count("SELECT 1 FROM dead_letter WHERE feed = ?1 AND key = ?2"),
+            count("SELECT 1 FROM queue WHERE feed = ?1 AND key = ?2"),
+            log_path.display()
+        )
+    });
     assert_eq!(invented, 0, "seed {seed}: records Mimecast never served");
     assert_eq!(duplicated, orphans + dropped, "seed {seed}: duplicates not accounted for by kills or drops");
     assert!(
