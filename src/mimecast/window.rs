@@ -24,6 +24,12 @@ pub fn next_window(watermark: i64, now: i64, s: Settings) -> Option<Window> {
     (to > watermark).then_some(Window { from, to })
 }
 
+/// The overlap alone: the window that re-reads `overlap` behind the watermark when nothing past it has settled
+/// (`--once` reads it once per pass, for records indexed late). `None` without an overlap.
+pub fn overlap(watermark: i64, s: Settings) -> Option<Window> {
+    (s.overlap_secs > 0).then(|| Window { from: watermark - s.overlap_secs, to: watermark })
+}
+
 /// Whether more than `slack` seconds of settled time remain after this window: a catch-up that should continue
 /// at once. The daemon passes its poll interval as `slack`, so a window that merely took a while to read (its
 /// end fixed, `now` moving on) does not count as behind; `--once` passes 0 and a fixed `now`.
@@ -49,6 +55,8 @@ mod tests {
         // Nothing settled past the watermark yet.
         check(10_000, 10_060, None);
         check(10_000, 9_000, None);
+        assert_eq!(overlap(10_000, S), Some(Window { from: 9_700, to: 10_000 }));
+        assert_eq!(overlap(10_000, Settings { overlap_secs: 0, ..S }), None);
     }
 
     #[test]

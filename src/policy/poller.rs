@@ -68,6 +68,10 @@ struct FeedState {
     done: bool,
     /// A fetch of this feed is in flight.
     fetching: bool,
+    /// `--once`: this pass planned a window of its own (from the watermark, so over the overlap). A pass does not
+    /// end on a window it only resumed: records Mimecast indexed late behind that window's pages would wait for the
+    /// next pass.
+    planned: bool,
     /// A page waiting for its commit: its window, whether it is the last, the wait the server asked for.
     pending: Option<(Window, Option<String>, Duration)>,
     pages: u64,
@@ -88,6 +92,7 @@ impl FeedState {
             tokens: HashSet::new(),
             done: false,
             fetching: false,
+            planned: false,
             pending: None,
             pages: 0,
             queued: 0,
@@ -235,8 +240,16 @@ impl Poller {
         if let Some((window, page_token)) = in_progress {
             return Some(Plan { window, page_token });
         }
-        match window::next_window(watermark, self.horizon(now), self.s.window) {
-            Some(window) => Some(Plan { window, page_token: None }),
+        let once = self.s.retries.mode == Mode::Once;
+        let (next, settings) = (window::next_window(watermark, self.horizon(now), self.s.window), self.s.window);
+        let f = self.state(feed)?;
+        // `--once` with nothing new settled still reads the overlap once, for what was indexed late behind it.
+        let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.planned));
+        match window {
+            Some(window) => {
+                f.planned = true;
+                Some(Plan { window, page_token: None })
+            }
             None => {
                 self.idle(feed, now);
                 None
@@ -344,7 +357,8 @@ impl Poller {
             Mode::Once => 0,
             Mode::Daemon => i64::try_from(interval.as_secs()).unwrap_or(i64::MAX),
         };
-        if !window::behind(w, horizon, settings, slack) {
+        // A `--once` pass that only finished a window it resumed plans one of its own next (see `planned`).
+        if !window::behind(w, horizon, settings, slack) && (mode == Mode::Daemon || f.planned) {
             self.idle(feed, now);
         }
     }
@@ -737,11 +751,31 @@ mod tests {
     }
 
     #[test]
-    fn once_with_nothing_settled_is_done_at_once() {
-        let mut rig = Rig::new(Mode::Once, 30);
-        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+    fn once_with_nothing_settled_reads_the_overlap_once_then_is_done() {
+        // 30 s behind, settle 60: nothing new has settled; the overlap behind the watermark is read, once.
+        let rig = check(Mode::Once, 30, &[(Ev::Page(None), (vec![commit(None)], None))]);
+        assert_eq!(rig.watermark, T0 - 30, "the overlap ends at the watermark");
         assert!(rig.p.all_done() && !rig.p.gave_up());
-        assert_eq!(rig.p.next_wake(), None);
+        let mut rig = rig;
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None, "once per pass");
+        // A daemon with nothing settled waits for its next poll instead.
+        let mut rig = Rig::new(Mode::Daemon, 30);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+    }
+
+    #[test]
+    fn once_does_not_end_on_a_window_it_only_resumed() {
+        // A window a killed daemon left half read, ending where this pass's horizon does: finished, then the
+        // overlap is read in a window of the pass's own, for records indexed late behind the pages read before.
+        let mut rig = Rig::new(Mode::Once, 30);
+        let resumed = Window { from: T0 - 400, to: T0 - 60 };
+        rig.window = Some((resumed, Some("A".into())));
+        let (actions, due) = rig.step(Ev::Page(None));
+        assert_eq!((actions.into_iter().map(strip).collect::<Vec<_>>(), due), (vec![commit(None)], Some(0)));
+        assert_eq!(rig.watermark, T0 - 60);
+        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("the overlap");
+        assert_eq!((plan.window, plan.page_token), (Window { from: T0 - 360, to: T0 - 60 }, None));
+        assert!(!rig.p.all_done());
     }
 
     #[test]

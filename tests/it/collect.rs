@@ -131,6 +131,31 @@ fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
     assert_delivered_once(&rig.dd, &expected);
 }
 
+/// A `--once` pass that starts before anything new has settled (cron right after a crash, or two passes in a
+/// row) still reads the overlap behind the watermark: a record indexed late there is not left for a later pass.
+#[test]
+fn a_once_pass_with_nothing_new_settled_reads_what_was_indexed_late_behind_the_watermark() {
+    let rig = Rig::new();
+    let mut expected = rig.add_records(&[Feed::Dlp], 50, 300);
+    let cfg = rig.config(&[("mimecast", "log_types = [\"dlp\"]")]);
+    let offset = Arc::new(AtomicI64::new(0));
+    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..fast_tuning() };
+    rig.once_with(&cfg, &tuning);
+    let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
+    let late = mimecast_forwarder::sim::records::generate(Feed::Dlp, 9999, watermark - 30, 300);
+    expected.insert(wire::record_key(Feed::Dlp, &late), Feed::Dlp);
+    rig.mc.add(Feed::Dlp, [late]);
+    // The clock stands where the first pass left the watermark (settle_secs = 1): no new window has settled.
+    offset.store(watermark + 1 - mimecast_forwarder::datetime::now(), Ordering::SeqCst);
+    let asked = rig.mc.requests().len();
+    let out = rig.once_with(&cfg, &tuning);
+    assert_eq!(out.queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let overlap = &rig.mc.requests()[asked..];
+    assert!(!overlap.is_empty(), "the second pass read the overlap");
+    assert_eq!(rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark, watermark, "and left the watermark");
+}
+
 #[test]
 fn a_truncated_or_malformed_page_is_retried_not_lost() {
     let rig = Rig::new();
