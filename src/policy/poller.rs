@@ -68,10 +68,11 @@ struct FeedState {
     done: bool,
     /// A fetch of this feed is in flight.
     fetching: bool,
-    /// `--once`: this pass planned a window of its own (from the watermark, so over the overlap). A pass does not
-    /// end on a window it only resumed: records Mimecast indexed late behind that window's pages would wait for the
-    /// next pass.
-    planned: bool,
+    /// `--once`: the window this pass planned itself (from the watermark, so over the overlap), and whether it
+    /// has read one to its end. A pass does not end on a window it only resumed, nor before it read one of its
+    /// own: records Mimecast indexed late behind the watermark would wait for the next pass.
+    own: Option<Window>,
+    read_own: bool,
     /// A page waiting for its commit: its window, whether it is the last, the wait the server asked for.
     pending: Option<(Window, Option<String>, Duration)>,
     pages: u64,
@@ -92,7 +93,8 @@ impl FeedState {
             tokens: HashSet::new(),
             done: false,
             fetching: false,
-            planned: false,
+            own: None,
+            read_own: false,
             pending: None,
             pages: 0,
             queued: 0,
@@ -244,10 +246,10 @@ impl Poller {
         let (next, settings) = (window::next_window(watermark, self.horizon(now), self.s.window), self.s.window);
         let f = self.state(feed)?;
         // `--once` with nothing new settled still reads the overlap once, for what was indexed late behind it.
-        let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.planned));
+        let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.read_own));
         match window {
             Some(window) => {
-                f.planned = true;
+                f.own = Some(window);
                 Some(Plan { window, page_token: None })
             }
             None => {
@@ -357,8 +359,9 @@ impl Poller {
             Mode::Once => 0,
             Mode::Daemon => i64::try_from(interval.as_secs()).unwrap_or(i64::MAX),
         };
-        // A `--once` pass that only finished a window it resumed plans one of its own next (see `planned`).
-        if !window::behind(w, horizon, settings, slack) && (mode == Mode::Daemon || f.planned) {
+        // A `--once` pass that only finished a window it resumed plans one of its own next (see `own`).
+        f.read_own |= f.own == Some(w);
+        if !window::behind(w, horizon, settings, slack) && (mode == Mode::Daemon || f.read_own) {
             self.idle(feed, now);
         }
     }
@@ -758,6 +761,15 @@ mod tests {
         assert!(rig.p.all_done() && !rig.p.gave_up());
         let mut rig = rig;
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None, "once per pass");
+        // A failed fetch of that window does not count as having read it: the retry reads it.
+        let server = || FetchError::Server { status: 503, detail: "unavailable".into() };
+        let rows = [
+            (Ev::Fail(server()), (vec![err()], Some(2))),
+            (Ev::Wait(2), (vec![], Some(0))),
+            (Ev::Page(None), (vec![commit(None)], None)),
+        ];
+        let rig = check(Mode::Once, 30, &rows);
+        assert!(rig.p.all_done() && !rig.p.gave_up());
         // A daemon with nothing settled waits for its next poll instead.
         let mut rig = Rig::new(Mode::Daemon, 30);
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
