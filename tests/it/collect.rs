@@ -111,24 +111,39 @@ fn a_dropped_connection_mid_window_resumes_at_the_same_page() {
     }
 }
 
-#[test]
-fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
-    let rig = Rig::new();
-    let mut expected = rig.add_records(&[Feed::Dlp, Feed::Audit], 50, 300);
-    let cfg = rig.config(&[("mimecast", "log_types = [\"dlp\", \"audit\"]")]);
+/// One `--once` pass over `feeds` (DLP among them), on a clock the test moves; then Mimecast shows a DLP record
+/// 30 s behind the watermark: its window was read before it was indexed.
+struct Late {
+    cfg: mimecast_forwarder::config::Config,
+    offset: Arc<AtomicI64>,
+    tuning: Tuning,
+    expected: HashMap<String, Feed>,
+    watermark: i64,
+}
+
+fn once_then_a_record_indexed_late(rig: &Rig, feeds: &[Feed]) -> Late {
+    let mut expected = rig.add_records(feeds, 50, 300);
+    let names: Vec<String> = feeds.iter().map(|f| format!("{:?}", f.name())).collect();
+    let cfg = rig.config(&[("mimecast", &format!("log_types = [{}]", names.join(", ")))]);
     let offset = Arc::new(AtomicI64::new(0));
     let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..fast_tuning() };
     rig.once_with(&cfg, &tuning);
     let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
-    // Mimecast now shows a record 30 s before the watermark: its window was read before it was indexed.
     let late = mimecast_forwarder::sim::records::generate(Feed::Dlp, 9999, watermark - 30, 300);
     expected.insert(wire::record_key(Feed::Dlp, &late), Feed::Dlp);
     rig.mc.add(Feed::Dlp, [late]);
-    offset.store(5, Ordering::SeqCst); // Time passes, so that a next window exists.
-    rig.once_with(&cfg, &tuning);
-    offset.store(10, Ordering::SeqCst);
-    rig.once_with(&cfg, &tuning);
-    assert_delivered_once(&rig.dd, &expected);
+    Late { cfg, offset, tuning, expected, watermark }
+}
+
+#[test]
+fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
+    let rig = Rig::new();
+    let late = once_then_a_record_indexed_late(&rig, &[Feed::Dlp, Feed::Audit]);
+    late.offset.store(5, Ordering::SeqCst); // Time passes, so that a next window exists.
+    rig.once_with(&late.cfg, &late.tuning);
+    late.offset.store(10, Ordering::SeqCst);
+    rig.once_with(&late.cfg, &late.tuning);
+    assert_delivered_once(&rig.dd, &late.expected);
 }
 
 /// A `--once` pass that starts before anything new has settled (cron right after a crash, or two passes in a
@@ -136,24 +151,16 @@ fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
 #[test]
 fn a_once_pass_with_nothing_new_settled_reads_what_was_indexed_late_behind_the_watermark() {
     let rig = Rig::new();
-    let mut expected = rig.add_records(&[Feed::Dlp], 50, 300);
-    let cfg = rig.config(&[("mimecast", "log_types = [\"dlp\"]")]);
-    let offset = Arc::new(AtomicI64::new(0));
-    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..fast_tuning() };
-    rig.once_with(&cfg, &tuning);
-    let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
-    let late = mimecast_forwarder::sim::records::generate(Feed::Dlp, 9999, watermark - 30, 300);
-    expected.insert(wire::record_key(Feed::Dlp, &late), Feed::Dlp);
-    rig.mc.add(Feed::Dlp, [late]);
+    let late = once_then_a_record_indexed_late(&rig, &[Feed::Dlp]);
     // The clock stands where the first pass left the watermark (settle_secs = 1): no new window has settled.
-    offset.store(watermark + 1 - mimecast_forwarder::datetime::now(), Ordering::SeqCst);
+    late.offset.store(late.watermark + 1 - mimecast_forwarder::datetime::now(), Ordering::SeqCst);
     let asked = rig.mc.requests().len();
-    let out = rig.once_with(&cfg, &tuning);
+    let out = rig.once_with(&late.cfg, &late.tuning);
     assert_eq!(out.queued, 0);
-    assert_delivered_once(&rig.dd, &expected);
-    let overlap = &rig.mc.requests()[asked..];
-    assert!(!overlap.is_empty(), "the second pass read the overlap");
-    assert_eq!(rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark, watermark, "and left the watermark");
+    assert_delivered_once(&rig.dd, &late.expected);
+    assert!(rig.mc.requests().len() > asked, "the second pass read the overlap");
+    let watermark = rig.store().cursor(Feed::Dlp).unwrap().unwrap().watermark;
+    assert_eq!(watermark, late.watermark, "and left the watermark where it was");
 }
 
 #[test]
