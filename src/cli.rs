@@ -229,19 +229,13 @@ pub fn check_config(path: &Path, connect: bool) -> i32 {
             return exit::CONFIG;
         }
     };
-    // Each API application once, with the feeds that poll under it.
-    let mut apps: Vec<(crate::mimecast::auth::Credentials, Vec<&str>)> = Vec::new();
-    for &feed in &cfg.mimecast.feeds {
-        let creds = crate::mimecast::auth::Credentials::of(&cfg.mimecast, feed);
-        match apps.iter_mut().find(|(c, _)| *c == creds) {
-            Some((_, feeds)) => feeds.push(feed.name()),
-            None => apps.push((creds, vec![feed.name()])),
-        }
-    }
+    let accounts = crate::mimecast::auth::Accounts::of(&cfg.mimecast);
+    let apps: Vec<_> = accounts.applications().collect();
     let mut ok = true;
     for (creds, feeds) in &apps {
         let whose = if apps.len() > 1 {
-            format!(" (client id {}: {})", creds.client_id, feeds.join(", "))
+            let names: Vec<&str> = feeds.iter().map(|f| f.name()).collect();
+            format!(" (client id {}: {})", creds.client_id, names.join(", "))
         } else {
             String::new()
         };

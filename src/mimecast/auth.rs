@@ -142,6 +142,14 @@ impl Accounts {
         changed
     }
 
+    /// Each API application once, with the feeds that poll under it, in the order of the config's feeds.
+    pub fn applications(&self) -> impl Iterator<Item = (&Credentials, Vec<Feed>)> {
+        self.accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (&a.creds, self.of.iter().filter(|&&(_, j)| j == i).map(|&(feed, _)| feed).collect()))
+    }
+
     fn account(&self, feed: Feed) -> Option<&Account> {
         self.of.iter().find(|(f, _)| *f == feed).and_then(|&(_, i)| self.accounts.get(i))
     }
@@ -358,6 +366,9 @@ mod tests {
         let mut a = Accounts::of(&cfg("u1"));
         assert_eq!(a.creds(Feed::TtpUrl).unwrap().client_id, "url");
         assert_eq!(a.creds(Feed::Audit).unwrap().client_id, "main");
+        let apps: Vec<(&str, Vec<Feed>)> = a.applications().map(|(c, f)| (c.client_id.as_str(), f)).collect();
+        let main = Feed::ALL.into_iter().filter(|&f| f != Feed::TtpUrl).collect();
+        assert_eq!(apps, [("main", main), ("url", vec![Feed::TtpUrl])]);
         // A token fetch for the main application: its feeds wait for it; the URL feed does not.
         a.on_fetching(Feed::Audit);
         assert!(a.waiting(Feed::Dlp, now, margin) && !a.waiting(Feed::TtpUrl, now, margin));
