@@ -59,7 +59,7 @@ pub fn answer(r: &Response) -> Sent {
 }
 
 /// Datadog accepts with 202 and a JSON object (`{}`); anything else in a 2xx came from something in between.
-fn is_datadog_ack(r: &Response) -> bool {
+pub(crate) fn is_datadog_ack(r: &Response) -> bool {
     r.status == 202 && serde_json::from_slice::<serde_json::Value>(&r.body).is_ok_and(|v| v.is_object())
 }
 
