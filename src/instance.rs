@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use crate::store::Foreign;
+use crate::store::{Foreign, SQLITE_SUFFIXES, beside, dir_of};
 
 /// The held lock; dropping it (or exiting) releases it.
 #[derive(Debug)]
@@ -116,13 +116,8 @@ pub fn root_may_use(queue: &Path, command: &str) -> Result<(), RootRefused> {
     if !rustix::process::geteuid().is_root() {
         return Ok(());
     }
-    let dir = queue.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let files = ["", "-wal", "-shm", ".lock"].map(|suffix| {
-        let mut file = queue.as_os_str().to_owned();
-        file.push(suffix);
-        PathBuf::from(file)
-    });
-    let owned = std::iter::once(dir.to_path_buf()).chain(files).find_map(|file| {
+    let files = SQLITE_SUFFIXES.map(|suffix| beside(queue, suffix));
+    let owned = [dir_of(queue).to_path_buf()].into_iter().chain(files).chain([lock_path(queue)]).find_map(|file| {
         use std::os::unix::fs::MetadataExt;
         let owner = std::fs::metadata(&file).ok()?.uid();
         (owner != 0).then_some((file, owner))
@@ -135,9 +130,7 @@ pub fn root_may_use(queue: &Path, command: &str) -> Result<(), RootRefused> {
 
 /// The lock file of a queue database.
 pub fn lock_path(queue: &Path) -> PathBuf {
-    let mut name = queue.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+    beside(queue, ".lock")
 }
 
 /// Takes the queue's lock without waiting, and writes this process's pid and start time into it.
@@ -147,10 +140,9 @@ pub fn acquire(queue: &Path, now: i64) -> Result<Instance, LockError> {
         let _ = std::fs::create_dir_all(dir);
     }
     // One lock per database file, however it is named: a symlink or a relative path finds the same lock.
-    let real = std::fs::canonicalize(queue).ok().or_else(|| {
-        let dir = queue.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        Some(std::fs::canonicalize(dir).ok()?.join(queue.file_name()?))
-    });
+    let real = std::fs::canonicalize(queue)
+        .ok()
+        .or_else(|| Some(std::fs::canonicalize(dir_of(queue)).ok()?.join(queue.file_name()?)));
     let real = real.as_deref().unwrap_or(queue);
     let path = lock_path(real);
     let io = |error: std::io::Error| {

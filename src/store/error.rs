@@ -135,18 +135,13 @@ pub(crate) fn classify(path: &Path, e: StoreError) -> StoreError {
 
 /// Bytes available to this process on the filesystem holding the database `path`, if the system says.
 pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let s = rustix::fs::statvfs(dir).ok()?;
+    let s = rustix::fs::statvfs(super::dir_of(path)).ok()?;
     Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// [`StoreError::ReadOnly`] for the queue at `path`, naming a file of it that belongs to another user.
 pub(crate) fn read_only(path: &Path) -> StoreError {
-    let foreign = ["", "-wal", "-shm"].into_iter().find_map(|suffix| {
-        let mut file = path.as_os_str().to_owned();
-        file.push(suffix);
-        Foreign::of(Path::new(&file), path)
-    });
+    let foreign = super::SQLITE_SUFFIXES.into_iter().find_map(|suffix| Foreign::of(&super::beside(path, suffix), path));
     StoreError::ReadOnly { path: path.into(), user: process_user(), foreign }
 }
 

@@ -130,6 +130,21 @@ pub struct Space {
     pub wal: u64,
 }
 
+/// What SQLite keeps of a database `queue.db`: the file itself, `queue.db-wal` and `queue.db-shm`.
+pub(crate) const SQLITE_SUFFIXES: [&str; 3] = ["", "-wal", "-shm"];
+
+/// `path` with `suffix` added to its name: a file SQLite keeps beside the database, or the instance's lock.
+pub(crate) fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The directory that holds the file `path` (`.` for a bare file name).
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// The open database.
 pub struct Store {
     conn: Connection,
@@ -236,9 +251,7 @@ impl Store {
 
     /// The WAL file's size (0 when there is none): one `stat`, cheap enough around every page commit.
     pub fn wal_bytes(&self) -> u64 {
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        std::fs::metadata(PathBuf::from(wal)).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(beside(&self.path, "-wal")).map(|m| m.len()).unwrap_or(0)
     }
 
     /// Folds the WAL into the database and truncates it, giving its space back to the filesystem. SQLite only
