@@ -145,20 +145,10 @@ impl Poller {
         self.feeds.iter().map(|f| f.feed)
     }
 
-    /// The feed due soonest with no fetch in flight, if one is due.
-    pub fn due(&self, now: Now) -> Option<Feed> {
-        self.due_where(now, |_| true)
-    }
-
     /// The feed due soonest with no fetch in flight among those `ready` allows (the loop leaves out a feed whose
     /// API application's token is being fetched: it waits for that fetch, not for a timer).
     pub fn due_where(&self, now: Now, ready: impl Fn(Feed) -> bool) -> Option<Feed> {
         self.polling().filter(|f| f.due <= now.at && ready(f.feed)).min_by_key(|f| f.due).map(|f| f.feed)
-    }
-
-    /// When the next feed with no fetch in flight is due, if any still polls.
-    pub fn next_wake(&self) -> Option<Instant> {
-        self.next_wake_where(|_| true)
     }
 
     /// When the next feed with no fetch in flight that `ready` allows is due.
@@ -429,12 +419,24 @@ fn excerpt(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::http::ServerWait;
     use crate::mimecast::auth::AuthError;
     use serde_json::json;
 
     const HOUR: i64 = 3600;
     const T0: i64 = 1_800_000_000;
+
+    /// The loop's questions with every feed ready (none waits for a token), as the tables ask them.
+    impl Poller {
+        fn due(&self, now: Now) -> Option<Feed> {
+            self.due_where(now, |_| true)
+        }
+
+        fn next_wake(&self) -> Option<Instant> {
+            self.next_wake_where(|_| true)
+        }
+    }
 
     fn settings(mode: Mode) -> PollerSettings {
         PollerSettings {
