@@ -42,9 +42,12 @@ fi
 # The target's glibc version suffix is cargo-zigbuild's: the binary lands in target/$TARGET/release/, where
 # cargo-deb and cargo-generate-rpm look for it when given --target.
 cargo zigbuild --release --locked --target "$TARGET.$GLIBC_FLOOR"
-mkdir -p target/man
+# Only this build's packages in the output directories (ci-check.sh installs the one it finds there).
+rm -rf target/debian target/generate-rpm
+mkdir -p target/man target/generate-rpm
 gzip -9n <packaging/mimecast-forwarder.1 >target/man/mimecast-forwarder.1.gz
 cargo deb --no-build --target "$TARGET" --output target/debian/
 # xz, not the default zstd: every rpm reads xz payloads, while zstd needs an rpm of 4.14 or later built with it.
+# target/generate-rpm/ exists (made above): cargo-generate-rpm takes an --output that does not for a file name.
 cargo generate-rpm --target "$TARGET" --payload-compress xz --output target/generate-rpm/
 ls -l target/debian/*.deb target/generate-rpm/*.rpm
