@@ -896,7 +896,7 @@ impl Agent {
             packed.payload,
         );
         Ok(Some(smol::unblock(move || {
-            let sent = sink::send(&http, &url, &key, &payload);
+            let sent = sink::send(&http, &url, &key, payload);
             (b, sent)
         })))
     }

@@ -16,9 +16,12 @@ pub struct Sent {
     pub detail: String,
 }
 
-/// Gzips and posts a JSON array payload. Blocking: run through `smol::unblock`.
-pub fn send(http: &Http, url: &str, api_key: &Secret, payload: &[u8]) -> Sent {
-    let body = match gzip(payload) {
+/// Gzips and posts a JSON array payload. Blocking: run through `smol::unblock`. The payload is dropped once it is
+/// gzipped, so a send waiting on the intake holds its compressed bytes only (a few hundred KB, not megabytes).
+pub fn send(http: &Http, url: &str, api_key: &Secret, payload: Vec<u8>) -> Sent {
+    let body = gzip(&payload);
+    drop(payload);
+    let body = match body {
         Ok(b) => b,
         Err(e) => return Sent { answer: Answer::NoAnswer, detail: format!("gzip failed: {e}") },
     };

@@ -386,7 +386,7 @@ fn mimecast_sim_tokens_and_page_tokens() {
 fn datadog_sim_hostile_answers_keep_the_batch() {
     let sim = DatadogSim::start().unwrap();
     let key = Secret::new(dd::API_KEY.into());
-    let send = || sink::send(&http(), &sim.intake_url(), &key, br#"[{"message":"m"}]"#);
+    let send = || sink::send(&http(), &sim.intake_url(), &key, br#"[{"message":"m"}]"#.to_vec());
     sim.fault(dd::Fault::CaptivePortal);
     let s = send();
     assert_eq!(disposition(s.answer, 1), Disposition::Retry(None));
