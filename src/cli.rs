@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::config::{self, Config, ConfigError};
 use crate::exit;
-use crate::store::{DeadLetter, Requeued, Store};
+use crate::store::{DeadLetter, Requeued, Store, StoreError};
 
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +85,8 @@ Dead letters are logs that Datadog refused one by one (HTTP 400); they are kept 
   list               one line per dead letter: id, feed, when it was refused, size, Datadog's reason.
   requeue ID…        move these dead letters back into the queue, once the cause is fixed;
   requeue --all      or all of them. `run` (the running service, or the next start) sends them.
-  --json             list: a JSON array; requeue: {\"requeued\": N, \"bytes\": B, \"not_found\": [ID…]}.
+  --json             list: a JSON array; requeue: {\"requeued\": N, \"bytes\": B, \"not_found\": [ID…]}
+                     (also on 65); on 66, 70 or 78, {\"error\": \"…\"}, the message on stderr too.
 Safe while `run` is running.
 Exit codes: 0; 64 usage; 65 some IDs are not dead letters (the others are requeued); 66 no queue database yet;
 70 database error; 78 bad config.
@@ -326,19 +327,26 @@ pub fn status(path: &Path, json: bool) -> i32 {
 const DATA_ERR: i32 = 65;
 
 /// `dead-letters list|requeue`. Listing opens the queue read-only; requeueing writes, waiting out the running
-/// agent's short transactions (the store's busy timeout).
+/// agent's short transactions (the store's busy timeout). With `--json`, stdout holds one JSON value whatever
+/// happens, as for `status`: the list or the requeue's object, or `{"error": "…"}` when the queue cannot be
+/// opened (no database, a bad config, a damaged or locked one) or the store fails (the exit code says why, the
+/// message is on stderr too).
 pub fn dead_letters(path: &Path, action: &DeadLetterAction, json: bool) -> i32 {
-    let store = load_queue_config(path).and_then(|cfg| open_queue(&cfg, *action == DeadLetterAction::List));
-    let result = match (store, action) {
-        (Err(failure), _) => return failure.report(),
-        (Ok(store), DeadLetterAction::List) => store.dead_letters().map(|list| list_dead_letters(&list, json)),
-        (Ok(mut store), DeadLetterAction::Requeue(ids)) => {
-            store.requeue(ids.as_deref(), crate::datetime::now()).map(|out| report_requeue(&out, json))
+    let done = load_queue_config(path).and_then(|cfg| {
+        let mut store = open_queue(&cfg, *action == DeadLetterAction::List)?;
+        let failed = |e: StoreError| Failure { code: exit::SOFTWARE, message: e.to_string() };
+        Ok(match action {
+            DeadLetterAction::List => list_dead_letters(&store.dead_letters().map_err(failed)?, json),
+            DeadLetterAction::Requeue(ids) => {
+                report_requeue(&store.requeue(ids.as_deref(), crate::datetime::now()).map_err(failed)?, json)
+            }
+        })
+    });
+    done.unwrap_or_else(|failure| {
+        if json {
+            crate::say!("{}", serde_json::json!({"error": failure.message}));
         }
-    };
-    result.unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        exit::SOFTWARE
+        failure.report()
     })
 }
 

@@ -93,6 +93,50 @@ fn list_requeue_and_status_agree() {
     assert_eq!(run(&["dead-letters", "list", "--config", c]).1.trim(), "no dead letters");
 }
 
+/// With `--json`, `dead-letters list` and `requeue` print one JSON value on stdout however they end, as `status
+/// --json` does: on a failure `{"error": "…"}`, the message stderr gives too; the exit code and stderr are those of
+/// the text form, which prints nothing on stdout then.
+#[test]
+fn dead_letters_json_is_one_value_even_when_it_fails() {
+    let rig = Rig::new();
+    let good = write_config(&rig, &[]);
+    let p = good.to_str().unwrap();
+    let bad = rig.dir.path().join("bad.toml");
+    std::fs::write(&bad, rig.config_text(&[("queue", "max_bytes = 0")])).unwrap();
+    let check = |what: &str, config: &str, expected: i32, says: &str| {
+        for action in [&["list"][..], &["requeue", "--all"], &["requeue", "1", "2"]] {
+            let text = [&["dead-letters"][..], action, &["--config", config]].concat();
+            let (code, out, err) = run(&[&text[..], &["--json"]].concat());
+            assert_eq!(code, expected, "{what}, {action:?}: {out}{err}");
+            let json: Value = serde_json::from_str(&out)
+                .unwrap_or_else(|e| panic!("{what}, {action:?}: not one JSON value ({e}): {out:?}"));
+            let error = json["error"].as_str().unwrap_or_else(|| panic!("{what}, {action:?}: no error in {json}"));
+            assert_eq!(json.as_object().map(|o| o.len()), Some(1), "{what}, {action:?}: {json}");
+            assert!(error.contains(says) && err.contains(error), "{what}, {action:?}: {json}\n{err}");
+            // The text form: the same code and stderr, nothing on stdout.
+            assert_eq!(run(&text), (code, String::new(), err), "{what}, {action:?}: the text form");
+        }
+    };
+    check("no queue yet", p, 66, "no queue database");
+    check("a bad config", bad.to_str().unwrap(), 78, "max_bytes");
+    std::fs::write(rig.db_path(), vec![0x5a_u8; 16384]).unwrap();
+    check("a damaged database", p, 70, "damaged");
+
+    // On a queue that opens, what requeue printed before: its object, also when ids are not dead letters (65).
+    std::fs::remove_file(rig.db_path()).unwrap();
+    drop(rig.store());
+    let (code, out, err) = run(&["dead-letters", "requeue", "7", "--json", "--config", p]);
+    assert_eq!(code, 65, "{err}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out, serde_json::json!({"requeued": 0, "bytes": 0, "not_found": [7]}));
+    assert!(err.contains("no dead letter with id 7"), "{err}");
+    let (code, out, _) = run(&["dead-letters", "list", "--json", "--config", p]);
+    assert_eq!((code, serde_json::from_str::<Value>(&out).unwrap()), (0, serde_json::json!([])));
+    // A queue that opens but fails when it is read or written: the store's error, as JSON too.
+    rusqlite::Connection::open(rig.db_path()).unwrap().execute_batch("DROP TABLE dead_letter").unwrap();
+    check("a store that fails", p, 70, "no such table: dead_letter");
+}
+
 #[test]
 fn requeue_waits_out_another_writer() {
     let rig = Rig::new();

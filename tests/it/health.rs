@@ -214,6 +214,63 @@ fn names(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The metric names a dashboard's widgets query (group widgets included), each request checked to be in the
+/// formulas-and-functions style the Datadog UI exports: `queries` (one metric each, in `query`) that `formulas`
+/// use, a `response_format` that fits the widget, never the older `q` string. Check names go to `checks`.
+fn dashboard_names(widgets: &Value, metrics: &mut Vec<String>, checks: &mut Vec<String>) {
+    for widget in widgets.as_array().expect("widgets is a list") {
+        let def = &widget["definition"];
+        let (kind, title) = (def["type"].as_str().unwrap_or(""), def["title"].as_str().unwrap_or("(untitled)"));
+        match kind {
+            "group" => dashboard_names(&def["widgets"], metrics, checks),
+            "check_status" => checks.push(def["check"].as_str().expect("a check_status names its check").to_owned()),
+            _ => {}
+        }
+        let Some(requests) = def.get("requests") else { continue };
+        for request in requests.as_array().unwrap() {
+            assert!(request.get("q").is_none(), "{title}: a request in the older `q` style: {request}");
+            let format = match kind {
+                "query_value" | "toplist" => "scalar",
+                "timeseries" => "timeseries",
+                other => panic!("{title}: a {other} widget; say here which response_format it takes"),
+            };
+            assert_eq!(request["response_format"], format, "{title}: {request}");
+            if kind == "timeseries" {
+                assert!(request["display_type"].is_string(), "{title}: no display_type: {request}");
+            }
+            let queries = request["queries"].as_array().filter(|q| !q.is_empty());
+            let queries = queries.unwrap_or_else(|| panic!("{title}: a request without queries: {request}"));
+            let formulas: Vec<&str> = request["formulas"].as_array().map_or(Vec::new(), |f| {
+                f.iter().map(|f| f["formula"].as_str().expect("a formula is a string")).collect()
+            });
+            assert!(!formulas.is_empty(), "{title}: a request without formulas: {request}");
+            let used = |name: &str| formulas.iter().any(|f| words(f).any(|w| w == name));
+            let mut declared = Vec::new();
+            for query in queries {
+                assert_eq!(query["data_source"], "metrics", "{title}: {query}");
+                let name = query["name"].as_str().unwrap_or_else(|| panic!("{title}: a query without a name"));
+                assert!(used(name), "{title}: no formula uses {name}: {request}");
+                declared.push(name);
+                if format == "scalar" {
+                    assert!(query["aggregator"].is_string(), "{title}: a scalar query without aggregator: {query}");
+                }
+                let mut found = Vec::new();
+                names(&query["query"], &mut found);
+                assert_eq!(found.len(), 1, "{title}: one metric per query: {query}");
+                metrics.append(&mut found);
+            }
+            for formula in &formulas {
+                assert!(words(formula).any(|w| declared.contains(&w)), "{title}: {formula} uses none of {declared:?}");
+            }
+        }
+    }
+}
+
+/// The identifiers in a formula: query names and function names.
+fn words(formula: &str) -> impl Iterator<Item = &str> {
+    formula.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| !w.is_empty())
+}
+
 fn json_files(dir: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -231,11 +288,19 @@ fn the_shipped_dashboard_and_monitors_name_only_what_the_agent_sends() {
         serde_json::from_str(&std::fs::read_to_string("packaging/datadog/dashboard.json").unwrap()).unwrap();
     assert_eq!(dashboard["title"], "Mimecast forwarder health");
     assert!(dashboard["layout_type"].is_string() && dashboard["widgets"].as_array().is_some_and(|w| !w.is_empty()));
+    let (mut queried, mut checked) = (Vec::new(), Vec::new());
+    dashboard_names(&dashboard["widgets"], &mut queried, &mut checked);
+    for (sent, shown, what) in [(METRICS, &queried, "metric"), (CHECKS, &checked, "service check")] {
+        for name in sent {
+            assert!(shown.iter().any(|s| s == name), "the dashboard does not show the {what} {name}");
+        }
+        for name in shown {
+            assert!(sent.contains(&name.as_str()), "the dashboard shows {name}, not a {what} the agent sends");
+        }
+    }
+    // And no other name anywhere in it (a title, the description).
     let mut shown = Vec::new();
     names(&dashboard, &mut shown);
-    for name in METRICS.iter().chain(CHECKS) {
-        assert!(shown.iter().any(|s| s == name), "the dashboard does not show {name}");
-    }
     let monitors = json_files("packaging/datadog/monitors");
     assert!(monitors.len() >= 4, "{monitors:?}");
     let mut shipped = vec![PathBuf::from("packaging/datadog/dashboard.json")];
