@@ -392,7 +392,7 @@ pub struct Loaded {
 
 /// Reads and validates the config at `path`; `env` looks up environment variables (a parameter for tests).
 pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
+    let text = read_small(path, MAX_CONFIG_BYTES).map_err(|error| ConfigError::Read { path: path.into(), error })?;
     let raw = parse(&text, path)?;
     let mut warnings = Vec::new();
     let holds_secret = raw.mimecast.client_secret.is_some() || raw.datadog.api_key.is_some();
@@ -493,7 +493,36 @@ fn invalid(key: &'static str, value: impl std::fmt::Display, expected: &str) -> 
     ConfigError::Invalid { key, value: value.to_string(), expected: expected.into() }
 }
 
-/// A secret from its file, the config, or the environment, in that order of preference.
+/// The largest config file read: far above any real one, so that `/dev/zero` or a log named by mistake is
+/// refused at once instead of filling memory.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The largest secret file read (a Mimecast secret or a Datadog key is under 100 bytes).
+const MAX_SECRET_BYTES: u64 = 64 << 10;
+
+/// A regular file's text, refused when it is something else (a FIFO would block, a device never ends) or
+/// larger than `max` bytes.
+fn read_small(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    // Looked at before it is opened too: opening a FIFO to read waits for a writer.
+    let not_regular = || Error::new(ErrorKind::InvalidInput, "not a regular file");
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    let mut text = String::new();
+    file.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(Error::new(ErrorKind::InvalidData, format!("larger than {} KiB", max >> 10)));
+    }
+    Ok(text)
+}
+
+/// A secret from its file, the config, or the environment, in that order of preference. Surrounding white space
+/// is dropped wherever it came from (a file's or a shell's trailing newline, a CRLF); a control character left
+/// inside could not go into an HTTP header or a form, so it is refused here, by key, without the value.
 fn secret(
     key: &'static str,
     file: Option<PathBuf>,
@@ -507,8 +536,12 @@ fn secret(
         if readable_by_others(&path) {
             warnings.push(format!("{} is readable by others: chmod o-rwx it", path.display()));
         }
-        match std::fs::read_to_string(&path) {
-            Ok(text) => text.trim().to_owned(),
+        match read_small(&path, MAX_SECRET_BYTES) {
+            Ok(text) if text.trim().is_empty() => {
+                let error = std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty");
+                return Err(ConfigError::SecretFile { key, path, error });
+            }
+            Ok(text) => text,
             Err(error) => return Err(ConfigError::SecretFile { key, path, error }),
         }
     } else if let Some(v) = inline {
@@ -516,10 +549,14 @@ fn secret(
     } else {
         env_name.and_then(env).unwrap_or_default()
     };
+    let value = value.trim();
     if value.is_empty() {
         return Err(ConfigError::Missing { key, how });
     }
-    Ok(Secret(value))
+    if value.chars().any(char::is_control) {
+        return Err(invalid(key, "[redacted]", "a value without control characters (a line break inside it?)"));
+    }
+    Ok(Secret(value.to_owned()))
 }
 
 /// The `[mimecast.feeds.<feed>]` tables: each holds a client id and a secret (from `client_secret_file` or
@@ -538,8 +575,11 @@ fn own_credentials(
         let [id_key, secret_key] = own_keys(feed);
         const HOW: &str = "client_id and client_secret_file (or client_secret) in the feed's table, or remove the \
                            table to use [mimecast]'s";
-        let client_id =
-            c.client_id.filter(|id| !id.is_empty()).ok_or(ConfigError::Missing { key: id_key, how: HOW })?;
+        let client_id = c
+            .client_id
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty())
+            .ok_or(ConfigError::Missing { key: id_key, how: HOW })?;
         let client_secret = secret(secret_key, c.client_secret_file, c.client_secret, None, HOW, env, warnings)?;
         own.insert(feed, FeedCredentials { client_id, client_secret });
     }
@@ -597,7 +637,7 @@ fn validate(
         })
     };
     let (m, d) = (&mut raw.mimecast, &mut raw.datadog);
-    let client_id = m.client_id.take().or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default();
+    let client_id = m.client_id.take().or_else(|| env("MIMECAST_CLIENT_ID")).unwrap_or_default().trim().to_owned();
     if client_id.is_empty() {
         problems.push(ConfigError::Missing {
             key: "mimecast.client_id",
@@ -823,7 +863,11 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        from_str(text, &no_env).unwrap_err().to_string()
+        err_with(text, &no_env)
+    }
+
+    fn err_with(text: &str, env: &dyn Fn(&str) -> Option<String>) -> String {
+        from_str(text, env).unwrap_err().to_string()
     }
 
     #[test]
@@ -944,6 +988,58 @@ mod tests {
         for shown in [format!("{c:?}"), c.render()] {
             assert!(!shown.contains("s3cr3t"), "{shown}");
         }
+    }
+
+    #[test]
+    fn secrets_lose_surrounding_white_space_wherever_they_come_from_and_a_line_break_inside_is_refused() {
+        let env = |k: &str| match k {
+            "DD_API_KEY" => Some("dd-key\n".to_string()),
+            "MIMECAST_CLIENT_SECRET" => Some("mc-secret\r\n".to_string()),
+            "MIMECAST_CLIENT_ID" => Some(" mc-id\n".to_string()),
+            _ => None,
+        };
+        let c = from_str("", &env).unwrap();
+        assert_eq!(c.datadog.api_key.expose(), "dd-key");
+        assert_eq!(c.mimecast.client_secret.expose(), "mc-secret");
+        assert_eq!(c.mimecast.client_id, "mc-id");
+        let env = |k: &str| (k == "DD_API_KEY").then(|| "dd\r\nX-Injected: 1".to_string());
+        let e = err_with("[mimecast]\nclient_id = \"id\"\nclient_secret = \"s\"\n", &env);
+        assert!(e.contains("datadog.api_key = [redacted]") && e.contains("control characters"), "{e}");
+        assert!(!e.contains("Injected"), "{e}");
+        // Blank in the environment is missing, and says where a value may come from.
+        let env = |k: &str| (k == "DD_API_KEY").then(|| " \n".to_string());
+        let e = err_with("[mimecast]\nclient_id = \"id\"\nclient_secret = \"s\"\n", &env);
+        assert!(e.contains("missing datadog.api_key: set datadog.api_key_file"), "{e}");
+    }
+
+    #[test]
+    fn secret_and_config_files_must_be_small_regular_files_and_an_empty_one_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let with = |file: &Path| format!("{MINIMAL}api_key_file = {:?}\n", file.display().to_string());
+        let e = err(&with(&empty));
+        assert!(e.contains("datadog.api_key") && e.contains("the file is empty"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'k'; 65 << 10]).unwrap();
+        let e = err(&with(&big));
+        assert!(e.contains("larger than 64 KiB"), "{e}");
+        // A device never ends and a FIFO blocks: both are refused before a byte is read.
+        let e = err(&with(Path::new("/dev/zero")));
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = load(Path::new("/dev/zero"), &no_env).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read /dev/zero: not a regular file"), "{e}");
+        let fifo = dir.path().join("fifo");
+        if std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
+            let e = load(&fifo, &no_env).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        } else {
+            eprintln!("SKIPPED the FIFO case: mkfifo is not available here");
+        }
+        let huge = dir.path().join("huge.toml");
+        std::fs::write(&huge, vec![b'#'; (1 << 20) + 1]).unwrap();
+        let e = load(&huge, &no_env).unwrap_err().to_string();
+        assert!(e.contains("larger than 1024 KiB"), "{e}");
     }
 
     #[test]

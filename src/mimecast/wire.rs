@@ -79,7 +79,9 @@ pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&s
 pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
     // A serializer that cut a string inside an emoji (an unpaired surrogate) or wrote Latin-1 makes the whole page
     // unreadable, and a page that is never read stops its feed for good: read such a page with the offending
-    // characters replaced, and say so, rather than stall.
+    // characters replaced, and say so, rather than stall. A UTF-8 byte order mark in front is skipped, as RFC 8259
+    // allows a parser to.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let (doc, repaired): (Value, usize) = match serde_json::from_slice(body) {
         Ok(doc) => (doc, 0),
         Err(e) => {
@@ -162,10 +164,11 @@ fn unwrap_records(feed: Feed, key: &str, data: Vec<Value>) -> Result<Vec<Value>,
             Some(Value::Array(inner)) => records.extend(objects(inner, &format!("data[].{key}"))?),
             Some(Value::Null) => {}
             Some(_) => return Err(WireError::Malformed(format!("data[].{key} is not an array"))),
+            // A wrapper with only counters (resultCount) and no records array holds nothing, on every feed: a
+            // rejection has text fields (addresses, reasons), so an item of numbers alone is not one.
+            None if is_counter_only(&wrapper) => {}
             // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record.
             None if feed == Feed::Rejection => records.push(Value::Object(wrapper)),
-            // A wrapper with only counters (resultCount) and no records array holds nothing.
-            None if is_counter_only(&wrapper) => {}
             None => return Err(WireError::Malformed(format!("data[] item has no {key} array"))),
         }
     }
@@ -341,8 +344,18 @@ mod tests {
         let p = parse(Feed::TtpUrl, r#"{"meta":{"pagination":{"next":"next"}},"data":[],"fail":[]}"#).unwrap();
         assert!(p.is_last());
 
-        let p = parse(Feed::TtpImpersonation, r#"{"meta":{},"data":[{"resultCount":0}]}"#).unwrap();
-        assert!(p.records.is_empty());
+        // A wrapper of counters alone holds no record, on the rejection feed too (where an item without the
+        // wrapper key is otherwise taken for a flat rejection).
+        for feed in [Feed::TtpImpersonation, Feed::Rejection] {
+            let p = parse(feed, r#"{"meta":{},"data":[{"resultCount":0}]}"#).unwrap();
+            assert!(p.records.is_empty(), "{feed:?}");
+        }
+        let p = parse(Feed::Rejection, r#"{"meta":{},"data":[{"resultCount":1},{"id":"r1","info":"x"}]}"#).unwrap();
+        assert_eq!(p.records.len(), 1);
+
+        // A byte order mark in front of the page is skipped, not a page that stops its feed.
+        let p = parse_page(Feed::Audit, b"\xEF\xBB\xBF{\"meta\":{},\"data\":[{\"id\":\"a\"}]}").unwrap();
+        assert_eq!(p.records.len(), 1);
 
         // No pagination, no records: a valid empty last page. A null or empty `next` is no next.
         for body in [
