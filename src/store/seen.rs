@@ -10,6 +10,11 @@
 //! - `seen_main` takes them all from `seen_recent` in one statement when that is full, in key order, in the
 //!   transaction of the page that filled it: each of its pages is touched once per [`MERGE_AT`] keys.
 //!
+//! A key's horizon ([`horizon`]) is the later of its record's own time and the end of the window that returned
+//! it: Mimecast filters on a time of its own, which can be hours off the record's time field (the time-zone-lag
+//! bug: a tenant's local time labelled `+0000`), so a record hours "older" than its window is returned again by
+//! every later window that overlaps that one, and its key must outlive them all.
+//!
 //! Forgetting (`forget`): `seen_recent` is pruned at every completed window, `seen_main` (a scan of the feed's
 //! keys, and a write of most of its pages) when its horizon has moved [`MAIN_PRUNE_STEP`] on since it was last
 //! pruned, and at the first completed window of the feed after the store is opened. A key is never forgotten
@@ -20,6 +25,7 @@ use rusqlite::{CachedStatement, Connection, Transaction, params};
 
 use super::{Context, StoreError};
 use crate::mimecast::Feed;
+use crate::mimecast::window::Window;
 
 /// Keys `seen_recent` holds before they move into `seen_main`.
 pub(super) const MERGE_AT: u64 = 16_384;
@@ -53,6 +59,15 @@ impl Seen {
             Some(last) => forget_before >= last.saturating_add(self.main_prune_step),
         }
     }
+}
+
+/// The horizon of the key of a record with this own time, returned by `window`: the later of the two. Mimecast
+/// returns a record for every window that holds the time it filters on, which lies in `window` whatever the
+/// record's own time says, and a window after a completed one starts at most `overlap_secs` before its end. So once
+/// a completed window's `forget_before` (its end less `overlap_secs` and an hour) has passed the horizon, no later
+/// window returns the record again.
+pub(super) fn horizon(event_time: Option<i64>, window: Window) -> i64 {
+    event_time.map_or(window.to, |t| t.max(window.to))
 }
 
 /// The two statements that record one page's keys, prepared once per page.
@@ -202,7 +217,7 @@ mod tests {
                     let out = s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
                     let mut queued = 0;
                     for r in &p.records {
-                        let horizon = r.event_time.unwrap_or(p.window.to);
+                        let horizon = r.event_time.map_or(p.window.to, |t| t.max(p.window.to));
                         if let std::collections::hash_map::Entry::Vacant(v) =
                             model.entry((feed.name().to_owned(), r.key.clone()))
                         {

@@ -146,6 +146,42 @@ fn a_record_indexed_late_inside_the_overlap_is_queued_once() {
     assert_delivered_once(&rig.dd, &late.expected);
 }
 
+/// Mimecast filters some records on a time hours after the one their own field says (its time-zone-lag bug: a US
+/// tenant's local time labelled `+0000` reads 5-8 h old). Every window that overlaps the one that returned such a
+/// record returns it again, so its seen key must outlive them all, not only its own time: over the overlapping
+/// windows of a pass and over three passes that each read the last overlap again, each is delivered once.
+#[test]
+fn records_filtered_hours_after_their_own_time_are_delivered_once_across_overlapping_windows() {
+    let rig = Rig::new();
+    let now = mimecast_forwarder::datetime::now();
+    let lag = 6 * 3600;
+    let mut expected = HashMap::new();
+    for feed in [Feed::Audit, Feed::TtpUrl] {
+        // Spread over the first pass's five windows of 1800 s, one in each 60 s overlap of two of them, and three in
+        // the last window's overlap, which the next passes read again.
+        let times = (0..100).map(|i| now - 7100 + i * 71).chain([now - 30, now - 20, now - 10]);
+        let recs: Vec<(i64, Value)> = times
+            .enumerate()
+            .map(|(i, t)| (t, mimecast_forwarder::sim::records::generate(feed, i as u64, t - lag, 300)))
+            .collect();
+        for (_, r) in &recs {
+            expected.insert(wire::record_key(feed, r), feed);
+        }
+        rig.mc.add_at(feed, recs);
+    }
+    let cfg = rig.config(&[("mimecast", "log_types = [\"audit\", \"ttp-url\"]")]);
+    let offset = Arc::new(AtomicI64::new(0));
+    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..fast_tuning() };
+    for pass in 0..3 {
+        offset.store(pass * 5, Ordering::SeqCst); // Time passes, so that a next window exists.
+        assert_eq!(rig.once_with(&cfg, &tuning).queued, 0);
+    }
+    assert_delivered_once(&rig.dd, &expected);
+    // Mimecast did return them again: the overlaps inside the first pass, and the last overlap in each pass after.
+    let served: usize = rig.mc.requests().iter().map(|r| r.records).sum();
+    assert!(served >= expected.len() + 2 * (4 + 3 * 2), "{served} records served for {} distinct", expected.len());
+}
+
 /// A `--once` pass that starts before anything new has settled (cron right after a crash, or two passes in a
 /// row) still reads the overlap behind the watermark: a record indexed late there is not left for a later pass.
 #[test]
