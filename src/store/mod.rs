@@ -21,7 +21,7 @@ pub use error::user_of;
 pub use error::{Foreign, StoreError};
 pub(crate) use error::{name_of, process_user};
 pub use note::Note;
-pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
+pub use queue::{Counters, InFlight, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -550,7 +550,7 @@ mod tests {
             records,
             forget_before: 0,
         };
-        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         s.candidates(usize::MAX >> 1).unwrap().concat().iter().map(|q| q.seq).collect()
     }
 
@@ -675,6 +675,7 @@ mod tests {
             3,
             u64::MAX,
             crate::config::WhenFull::Pause,
+            &InFlight::NONE,
         );
         assert_eq!(out.unwrap().queued, 1, "the store goes on after the rewrite");
     }
@@ -806,7 +807,7 @@ mod tests {
             records: vec![record("h:a"), record("h:gone"), record("h:new")],
             forget_before: 0,
         };
-        let out = s.commit_page(&page, 1_699_990_600, u64::MAX, WhenFull::Pause).unwrap();
+        let out = s.commit_page(&page, 1_699_990_600, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (1, 2));
         let seen: i64 = s.conn().query_row("SELECT COUNT(*) FROM seen", [], |r| r.get(0)).unwrap();
         assert_eq!(seen, 4);
@@ -830,7 +831,7 @@ mod tests {
             records,
             forget_before: 0,
         };
-        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause, &InFlight::NONE).unwrap();
         drop(s);
         let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let len = f.metadata().unwrap().len();

@@ -139,7 +139,7 @@ mod tests {
     use crate::config::WhenFull;
     use crate::mimecast::Feed;
     use crate::mimecast::window::Window;
-    use crate::store::{NewRecord, PageCommit, Store};
+    use crate::store::{InFlight, NewRecord, PageCommit, Store};
 
     const FEEDS: [Feed; 2] = [Feed::Audit, Feed::TtpUrl];
 
@@ -212,9 +212,9 @@ mod tests {
                 if fail {
                     let poison = NewRecord { key: "kpoison".into(), event_time: None, body: "{}".into() };
                     p.records.insert(p.records.len() / 2, poison);
-                    prop_assert!(s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).is_err());
+                    prop_assert!(s.commit_page(&p, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).is_err());
                 } else {
-                    let out = s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
+                    let out = s.commit_page(&p, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
                     let mut queued = 0;
                     for r in &p.records {
                         let horizon = r.event_time.map_or(p.window.to, |t| t.max(p.window.to));
@@ -245,15 +245,18 @@ mod tests {
     fn keys_move_to_the_main_table_when_the_recent_one_is_full() {
         let mut s = store(5, super::MAIN_PRUNE_STEP);
         let keys: Vec<(u8, i64)> = (0..4).map(|k| (k, 10)).collect();
-        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((count(&s, "seen_recent"), count(&s, "seen_main")), (4, 0));
         let keys: Vec<(u8, i64)> = (2..6).map(|k| (k, 10)).collect();
-        let out = s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out =
+            s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (2, 2));
         assert_eq!((count(&s, "seen_recent"), count(&s, "seen_main")), (0, 6), "moved at 6 >= 5");
-        let out = s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out =
+            s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (0, 4), "keys in the main table are seen");
-        let out = s.commit_page(&page(Feed::TtpUrl, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out =
+            s.commit_page(&page(Feed::TtpUrl, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (4, 0), "per feed");
     }
 
@@ -263,28 +266,29 @@ mod tests {
     fn the_main_table_is_pruned_an_hour_at_a_time() {
         let mut s = store(1, 3600);
         let keys: Vec<(u8, i64)> = (0..10).map(|k| (k, i64::from(k) * 1000)).collect();
-        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_main"), 10);
         let main_keys = |s: &Store| {
             let mut k: Vec<String> = seen_rows(s, "seen_main").into_keys().map(|(_, k)| k).collect();
             k.sort();
             k
         };
-        s.commit_page(&page(Feed::Audit, &[], true, 1500), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 1500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(main_keys(&s), ["k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"], "first window since open");
-        s.commit_page(&page(Feed::Audit, &[], true, 4500), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 4500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_main"), 8, "less than the step since the last prune: kept");
-        s.commit_page(&page(Feed::TtpUrl, &[], true, 9000), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::TtpUrl, &[], true, 9000), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_main"), 8, "another feed's window forgets only its own keys");
-        s.commit_page(&page(Feed::Audit, &[(50, 6000)], true, 5100), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[(50, 6000)], true, 5100), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE)
+            .unwrap();
         assert_eq!(main_keys(&s), ["k50", "k6", "k7", "k8", "k9"], "pruned again once the step is reached");
 
         // The recent table is pruned at every window.
         let mut s = store(1000, 3600);
-        s.commit_page(&page(Feed::Audit, &keys, true, 1500), 1, u64::MAX, WhenFull::Pause).unwrap();
-        s.commit_page(&page(Feed::Audit, &[], true, 1600), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &keys, true, 1500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 1600), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_recent"), 8);
-        s.commit_page(&page(Feed::Audit, &[], true, 2500), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 2500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_recent"), 7);
     }
 }
