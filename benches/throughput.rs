@@ -27,7 +27,7 @@ use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog::{self as dd, DatadogSim};
 use mimecast_forwarder::sim::mimecast::{self as mc, MimecastSim};
 use mimecast_forwarder::sim::records::generate;
-use mimecast_forwarder::store::{NewRecord, PageCommit, Store};
+use mimecast_forwarder::store::{InFlight, NewRecord, PageCommit, Store};
 use rusqlite::ToSql;
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
@@ -433,7 +433,7 @@ fn fill(path: &Path, n: u64) -> f64 {
             forget_before: i64::MIN,
         };
         let t = Instant::now();
-        store.commit_page(&page, now, u64::MAX, WhenFull::Pause).unwrap();
+        store.commit_page(&page, now, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         in_store += t.elapsed();
     }
     store.checkpoint().unwrap();
@@ -569,7 +569,7 @@ fn raw(report: &mut Report, scale: &Scale, tmp: &Path) {
         body_bytes += recs.iter().map(|r| r.body.len() as u64).sum::<u64>();
         let page = PageCommit { feed: FEED, window, next_token: None, records: recs, forget_before: i64::MIN };
         let t = Instant::now();
-        store.commit_page(&page, now, u64::MAX, WhenFull::Pause).unwrap();
+        store.commit_page(&page, now, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         store_insert += t.elapsed();
     }
     // Outside the timing: the WAL folded into the file, so that the file holds every row.

@@ -14,7 +14,7 @@ use mimecast_forwarder::datadog::batch;
 use mimecast_forwarder::mimecast::window::Window;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::records::generate;
-use mimecast_forwarder::store::{NewRecord, PageCommit, Store};
+use mimecast_forwarder::store::{InFlight, NewRecord, PageCommit, Store};
 
 const PAGE: usize = 500;
 const BATCH: usize = 1000;
@@ -120,7 +120,7 @@ fn main() {
     let w = written();
     for (i, page) in pages.iter().enumerate() {
         let (start, c) = (Instant::now(), cpu());
-        store.commit_page(page, BASE, u64::MAX, WhenFull::Pause).unwrap();
+        store.commit_page(page, BASE, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         commit += start.elapsed();
         commit_cpu += cpu() - c;
         bytes_in += page.records.iter().map(|r| r.body.len() as u64).sum::<u64>();

@@ -6,6 +6,7 @@
 //! Datadog ([`health`]) is one more task, held by the loop and dropped with it, but never awaited: it cannot
 //! hold up a send.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::{Pin, pin};
@@ -37,7 +38,7 @@ use crate::policy::pressure::{self, Pause, Pressure, Room};
 use crate::policy::sender::{Action as SendAction, Batch, Next, Sender, SenderSettings, Summary};
 use crate::policy::{self, Now, PassState, Retries};
 use crate::sd_notify::Notifier;
-use crate::store::{NewRecord, Note, PageCommit, Store, StoreError};
+use crate::store::{InFlight, NewRecord, Note, PageCommit, Store, StoreError};
 
 /// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
 #[derive(Clone)]
@@ -145,6 +146,9 @@ struct Agent {
     /// Bumped when a reload changes the Mimecast credentials; a fetch started under other ones brings back a
     /// token that is not kept.
     creds_generation: u64,
+    /// The records of the batches Datadog accepted whose removal failed and waits in the sender for its retry
+    /// (`drop-oldest` must leave them); emptied once the sender holds no such batch.
+    unremoved: BTreeSet<i64>,
 }
 
 /// SIGHUP and the config file it makes the agent read again (`systemctl reload`).
@@ -277,6 +281,7 @@ impl Agent {
             page_wal: 256 * 1024,
             disk_note: true,
             creds_generation: 0,
+            unremoved: BTreeSet::new(),
         })
     }
 
@@ -822,7 +827,11 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let commit = PageCommit { feed: req.feed, window: req.window, next_token, records, forget_before };
         let wal_before = self.store.wal_bytes();
-        let out = self.store.commit_page(&commit, now.unix, self.cfg.queue.max_bytes, self.cfg.queue.when_full)?;
+        // `drop-oldest` leaves what is in flight (per feed, every record up to the highest one sent) and what was
+        // delivered but is still to be removed: dropping those would count as dropped records that Datadog has.
+        let in_flight = InFlight::new(|feed| self.sender.sent_up_to(feed), self.unremoved.iter().copied());
+        let (max_bytes, when_full) = (self.cfg.queue.max_bytes, self.cfg.queue.when_full);
+        let out = self.store.commit_page(&commit, now.unix, max_bytes, when_full, &in_flight)?;
         self.page_wal = self.page_wal.max(self.store.wal_bytes().saturating_sub(wal_before));
         if out.dropped > 0 {
             log::warn!(
@@ -931,6 +940,7 @@ impl Agent {
             Ok(n) => n,
             Err(e) if e.is_transient() => {
                 let n = b.seqs.len();
+                self.unremoved.extend(&b.seqs);
                 let delay = self.sender.on_remove_failed(now, b);
                 log::error!(
                     "Datadog accepted {n} records, but removing them from the queue failed: {e}; retrying the removal \
@@ -941,6 +951,9 @@ impl Agent {
             }
             Err(e) => return Err(e.into()),
         };
+        if self.sender.undeleted() == 0 {
+            self.unremoved.clear();
+        }
         if b.kept > 0 {
             log::warn!("sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them", b.kept);
         }

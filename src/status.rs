@@ -277,7 +277,7 @@ mod tests {
 
     use super::*;
     use crate::mimecast::window::Window;
-    use crate::store::{NewRecord, PageCommit};
+    use crate::store::{InFlight, NewRecord, PageCommit};
 
     const CONFIG: &str =
         "[mimecast]\nclient_id = \"i\"\nclient_secret = \"s\"\nlog_types = [\"audit\"]\n[datadog]\napi_key = \"k\"\n";
@@ -298,7 +298,7 @@ mod tests {
             records: vec![record],
             forget_before: 0,
         };
-        store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause, &InFlight::NONE).unwrap();
         store.init_cursor(Feed::Dlp, 1_500).unwrap();
         let page = PageCommit {
             feed: Feed::Dlp,
@@ -307,7 +307,7 @@ mod tests {
             records: vec![],
             forget_before: 0,
         };
-        store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        store.commit_page(&page, 2_000, u64::MAX, crate::config::WhenFull::Pause, &InFlight::NONE).unwrap();
         store
     }
 

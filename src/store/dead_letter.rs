@@ -119,7 +119,7 @@ mod tests {
     use crate::config::WhenFull;
     use crate::mimecast::Feed;
     use crate::mimecast::window::Window;
-    use crate::store::{NewRecord, PageCommit};
+    use crate::store::{InFlight, NewRecord, PageCommit};
 
     /// A store with records a, b, c, d of the DLP feed, of which b, c and d are dead letters 1, 2 and 3.
     fn store_with_dead_letters() -> Store {
@@ -137,7 +137,7 @@ mod tests {
             records: records.into(),
             forget_before: 0,
         };
-        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         for q in &s.candidates(10).unwrap()[0][1..] {
             assert!(s.dead_letter(q.seq, "HTTP 400: bad", 5).unwrap());
         }

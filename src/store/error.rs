@@ -27,6 +27,9 @@ pub enum StoreError {
     ReadOnly { path: PathBuf, user: String, foreign: Option<Foreign> },
     /// Any other SQLite failure, with what we were doing.
     Sql { context: &'static str, error: rusqlite::Error },
+    /// A file operation on the queue's files outside SQLite (creating a new queue) failed otherwise than for a
+    /// full disk or missing write access.
+    Io { path: PathBuf, doing: &'static str, error: std::io::Error },
 }
 
 impl StoreError {
@@ -46,7 +49,8 @@ impl std::fmt::Display for StoreError {
             StoreError::Corrupt { path, detail } => write!(
                 f,
                 "queue database {} is damaged or not a database ({detail}); stop the service, move the file aside \
-                 (its records may be recoverable with sqlite3 .recover) and start again to create a new queue",
+                 with any -wal and -shm files beside it (its records may be recoverable with sqlite3 .recover) and \
+                 start again to create a new queue",
                 path.display()
             ),
             StoreError::TooNew { path, version } => write!(
@@ -88,6 +92,7 @@ impl std::fmt::Display for StoreError {
                 path.display()
             ),
             StoreError::Sql { context, error } => write!(f, "{context}: {error}"),
+            StoreError::Io { path, doing, error } => write!(f, "queue database {}: {doing}: {error}", path.display()),
         }
     }
 }
@@ -96,6 +101,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StoreError::Sql { error, .. } => Some(error),
+            StoreError::Io { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -130,6 +136,17 @@ pub(crate) fn classify(path: &Path, e: StoreError) -> StoreError {
             StoreError::Corrupt { path, detail: format!("{context}: {error}") }
         }
         _ => e,
+    }
+}
+
+/// A failed file operation on the queue `path` outside SQLite, said as SQLite's failure of the same kind would be:
+/// missing write access names the user and the fix, a full disk the free space.
+pub(crate) fn io(path: &Path, doing: &'static str, error: std::io::Error) -> StoreError {
+    use std::io::ErrorKind as K;
+    match error.kind() {
+        K::PermissionDenied | K::ReadOnlyFilesystem => read_only(path),
+        K::StorageFull => StoreError::Full { path: path.into(), free_bytes: free_bytes(path) },
+        _ => StoreError::Io { path: path.into(), doing, error },
     }
 }
 

@@ -21,7 +21,7 @@ pub use error::user_of;
 pub use error::{Foreign, StoreError};
 pub(crate) use error::{name_of, process_user};
 pub use note::Note;
-pub use queue::{Counters, NewRecord, PageCommit, PageOutcome, Queued};
+pub use queue::{Counters, InFlight, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -133,6 +133,10 @@ pub struct Space {
 /// What SQLite keeps of a database `queue.db`: the file itself, `queue.db-wal` and `queue.db-shm`.
 pub(crate) const SQLITE_SUFFIXES: [&str; 3] = ["", "-wal", "-shm"];
 
+/// A new queue `queue.db` is built as `queue.db.new` and renamed into place (see [`create`]): beside it, so that
+/// the rename stays on its filesystem, and covered by the `queue.db*` that the ownership fix names.
+const CREATING: &str = ".new";
+
 /// `path` with `suffix` added to its name: a file SQLite keeps beside the database, or the instance's lock.
 pub(crate) fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -153,14 +157,24 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the queue at `path`, in WAL mode with `synchronous = FULL`, migrates it and
-    /// checks it with `PRAGMA quick_check`.
+    /// Opens the queue at `path`, in WAL mode with `synchronous = FULL`, migrates it and checks it with `PRAGMA
+    /// quick_check`. Where there is no file it creates a new queue, whole ([`create`]); an empty file, or one
+    /// without a schema version, is damage ([`unversioned`]), not a new queue: starting one would drop the
+    /// cursors, and read everything since `initial_lookback_secs` again, without a word.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // systemd's StateDirectory= creates the directory in production; this covers tests and manual runs.
             let _ = std::fs::create_dir_all(dir);
         }
-        Store::open_with(path, OpenFlags::default())
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
+            // Before SQLite opens it: SQLite takes an empty file for a new database, and deletes a `-wal` beside it.
+            Ok(m) if m.len() == 0 => return Err(unversioned(path)),
+            // Anything else is for SQLite's open to say.
+            _ => {}
+        }
+        // Without SQLITE_OPEN_CREATE: a file that went away meanwhile is an error, not an empty new database.
+        Store::open_with(path, OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_CREATE))
     }
 
     /// `open` with the given flags; tests use it to see how a read-only file is reported.
@@ -179,11 +193,9 @@ impl Store {
                 return Err(error::read_only(path));
             }
             if schema_version(conn)? == 0 {
-                // Before the first table and before WAL mode writes the header (and the page size before
-                // auto_vacuum, or SQLite keeps its default): see `PAGE_SIZE`, and free pages can be given back to
-                // the filesystem (`shrink`, `release_free_pages`), which a queue needs once delivery has emptied it.
-                conn.pragma_update(None, "page_size", PAGE_SIZE).ctx("setting the page size")?;
-                conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").ctx("enabling incremental vacuum")?;
+                // `create` makes every queue with its schema: a file without one was not made whole. Said before
+                // WAL mode or a migration writes anything, so the file stays as it was.
+                return Err(unversioned(path));
             }
             setup(conn).ctx("setting up the queue database")?;
             migrate(conn, path)?;
@@ -196,6 +208,9 @@ impl Store {
     /// Opens an existing queue read-only, for `status` while `run` is running. Checks it like `open` does, so
     /// that damage in the middle of the file is reported.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(unversioned(path));
+        }
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .ctx("opening the queue database")
@@ -208,7 +223,7 @@ impl Store {
                 return Err(StoreError::TooNew { path: path.into(), version });
             }
             if version == 0 {
-                return Err(StoreError::Corrupt { path: path.into(), detail: "no schema version".into() });
+                return Err(unversioned(path));
             }
             if version < SCHEMA_VERSION {
                 // Only `run` migrates (a read-only reader must not change the file under a running older agent).
@@ -344,6 +359,58 @@ impl Store {
     pub(crate) fn conn(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Creates a new queue at `path`, whole: its schema is built in `queue.db.new` beside it ([`CREATING`]), which is
+/// synced and renamed to `path`, and the directory is synced, so that `path` never exists without its schema, even
+/// after a crash or a power loss during the first start. (SQLite alone creates an empty file first and the schema
+/// after it, so a crash in between would leave what is otherwise damage.) A `queue.db.new` left by such a crash is
+/// discarded first. Only `run`, under its instance lock, creates a queue (`status` and `dead-letters` need one).
+fn create(path: &Path) -> Result<(), StoreError> {
+    // SQLite recovers a WAL or a rollback journal it finds beside a database into it, whatever database the file
+    // was of: one left without its database would be applied to the new queue.
+    for suffix in ["-wal", "-journal"] {
+        let stray = beside(path, suffix);
+        if stray.symlink_metadata().is_ok() {
+            let detail = format!("left without its database {}", path.display());
+            return Err(StoreError::Corrupt { path: stray, detail });
+        }
+    }
+    let temp = beside(path, CREATING);
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        match std::fs::remove_file(beside(&temp, suffix)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error::io(path, "removing a queue database left half made", e));
+            }
+            _ => {}
+        }
+    }
+    let built = (|| {
+        let conn = Connection::open(&temp).ctx("creating the queue database")?;
+        // Before the first table (and the page size before auto_vacuum, or SQLite keeps its default): see
+        // `PAGE_SIZE`, and free pages can be given back to the filesystem (`shrink`, `release_free_pages`), which a
+        // queue needs once delivery has emptied it. The file stays in rollback mode, so that everything is in it
+        // when it is closed; `setup` turns WAL mode on at the first open.
+        conn.pragma_update(None, "page_size", PAGE_SIZE).ctx("setting the page size")?;
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").ctx("enabling incremental vacuum")?;
+        migrate(&conn, path)?;
+        conn.close().map_err(|(_, e)| e).ctx("closing the new queue database")
+    })();
+    built.map_err(|e| classify(path, e))?;
+    let sync = |file: &Path, doing| {
+        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(|e| error::io(path, doing, e))
+    };
+    sync(&temp, "syncing the new queue database")?;
+    std::fs::rename(&temp, path).map_err(|e| error::io(path, "moving the new queue database into place", e))?;
+    sync(dir_of(path), "syncing the queue's directory")
+}
+
+/// The error for a queue file without a schema version: empty, or made by an earlier build that was stopped
+/// between creating the file and its schema. Not a queue to start again: it may have been one.
+fn unversioned(path: &Path) -> StoreError {
+    let empty = std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
+    let detail = if empty { "an empty file, no schema version" } else { "no schema version" };
+    StoreError::Corrupt { path: path.into(), detail: detail.into() }
 }
 
 /// WAL lets `status` read while `run` writes. `synchronous = FULL` makes every commit durable on return
@@ -550,7 +617,7 @@ mod tests {
             records,
             forget_before: 0,
         };
-        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         s.candidates(usize::MAX >> 1).unwrap().concat().iter().map(|q| q.seq).collect()
     }
 
@@ -675,6 +742,7 @@ mod tests {
             3,
             u64::MAX,
             crate::config::WhenFull::Pause,
+            &InFlight::NONE,
         );
         assert_eq!(out.unwrap().queued, 1, "the store goes on after the rewrite");
     }
@@ -688,6 +756,64 @@ mod tests {
         assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("move the file aside"));
         assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 8192], "the damaged file is left untouched");
+    }
+
+    /// An empty `queue.db` (a crash of an earlier build during its first start, or `: > queue.db`), or one
+    /// without a schema version, is damage for `run` as for `status`, and is left as it was: not a new queue that
+    /// would start again from `initial_lookback_secs` without a word.
+    #[test]
+    fn an_empty_or_unversioned_file_is_damage_not_a_new_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        std::fs::write(&path, b"").unwrap();
+        for e in [Store::open(&path).err().unwrap(), Store::open_read_only(&path).err().unwrap()] {
+            assert!(matches!(&e, StoreError::Corrupt { path: p, .. } if *p == path), "{e}");
+            assert!(e.to_string().contains("an empty file, no schema version"), "{e}");
+            assert!(e.to_string().contains("move the file aside"), "{e}");
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "the empty file is left as it was");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["queue.db"], "nothing created beside it");
+
+        // A database with tables but no schema version: not ours, or not made whole.
+        std::fs::remove_file(&path).unwrap();
+        Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        let before = std::fs::read(&path).unwrap();
+        for e in [Store::open(&path).err().unwrap(), Store::open_read_only(&path).err().unwrap()] {
+            assert!(matches!(&e, StoreError::Corrupt { detail, .. } if detail == "no schema version"), "{e}");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before, "left as it was");
+    }
+
+    /// A new queue is built beside its path and renamed into place, so that the path never holds a file without
+    /// its schema; what a crash during that left is discarded at the next start, but a WAL or a journal left
+    /// without its database is refused rather than recovered into the new queue.
+    #[test]
+    fn a_new_queue_is_made_whole_and_a_half_made_one_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let temp = beside(&path, CREATING);
+        std::fs::write(&temp, b"half a queue").unwrap();
+        std::fs::write(beside(&temp, "-journal"), b"its journal").unwrap();
+        let s = Store::open(&path).unwrap();
+        assert_eq!(schema_version(s.conn()).unwrap(), SCHEMA_VERSION);
+        drop(s);
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["queue.db"], "the leftovers are gone, and the closed queue has no -wal or -shm");
+        assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()));
+
+        for stray in ["-wal", "-journal"] {
+            std::fs::remove_file(&path).unwrap();
+            let stray = beside(&path, stray);
+            std::fs::write(&stray, b"a log of another database").unwrap();
+            let e = Store::open(&path).err().unwrap();
+            assert!(matches!(&e, StoreError::Corrupt { path: p, .. } if *p == stray), "{e}");
+            assert!(e.to_string().contains("left without its database") && !path.exists(), "{e}");
+            std::fs::remove_file(&stray).unwrap();
+            drop(Store::open(&path).unwrap());
+        }
     }
 
     #[test]
@@ -806,7 +932,7 @@ mod tests {
             records: vec![record("h:a"), record("h:gone"), record("h:new")],
             forget_before: 0,
         };
-        let out = s.commit_page(&page, 1_699_990_600, u64::MAX, WhenFull::Pause).unwrap();
+        let out = s.commit_page(&page, 1_699_990_600, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (1, 2));
         let seen: i64 = s.conn().query_row("SELECT COUNT(*) FROM seen", [], |r| r.get(0)).unwrap();
         assert_eq!(seen, 4);
@@ -830,7 +956,7 @@ mod tests {
             records,
             forget_before: 0,
         };
-        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause, &InFlight::NONE).unwrap();
         drop(s);
         let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let len = f.metadata().unwrap().len();

@@ -82,6 +82,7 @@ pub(super) fn clear(tx: &rusqlite::Transaction, note: Note) -> Result<(), StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::InFlight;
 
     #[test]
     fn notes_keep_their_time_apart_and_the_last_one_wins() {
@@ -114,7 +115,7 @@ mod tests {
             records: vec![NewRecord { key: "k".into(), event_time: None, body: "{}".into() }],
             forget_before: 0,
         };
-        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause).unwrap();
+        s.commit_page(&page, 1, u64::MAX, crate::config::WhenFull::Pause, &InFlight::NONE).unwrap();
         s.set_note(Note::DatadogLastError, 5, "HTTP 503").unwrap();
         let seqs: Vec<i64> = s.candidates(10).unwrap()[0].iter().map(|q| q.seq).collect();
         s.delivered(&seqs, 0, 0, 7).unwrap();

@@ -37,6 +37,36 @@ pub struct PageOutcome {
     pub dropped: u64,
 }
 
+/// The records `drop-oldest` must leave in the queue: those in flight to Datadog, and those Datadog accepted whose
+/// removal failed and is to be retried. Dropping one would count as dropped a record that Datadog has, and its
+/// removal would then find nothing to count as delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// Per feed (`Feed as usize`), the highest sequence number that may be in flight: every record of the feed up to
+    /// it is kept. `i64::MIN` when none is.
+    up_to: [i64; 6],
+    /// Records accepted whose removal is still to come, sorted.
+    accepted: Vec<i64>,
+}
+
+impl InFlight {
+    /// Nothing in flight: `drop-oldest` may drop any record.
+    pub const NONE: InFlight = InFlight { up_to: [i64::MIN; 6], accepted: Vec::new() };
+
+    /// Every record of a feed up to `up_to(feed)` (the agent passes `Sender::sent_up_to`, which covers every batch
+    /// in flight: a new batch only takes records after it), and the records `accepted`.
+    pub fn new(up_to: impl Fn(Feed) -> i64, accepted: impl IntoIterator<Item = i64>) -> InFlight {
+        let mut accepted: Vec<i64> = accepted.into_iter().collect();
+        accepted.sort_unstable();
+        InFlight { up_to: Feed::ALL.map(up_to), accepted }
+    }
+
+    /// Whether this record of `feed` must stay.
+    fn holds(&self, feed: Option<Feed>, seq: i64) -> bool {
+        feed.is_some_and(|f| seq <= self.up_to[f as usize]) || self.accepted.binary_search(&seq).is_ok()
+    }
+}
+
 /// A queued record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
@@ -74,13 +104,17 @@ pub(super) fn bump(tx: &rusqlite::Transaction, name: &str, by: i64) -> Result<()
 impl Store {
     /// Queues a page's new records and moves the feed's cursor, in one transaction: after a crash either both
     /// happened or neither did. Records whose key is already known for the feed are skipped; the keys of the others
-    /// are recorded as seen in the same transaction (`seen.rs`).
+    /// are recorded as seen in the same transaction (`seen.rs`). With `drop-oldest`, the oldest records not
+    /// `in_flight` are then dropped until the queue fits in `max_bytes`, or until only records in flight are left
+    /// to drop: the page is stored all the same, and the queue exceeds `max_bytes` by at most those until their
+    /// answers come.
     pub fn commit_page(
         &mut self,
         page: &PageCommit,
         now: i64,
         max_bytes: u64,
         when_full: WhenFull,
+        in_flight: &InFlight,
     ) -> Result<PageOutcome, StoreError> {
         let recent = match self.seen.recent {
             Some(n) => n,
@@ -98,7 +132,7 @@ impl Store {
                 let mut keys = seen::Keys::new(&tx)?;
                 let mut queue = Insert::new(&tx)?;
                 for r in &page.records {
-                    if !keys.add(feed, &r.key, r.event_time.unwrap_or(page.window.to))? {
+                    if !keys.add(feed, &r.key, seen::horizon(r.event_time, page.window))? {
                         out.skipped += 1;
                         continue;
                     }
@@ -130,7 +164,7 @@ impl Store {
                 }
             }
             if when_full == WhenFull::DropOldest {
-                out.dropped = drop_oldest(&tx, max_bytes)?;
+                out.dropped = drop_oldest(&tx, max_bytes, in_flight)?;
             }
             if recent >= merge_at {
                 seen::merge(&tx)?;
@@ -382,8 +416,9 @@ impl<'t> Insert<'t> {
     }
 }
 
-/// Deletes the oldest records until the queue fits in `max_bytes`; returns how many went.
-fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreError> {
+/// Deletes the oldest records that are not `in_flight` until the queue fits in `max_bytes`, or none is left;
+/// returns how many went.
+fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64, in_flight: &InFlight) -> Result<u64, StoreError> {
     let total: i64 = tx
         .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| r.get(0))
         .ctx("reading queue bytes")?;
@@ -393,11 +428,15 @@ fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64) -> Result<u64, StoreE
     }
     let mut victims = Vec::new();
     {
-        let mut oldest = tx.prepare_cached("SELECT seq, bytes FROM queue ORDER BY seq").ctx("preparing drop")?;
+        let mut oldest = tx.prepare_cached("SELECT seq, feed, bytes FROM queue ORDER BY seq").ctx("preparing drop")?;
         let mut rows = oldest.query([]).ctx("reading the oldest records")?;
         while excess > 0 {
             let Some(row) = rows.next().ctx("reading an old record")? else { break };
-            let (seq, bytes): (i64, i64) = (row.get(0).ctx("seq")?, row.get(1).ctx("bytes")?);
+            let (seq, bytes): (i64, i64) = (row.get(0).ctx("seq")?, row.get(2).ctx("bytes")?);
+            let feed = row.get_ref(1).ctx("feed")?.as_str().ok().and_then(Feed::from_name);
+            if in_flight.holds(feed, seq) {
+                continue;
+            }
             victims.push(seq);
             excess -= bytes;
         }
@@ -468,11 +507,23 @@ mod tests {
         let mut s = Store::in_memory();
         s.init_cursor(Feed::Dlp, 0).unwrap();
         let out = s
-            .commit_page(&page(vec![rec("a", "{}"), rec("b", "{\"x\":1}")], Some("t")), 1, u64::MAX, WhenFull::Pause)
+            .commit_page(
+                &page(vec![rec("a", "{}"), rec("b", "{\"x\":1}")], Some("t")),
+                1,
+                u64::MAX,
+                WhenFull::Pause,
+                &InFlight::NONE,
+            )
             .unwrap();
         assert_eq!(out, PageOutcome { queued: 2, skipped: 0, dropped: 0 });
         let out = s
-            .commit_page(&page(vec![rec("b", "{\"x\":1}"), rec("c", "[]")], None), 1, u64::MAX, WhenFull::Pause)
+            .commit_page(
+                &page(vec![rec("b", "{\"x\":1}"), rec("c", "[]")], None),
+                1,
+                u64::MAX,
+                WhenFull::Pause,
+                &InFlight::NONE,
+            )
             .unwrap();
         assert_eq!(out, PageOutcome { queued: 1, skipped: 1, dropped: 0 });
         let c = s.counters().unwrap();
@@ -490,6 +541,7 @@ mod tests {
             1,
             u64::MAX,
             WhenFull::Pause,
+            &InFlight::NONE,
         )
         .unwrap();
         let cands = s.candidates(10).unwrap();
@@ -508,7 +560,8 @@ mod tests {
         for (feed, n) in [(Feed::Dlp, 5), (Feed::Audit, 2), (Feed::TtpUrl, 4)] {
             s.init_cursor(feed, 0).unwrap();
             let recs = (0..n).map(|i| rec(&format!("{}{i}", feed.name()), &"x".repeat(size))).collect();
-            s.commit_page(&PageCommit { feed, ..page(recs, None) }, 1, u64::MAX, WhenFull::Pause).unwrap();
+            s.commit_page(&PageCommit { feed, ..page(recs, None) }, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE)
+                .unwrap();
         }
         s
     }
@@ -586,7 +639,7 @@ mod tests {
         s.init_cursor(Feed::Dlp, 0).unwrap();
         let body = "x".repeat(100);
         let recs: Vec<_> = (0..10).map(|i| rec(&format!("k{i}"), &body)).collect();
-        let out = s.commit_page(&page(recs, None), 1, 450, WhenFull::DropOldest).unwrap();
+        let out = s.commit_page(&page(recs, None), 1, 450, WhenFull::DropOldest, &InFlight::NONE).unwrap();
         assert_eq!(out.dropped, 6);
         let c = s.counters().unwrap();
         assert_eq!((c.queue_records, c.queue_bytes, c.dropped), (4, 400, 6));
@@ -594,23 +647,77 @@ mod tests {
         assert_eq!(left, ["k6", "k7", "k8", "k9"]);
     }
 
+    /// `drop-oldest` drops the oldest records that are not in flight (per feed up to a mark, and accepted records
+    /// whose removal is to come); when only those are left over the limit, the page is stored all the same and the
+    /// queue exceeds the limit by at most them. Every record queued is then delivered, dropped or still queued.
     #[test]
-    fn seen_keys_are_forgotten_behind_the_horizon() {
+    fn drop_oldest_leaves_the_records_in_flight() {
         let mut s = Store::in_memory();
-        s.init_cursor(Feed::Dlp, 0).unwrap();
-        let mut p = page(vec![NewRecord { key: "old".into(), event_time: Some(10), body: "{}".into() }], None);
-        s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
-        p.records = vec![NewRecord { key: "new".into(), event_time: Some(900), body: "{}".into() }];
-        p.forget_before = 500;
-        s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
-        let keys: Vec<String> = s
-            .conn()
-            .prepare("SELECT key FROM seen ORDER BY key")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(keys, ["new"]);
+        let body = "x".repeat(100);
+        let recs = |keys: &[&str]| keys.iter().map(|k| rec(k, &body)).collect::<Vec<_>>();
+        for (feed, keys) in [(Feed::Dlp, ["d0", "d1", "d2", "d3"]), (Feed::Audit, ["a0", "a1", "a2", "a3"])] {
+            s.init_cursor(feed, 0).unwrap();
+            let p = PageCommit { feed, ..page(recs(&keys), None) };
+            s.commit_page(&p, 1, u64::MAX, WhenFull::DropOldest, &InFlight::NONE).unwrap();
+        }
+        let seq: std::collections::HashMap<String, i64> =
+            s.candidates(10).unwrap().concat().into_iter().map(|q| (q.key, q.seq)).collect();
+        // A DLP batch up to d1 is in flight; a2 was accepted and its removal failed.
+        let in_flight = InFlight::new(|f| if f == Feed::Dlp { seq["d1"] } else { i64::MIN }, [seq["a2"]]);
+        let keys =
+            |s: &Store| -> Vec<String> { s.candidates(10).unwrap().concat().into_iter().map(|q| q.key).collect() };
+
+        // 1000 bytes for 450: the six oldest of the others go, d4 (of the new page) among them.
+        let out = s.commit_page(&page(recs(&["d4", "d5"]), None), 1, 450, WhenFull::DropOldest, &in_flight).unwrap();
+        assert_eq!((out.queued, out.dropped), (2, 6));
+        assert_eq!(keys(&s), ["a2", "d0", "d1", "d5"]);
+
+        // Over the limit with only records in flight left to drop: the page is stored, the queue stays over.
+        let out = s.commit_page(&page(recs(&["d6"]), None), 1, 250, WhenFull::DropOldest, &in_flight).unwrap();
+        assert_eq!((out.queued, out.dropped), (1, 2));
+        assert_eq!(keys(&s), ["a2", "d0", "d1"]);
+        let c = s.counters().unwrap();
+        assert_eq!((c.queue_records, c.queue_bytes, c.dropped), (3, 300, 8));
+        assert_eq!(c.queue_bytes, sum_bytes(&s));
+
+        // Their answers come: delivered, as Datadog has them; every record queued is counted once.
+        assert_eq!(s.delivered(&[seq["d0"], seq["d1"], seq["a2"]], 0, 0, 2).unwrap(), 3);
+        let c = s.counters().unwrap();
+        assert_eq!((c.delivered, c.dropped, c.queue_records), (3, 8, 0));
+        assert_eq!(c.delivered + c.dropped + c.dead_letters + c.queue_records, 11);
+
+        // Nothing in flight: the oldest go, whatever they are.
+        let mut s = three_feeds(100);
+        let out = s.commit_page(&page(vec![], None), 1, 300, WhenFull::DropOldest, &InFlight::NONE).unwrap();
+        assert_eq!(out.dropped, 8);
+    }
+
+    /// A key lives until `forget_before` passes the later of its record's own time and its window's end: a record
+    /// whose own time is hours behind the time Mimecast filters it by (the time-zone-lag bug) is returned again by
+    /// every window that overlaps its own, and must be skipped by each.
+    #[test]
+    fn seen_keys_are_forgotten_behind_the_later_of_own_time_and_window_end() {
+        // (own time, forget_before of the window that completes next, whether the key is still there after it).
+        let check = |event_time: Option<i64>, forget_before: i64, kept: bool| {
+            let mut s = Store::in_memory();
+            s.init_cursor(Feed::Dlp, 0).unwrap();
+            let mut p = page(vec![NewRecord { key: "k".into(), event_time, body: "{}".into() }], None);
+            assert_eq!(s.commit_page(&p, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap().queued, 1);
+            p.forget_before = forget_before;
+            p.window = Window { from: 940, to: 2000 };
+            let out = s.commit_page(&p, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
+            assert_eq!(out.skipped, 1, "{event_time:?}: the window that forgets still skips it");
+            let left: i64 = s.conn().query_row("SELECT COUNT(*) FROM seen WHERE key = 'k'", [], |r| r.get(0)).unwrap();
+            assert_eq!(left == 1, kept, "own time {event_time:?}, forget before {forget_before}");
+        };
+        // The window that returned it ends at 1000.
+        for event_time in [Some(10), Some(-30_000), Some(1000), None] {
+            check(event_time, 999, true);
+            check(event_time, 1000, true);
+            check(event_time, 1001, false);
+        }
+        // An own time after the window's end (a clock ahead) holds it longer.
+        check(Some(1500), 1001, true);
+        check(Some(1500), 1501, false);
     }
 }

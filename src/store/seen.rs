@@ -10,6 +10,11 @@
 //! - `seen_main` takes them all from `seen_recent` in one statement when that is full, in key order, in the
 //!   transaction of the page that filled it: each of its pages is touched once per [`MERGE_AT`] keys.
 //!
+//! A key's horizon ([`horizon`]) is the later of its record's own time and the end of the window that returned
+//! it: Mimecast filters on a time of its own, which can be hours off the record's time field (the time-zone-lag
+//! bug: a tenant's local time labelled `+0000`), so a record hours "older" than its window is returned again by
+//! every later window that overlaps that one, and its key must outlive them all.
+//!
 //! Forgetting (`forget`): `seen_recent` is pruned at every completed window, `seen_main` (a scan of the feed's
 //! keys, and a write of most of its pages) when its horizon has moved [`MAIN_PRUNE_STEP`] on since it was last
 //! pruned, and at the first completed window of the feed after the store is opened. A key is never forgotten
@@ -20,6 +25,7 @@ use rusqlite::{CachedStatement, Connection, Transaction, params};
 
 use super::{Context, StoreError};
 use crate::mimecast::Feed;
+use crate::mimecast::window::Window;
 
 /// Keys `seen_recent` holds before they move into `seen_main`.
 pub(super) const MERGE_AT: u64 = 16_384;
@@ -53,6 +59,15 @@ impl Seen {
             Some(last) => forget_before >= last.saturating_add(self.main_prune_step),
         }
     }
+}
+
+/// The horizon of the key of a record with this own time, returned by `window`: the later of the two. Mimecast
+/// returns a record for every window that holds the time it filters on, which lies in `window` whatever the
+/// record's own time says, and a window after a completed one starts at most `overlap_secs` before its end. So once
+/// a completed window's `forget_before` (its end less `overlap_secs` and an hour) has passed the horizon, no later
+/// window returns the record again.
+pub(super) fn horizon(event_time: Option<i64>, window: Window) -> i64 {
+    event_time.map_or(window.to, |t| t.max(window.to))
 }
 
 /// The two statements that record one page's keys, prepared once per page.
@@ -124,7 +139,7 @@ mod tests {
     use crate::config::WhenFull;
     use crate::mimecast::Feed;
     use crate::mimecast::window::Window;
-    use crate::store::{NewRecord, PageCommit, Store};
+    use crate::store::{InFlight, NewRecord, PageCommit, Store};
 
     const FEEDS: [Feed; 2] = [Feed::Audit, Feed::TtpUrl];
 
@@ -197,12 +212,12 @@ mod tests {
                 if fail {
                     let poison = NewRecord { key: "kpoison".into(), event_time: None, body: "{}".into() };
                     p.records.insert(p.records.len() / 2, poison);
-                    prop_assert!(s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).is_err());
+                    prop_assert!(s.commit_page(&p, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).is_err());
                 } else {
-                    let out = s.commit_page(&p, 1, u64::MAX, WhenFull::Pause).unwrap();
+                    let out = s.commit_page(&p, 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
                     let mut queued = 0;
                     for r in &p.records {
-                        let horizon = r.event_time.unwrap_or(p.window.to);
+                        let horizon = r.event_time.map_or(p.window.to, |t| t.max(p.window.to));
                         if let std::collections::hash_map::Entry::Vacant(v) =
                             model.entry((feed.name().to_owned(), r.key.clone()))
                         {
@@ -230,15 +245,18 @@ mod tests {
     fn keys_move_to_the_main_table_when_the_recent_one_is_full() {
         let mut s = store(5, super::MAIN_PRUNE_STEP);
         let keys: Vec<(u8, i64)> = (0..4).map(|k| (k, 10)).collect();
-        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((count(&s, "seen_recent"), count(&s, "seen_main")), (4, 0));
         let keys: Vec<(u8, i64)> = (2..6).map(|k| (k, 10)).collect();
-        let out = s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out =
+            s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (2, 2));
         assert_eq!((count(&s, "seen_recent"), count(&s, "seen_main")), (0, 6), "moved at 6 >= 5");
-        let out = s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out =
+            s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (0, 4), "keys in the main table are seen");
-        let out = s.commit_page(&page(Feed::TtpUrl, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        let out =
+            s.commit_page(&page(Feed::TtpUrl, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!((out.queued, out.skipped), (4, 0), "per feed");
     }
 
@@ -248,28 +266,29 @@ mod tests {
     fn the_main_table_is_pruned_an_hour_at_a_time() {
         let mut s = store(1, 3600);
         let keys: Vec<(u8, i64)> = (0..10).map(|k| (k, i64::from(k) * 1000)).collect();
-        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &keys, false, 0), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_main"), 10);
         let main_keys = |s: &Store| {
             let mut k: Vec<String> = seen_rows(s, "seen_main").into_keys().map(|(_, k)| k).collect();
             k.sort();
             k
         };
-        s.commit_page(&page(Feed::Audit, &[], true, 1500), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 1500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(main_keys(&s), ["k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"], "first window since open");
-        s.commit_page(&page(Feed::Audit, &[], true, 4500), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 4500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_main"), 8, "less than the step since the last prune: kept");
-        s.commit_page(&page(Feed::TtpUrl, &[], true, 9000), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::TtpUrl, &[], true, 9000), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_main"), 8, "another feed's window forgets only its own keys");
-        s.commit_page(&page(Feed::Audit, &[(50, 6000)], true, 5100), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[(50, 6000)], true, 5100), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE)
+            .unwrap();
         assert_eq!(main_keys(&s), ["k50", "k6", "k7", "k8", "k9"], "pruned again once the step is reached");
 
         // The recent table is pruned at every window.
         let mut s = store(1000, 3600);
-        s.commit_page(&page(Feed::Audit, &keys, true, 1500), 1, u64::MAX, WhenFull::Pause).unwrap();
-        s.commit_page(&page(Feed::Audit, &[], true, 1600), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &keys, true, 1500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 1600), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_recent"), 8);
-        s.commit_page(&page(Feed::Audit, &[], true, 2500), 1, u64::MAX, WhenFull::Pause).unwrap();
+        s.commit_page(&page(Feed::Audit, &[], true, 2500), 1, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
         assert_eq!(count(&s, "seen_recent"), 7);
     }
 }

@@ -282,6 +282,57 @@ fn damage_in_the_middle_of_the_queue_is_reported_with_what_to_do() {
     assert!(err.contains("damaged"), "{err}");
 }
 
+/// An empty queue.db (`: > queue.db` without its -wal and -shm, or a crash of an earlier build during its first
+/// start) is damage: `run` refuses it as `status` does, with the same message and exit code, and leaves it as it
+/// was, instead of starting a new queue from `initial_lookback_secs` that drops the cursors without a word.
+#[test]
+fn an_empty_queue_file_is_refused_as_damage_and_left_as_it_was() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::Audit], 20, 300);
+    let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
+    let p = path.to_str().unwrap();
+    assert_eq!(run(&["run", "--once", "--config", p]).0, 0);
+    let db = rig.db_path();
+    std::fs::write(&db, b"").unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let requests = rig.mc.requests().len();
+    let (code, _, status_err) = run(&["status", "--config", p]);
+    assert_eq!(code, 70, "{status_err}");
+    let message = status_err.trim().strip_prefix("error: ").unwrap_or_else(|| panic!("{status_err}"));
+    assert!(message.contains("damaged") && message.contains("empty file") && message.contains("move the file aside"));
+    for once in [true, false] {
+        let args = if once { vec!["run", "--once", "--config", p] } else { vec!["run", "--config", p] };
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 70, "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?} says what status says ({message}):\n{err}");
+        assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "{args:?} left the file as it was");
+        for suffix in ["-wal", "-shm"] {
+            assert!(!Path::new(&format!("{}{suffix}", db.display())).exists(), "{args:?} made {suffix}");
+        }
+    }
+    assert_eq!(rig.mc.requests().len(), requests, "nothing was polled into a new queue");
+}
+
+/// A first start that crashed while building the new queue leaves `queue.db.new` (and maybe its journal), never
+/// a `queue.db` without a schema: the next start discards the leftovers and makes the queue.
+#[test]
+fn a_queue_left_half_made_by_a_crashed_first_start_does_not_block_the_next() {
+    let rig = Rig::new();
+    let expected = rig.add_records(&[Feed::Audit], 20, 300);
+    let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
+    let db = rig.db_path();
+    let temp = PathBuf::from(format!("{}.new", db.display()));
+    std::fs::write(&temp, vec![0x5a_u8; 8192]).unwrap();
+    std::fs::write(format!("{}-journal", temp.display()), vec![0xa5_u8; 4096]).unwrap();
+    let (code, _, err) = run(&["run", "--once", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_delivered_once(&rig.dd, &expected);
+    assert!(!temp.exists() && !Path::new(&format!("{}-journal", temp.display())).exists(), "leftovers discarded");
+    assert_eq!(rig.store().counters().unwrap().delivered, 20);
+}
+
 #[test]
 fn once_on_a_disk_too_full_for_a_page_ends_and_says_so() {
     let rig = Rig::new();

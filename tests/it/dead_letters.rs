@@ -11,7 +11,7 @@ use crate::common::bin::{SpawnDaemon, cmd, run, status_json, stderr_lines, wait_
 use mimecast_forwarder::config::WhenFull;
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::mimecast::window::Window;
-use mimecast_forwarder::store::{NewRecord, PageCommit, Store};
+use mimecast_forwarder::store::{InFlight, NewRecord, PageCommit, Store};
 use serde_json::Value;
 
 /// Commits `n` audit records to the queue at `path`; returns their sequence numbers.
@@ -32,7 +32,7 @@ fn queue_records(path: &Path, n: usize, size: usize) -> (Store, Vec<i64>) {
         records,
         forget_before: 0,
     };
-    store.commit_page(&page, 1_700_000_100, u64::MAX, WhenFull::Pause).unwrap();
+    store.commit_page(&page, 1_700_000_100, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
     let seqs = store.candidates(n).unwrap()[0].iter().map(|q| q.seq).collect();
     (store, seqs)
 }

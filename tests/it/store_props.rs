@@ -13,7 +13,7 @@ use std::time::Duration;
 use mimecast_forwarder::config::WhenFull;
 use mimecast_forwarder::mimecast::Feed;
 use mimecast_forwarder::mimecast::window::Window;
-use mimecast_forwarder::store::{Cursor, NewRecord, PageCommit, Store, StoreError};
+use mimecast_forwarder::store::{Cursor, InFlight, NewRecord, PageCommit, Store, StoreError};
 use proptest::prelude::*;
 use rusqlite::Connection;
 
@@ -224,7 +224,7 @@ impl Rig {
         if matches!(fault, Some(Fault::Busy)) {
             self.aux.execute_batch("BEGIN IMMEDIATE").unwrap();
         }
-        let result = self.store().commit_page(&page, 1_000 + step, max_bytes, when_full);
+        let result = self.store().commit_page(&page, 1_000 + step, max_bytes, when_full, &InFlight::NONE);
         if matches!(fault, Some(Fault::Busy)) {
             self.aux.execute_batch("ROLLBACK").unwrap();
         }

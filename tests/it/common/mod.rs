@@ -172,6 +172,7 @@ pub fn queue_direct(rig: &Rig, feed: Feed, records: &[Value]) -> HashMap<String,
                 mimecast_forwarder::datetime::now(),
                 u64::MAX,
                 mimecast_forwarder::config::WhenFull::Pause,
+                &mimecast_forwarder::store::InFlight::NONE,
             )
             .unwrap();
     }
