@@ -7,7 +7,10 @@
 //!   the server's rate-limit wait when longer, or the slow retry when an operator must act; never zero twice;
 //! - a refused page token restarts the window, and restarts are counted per window, so a token refused every
 //!   time backs off like any failure instead of re-reading page 1 at full speed;
-//! - a page token seen before in the window is a failure (a pagination cycle), not progress;
+//! - a page token seen before in the window is a failure (a pagination cycle), not progress; so is a page that
+//!   holds the same records as the page before it under a new token, and a window that runs past
+//!   [`MAX_PAGES_PER_WINDOW`] (a loop of tokens never seen before); so a window always ends, in pages and in the
+//!   memory of its tokens;
 //! - in `--once`, a feed gives up after `once_attempts` failures in a row, or at once where an operator must
 //!   act, and a pass reads up to the moment it started, so a slow pass cannot chase a moving end;
 //! - a daemon that is behind by less than one poll interval waits for it;
@@ -25,7 +28,16 @@ use crate::datetime;
 use crate::mimecast::Feed;
 use crate::mimecast::client::{FetchError, PageRequest, Retry};
 use crate::mimecast::window::{self, Settings, Window};
-use crate::mimecast::wire::Page;
+use crate::mimecast::wire::{KeysDigest, Page};
+
+/// The most pages one window may take: a window still handing out a next page after this many is a pagination loop
+/// (a failure like a repeated token), however new each token looks. It bounds what one window costs in requests
+/// and in the memory of its tokens (one per page, a few hundred bytes each: a few MB at most). No window a
+/// configuration allows should need so many: Mimecast's quota is per API user and was seen at 10,000 calls an
+/// hour, shared by the six feeds, so a window of 10,000 pages would take more than an hour of the whole quota to
+/// read; at the default page of 500 records it holds 5 million records, over 1,300 a second for the default
+/// one-hour window, far beyond a tenant's security logs.
+pub const MAX_PAGES_PER_WINDOW: usize = 10_000;
 
 /// The poller's settings, from `[mimecast]` and the tuning.
 #[derive(Debug, Clone, Copy)]
@@ -62,8 +74,12 @@ struct FeedState {
     failures: u32,
     /// Times the window in progress was restarted because its page token was refused; reset when it completes.
     restarts: u32,
-    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress.
+    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress. At
+    /// most [`MAX_PAGES_PER_WINDOW`].
     tokens: HashSet<String>,
+    /// The record keys of the window's last page committed: a page with the same ones again, under a new token,
+    /// is a loop, not progress.
+    last_keys: Option<KeysDigest>,
     /// `--once`: this feed has finished its pass (caught up, or gave up).
     done: bool,
     /// A fetch of this feed is in flight.
@@ -73,8 +89,8 @@ struct FeedState {
     /// own: records Mimecast indexed late behind the watermark would wait for the next pass.
     own: Option<Window>,
     read_own: bool,
-    /// A page waiting for its commit: its window, whether it is the last, the wait the server asked for.
-    pending: Option<(Window, Option<String>, Duration)>,
+    /// A page waiting for its commit.
+    pending: Option<Pending>,
     pages: u64,
     queued: u64,
     skipped: u64,
@@ -91,6 +107,7 @@ impl FeedState {
             failures: 0,
             restarts: 0,
             tokens: HashSet::new(),
+            last_keys: None,
             done: false,
             fetching: false,
             own: None,
@@ -102,6 +119,16 @@ impl FeedState {
             refused: false,
         }
     }
+}
+
+/// A page waiting for its commit: its window, its next page's token (`None`: the last page), the wait the server
+/// asked for, and its record keys.
+#[derive(Debug)]
+struct Pending {
+    window: Window,
+    next: Option<String>,
+    throttle: Duration,
+    keys: Option<KeysDigest>,
 }
 
 #[derive(Debug)]
@@ -183,7 +210,7 @@ impl Poller {
     /// at it once it comes back, and calls [`Poller::on_abandoned`] otherwise.
     pub fn read_ahead(&mut self, feed: Feed) -> Option<Plan> {
         let f = self.state(feed)?;
-        let (window, Some(token), throttle) = f.pending.as_ref()? else { return None };
+        let Pending { window, next: Some(token), throttle, .. } = f.pending.as_ref()? else { return None };
         if f.fetching || f.done || !throttle.is_zero() {
             return None;
         }
@@ -278,17 +305,9 @@ impl Poller {
             return Vec::new();
         };
         f.fetching = false;
-        // A `next` seen before in this window (the token just used, or an earlier one: A -> B -> A) would read
-        // the same pages forever: a visible, backed-off error instead of a silent loop that burns the quota.
-        let page = page.and_then(|page| match &page.next {
-            Some(next) if !page.is_last() && (req.page_token.as_ref() == Some(next) || f.tokens.contains(next)) => {
-                Err(FetchError::Malformed(format!(
-                    "Mimecast handed out a page token it had already given in this window ({}): a pagination \
-                     cycle; the window is not advanced",
-                    excerpt(next)
-                )))
-            }
-            _ => Ok(page),
+        let page = page.and_then(|page| match pagination_loop(f, req, page) {
+            Some(e) => Err(FetchError::Pagination(e)),
+            None => Ok(page),
         });
         match page {
             Ok(page) => {
@@ -300,7 +319,12 @@ impl Poller {
                     );
                 }
                 let next_token = if page.is_last() { None } else { page.next.clone() };
-                f.pending = Some((req.window, next_token.clone(), throttle.unwrap_or_default()));
+                f.pending = Some(Pending {
+                    window: req.window,
+                    next: next_token.clone(),
+                    throttle: throttle.unwrap_or_default(),
+                    keys: page.keys,
+                });
                 vec![Action::Commit { next_token, forget_before: self.forget_before(req.window) }]
             }
             Err(e) => self.failed(now, feed, req.page_token.is_some(), e),
@@ -319,14 +343,15 @@ impl Poller {
         let (mode, interval, settings) = (self.s.retries.mode, self.s.poll_interval, self.s.window);
         let horizon = self.horizon(now);
         let Some(f) = self.state(feed) else { return };
-        let Some((w, next_token, throttle)) = f.pending.take() else { return };
+        let Some(Pending { window: w, next, throttle, keys }) = f.pending.take() else { return };
         (f.failures, f.refused) = (0, false);
         f.pages += 1;
         f.queued += queued;
         f.skipped += skipped;
         f.due = now.at + throttle;
-        if let Some(next) = next_token {
+        if let Some(next) = next {
             f.tokens.insert(next);
+            f.last_keys = keys;
             return;
         }
         // A quiet poll is worth a debug line only; one that found records is the info summary of its cycle.
@@ -343,6 +368,7 @@ impl Poller {
         );
         (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
         f.tokens.clear();
+        f.last_keys = None;
         // A daemon behind by less than one poll interval waits for it: how long the pages took must not decide
         // how often the feed is read. A `--once` pass goes on until it reached where it started.
         let slack = match mode {
@@ -366,6 +392,7 @@ impl Poller {
         let attempts = if retry == Retry::RestartWindow {
             f.restarts += 1;
             f.tokens.clear();
+            f.last_keys = None;
             f.restarts
         } else {
             f.failures += 1;
@@ -410,6 +437,41 @@ impl Poller {
     }
 }
 
+/// What makes a well-formed page that points at a next one a loop rather than progress, if anything. Each of these,
+/// followed, would read pages for ever without the window ending (nor `--once`), burning the quota and growing the
+/// window's token set; instead it is a failure, backed off and shown, and the feed goes on from its cursor. A last
+/// page never loops: that includes an empty page that still carries a `next` (the API's quirk), which ends its
+/// window, so an empty page is never "the same records" either.
+fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<String> {
+    let next = page.next.as_ref().filter(|_| !page.is_last())?;
+    // The token just used, or an earlier one (A -> B -> A).
+    if req.page_token.as_ref() == Some(next) || f.tokens.contains(next) {
+        return Some(format!(
+            "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
+             window is not advanced",
+            excerpt(next)
+        ));
+    }
+    // The page before's records again, under a token never seen: a server that ignores the token it was given.
+    if page.keys.is_some() && page.keys == f.last_keys {
+        return Some(format!(
+            "Mimecast sent the same {} records again with a new page token ({}): a pagination loop; the window is \
+             not advanced",
+            page.held,
+            excerpt(next)
+        ));
+    }
+    // Tokens that are all new and records that all differ, without end: the page before the token set would outgrow
+    // its bound is the last one followed. This page is the window's `tokens.len() + 1`th.
+    if f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
+        return Some(format!(
+            "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
+             needs: a pagination loop; the window is not advanced"
+        ));
+    }
+    None
+}
+
 /// The start of a server-given string, for a log line: enough to recognise it, never a page of it.
 fn excerpt(s: &str) -> String {
     let cut = crate::http::printable(s, 40);
@@ -451,8 +513,12 @@ mod tests {
     enum Ev {
         /// Seconds pass.
         Wait(u64),
-        /// A page with records and a next token (`None`: the last page).
+        /// A page with records never served before and a next token (`None`: the last page).
         Page(Option<&'static str>),
+        /// A page with the records of the page served before it, and a next token.
+        Same(Option<&'static str>),
+        /// A page without records, and a next token (the API's quirk on an empty last page).
+        Empty(Option<&'static str>),
         /// A fetch failed.
         Fail(FetchError),
     }
@@ -466,42 +532,56 @@ mod tests {
         now: Now,
         watermark: i64,
         window: Option<(Window, Option<String>)>,
+        /// Pages served so far: each [`Ev::Page`] holds a record of its own.
+        served: u64,
     }
 
     impl Rig {
         fn new(mode: Mode, behind: i64) -> Rig {
             let now = Now { at: Instant::now(), unix: T0 };
             let p = Poller::new(settings(mode), &[Feed::Audit], now);
-            Rig { p, now, watermark: T0 - behind, window: None }
+            Rig { p, now, watermark: T0 - behind, window: None, served: 0 }
+        }
+
+        /// The request for the feed's next page, from the cursor as the store would keep it.
+        fn plan(&mut self) -> PageRequest {
+            let feed = Feed::Audit;
+            assert_eq!(self.p.due(self.now), Some(feed), "the feed must be due for a fetch");
+            let plan = self.p.plan(self.now, feed, self.watermark, self.window.clone()).expect("a window to read");
+            PageRequest { feed, window: plan.window, page_token: plan.page_token, page_size: 100 }
+        }
+
+        /// Fetches the next page: `held` records (0 or 1), new ones or those of the page served before, and
+        /// `next`; commits it if the poller says so.
+        fn page(&mut self, next: Option<String>, held: usize, new: bool) -> Vec<Action> {
+            let req = self.plan();
+            self.served += u64::from(new && held > 0);
+            let key = format!("id:{}", self.served);
+            let keys = Some(crate::mimecast::wire::keys_digest([key.as_str()].into_iter().take(held)));
+            // The records are taken out before the poller sees the page, as the fetch task does.
+            let page = Page { held, records: Vec::new(), next, repaired: 0, keys };
+            let actions = self.p.on_page(self.now, &req, Ok(&page), None);
+            if let Some(Action::Commit { next_token, .. }) = actions.first() {
+                self.window = next_token.clone().map(|t| (req.window, Some(t)));
+                if next_token.is_none() {
+                    self.watermark = req.window.to;
+                }
+                self.p.on_committed(self.now, req.feed, 1, 0);
+            }
+            actions
         }
 
         /// Runs one event and returns the actions and when the feed is due again, relative to now.
         fn step(&mut self, ev: Ev) -> Want {
-            let feed = Feed::Audit;
-            let plan = |r: &mut Rig| {
-                assert_eq!(r.p.due(r.now), Some(feed), "the feed must be due for a fetch");
-                let plan = r.p.plan(r.now, feed, r.watermark, r.window.clone()).expect("a window to read");
-                PageRequest { feed, window: plan.window, page_token: plan.page_token, page_size: 100 }
-            };
+            let plan = |r: &mut Rig| r.plan();
             let actions = match ev {
                 Ev::Wait(s) => {
                     self.now = self.now.after(Duration::from_secs(s));
                     Vec::new()
                 }
-                Ev::Page(next) => {
-                    let plan = plan(self);
-                    let records = vec![json!({"id": "x"})];
-                    let page = Page { held: records.len(), records, next: next.map(String::from), repaired: 0 };
-                    let actions = self.p.on_page(self.now, &plan, Ok(&page), None);
-                    if let Some(Action::Commit { next_token, .. }) = actions.first() {
-                        self.window = next_token.clone().map(|t| (plan.window, Some(t)));
-                        if next_token.is_none() {
-                            self.watermark = plan.window.to;
-                        }
-                        self.p.on_committed(self.now, feed, 1, 0);
-                    }
-                    actions
-                }
+                Ev::Page(next) => self.page(next.map(String::from), 1, true),
+                Ev::Same(next) => self.page(next.map(String::from), 1, false),
+                Ev::Empty(next) => self.page(next.map(String::from), 0, true),
                 Ev::Fail(e) => {
                     let plan = plan(self);
                     let actions = self.p.on_page(self.now, &plan, Err(e), None);
@@ -534,6 +614,10 @@ mod tests {
             Action::Commit { next_token, .. } => Action::Commit { next_token, forget_before: 0 },
             a => a,
         }
+    }
+
+    fn strip_all(actions: Vec<Action>) -> Vec<Action> {
+        actions.into_iter().map(strip).collect()
     }
 
     fn commit(t: Option<&str>) -> Action {
@@ -690,6 +774,85 @@ mod tests {
     }
 
     #[test]
+    fn the_same_records_under_a_new_token_are_an_error_not_progress() {
+        let rig = check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                // Page A's records again, under a token never seen: a loop. Nothing is committed, no restart.
+                (Ev::Same(Some("B")), (vec![err()], Some(2))),
+                (Ev::Wait(2), (vec![], Some(0))),
+                // Read again from the cursor (token A): the same again, and the delay grows.
+                (Ev::Same(Some("C")), (vec![err()], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                // New records: the window goes on, and the count of failures is reset.
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+                // An empty page with a `next` is the window's last page, never "the same records".
+                (Ev::Empty(Some("C")), (vec![commit(None)], Some(60))),
+                // The next window's first page re-reads the overlap: the previous window's last records again are
+                // a page of a new window, not a loop.
+                (Ev::Wait(60), (vec![], Some(0))),
+                (Ev::Same(Some("D")), (vec![commit(Some("D"))], Some(0))),
+                // A last page that repeats the one before ends its window: nothing loops.
+                (Ev::Same(None), (vec![commit(None)], Some(60))),
+            ],
+        );
+        // Both windows were read to their ends: settle behind the clock, which moved on 2 + 4 + 60 s.
+        assert_eq!(rig.watermark, T0 + 66 - 60);
+
+        // The error says what Mimecast did, and it counts towards `--once`'s give-up like any failure.
+        let mut rig = Rig::new(Mode::Once, 600);
+        rig.step(Ev::Page(Some("A")));
+        let (actions, due) = rig.step(Ev::Same(Some("B")));
+        let want = "Mimecast sent the same 1 records again with a new page token (B): a pagination loop; the window \
+                    is not advanced";
+        assert_eq!((actions, due), (vec![Action::RecordError(want.into())], Some(2)));
+        for (wait, due) in [(2, Some(4)), (4, None)] {
+            rig.step(Ev::Wait(wait));
+            let (actions, got) = rig.step(Ev::Same(Some("C")));
+            assert_eq!((strip_all(actions), got), (vec![err()], due));
+        }
+        assert!(rig.p.gave_up() && rig.p.all_done());
+        assert_eq!(rig.window.map(|(_, t)| t), Some(Some("A".into())), "the cursor stays at the looping page");
+    }
+
+    #[test]
+    fn a_window_past_max_pages_is_an_error_and_its_tokens_stay_bounded() {
+        let mut rig = Rig::new(Mode::Once, 600);
+        // Pages 1 .. MAX - 1, every one with new records and a new token: followed.
+        for i in 1..MAX_PAGES_PER_WINDOW {
+            let actions = rig.page(Some(format!("t{i}")), 1, true);
+            assert_eq!(
+                strip_all(actions),
+                vec![Action::Commit { next_token: Some(format!("t{i}")), forget_before: 0 }]
+            );
+        }
+        let tokens = |rig: &Rig| rig.p.feeds[0].tokens.len();
+        assert_eq!(tokens(&rig), MAX_PAGES_PER_WINDOW - 1);
+        // Page MAX hands out yet another next page: a loop, failed like any other, and the set does not grow.
+        let want = format!(
+            "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
+             needs: a pagination loop; the window is not advanced"
+        );
+        assert_eq!(rig.page(Some("more".into()), 1, true), vec![Action::RecordError(want)]);
+        for wait in [2, 4] {
+            rig.step(Ev::Wait(wait));
+            assert_eq!(strip_all(rig.page(Some(format!("more{wait}")), 1, true)), vec![err()]);
+        }
+        assert_eq!(tokens(&rig), MAX_PAGES_PER_WINDOW - 1);
+        assert!(rig.p.gave_up(), "--once gives up on it after its attempts");
+
+        // A window of exactly MAX pages ends: its last page has no next.
+        let mut rig = Rig::new(Mode::Daemon, 600);
+        for i in 1..MAX_PAGES_PER_WINDOW {
+            rig.page(Some(format!("t{i}")), 1, true);
+        }
+        assert_eq!(strip_all(rig.page(None, 1, true)), vec![commit(None)]);
+        assert_eq!((tokens(&rig), rig.watermark), (0, T0 - 60), "the window completed; its tokens are forgotten");
+    }
+
+    #[test]
     fn once_gives_up_after_its_attempts_and_at_once_where_an_operator_must_act() {
         let net = || FetchError::Server { status: 502, detail: "bad gateway".into() };
         let rig = check(
@@ -797,7 +960,7 @@ mod tests {
         let mut rig = Rig::new(Mode::Daemon, 600);
         let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("a window");
         let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
-        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0 };
+        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0, keys: None };
         let actions = rig.p.on_page(rig.now, &req, Ok(&page), Some(Duration::from_secs(7)));
         // Seen keys are kept for the overlap plus an hour behind the window's end.
         let forget_before = plan.window.to - 300 - 3600;
@@ -818,7 +981,7 @@ mod tests {
         rig.p.reconfigure(settings(Mode::Daemon), &[Feed::Dlp], rig.now);
         let req =
             PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
-        let page = Page { records: vec![], held: 0, next: None, repaired: 0 };
+        let page = Page { records: vec![], held: 0, next: None, repaired: 0, keys: None };
         assert_eq!(rig.p.on_page(rig.now, &req, Ok(&page), None), vec![]);
     }
 
@@ -848,7 +1011,7 @@ mod tests {
         assert_eq!(p.fetching(), 1);
         assert_eq!(p.next_wake(), Some(now.at + Duration::from_secs(300)));
         let req = PageRequest { feed: second, ..req };
-        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0 };
+        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0, keys: None };
         p.on_page(now, &req, Ok(&page), None);
         p.on_committed(now, second, 1, 0);
         assert_eq!(p.due(now), Some(second), "the other feed goes on at once");
@@ -859,8 +1022,13 @@ mod tests {
         let now = Now { at: Instant::now(), unix: T0 };
         let mut p = Poller::new(settings(Mode::Daemon), &[Feed::Audit], now);
         let req = PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 1 };
-        let page =
-            |next: Option<&str>| Page { records: vec![json!({})], held: 1, next: next.map(String::from), repaired: 0 };
+        let page = |next: Option<&str>| Page {
+            records: vec![json!({})],
+            held: 1,
+            next: next.map(String::from),
+            repaired: 0,
+            keys: None,
+        };
         assert_eq!(p.read_ahead(Feed::Audit), None, "nothing waits for its commit");
         p.on_fetching(Feed::Audit);
         p.on_page(now, &req, Ok(&page(Some("A"))), None);

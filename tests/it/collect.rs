@@ -1,10 +1,12 @@
 //! Collecting from Mimecast into the queue, against the loopback simulator over real HTTP.
 
 use std::collections::HashMap;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use crate::common::bin::{RUN_LIMIT, SpawnDaemon, cmd, status_json, stderr_lines, wait_for, write_config};
 use crate::common::{Rig, assert_delivered_once, fast_tuning, run_daemon_until};
 use mimecast_forwarder::agent::{Clock, Tuning};
 use mimecast_forwarder::mimecast::{Feed, wire};
@@ -186,6 +188,49 @@ fn a_page_that_repeats_its_own_token_is_an_error_not_a_loop() {
     let log = rig.mc.requests();
     assert_eq!(log[1].page_token, log[2].page_token, "the page is asked again after the error");
     assert!(log.len() <= 6, "{} requests", log.len());
+}
+
+/// Guards: a Mimecast that answers every page with the same records and a `next` it never handed out before was
+/// followed for ever (thousands of requests a minute, the window never ending, `run --once` never ending, nothing
+/// above debug in the log and "OK" in `status`). Now the page that repeats the one before is an error: the pass
+/// ends with 69 after a few requests, and the log and `status` name the loop.
+#[test]
+fn the_same_records_under_new_page_tokens_end_the_once_pass_with_the_loop_in_status() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::TtpUrl, Feed::Audit], 40, 300);
+    rig.mc.set_always(Some(Fault::SameRecordsNewToken));
+    let path = write_config(&rig, &[("mimecast", "page_size = 10\nlog_types = [\"ttp-url\", \"audit\"]")]);
+    let p = path.to_str().unwrap();
+    let mut child = cmd(&["run", "--once", "--config", p]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn_daemon();
+    let log = stderr_lines(&mut child);
+    // Each feed reads its empty windows and the first page of the one with records, then fails three times on the
+    // next: a few dozen requests at most. An endless pass fails the test as soon as it has made many more.
+    const BOUND: usize = 30;
+    let mut exit = None;
+    wait_for("the pass to end or to pass its bound of requests", RUN_LIMIT, || {
+        exit = child.try_wait().unwrap();
+        exit.is_some() || rig.mc.requests().len() > 10 * BOUND
+    });
+    let n = rig.mc.requests().len();
+    let exit = exit.unwrap_or_else(|| panic!("run --once had not ended after {n} requests"));
+    assert!(n <= BOUND, "{n} requests");
+    assert_eq!(exit.code(), Some(69), "a feed gave up this pass: {}", log.lock().unwrap());
+    let status = status_json(p);
+    for feed in [Feed::TtpUrl, Feed::Audit] {
+        let err = status["feeds"][feed.name()]["last_error"].as_str().unwrap_or_default();
+        assert!(
+            err.starts_with("Mimecast sent the same 10 records again with a new page token")
+                && err.contains("a pagination loop"),
+            "{feed}: {status}"
+        );
+    }
+    let log = log.lock().unwrap();
+    let warned = |feed: Feed| {
+        log.lines().any(|l| {
+            (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains(&format!("] {feed}: Mimecast sent the same"))
+        })
+    };
+    assert!(warned(Feed::TtpUrl) && warned(Feed::Audit), "{log}");
 }
 
 #[test]
