@@ -14,6 +14,9 @@
 //! - in `--once`, a feed gives up after `once_attempts` failures in a row, or at once where an operator must
 //!   act, and a pass reads up to the moment it started, so a slow pass cannot chase a moving end;
 //! - a daemon that is behind by less than one poll interval waits for it;
+//! - a watermark later than now less `settle_secs` was set by a clock ahead of this one: the window is the overlap
+//!   behind now less `settle_secs` instead, whose completion moves the watermark back, so no window it plans ends
+//!   later than that; a watermark more than a minute in the future is said (the log once, then `status`);
 //! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others; a wait the
 //!   server asks for (a 429's reset, a low `X-RateLimit-Remaining`) holds the feed whose call was answered so.
 //!   Mimecast applies its quota per API user and "differently per resource": another feed that shares an
@@ -91,6 +94,9 @@ struct FeedState {
     read_own: bool,
     /// A page waiting for its commit.
     pending: Option<Pending>,
+    /// The clock went back: the stored watermark was in the future by more than the tolerance, and the window
+    /// planned from the clock instead is being read.
+    clock_back: Option<ClockBack>,
     pages: u64,
     queued: u64,
     skipped: u64,
@@ -113,6 +119,7 @@ impl FeedState {
             own: None,
             read_own: false,
             pending: None,
+            clock_back: None,
             pages: 0,
             queued: 0,
             skipped: 0,
@@ -129,6 +136,16 @@ struct Pending {
     next: Option<String>,
     throttle: Duration,
     keys: Option<KeysDigest>,
+}
+
+/// A watermark found later than the clock allows, and the window read from the clock instead.
+#[derive(Debug)]
+struct ClockBack {
+    /// The watermark as found: a watermark said once is not said again while it stands.
+    watermark: i64,
+    window: Window,
+    /// For `status`, once that window is read: the feed's error, since its completion clears the one before.
+    note: String,
 }
 
 #[derive(Debug)]
@@ -260,13 +277,17 @@ impl Poller {
             return Some(Plan { window, page_token });
         }
         let once = self.s.retries.mode == Mode::Once;
-        let (next, settings) = (window::next_window(watermark, self.horizon(now), self.s.window), self.s.window);
+        let (horizon, settings) = (self.horizon(now), self.s.window);
+        let next = window::next_window(watermark, horizon, settings);
         let f = self.state(feed)?;
         // `--once` with nothing new settled still reads the overlap once, for what was indexed late behind it.
         let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.read_own));
         match window {
             Some(window) => {
                 f.own = Some(window);
+                if watermark > window.to {
+                    clock_went_back(f, watermark, horizon, window);
+                }
                 Some(Plan { window, page_token: None })
             }
             None => {
@@ -325,7 +346,12 @@ impl Poller {
                     throttle: throttle.unwrap_or_default(),
                     keys: page.keys,
                 });
-                vec![Action::Commit { next_token, forget_before: self.forget_before(req.window) }]
+                // The last page of the window read because the clock went back: `status` says so after the
+                // commit, which clears the feed's error.
+                let note = f.clock_back.as_ref().filter(|c| next_token.is_none() && c.window == req.window);
+                let note = note.map(|c| Action::RecordError(c.note.clone()));
+                let commit = Action::Commit { next_token, forget_before: self.forget_before(req.window) };
+                [commit].into_iter().chain(note).collect()
             }
             Err(e) => self.failed(now, feed, req.page_token.is_some(), e),
         }
@@ -369,6 +395,9 @@ impl Poller {
         (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
         f.tokens.clear();
         f.last_keys = None;
+        if f.clock_back.as_ref().is_some_and(|c| c.window == w) {
+            f.clock_back = None;
+        }
         // A daemon behind by less than one poll interval waits for it: how long the pages took must not decide
         // how often the feed is read. A `--once` pass goes on until it reached where it started.
         let slack = match mode {
@@ -435,6 +464,31 @@ impl Poller {
         }
         polling
     }
+}
+
+/// A feed's window is planned from the clock because its watermark is later than the clock allows (now less
+/// `settle_secs`). When the watermark is in the future by more than the tolerance, a person should know: the log
+/// says it once for that watermark, and `status` once the window is read. Less is the clock's routine correction,
+/// or `settle_secs` raised.
+fn clock_went_back(f: &mut FeedState, watermark: i64, now: i64, window: Window) {
+    let Some(ahead) = window::clock_went_back(watermark, now) else {
+        log::debug!("{}: the watermark is later than now less settle_secs; reading from the clock", f.feed);
+        return;
+    };
+    let why = "the clock went back (or the queue came from a machine whose clock was ahead)";
+    let (from, to) = (datetime::rfc3339(window.from), datetime::rfc3339(window.to));
+    let found = format!("read up to {}, {ahead}s ahead of the clock", datetime::rfc3339(watermark));
+    if f.clock_back.as_ref().is_none_or(|c| c.watermark != watermark) {
+        log::warn!(
+            "{}: {why}: the feed was {found}; reading {from} .. {to} and moving the watermark back to its end; \
+             records already queued are skipped",
+            f.feed
+        );
+    }
+    let note = format!(
+        "{why}: this feed had been {found}; it was read again from {from} and its watermark moved back to {to}"
+    );
+    f.clock_back = Some(ClockBack { watermark, window, note });
 }
 
 /// What makes a well-formed page that points at a next one a loop rather than progress, if anything. Each of these,
@@ -910,7 +964,8 @@ mod tests {
 
     #[test]
     fn a_daemon_with_nothing_settled_idles_one_interval() {
-        let mut rig = Rig::new(Mode::Daemon, 30);
+        // Read up to now - settle: nothing new has settled.
+        let mut rig = Rig::new(Mode::Daemon, 60);
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
         assert_eq!(rig.p.due(rig.now), None);
         assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(60)));
@@ -920,9 +975,9 @@ mod tests {
 
     #[test]
     fn once_with_nothing_settled_reads_the_overlap_once_then_is_done() {
-        // 30 s behind, settle 60: nothing new has settled; the overlap behind the watermark is read, once.
-        let rig = check(Mode::Once, 30, &[(Ev::Page(None), (vec![commit(None)], None))]);
-        assert_eq!(rig.watermark, T0 - 30, "the overlap ends at the watermark");
+        // Read up to now - settle: nothing new has settled; the overlap behind the watermark is read, once.
+        let rig = check(Mode::Once, 60, &[(Ev::Page(None), (vec![commit(None)], None))]);
+        assert_eq!(rig.watermark, T0 - 60, "the overlap ends at the watermark");
         assert!(rig.p.all_done() && !rig.p.gave_up());
         let mut rig = rig;
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None, "once per pass");
@@ -933,11 +988,88 @@ mod tests {
             (Ev::Wait(2), (vec![], Some(0))),
             (Ev::Page(None), (vec![commit(None)], None)),
         ];
-        let rig = check(Mode::Once, 30, &rows);
+        let rig = check(Mode::Once, 60, &rows);
         assert!(rig.p.all_done() && !rig.p.gave_up());
         // A daemon with nothing settled waits for its next poll instead.
-        let mut rig = Rig::new(Mode::Daemon, 30);
+        let mut rig = Rig::new(Mode::Daemon, 60);
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+    }
+
+    #[test]
+    fn a_watermark_in_the_future_is_read_again_from_the_clock_and_said() {
+        // Two hours in the future (the clock went back): the window is the overlap behind now - settle, not one
+        // after the watermark (none would settle for two hours) nor the overlap behind it (entirely in the future).
+        for (mode, due) in [(Mode::Daemon, Some(60)), (Mode::Once, None)] {
+            let mut rig = Rig::new(mode, -2 * HOUR);
+            assert_eq!(rig.plan().window, Window { from: T0 - 60 - 300, to: T0 - 60 });
+            let rows = [
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                // Its last page: committed (the watermark moves back to its end), then `status` hears of it, after
+                // the commit that clears the feed's error.
+                (Ev::Page(None), (vec![commit(None), err()], due)),
+            ];
+            for (i, (ev, want)) in rows.into_iter().enumerate() {
+                let (actions, got) = rig.step(ev);
+                assert_eq!((strip_all(actions.clone()), got), want, "{mode:?} row {i}");
+                if let Some(Action::RecordError(note)) = actions.get(1) {
+                    let want = "the clock went back (or the queue came from a machine whose clock was ahead): this \
+                                feed had been read up to 2027-01-15T10:00:00Z, 7200s ahead of the clock; it was read \
+                                again from 2027-01-15T07:54:00Z and its watermark moved back to \
+                                2027-01-15T07:59:00Z";
+                    assert_eq!(note, want);
+                }
+            }
+            assert_eq!(rig.watermark, T0 - 60, "{mode:?}");
+            assert_eq!(rig.p.all_done(), mode == Mode::Once);
+            assert!(!rig.p.gave_up());
+        }
+
+        // The window fails: read again from the clock (said once in the log), and said when it is read.
+        let server = || FetchError::Server { status: 503, detail: "unavailable".into() };
+        let rows = [
+            (Ev::Fail(server()), (vec![err()], Some(2))),
+            (Ev::Wait(2), (vec![], Some(0))),
+            (Ev::Page(None), (vec![commit(None), err()], Some(60))),
+            // Back to normal: the next window follows the watermark and says nothing.
+            (Ev::Wait(60), (vec![], Some(0))),
+            (Ev::Page(None), (vec![commit(None)], Some(60))),
+        ];
+        let rig = check(Mode::Daemon, -2 * HOUR, &rows);
+        assert_eq!(rig.watermark, T0 + 2 + 60 - 60);
+
+        // 30 s in the future, and 30 s later than now - settle but not in the future (as `settle_secs` raised
+        // leaves it): read from the clock all the same, without a word.
+        for behind in [-30, 30] {
+            for (mode, due) in [(Mode::Daemon, Some(60)), (Mode::Once, None)] {
+                let rig = check(mode, behind, &[(Ev::Page(None), (vec![commit(None)], due))]);
+                assert_eq!(rig.watermark, T0 - 60, "{mode:?}, {behind} s behind");
+            }
+        }
+        // Equal to now - settle: nothing to read for a daemon; `--once` reads the overlap behind it.
+        let mut rig = Rig::new(Mode::Daemon, 60);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        let mut rig = Rig::new(Mode::Once, 60);
+        assert_eq!(rig.plan().window, Window { from: T0 - 360, to: T0 - 60 });
+    }
+
+    #[test]
+    fn once_never_plans_a_window_that_ends_after_its_start_less_settle() {
+        // Wherever the watermark is, and however late in the pass: the pass's horizon bounds every window.
+        for behind in [-3 * HOUR, -2 * HOUR, -61, -30, 0, 30, 59, 60, 61, 600, 5 * HOUR] {
+            let mut rig = Rig::new(Mode::Once, behind);
+            rig.now = rig.now.after(Duration::from_secs(3600));
+            while let Some(plan) = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None) {
+                assert!(plan.window.to <= T0 - 60, "{behind} s behind: {:?}", plan.window);
+                rig.watermark = plan.window.to;
+                rig.p.on_fetching(Feed::Audit);
+                let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
+                let page = Page { records: vec![], held: 0, next: None, repaired: 0, keys: None };
+                rig.p.on_page(rig.now, &req, Ok(&page), None);
+                rig.p.on_committed(rig.now, Feed::Audit, 0, 0);
+            }
+            assert!(rig.p.all_done(), "{behind} s behind");
+            assert_eq!(rig.watermark, T0 - 60, "{behind} s behind");
+        }
     }
 
     #[test]
