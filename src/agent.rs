@@ -699,8 +699,13 @@ impl Agent {
         Ok(smol::unblock(move || {
             let mut f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
             // Each record's key, time and queued text are made here, on the pool, while the loop commits the page
-            // before; each parsed record is dropped as soon as it is done with.
-            let records = f.result.as_mut().ok().map(|page| prepare(req.feed, std::mem::take(&mut page.records)));
+            // before; each parsed record is dropped as soon as it is done with. The page keeps the digest of its
+            // keys, for the poller to tell a page that only repeats the one before.
+            let records = f.result.as_mut().ok().map(|page| {
+                let records = prepare(req.feed, std::mem::take(&mut page.records));
+                page.keys = Some(wire::keys_digest(records.iter().map(|r| r.key.as_str())));
+                records
+            });
             Fetch::Page(req, generation, f, records.unwrap_or_default())
         }))
     }

@@ -8,7 +8,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::Config;
 use crate::datetime;
-use crate::mimecast::Feed;
+use crate::mimecast::{Feed, window};
 use crate::store::{Note, Store, StoreError};
 
 /// The whole report. Its JSON form is interface.md's `status --json` object: these field names are a contract.
@@ -167,7 +167,11 @@ pub fn render(r: &Report, now: i64) -> String {
         }
     }
     let q = &r.queue;
-    let ago = |t: Stamp| format!("{} ({} ago)", datetime::rfc3339(t.0), human(now.saturating_sub(t.0)));
+    let ago = |t: Stamp| match now.saturating_sub(t.0) {
+        // A time ahead of the clock reading it: the clock went back since it was written.
+        secs if secs < 0 => format!("{} ({} in the future)", datetime::rfc3339(t.0), human(secs.saturating_neg())),
+        secs => format!("{} ({} ago)", datetime::rfc3339(t.0), human(secs)),
+    };
     let age = |t: Option<Stamp>| t.map_or_else(|| "never".into(), ago);
     let share = 100.0 * q.bytes as f64 / q.max_bytes.max(1) as f64;
     let oldest = q.oldest_age_secs.map(|a| format!(", oldest queued {} ago", human(a))).unwrap_or_default();
@@ -207,6 +211,16 @@ fn problems(r: &Report, now: i64) -> Vec<String> {
     for f in &r.feeds {
         if let Some(e) = &f.last_error {
             problems.push(format!("feed {}{}: {e}", f.feed.name(), when(f.last_error_at)));
+        }
+        let ahead = f.watermark.filter(|_| f.enabled).and_then(|w| window::clock_went_back(w.0, now));
+        if let (Some(w), Some(ahead)) = (f.watermark, ahead) {
+            problems.push(format!(
+                "feed {}: read up to {}, {} ahead of the clock: the clock went back (or the queue came from a machine \
+                 whose clock was ahead); the agent reads the feed again from the clock at its next poll",
+                f.feed.name(),
+                datetime::rfc3339(w.0),
+                human(ahead)
+            ));
         }
     }
     let q = &r.queue;
@@ -413,6 +427,24 @@ mod tests {
             text.starts_with("ATTENTION") && text.contains("feed audit (at 1970-01-01T00:34:10Z, 10s ago): HTTP 403"),
             "{text}"
         );
+        // A watermark in the future: the clock went back. Said as such, not as "-7200s ago"; within the tolerance
+        // of a clock's routine correction, nothing is said.
+        let mut ahead = r.clone();
+        ahead.feeds[0].watermark = Some(Stamp(2_060 + 7_200));
+        let text = render(&ahead, 2_060);
+        let said = "feed audit: read up to 1970-01-01T02:34:20Z, 2h ahead of the clock: the clock went back (or the queue \
+                    came from a machine whose clock was ahead); the agent reads the feed again from the clock at its \
+                    next poll";
+        assert!(text.starts_with("ATTENTION") && text.contains(said), "{text}");
+        assert!(
+            text.contains("\naudit                       yes      1970-01-01T02:34:20Z (2h in the future)"),
+            "{text}"
+        );
+        ahead.feeds[0].watermark = Some(Stamp(2_060 + window::CLOCK_TOLERANCE_SECS));
+        assert!(render(&ahead, 2_060).starts_with("OK"));
+        ahead.feeds[0].watermark = Some(Stamp(2_060 + 7_200));
+        ahead.feeds[0].enabled = false;
+        assert!(render(&ahead, 2_060).starts_with("OK"), "a feed that is not polled has no clock to go back");
         // A stored time far off (a damaged row, a clock reset) is shown, not a panic.
         r.datadog.last_success = Some(Stamp(i64::MIN));
         r.feeds[0].watermark = Some(Stamp(i64::MAX));

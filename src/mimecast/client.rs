@@ -51,6 +51,9 @@ pub enum FetchError {
     },
     Network(HttpError),
     Malformed(String),
+    /// Well-formed pages that would never end the window: a page token handed out again, the same records again
+    /// under a new token, more pages than any window needs. Said as the poller words it.
+    Pagination(String),
     /// A 2xx whose body is not JSON at all: the parser's error.
     NotJson(Cause),
 }
@@ -122,6 +125,7 @@ impl std::fmt::Display for FetchError {
             FetchError::Server { status, detail } => write!(f, "HTTP {status}: {detail}"),
             FetchError::Network(e) => e.fmt(f),
             FetchError::Malformed(m) => write!(f, "malformed response: {m}"),
+            FetchError::Pagination(m) => f.write_str(m),
             FetchError::NotJson(e) => write!(f, "malformed response: {e}"),
         }
     }
@@ -140,7 +144,8 @@ impl std::error::Error for FetchError {
             | FetchError::Failed { .. }
             | FetchError::Redirect { .. }
             | FetchError::Server { .. }
-            | FetchError::Malformed(_) => None,
+            | FetchError::Malformed(_)
+            | FetchError::Pagination(_) => None,
         }
     }
 }

@@ -16,12 +16,38 @@ pub struct Settings {
     pub max_window_secs: i64,
 }
 
+/// How far in the future a watermark may be before the agent says that the clock went back. A clock that NTP slews
+/// is never more than milliseconds off (ntpd and chrony step it instead, once it is 128 ms or a second off), and
+/// small steps are routine (a suspended VM resumed, a drifting clock corrected): the next window starts from the
+/// clock all the same and its overlap covers the step, so saying it would only be noise. A minute or more means the
+/// clock was wrong for a while (a boot before NTP, a bad hardware clock, a queue copied from another machine),
+/// which a person should know.
+pub const CLOCK_TOLERANCE_SECS: i64 = 60;
+
 /// The next window after `watermark`: it re-reads `overlap` behind the watermark, ends `settle` behind now, and is
 /// cut to `max_window`. `None` when nothing past the watermark has settled yet.
+///
+/// A watermark later than `now - settle` was set by a clock ahead of this one: the clock went back, or the queue
+/// comes from a machine whose clock was ahead. Waiting until the clock reaches it would read nothing meanwhile and
+/// then lose what came since, so the window is the overlap behind `now - settle` instead, and the watermark moves
+/// back to its end when it completes (what is read again was queued already and is skipped by its key).
 pub fn next_window(watermark: i64, now: i64, s: Settings) -> Option<Window> {
+    let horizon = now.saturating_sub(s.settle_secs);
+    if watermark > horizon {
+        return Some(Window { from: horizon.saturating_sub(s.overlap_secs), to: horizon });
+    }
     let from = watermark - s.overlap_secs;
-    let to = (now - s.settle_secs).min(from + s.max_window_secs);
+    let to = horizon.min(from + s.max_window_secs);
     (to > watermark).then_some(Window { from, to })
+}
+
+/// How far `watermark` is later than `now`, when by more than [`CLOCK_TOLERANCE_SECS`]: the clock went back (or the
+/// queue came from a machine whose clock was ahead), since nothing else sets a watermark in the future. One later
+/// than `now - settle` only is also what raising `settle_secs` leaves: [`next_window`] reads it from the clock all
+/// the same, and there is nothing to say.
+pub fn clock_went_back(watermark: i64, now: i64) -> Option<i64> {
+    let ahead = watermark.saturating_sub(now);
+    (ahead > CLOCK_TOLERANCE_SECS).then_some(ahead)
 }
 
 /// The overlap alone: the window that re-reads `overlap` behind the watermark when nothing past it has settled
@@ -54,9 +80,34 @@ mod tests {
         check(10_000, 100_000, Some((9_700, 13_300)));
         // Nothing settled past the watermark yet.
         check(10_000, 10_060, None);
-        check(10_000, 9_000, None);
+        // The watermark later than now - settle: the clock went back. The window is the overlap behind now -
+        // settle, whatever the difference, and never ends later than it.
+        check(10_030, 10_060, Some((9_700, 10_000)));
+        check(10_000, 9_000, Some((8_640, 8_940)));
+        check(10_000 + 7_200, 10_060, Some((9_700, 10_000)));
         assert_eq!(overlap(10_000, S), Some(Window { from: 9_700, to: 10_000 }));
         assert_eq!(overlap(10_000, Settings { overlap_secs: 0, ..S }), None);
+    }
+
+    #[test]
+    fn the_clock_went_back_only_for_a_watermark_in_the_future_past_the_tolerance() {
+        assert_eq!(clock_went_back(10_000, 10_000), None, "equal");
+        assert_eq!(clock_went_back(9_970, 10_000), None, "behind now, though ahead of now - settle: settle raised");
+        assert_eq!(clock_went_back(10_030, 10_000), None, "30 s ahead: within the tolerance");
+        assert_eq!(clock_went_back(10_000 + CLOCK_TOLERANCE_SECS, 10_000), None);
+        assert_eq!(clock_went_back(10_001 + CLOCK_TOLERANCE_SECS, 10_000), Some(CLOCK_TOLERANCE_SECS + 1));
+        assert_eq!(clock_went_back(17_200, 10_000), Some(7_200), "two hours");
+        assert_eq!(clock_went_back(i64::MAX, i64::MIN), Some(i64::MAX));
+    }
+
+    #[test]
+    fn no_window_ends_later_than_now_less_settle_wherever_the_watermark_is() {
+        let now = 100_000;
+        for wm in [0, 50_000, now - 3_600, now - 61, now - 60, now - 59, now, now + 30, now + 7_200, i64::MAX / 2] {
+            let w = next_window(wm, now, S).or_else(|| overlap(wm, S)).expect("a window");
+            assert!(w.to <= now - 60, "watermark {wm}: {w:?}");
+            assert!(w.from <= wm - 300 && w.to - w.from <= 3_600 && w.from < w.to, "watermark {wm}: {w:?}");
+        }
     }
 
     #[test]

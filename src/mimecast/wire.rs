@@ -20,6 +20,10 @@ pub struct Page {
     /// Characters that no JSON parser accepts (invalid UTF-8, unpaired UTF-16 surrogates) were replaced with
     /// U+FFFD to read this page: how many.
     pub repaired: usize,
+    /// The digest of the page's record keys in order ([`keys_digest`]), set by the fetch task once it has keyed
+    /// the records (`None` until then): the poller compares it with the page before, which the records, taken
+    /// out to be queued, no longer can.
+    pub keys: Option<KeysDigest>,
 }
 
 impl Page {
@@ -113,7 +117,7 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
         None => objects(data, "data[]")?,
         Some(key) => unwrap_records(feed, key, data)?,
     };
-    Ok(Page { held: records.len(), records, next: next_token(&meta)?, repaired })
+    Ok(Page { held: records.len(), records, next: next_token(&meta)?, repaired, keys: None })
 }
 
 fn malformed(m: &str) -> WireError {
@@ -270,6 +274,22 @@ pub fn record_key(feed: Feed, record: &Value) -> String {
     key
 }
 
+/// A SHA-256 of a page's record keys in their order: two pages with the same digest hold the same records, in the
+/// same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysDigest([u8; 32]);
+
+/// The digest of the record keys of a page, in order. Each key is hashed with its length first, so that no two
+/// different lists of keys hash the same bytes.
+pub fn keys_digest<'a>(keys: impl IntoIterator<Item = &'a str>) -> KeysDigest {
+    let mut h = Sha256::new();
+    for k in keys {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+    }
+    KeysDigest(h.finalize().into())
+}
+
 /// Compact JSON with object keys sorted, recursively, appended to `out`: names and strings escaped as serde_json
 /// escapes them, numbers as written.
 pub fn canonical(v: &Value, out: &mut Vec<u8>) {
@@ -366,6 +386,16 @@ mod tests {
         ] {
             assert!(parse(Feed::Audit, body).unwrap().is_last(), "{body}");
         }
+    }
+
+    #[test]
+    fn the_keys_digest_tells_the_same_records_in_the_same_order_from_any_other_list() {
+        let d = |keys: &[&str]| keys_digest(keys.iter().copied());
+        assert_eq!(d(&["a", "b"]), d(&["a", "b"]));
+        assert_ne!(d(&["a", "b"]), d(&["b", "a"]), "the order counts");
+        assert_ne!(d(&["ab"]), d(&["a", "b"]), "keys do not run into each other");
+        assert_ne!(d(&["a"]), d(&["a", ""]));
+        assert_ne!(d(&[]), d(&[""]));
     }
 
     #[test]

@@ -7,10 +7,16 @@
 //!   the server's rate-limit wait when longer, or the slow retry when an operator must act; never zero twice;
 //! - a refused page token restarts the window, and restarts are counted per window, so a token refused every
 //!   time backs off like any failure instead of re-reading page 1 at full speed;
-//! - a page token seen before in the window is a failure (a pagination cycle), not progress;
+//! - a page token seen before in the window is a failure (a pagination cycle), not progress; so is a page that
+//!   holds the same records as the page before it under a new token, and a window that runs past
+//!   [`MAX_PAGES_PER_WINDOW`] (a loop of tokens never seen before); so a window always ends, in pages and in the
+//!   memory of its tokens;
 //! - in `--once`, a feed gives up after `once_attempts` failures in a row, or at once where an operator must
 //!   act, and a pass reads up to the moment it started, so a slow pass cannot chase a moving end;
 //! - a daemon that is behind by less than one poll interval waits for it;
+//! - a watermark later than now less `settle_secs` was set by a clock ahead of this one: the window is the overlap
+//!   behind now less `settle_secs` instead, whose completion moves the watermark back, so no window it plans ends
+//!   later than that; a watermark more than a minute in the future is said (the log once, then `status`);
 //! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others; a wait the
 //!   server asks for (a 429's reset, a low `X-RateLimit-Remaining`) holds the feed whose call was answered so.
 //!   Mimecast applies its quota per API user and "differently per resource": another feed that shares an
@@ -25,7 +31,16 @@ use crate::datetime;
 use crate::mimecast::Feed;
 use crate::mimecast::client::{FetchError, PageRequest, Retry};
 use crate::mimecast::window::{self, Settings, Window};
-use crate::mimecast::wire::Page;
+use crate::mimecast::wire::{KeysDigest, Page};
+
+/// The most pages one window may take: a window still handing out a next page after this many is a pagination loop
+/// (a failure like a repeated token), however new each token looks. It bounds what one window costs in requests
+/// and in the memory of its tokens (one per page, a few hundred bytes each: a few MB at most). No window a
+/// configuration allows should need so many: Mimecast's quota is per API user and was seen at 10,000 calls an
+/// hour, shared by the six feeds, so a window of 10,000 pages would take more than an hour of the whole quota to
+/// read; at the default page of 500 records it holds 5 million records, over 1,300 a second for the default
+/// one-hour window, far beyond a tenant's security logs.
+pub const MAX_PAGES_PER_WINDOW: usize = 10_000;
 
 /// The poller's settings, from `[mimecast]` and the tuning.
 #[derive(Debug, Clone, Copy)]
@@ -62,8 +77,12 @@ struct FeedState {
     failures: u32,
     /// Times the window in progress was restarted because its page token was refused; reset when it completes.
     restarts: u32,
-    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress.
+    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress. At
+    /// most [`MAX_PAGES_PER_WINDOW`].
     tokens: HashSet<String>,
+    /// The record keys of the window's last page committed: a page with the same ones again, under a new token,
+    /// is a loop, not progress.
+    last_keys: Option<KeysDigest>,
     /// `--once`: this feed has finished its pass (caught up, or gave up).
     done: bool,
     /// A fetch of this feed is in flight.
@@ -73,8 +92,11 @@ struct FeedState {
     /// own: records Mimecast indexed late behind the watermark would wait for the next pass.
     own: Option<Window>,
     read_own: bool,
-    /// A page waiting for its commit: its window, whether it is the last, the wait the server asked for.
-    pending: Option<(Window, Option<String>, Duration)>,
+    /// A page waiting for its commit.
+    pending: Option<Pending>,
+    /// The clock went back: the stored watermark was in the future by more than the tolerance, and the window
+    /// planned from the clock instead is being read.
+    clock_back: Option<ClockBack>,
     pages: u64,
     queued: u64,
     skipped: u64,
@@ -91,17 +113,39 @@ impl FeedState {
             failures: 0,
             restarts: 0,
             tokens: HashSet::new(),
+            last_keys: None,
             done: false,
             fetching: false,
             own: None,
             read_own: false,
             pending: None,
+            clock_back: None,
             pages: 0,
             queued: 0,
             skipped: 0,
             refused: false,
         }
     }
+}
+
+/// A page waiting for its commit: its window, its next page's token (`None`: the last page), the wait the server
+/// asked for, and its record keys.
+#[derive(Debug)]
+struct Pending {
+    window: Window,
+    next: Option<String>,
+    throttle: Duration,
+    keys: Option<KeysDigest>,
+}
+
+/// A watermark found later than the clock allows, and the window read from the clock instead.
+#[derive(Debug)]
+struct ClockBack {
+    /// The watermark as found: a watermark said once is not said again while it stands.
+    watermark: i64,
+    window: Window,
+    /// For `status`, once that window is read: the feed's error, since its completion clears the one before.
+    note: String,
 }
 
 #[derive(Debug)]
@@ -183,7 +227,7 @@ impl Poller {
     /// at it once it comes back, and calls [`Poller::on_abandoned`] otherwise.
     pub fn read_ahead(&mut self, feed: Feed) -> Option<Plan> {
         let f = self.state(feed)?;
-        let (window, Some(token), throttle) = f.pending.as_ref()? else { return None };
+        let Pending { window, next: Some(token), throttle, .. } = f.pending.as_ref()? else { return None };
         if f.fetching || f.done || !throttle.is_zero() {
             return None;
         }
@@ -233,13 +277,17 @@ impl Poller {
             return Some(Plan { window, page_token });
         }
         let once = self.s.retries.mode == Mode::Once;
-        let (next, settings) = (window::next_window(watermark, self.horizon(now), self.s.window), self.s.window);
+        let (horizon, settings) = (self.horizon(now), self.s.window);
+        let next = window::next_window(watermark, horizon, settings);
         let f = self.state(feed)?;
         // `--once` with nothing new settled still reads the overlap once, for what was indexed late behind it.
         let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.read_own));
         match window {
             Some(window) => {
                 f.own = Some(window);
+                if watermark > window.to {
+                    clock_went_back(f, watermark, horizon, window);
+                }
                 Some(Plan { window, page_token: None })
             }
             None => {
@@ -278,17 +326,9 @@ impl Poller {
             return Vec::new();
         };
         f.fetching = false;
-        // A `next` seen before in this window (the token just used, or an earlier one: A -> B -> A) would read
-        // the same pages forever: a visible, backed-off error instead of a silent loop that burns the quota.
-        let page = page.and_then(|page| match &page.next {
-            Some(next) if !page.is_last() && (req.page_token.as_ref() == Some(next) || f.tokens.contains(next)) => {
-                Err(FetchError::Malformed(format!(
-                    "Mimecast handed out a page token it had already given in this window ({}): a pagination \
-                     cycle; the window is not advanced",
-                    excerpt(next)
-                )))
-            }
-            _ => Ok(page),
+        let page = page.and_then(|page| match pagination_loop(f, req, page) {
+            Some(e) => Err(FetchError::Pagination(e)),
+            None => Ok(page),
         });
         match page {
             Ok(page) => {
@@ -300,8 +340,18 @@ impl Poller {
                     );
                 }
                 let next_token = if page.is_last() { None } else { page.next.clone() };
-                f.pending = Some((req.window, next_token.clone(), throttle.unwrap_or_default()));
-                vec![Action::Commit { next_token, forget_before: self.forget_before(req.window) }]
+                f.pending = Some(Pending {
+                    window: req.window,
+                    next: next_token.clone(),
+                    throttle: throttle.unwrap_or_default(),
+                    keys: page.keys,
+                });
+                // The last page of the window read because the clock went back: `status` says so after the
+                // commit, which clears the feed's error.
+                let note = f.clock_back.as_ref().filter(|c| next_token.is_none() && c.window == req.window);
+                let note = note.map(|c| Action::RecordError(c.note.clone()));
+                let commit = Action::Commit { next_token, forget_before: self.forget_before(req.window) };
+                [commit].into_iter().chain(note).collect()
             }
             Err(e) => self.failed(now, feed, req.page_token.is_some(), e),
         }
@@ -319,14 +369,15 @@ impl Poller {
         let (mode, interval, settings) = (self.s.retries.mode, self.s.poll_interval, self.s.window);
         let horizon = self.horizon(now);
         let Some(f) = self.state(feed) else { return };
-        let Some((w, next_token, throttle)) = f.pending.take() else { return };
+        let Some(Pending { window: w, next, throttle, keys }) = f.pending.take() else { return };
         (f.failures, f.refused) = (0, false);
         f.pages += 1;
         f.queued += queued;
         f.skipped += skipped;
         f.due = now.at + throttle;
-        if let Some(next) = next_token {
+        if let Some(next) = next {
             f.tokens.insert(next);
+            f.last_keys = keys;
             return;
         }
         // A quiet poll is worth a debug line only; one that found records is the info summary of its cycle.
@@ -343,6 +394,10 @@ impl Poller {
         );
         (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
         f.tokens.clear();
+        f.last_keys = None;
+        if f.clock_back.as_ref().is_some_and(|c| c.window == w) {
+            f.clock_back = None;
+        }
         // A daemon behind by less than one poll interval waits for it: how long the pages took must not decide
         // how often the feed is read. A `--once` pass goes on until it reached where it started.
         let slack = match mode {
@@ -366,6 +421,7 @@ impl Poller {
         let attempts = if retry == Retry::RestartWindow {
             f.restarts += 1;
             f.tokens.clear();
+            f.last_keys = None;
             f.restarts
         } else {
             f.failures += 1;
@@ -410,6 +466,66 @@ impl Poller {
     }
 }
 
+/// A feed's window is planned from the clock because its watermark is later than the clock allows (now less
+/// `settle_secs`). When the watermark is in the future by more than the tolerance, a person should know: the log
+/// says it once for that watermark, and `status` once the window is read. Less is the clock's routine correction,
+/// or `settle_secs` raised.
+fn clock_went_back(f: &mut FeedState, watermark: i64, now: i64, window: Window) {
+    let Some(ahead) = window::clock_went_back(watermark, now) else {
+        log::debug!("{}: the watermark is later than now less settle_secs; reading from the clock", f.feed);
+        return;
+    };
+    let why = "the clock went back (or the queue came from a machine whose clock was ahead)";
+    let (from, to) = (datetime::rfc3339(window.from), datetime::rfc3339(window.to));
+    let found = format!("read up to {}, {ahead}s ahead of the clock", datetime::rfc3339(watermark));
+    if f.clock_back.as_ref().is_none_or(|c| c.watermark != watermark) {
+        log::warn!(
+            "{}: {why}: the feed was {found}; reading {from} .. {to} and moving the watermark back to its end; \
+             records already queued are skipped",
+            f.feed
+        );
+    }
+    let note = format!(
+        "{why}: this feed had been {found}; it was read again from {from} and its watermark moved back to {to}"
+    );
+    f.clock_back = Some(ClockBack { watermark, window, note });
+}
+
+/// What makes a well-formed page that points at a next one a loop rather than progress, if anything. Each of these,
+/// followed, would read pages for ever without the window ending (nor `--once`), burning the quota and growing the
+/// window's token set; instead it is a failure, backed off and shown, and the feed goes on from its cursor. A last
+/// page never loops: that includes an empty page that still carries a `next` (the API's quirk), which ends its
+/// window, so an empty page is never "the same records" either.
+fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<String> {
+    let next = page.next.as_ref().filter(|_| !page.is_last())?;
+    // The token just used, or an earlier one (A -> B -> A).
+    if req.page_token.as_ref() == Some(next) || f.tokens.contains(next) {
+        return Some(format!(
+            "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
+             window is not advanced",
+            excerpt(next)
+        ));
+    }
+    // The page before's records again, under a token never seen: a server that ignores the token it was given.
+    if page.keys.is_some() && page.keys == f.last_keys {
+        return Some(format!(
+            "Mimecast sent the same {} records again with a new page token ({}): a pagination loop; the window is \
+             not advanced",
+            page.held,
+            excerpt(next)
+        ));
+    }
+    // Tokens that are all new and records that all differ, without end: the page before the token set would outgrow
+    // its bound is the last one followed. This page is the window's `tokens.len() + 1`th.
+    if f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
+        return Some(format!(
+            "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
+             needs: a pagination loop; the window is not advanced"
+        ));
+    }
+    None
+}
+
 /// The start of a server-given string, for a log line: enough to recognise it, never a page of it.
 fn excerpt(s: &str) -> String {
     let cut = crate::http::printable(s, 40);
@@ -451,8 +567,12 @@ mod tests {
     enum Ev {
         /// Seconds pass.
         Wait(u64),
-        /// A page with records and a next token (`None`: the last page).
+        /// A page with records never served before and a next token (`None`: the last page).
         Page(Option<&'static str>),
+        /// A page with the records of the page served before it, and a next token.
+        Same(Option<&'static str>),
+        /// A page without records, and a next token (the API's quirk on an empty last page).
+        Empty(Option<&'static str>),
         /// A fetch failed.
         Fail(FetchError),
     }
@@ -466,42 +586,56 @@ mod tests {
         now: Now,
         watermark: i64,
         window: Option<(Window, Option<String>)>,
+        /// Pages served so far: each [`Ev::Page`] holds a record of its own.
+        served: u64,
     }
 
     impl Rig {
         fn new(mode: Mode, behind: i64) -> Rig {
             let now = Now { at: Instant::now(), unix: T0 };
             let p = Poller::new(settings(mode), &[Feed::Audit], now);
-            Rig { p, now, watermark: T0 - behind, window: None }
+            Rig { p, now, watermark: T0 - behind, window: None, served: 0 }
+        }
+
+        /// The request for the feed's next page, from the cursor as the store would keep it.
+        fn plan(&mut self) -> PageRequest {
+            let feed = Feed::Audit;
+            assert_eq!(self.p.due(self.now), Some(feed), "the feed must be due for a fetch");
+            let plan = self.p.plan(self.now, feed, self.watermark, self.window.clone()).expect("a window to read");
+            PageRequest { feed, window: plan.window, page_token: plan.page_token, page_size: 100 }
+        }
+
+        /// Fetches the next page: `held` records (0 or 1), new ones or those of the page served before, and
+        /// `next`; commits it if the poller says so.
+        fn page(&mut self, next: Option<String>, held: usize, new: bool) -> Vec<Action> {
+            let req = self.plan();
+            self.served += u64::from(new && held > 0);
+            let key = format!("id:{}", self.served);
+            let keys = Some(crate::mimecast::wire::keys_digest([key.as_str()].into_iter().take(held)));
+            // The records are taken out before the poller sees the page, as the fetch task does.
+            let page = Page { held, records: Vec::new(), next, repaired: 0, keys };
+            let actions = self.p.on_page(self.now, &req, Ok(&page), None);
+            if let Some(Action::Commit { next_token, .. }) = actions.first() {
+                self.window = next_token.clone().map(|t| (req.window, Some(t)));
+                if next_token.is_none() {
+                    self.watermark = req.window.to;
+                }
+                self.p.on_committed(self.now, req.feed, 1, 0);
+            }
+            actions
         }
 
         /// Runs one event and returns the actions and when the feed is due again, relative to now.
         fn step(&mut self, ev: Ev) -> Want {
-            let feed = Feed::Audit;
-            let plan = |r: &mut Rig| {
-                assert_eq!(r.p.due(r.now), Some(feed), "the feed must be due for a fetch");
-                let plan = r.p.plan(r.now, feed, r.watermark, r.window.clone()).expect("a window to read");
-                PageRequest { feed, window: plan.window, page_token: plan.page_token, page_size: 100 }
-            };
+            let plan = |r: &mut Rig| r.plan();
             let actions = match ev {
                 Ev::Wait(s) => {
                     self.now = self.now.after(Duration::from_secs(s));
                     Vec::new()
                 }
-                Ev::Page(next) => {
-                    let plan = plan(self);
-                    let records = vec![json!({"id": "x"})];
-                    let page = Page { held: records.len(), records, next: next.map(String::from), repaired: 0 };
-                    let actions = self.p.on_page(self.now, &plan, Ok(&page), None);
-                    if let Some(Action::Commit { next_token, .. }) = actions.first() {
-                        self.window = next_token.clone().map(|t| (plan.window, Some(t)));
-                        if next_token.is_none() {
-                            self.watermark = plan.window.to;
-                        }
-                        self.p.on_committed(self.now, feed, 1, 0);
-                    }
-                    actions
-                }
+                Ev::Page(next) => self.page(next.map(String::from), 1, true),
+                Ev::Same(next) => self.page(next.map(String::from), 1, false),
+                Ev::Empty(next) => self.page(next.map(String::from), 0, true),
                 Ev::Fail(e) => {
                     let plan = plan(self);
                     let actions = self.p.on_page(self.now, &plan, Err(e), None);
@@ -534,6 +668,10 @@ mod tests {
             Action::Commit { next_token, .. } => Action::Commit { next_token, forget_before: 0 },
             a => a,
         }
+    }
+
+    fn strip_all(actions: Vec<Action>) -> Vec<Action> {
+        actions.into_iter().map(strip).collect()
     }
 
     fn commit(t: Option<&str>) -> Action {
@@ -690,6 +828,85 @@ mod tests {
     }
 
     #[test]
+    fn the_same_records_under_a_new_token_are_an_error_not_progress() {
+        let rig = check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                // Page A's records again, under a token never seen: a loop. Nothing is committed, no restart.
+                (Ev::Same(Some("B")), (vec![err()], Some(2))),
+                (Ev::Wait(2), (vec![], Some(0))),
+                // Read again from the cursor (token A): the same again, and the delay grows.
+                (Ev::Same(Some("C")), (vec![err()], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                // New records: the window goes on, and the count of failures is reset.
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+                // An empty page with a `next` is the window's last page, never "the same records".
+                (Ev::Empty(Some("C")), (vec![commit(None)], Some(60))),
+                // The next window's first page re-reads the overlap: the previous window's last records again are
+                // a page of a new window, not a loop.
+                (Ev::Wait(60), (vec![], Some(0))),
+                (Ev::Same(Some("D")), (vec![commit(Some("D"))], Some(0))),
+                // A last page that repeats the one before ends its window: nothing loops.
+                (Ev::Same(None), (vec![commit(None)], Some(60))),
+            ],
+        );
+        // Both windows were read to their ends: settle behind the clock, which moved on 2 + 4 + 60 s.
+        assert_eq!(rig.watermark, T0 + 66 - 60);
+
+        // The error says what Mimecast did, and it counts towards `--once`'s give-up like any failure.
+        let mut rig = Rig::new(Mode::Once, 600);
+        rig.step(Ev::Page(Some("A")));
+        let (actions, due) = rig.step(Ev::Same(Some("B")));
+        let want = "Mimecast sent the same 1 records again with a new page token (B): a pagination loop; the window \
+                    is not advanced";
+        assert_eq!((actions, due), (vec![Action::RecordError(want.into())], Some(2)));
+        for (wait, due) in [(2, Some(4)), (4, None)] {
+            rig.step(Ev::Wait(wait));
+            let (actions, got) = rig.step(Ev::Same(Some("C")));
+            assert_eq!((strip_all(actions), got), (vec![err()], due));
+        }
+        assert!(rig.p.gave_up() && rig.p.all_done());
+        assert_eq!(rig.window.map(|(_, t)| t), Some(Some("A".into())), "the cursor stays at the looping page");
+    }
+
+    #[test]
+    fn a_window_past_max_pages_is_an_error_and_its_tokens_stay_bounded() {
+        let mut rig = Rig::new(Mode::Once, 600);
+        // Pages 1 .. MAX - 1, every one with new records and a new token: followed.
+        for i in 1..MAX_PAGES_PER_WINDOW {
+            let actions = rig.page(Some(format!("t{i}")), 1, true);
+            assert_eq!(
+                strip_all(actions),
+                vec![Action::Commit { next_token: Some(format!("t{i}")), forget_before: 0 }]
+            );
+        }
+        let tokens = |rig: &Rig| rig.p.feeds[0].tokens.len();
+        assert_eq!(tokens(&rig), MAX_PAGES_PER_WINDOW - 1);
+        // Page MAX hands out yet another next page: a loop, failed like any other, and the set does not grow.
+        let want = format!(
+            "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
+             needs: a pagination loop; the window is not advanced"
+        );
+        assert_eq!(rig.page(Some("more".into()), 1, true), vec![Action::RecordError(want)]);
+        for wait in [2, 4] {
+            rig.step(Ev::Wait(wait));
+            assert_eq!(strip_all(rig.page(Some(format!("more{wait}")), 1, true)), vec![err()]);
+        }
+        assert_eq!(tokens(&rig), MAX_PAGES_PER_WINDOW - 1);
+        assert!(rig.p.gave_up(), "--once gives up on it after its attempts");
+
+        // A window of exactly MAX pages ends: its last page has no next.
+        let mut rig = Rig::new(Mode::Daemon, 600);
+        for i in 1..MAX_PAGES_PER_WINDOW {
+            rig.page(Some(format!("t{i}")), 1, true);
+        }
+        assert_eq!(strip_all(rig.page(None, 1, true)), vec![commit(None)]);
+        assert_eq!((tokens(&rig), rig.watermark), (0, T0 - 60), "the window completed; its tokens are forgotten");
+    }
+
+    #[test]
     fn once_gives_up_after_its_attempts_and_at_once_where_an_operator_must_act() {
         let net = || FetchError::Server { status: 502, detail: "bad gateway".into() };
         let rig = check(
@@ -747,7 +964,8 @@ mod tests {
 
     #[test]
     fn a_daemon_with_nothing_settled_idles_one_interval() {
-        let mut rig = Rig::new(Mode::Daemon, 30);
+        // Read up to now - settle: nothing new has settled.
+        let mut rig = Rig::new(Mode::Daemon, 60);
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
         assert_eq!(rig.p.due(rig.now), None);
         assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(60)));
@@ -757,9 +975,9 @@ mod tests {
 
     #[test]
     fn once_with_nothing_settled_reads_the_overlap_once_then_is_done() {
-        // 30 s behind, settle 60: nothing new has settled; the overlap behind the watermark is read, once.
-        let rig = check(Mode::Once, 30, &[(Ev::Page(None), (vec![commit(None)], None))]);
-        assert_eq!(rig.watermark, T0 - 30, "the overlap ends at the watermark");
+        // Read up to now - settle: nothing new has settled; the overlap behind the watermark is read, once.
+        let rig = check(Mode::Once, 60, &[(Ev::Page(None), (vec![commit(None)], None))]);
+        assert_eq!(rig.watermark, T0 - 60, "the overlap ends at the watermark");
         assert!(rig.p.all_done() && !rig.p.gave_up());
         let mut rig = rig;
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None, "once per pass");
@@ -770,11 +988,88 @@ mod tests {
             (Ev::Wait(2), (vec![], Some(0))),
             (Ev::Page(None), (vec![commit(None)], None)),
         ];
-        let rig = check(Mode::Once, 30, &rows);
+        let rig = check(Mode::Once, 60, &rows);
         assert!(rig.p.all_done() && !rig.p.gave_up());
         // A daemon with nothing settled waits for its next poll instead.
-        let mut rig = Rig::new(Mode::Daemon, 30);
+        let mut rig = Rig::new(Mode::Daemon, 60);
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+    }
+
+    #[test]
+    fn a_watermark_in_the_future_is_read_again_from_the_clock_and_said() {
+        // Two hours in the future (the clock went back): the window is the overlap behind now - settle, not one
+        // after the watermark (none would settle for two hours) nor the overlap behind it (entirely in the future).
+        for (mode, due) in [(Mode::Daemon, Some(60)), (Mode::Once, None)] {
+            let mut rig = Rig::new(mode, -2 * HOUR);
+            assert_eq!(rig.plan().window, Window { from: T0 - 60 - 300, to: T0 - 60 });
+            let rows = [
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                // Its last page: committed (the watermark moves back to its end), then `status` hears of it, after
+                // the commit that clears the feed's error.
+                (Ev::Page(None), (vec![commit(None), err()], due)),
+            ];
+            for (i, (ev, want)) in rows.into_iter().enumerate() {
+                let (actions, got) = rig.step(ev);
+                assert_eq!((strip_all(actions.clone()), got), want, "{mode:?} row {i}");
+                if let Some(Action::RecordError(note)) = actions.get(1) {
+                    let want = "the clock went back (or the queue came from a machine whose clock was ahead): this \
+                                feed had been read up to 2027-01-15T10:00:00Z, 7200s ahead of the clock; it was read \
+                                again from 2027-01-15T07:54:00Z and its watermark moved back to \
+                                2027-01-15T07:59:00Z";
+                    assert_eq!(note, want);
+                }
+            }
+            assert_eq!(rig.watermark, T0 - 60, "{mode:?}");
+            assert_eq!(rig.p.all_done(), mode == Mode::Once);
+            assert!(!rig.p.gave_up());
+        }
+
+        // The window fails: read again from the clock (said once in the log), and said when it is read.
+        let server = || FetchError::Server { status: 503, detail: "unavailable".into() };
+        let rows = [
+            (Ev::Fail(server()), (vec![err()], Some(2))),
+            (Ev::Wait(2), (vec![], Some(0))),
+            (Ev::Page(None), (vec![commit(None), err()], Some(60))),
+            // Back to normal: the next window follows the watermark and says nothing.
+            (Ev::Wait(60), (vec![], Some(0))),
+            (Ev::Page(None), (vec![commit(None)], Some(60))),
+        ];
+        let rig = check(Mode::Daemon, -2 * HOUR, &rows);
+        assert_eq!(rig.watermark, T0 + 2 + 60 - 60);
+
+        // 30 s in the future, and 30 s later than now - settle but not in the future (as `settle_secs` raised
+        // leaves it): read from the clock all the same, without a word.
+        for behind in [-30, 30] {
+            for (mode, due) in [(Mode::Daemon, Some(60)), (Mode::Once, None)] {
+                let rig = check(mode, behind, &[(Ev::Page(None), (vec![commit(None)], due))]);
+                assert_eq!(rig.watermark, T0 - 60, "{mode:?}, {behind} s behind");
+            }
+        }
+        // Equal to now - settle: nothing to read for a daemon; `--once` reads the overlap behind it.
+        let mut rig = Rig::new(Mode::Daemon, 60);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        let mut rig = Rig::new(Mode::Once, 60);
+        assert_eq!(rig.plan().window, Window { from: T0 - 360, to: T0 - 60 });
+    }
+
+    #[test]
+    fn once_never_plans_a_window_that_ends_after_its_start_less_settle() {
+        // Wherever the watermark is, and however late in the pass: the pass's horizon bounds every window.
+        for behind in [-3 * HOUR, -2 * HOUR, -61, -30, 0, 30, 59, 60, 61, 600, 5 * HOUR] {
+            let mut rig = Rig::new(Mode::Once, behind);
+            rig.now = rig.now.after(Duration::from_secs(3600));
+            while let Some(plan) = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None) {
+                assert!(plan.window.to <= T0 - 60, "{behind} s behind: {:?}", plan.window);
+                rig.watermark = plan.window.to;
+                rig.p.on_fetching(Feed::Audit);
+                let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
+                let page = Page { records: vec![], held: 0, next: None, repaired: 0, keys: None };
+                rig.p.on_page(rig.now, &req, Ok(&page), None);
+                rig.p.on_committed(rig.now, Feed::Audit, 0, 0);
+            }
+            assert!(rig.p.all_done(), "{behind} s behind");
+            assert_eq!(rig.watermark, T0 - 60, "{behind} s behind");
+        }
     }
 
     #[test]
@@ -797,7 +1092,7 @@ mod tests {
         let mut rig = Rig::new(Mode::Daemon, 600);
         let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("a window");
         let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
-        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0 };
+        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0, keys: None };
         let actions = rig.p.on_page(rig.now, &req, Ok(&page), Some(Duration::from_secs(7)));
         // Seen keys are kept for the overlap plus an hour behind the window's end.
         let forget_before = plan.window.to - 300 - 3600;
@@ -818,7 +1113,7 @@ mod tests {
         rig.p.reconfigure(settings(Mode::Daemon), &[Feed::Dlp], rig.now);
         let req =
             PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
-        let page = Page { records: vec![], held: 0, next: None, repaired: 0 };
+        let page = Page { records: vec![], held: 0, next: None, repaired: 0, keys: None };
         assert_eq!(rig.p.on_page(rig.now, &req, Ok(&page), None), vec![]);
     }
 
@@ -848,7 +1143,7 @@ mod tests {
         assert_eq!(p.fetching(), 1);
         assert_eq!(p.next_wake(), Some(now.at + Duration::from_secs(300)));
         let req = PageRequest { feed: second, ..req };
-        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0 };
+        let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0, keys: None };
         p.on_page(now, &req, Ok(&page), None);
         p.on_committed(now, second, 1, 0);
         assert_eq!(p.due(now), Some(second), "the other feed goes on at once");
@@ -859,8 +1154,13 @@ mod tests {
         let now = Now { at: Instant::now(), unix: T0 };
         let mut p = Poller::new(settings(Mode::Daemon), &[Feed::Audit], now);
         let req = PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 1 };
-        let page =
-            |next: Option<&str>| Page { records: vec![json!({})], held: 1, next: next.map(String::from), repaired: 0 };
+        let page = |next: Option<&str>| Page {
+            records: vec![json!({})],
+            held: 1,
+            next: next.map(String::from),
+            repaired: 0,
+            keys: None,
+        };
         assert_eq!(p.read_ahead(Feed::Audit), None, "nothing waits for its commit");
         p.on_fetching(Feed::Audit);
         p.on_page(now, &req, Ok(&page(Some("A"))), None);

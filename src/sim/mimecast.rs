@@ -2,8 +2,8 @@
 //! tokens bound to their filter, both orderings, and on-demand faults (429 with `X-RateLimit-Reset`, `fail[]`
 //! with HTTP 200, 5xx, dropped connections, stalls, expired tokens, 403 per feed), one-shot or persistent, and
 //! hostile answers (pages without `meta`, records that are not objects, redirects, any rate-limit header value in
-//! either spelling, slow pages, absurd token lifetimes, page tokens that cycle). Every request is logged with the
-//! fault it took, and a held page waits until the test releases it.
+//! either spelling, slow pages, absurd token lifetimes, page tokens that cycle, the same page again under new
+//! tokens). Every request is logged with the fault it took, and a held page waits until the test releases it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +37,9 @@ pub enum Fault {
     Truncated,
     /// A page whose `next` is the page token of the request itself.
     RepeatToken,
+    /// The window's first page whatever the page token asked for, with a `next` never handed out before: a
+    /// server that ignores the token it is given and makes up a new one, so that following it never ends.
+    SameRecordsNewToken,
     /// HTTP 200 page without its `meta` object.
     MissingMeta,
     /// HTTP 200 page whose records are replaced by `[1,"two",null]` (in the feed's own shape).
@@ -92,6 +95,8 @@ struct State {
     expires_in_raw: Option<String>,
     token_redirect: Option<String>,
     token_cycle: bool,
+    /// Page tokens made up by [`Fault::SameRecordsNewToken`] so far.
+    made_up: u64,
     /// Token requests wait until [`MimecastSim::release`] (a slow or hanging token endpoint).
     hold_tokens: bool,
     log: Vec<Logged>,
@@ -122,6 +127,7 @@ impl MimecastSim {
             expires_in_raw: None,
             token_redirect: None,
             token_cycle: false,
+            made_up: 0,
             hold_tokens: false,
             log: Vec::new(),
             secret: CLIENT_SECRET.into(),
@@ -423,6 +429,7 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
             Fault::ExpireTokens
             | Fault::Truncated
             | Fault::RepeatToken
+            | Fault::SameRecordsNewToken
             | Fault::MissingMeta
             | Fault::NonObjects
             | Fault::Delay(_)
@@ -433,6 +440,21 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
     }
     if st.forbidden.contains(&feed) {
         return (Reply::json(403, &fail("err_forbidden", "the application lacks this permission", false)), 0);
+    }
+    if let Some(Fault::SameRecordsNewToken) = fault {
+        // Page 1 of the filter, as though no token had come, and a token that has never been seen.
+        let mut first = body.cloned();
+        if let Some(p) = first.as_mut().and_then(|b| b.pointer_mut("/meta/pagination")).and_then(Value::as_object_mut) {
+            p.remove("pageToken");
+        }
+        return match page(st, feed, first.as_ref()) {
+            Ok((mut v, n)) => {
+                st.made_up += 1;
+                v["meta"]["pagination"]["next"] = Value::String(format!("made-up-{}", st.made_up));
+                (Reply::json(200, &v), n)
+            }
+            Err(message) => (Reply::json(400, &fail("err_validation", &message, false)), 0),
+        };
     }
     match page(st, feed, body) {
         Ok((v, _)) if matches!(fault, Some(Fault::Truncated)) => {

@@ -1,16 +1,20 @@
 //! Collecting from Mimecast into the queue, against the loopback simulator over real HTTP.
 
 use std::collections::HashMap;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use crate::common::bin::poll_until;
+use crate::common::bin::{
+    RUN_LIMIT, SpawnDaemon, cmd, poll_until, run, status_json, stderr_lines, wait_for, write_config,
+};
 use crate::common::{Rig, assert_delivered_once, fast_tuning, run_daemon_until};
 use mimecast_forwarder::agent::{Clock, Tuning};
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::sim::datadog as dd;
 use mimecast_forwarder::sim::mimecast::Fault;
+use mimecast_forwarder::sim::records;
 use mimecast_forwarder::store::Store;
 use serde_json::Value;
 
@@ -224,6 +228,103 @@ fn a_page_that_repeats_its_own_token_is_an_error_not_a_loop() {
     let log = rig.mc.requests();
     assert_eq!(log[1].page_token, log[2].page_token, "the page is asked again after the error");
     assert!(log.len() <= 6, "{} requests", log.len());
+}
+
+/// Guards: a Mimecast that answers every page with the same records and a `next` it never handed out before was
+/// followed for ever (thousands of requests a minute, the window never ending, `run --once` never ending, nothing
+/// above debug in the log and "OK" in `status`). Now the page that repeats the one before is an error: the pass
+/// ends with 69 after a few requests, and the log and `status` name the loop.
+#[test]
+fn the_same_records_under_new_page_tokens_end_the_once_pass_with_the_loop_in_status() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::TtpUrl, Feed::Audit], 40, 300);
+    rig.mc.set_always(Some(Fault::SameRecordsNewToken));
+    let path = write_config(&rig, &[("mimecast", "page_size = 10\nlog_types = [\"ttp-url\", \"audit\"]")]);
+    let p = path.to_str().unwrap();
+    let mut child = cmd(&["run", "--once", "--config", p]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn_daemon();
+    let log = stderr_lines(&mut child);
+    // Each feed reads its empty windows and the first page of the one with records, then fails three times on the
+    // next: a few dozen requests at most. An endless pass fails the test as soon as it has made many more.
+    const BOUND: usize = 30;
+    let mut exit = None;
+    wait_for("the pass to end or to pass its bound of requests", RUN_LIMIT, || {
+        exit = child.try_wait().unwrap();
+        exit.is_some() || rig.mc.requests().len() > 10 * BOUND
+    });
+    let n = rig.mc.requests().len();
+    let exit = exit.unwrap_or_else(|| panic!("run --once had not ended after {n} requests"));
+    assert!(n <= BOUND, "{n} requests");
+    assert_eq!(exit.code(), Some(69), "a feed gave up this pass: {}", log.lock().unwrap());
+    let status = status_json(p);
+    for feed in [Feed::TtpUrl, Feed::Audit] {
+        let err = status["feeds"][feed.name()]["last_error"].as_str().unwrap_or_default();
+        assert!(
+            err.starts_with("Mimecast sent the same 10 records again with a new page token")
+                && err.contains("a pagination loop"),
+            "{feed}: {status}"
+        );
+    }
+    let log = log.lock().unwrap();
+    let warned = |feed: Feed| {
+        log.lines().any(|l| {
+            (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains(&format!("] {feed}: Mimecast sent the same"))
+        })
+    };
+    assert!(warned(Feed::TtpUrl) && warned(Feed::Audit), "{log}");
+}
+
+/// Guards: a watermark later than the clock (the clock had been hours ahead when the feed was read, then NTP
+/// stepped it back) made the feed wait, reading nothing, until the clock caught up with it: `--once` read a window
+/// entirely in the future, `status` said OK with the watermark "-7179s ago", and once the clock reached the
+/// watermark, reading resumed at the watermark less the overlap, so the records that came in between were never
+/// asked for. Now the window is planned from the clock, the watermark moves back, and the log and `status` say that
+/// the clock went back.
+#[test]
+fn a_watermark_hours_in_the_future_is_read_again_from_the_clock_and_said() {
+    let rig = Rig::new();
+    let path = write_config(&rig, &[("mimecast", "overlap_secs = 900\nlog_types = [\"ttp-url\", \"audit\"]")]);
+    let p = path.to_str().unwrap();
+    let mut expected = rig.add_records(&[Feed::TtpUrl, Feed::Audit], 50, 300);
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    // As the repro does: ttp-url was read by a clock two hours ahead.
+    let db = rusqlite::Connection::open(rig.db_path()).unwrap();
+    db.execute("UPDATE cursor SET watermark = watermark + 7200 WHERE feed = 'ttp-url'", []).unwrap();
+    drop(db);
+    let ahead = rig.store().cursor(Feed::TtpUrl).unwrap().unwrap().watermark;
+    // Since then, Mimecast has had the records of the last ten minutes.
+    let now = mimecast_forwarder::datetime::now();
+    let recent: Vec<Value> =
+        (0..40).map(|i| records::generate(Feed::TtpUrl, 1_000 + i, now - 600 + i as i64 * 14, 300)).collect();
+    expected.extend(recent.iter().map(|r| (wire::record_key(Feed::TtpUrl, r), Feed::TtpUrl)));
+    rig.mc.add(Feed::TtpUrl, recent);
+    let asked = rig.mc.requests().len();
+
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    let end = mimecast_forwarder::datetime::now();
+    assert_eq!(code, 0, "{err}");
+    assert_delivered_once(&rig.dd, &expected);
+    // Every window ends no later than the clock less settle_secs (the rig's 1 s), and the watermark moved back.
+    let horizon = end - 1;
+    let spec = Feed::TtpUrl.spec();
+    for r in rig.mc.requests()[asked..].iter().filter(|r| r.feed == Some(Feed::TtpUrl)) {
+        let to =
+            r.filter.as_ref().and_then(|f| f[spec.to_field].as_str()).and_then(mimecast_forwarder::datetime::parse);
+        assert!(to.is_some_and(|to| to <= horizon), "a window ending in the future: {:?}", r.filter);
+    }
+    let watermark = rig.store().cursor(Feed::TtpUrl).unwrap().unwrap().watermark;
+    assert!(now - 1 <= watermark && watermark <= horizon, "watermark {watermark}, now {now}");
+    let warned = err.lines().filter(|l| l.contains(" WARN ") && l.contains("] ttp-url: the clock went back")).count();
+    assert_eq!(warned, 1, "{err}");
+    assert!(err.contains(&format!("read up to {}", mimecast_forwarder::datetime::rfc3339(ahead))), "{err}");
+    let status = status_json(p);
+    let said = status["feeds"]["ttp-url"]["last_error"].as_str().unwrap_or_default();
+    assert!(said.starts_with("the clock went back"), "{status}");
+    assert!(status["feeds"]["audit"]["last_error"].is_null(), "{status}");
+    let (code, text, _) = run(&["status", "--config", p]);
+    assert_eq!(code, 0);
+    assert!(text.starts_with("ATTENTION") && text.contains("feed ttp-url (at "), "{text}");
+    assert!(!text.contains("in the future)"), "the watermark is back behind the clock: {text}");
 }
 
 #[test]
