@@ -21,7 +21,7 @@ use smol::future::FutureExt as _;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::datadog::batch::{self, MAX_LOGS, MAX_PAYLOAD_BYTES};
+use crate::datadog::batch::{self, MAX_LOG_BYTES, MAX_LOGS, MAX_PAYLOAD_BYTES};
 use crate::datadog::bisect::Half;
 use crate::datadog::logobj::Shape;
 use crate::datadog::sink::{self, Sent};
@@ -861,7 +861,8 @@ impl Agent {
 
     /// Asks the sender what to do: remove a delivered batch, or load, pack and send the next one.
     fn start_send(&mut self, now: Now) -> anyhow::Result<Option<Task<(Batch, Sent)>>> {
-        let (records, half) = loop {
+        // A piece goes whole, as it was cut from a batch; only a fresh batch is packed under the learnt limit.
+        let (records, half, limit) = loop {
             match self.sender.next(now) {
                 None => return Ok(None),
                 Some(Next::Remove(b)) => {
@@ -871,19 +872,23 @@ impl Agent {
                 Some(Next::Piece(piece)) => {
                     let records = self.store.load(&piece.seqs)?;
                     if !records.is_empty() {
-                        break (records, piece.half);
+                        break (records, piece.half, MAX_PAYLOAD_BYTES);
                     }
                 }
                 Some(Next::Fresh) => {
                     let after = |feed| self.sender.sent_up_to(feed);
-                    let candidates = self.store.candidates_within(MAX_LOGS, MAX_PAYLOAD_BYTES, after)?;
-                    break (batch::fair_order(candidates), Half::Whole);
+                    // A body is at most its log's size, so this reads what the packer can take, and under a learnt
+                    // limit one log more (at most 1 MB), the companion of a first log over the limit.
+                    let limit = self.sender.payload_limit(now);
+                    let read = limit.saturating_add(MAX_LOG_BYTES).min(MAX_PAYLOAD_BYTES);
+                    let candidates = self.store.candidates_within(MAX_LOGS, read, after)?;
+                    break (batch::fair_order(candidates), Half::Whole, limit);
                 }
             }
         };
         let order: Vec<(i64, Feed)> = records.iter().map(|q| (q.seq, q.feed)).collect();
         let had_records = !records.is_empty();
-        let packed = batch::pack(records, &self.shape, now.unix);
+        let packed = batch::pack_within(records, &self.shape, now.unix, limit);
         for t in &packed.too_large {
             let reason = format!("log of {} bytes exceeds Datadog's 1 MB limit; not sent", t.bytes);
             self.store.dead_letter(t.seq, &reason, now.unix)?;
@@ -901,7 +906,8 @@ impl Agent {
             return Ok(None);
         }
         let last = last_per_feed(&order, packed.seqs.last().copied().unwrap_or(i64::MIN));
-        let b = Batch { seqs: packed.seqs, restamped: packed.restamped, kept: packed.kept, half, last };
+        let bytes = packed.payload.len();
+        let b = Batch { seqs: packed.seqs, restamped: packed.restamped, kept: packed.kept, bytes, half, last };
         self.sender.on_sending(&b);
         let (http, url, key, payload) = (
             self.http.clone(),

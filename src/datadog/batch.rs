@@ -29,19 +29,31 @@ pub fn fair_order(per_feed: Vec<Vec<Queued>>) -> Vec<Queued> {
 pub struct Packer {
     bytes: usize,
     count: usize,
+    /// A payload limit below Datadog's, learnt from a 413 (`Sender::payload_limit`).
+    max_bytes: usize,
 }
 
 impl Default for Packer {
     fn default() -> Packer {
-        Packer { bytes: 2, count: 0 } // the brackets
+        Packer::within(MAX_PAYLOAD_BYTES)
     }
 }
 
 impl Packer {
+    /// A packer for requests of at most `max_bytes` (and never more than Datadog's limits). Under a limit below
+    /// Datadog's, the first log always goes, and a first log larger than the limit takes one more with it: alone
+    /// and refused, it would be held with nothing to compare it with, batch after batch; beside a log that passes,
+    /// the bisection proves it too large and the queue goes on.
+    pub fn within(max_bytes: usize) -> Packer {
+        Packer { bytes: 2, count: 0, max_bytes } // the brackets
+    }
+
     /// Adds a log of `size` serialized bytes if it still fits; says whether it did.
     pub fn try_add(&mut self, size: usize) -> bool {
         let add = size + usize::from(self.count > 0);
-        if self.count == MAX_LOGS || self.bytes + add > MAX_PAYLOAD_BYTES {
+        let under_limit =
+            self.bytes + add <= self.max_bytes || self.count == 0 || (self.count == 1 && self.bytes > self.max_bytes);
+        if self.count == MAX_LOGS || self.bytes + add > MAX_PAYLOAD_BYTES || !under_limit {
             return false;
         }
         self.bytes += add;
@@ -91,12 +103,17 @@ pub struct TooLarge {
 /// dead letters and sends the payload. Each log is written straight into the payload and taken back out if it
 /// does not fit.
 pub fn pack(records: Vec<Queued>, shape: &Shape, now: i64) -> Packed {
+    pack_within(records, shape, now, MAX_PAYLOAD_BYTES)
+}
+
+/// [`pack`] under a payload limit of `max_bytes` (see [`Packer::within`]).
+pub fn pack_within(records: Vec<Queued>, shape: &Shape, now: i64, max_bytes: usize) -> Packed {
     let mut out = Packed::default();
     // A log object holds its record about twice (attributes and message) and ~150 bytes of its own.
     let estimate = records.iter().map(|q| 2 * q.body.len() + 160).sum::<usize>();
     let mut payload = Vec::with_capacity(estimate.min(MAX_PAYLOAD_BYTES) + 2);
     payload.push(b'[');
-    let mut packer = Packer::default();
+    let mut packer = Packer::within(max_bytes);
     for q in records {
         let before = payload.len();
         if !out.seqs.is_empty() {
@@ -159,6 +176,20 @@ mod tests {
         assert_eq!(fits(vec![2_499_998, 2_499_999]), 2);
         assert_eq!(fits(vec![2_499_999, 2_499_999]), 1);
         assert_eq!(fits(vec![]), 0);
+        let within = |max: usize, sizes: &[usize]| {
+            let mut p = Packer::within(max);
+            sizes.iter().take_while(|&&s| p.try_add(s)).count()
+        };
+        // Under a learnt limit: 2 + 100 + 1 + 100 = 203 bytes.
+        assert_eq!(within(203, &[100; 5]), 2);
+        assert_eq!(within(202, &[100; 5]), 1);
+        // The first log always goes; one larger than the limit takes exactly one more with it, whatever its size.
+        assert_eq!(within(50, &[100; 5]), 2);
+        assert_eq!(within(50, &[100, 900, 10]), 2);
+        assert_eq!(within(150, &[100, 10, 10]), 3);
+        // Datadog's limits still hold.
+        assert_eq!(within(50, &[2_499_999, 2_499_999]), 1);
+        assert_eq!(within(50, &[]), 0);
         assert_eq!(payload(["{}", "{\"a\":1}"]), b"[{},{\"a\":1}]");
         assert_eq!(payload(["{}"; 2]).len(), 2 + 2 * 2 + 1);
     }

@@ -20,15 +20,26 @@ pub enum Answer {
     NoAnswer,
 }
 
+/// Why the intake refused a batch as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: the intake read the logs and something in them is malformed.
+    Malformed,
+    /// 413: the request is too large for the intake or for a proxy in front of it (nginx's
+    /// `client_max_body_size`). It says nothing about the logs: smaller pieces may pass.
+    TooLarge,
+}
+
 /// What to do with the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
     /// Accepted: delete the batch in one transaction.
     Delete,
-    /// Resend the two halves separately (413, or 400 to isolate the bad log).
-    Split,
-    /// A single log Datadog refuses as is: keep it in the dead-letter table, never loop on it.
-    DeadLetter,
+    /// Resend the two halves separately (413 until the pieces are small enough, or 400 to isolate the bad log).
+    Split(Refusal),
+    /// A single log Datadog refuses as is: keep it in the dead-letter table once the bisection proves it bad,
+    /// never loop on it.
+    DeadLetter(Refusal),
     /// The key is refused (401/403) or the URL is wrong: keep everything, say so loudly, retry slowly.
     Hold,
     /// Transient: retry with backoff, not sooner than `Retry-After` if given.
@@ -47,8 +58,10 @@ pub fn disposition(answer: Answer, batch_len: usize) -> Disposition {
     match code {
         202 => Disposition::Delete,
         200..=299 => Disposition::Retry(None),
-        400 | 413 if batch_len > 1 => Disposition::Split,
-        400 | 413 => Disposition::DeadLetter,
+        400 if batch_len > 1 => Disposition::Split(Refusal::Malformed),
+        400 => Disposition::DeadLetter(Refusal::Malformed),
+        413 if batch_len > 1 => Disposition::Split(Refusal::TooLarge),
+        413 => Disposition::DeadLetter(Refusal::TooLarge),
         // 401/403, and anything else (a redirect, 404) that says the key or the URL needs an operator.
         _ => Disposition::Hold,
     }
@@ -84,10 +97,10 @@ mod tests {
         check(status(204), 10, Retry(None));
         check(Answer::NotDatadog { code: 202 }, 10, Retry(None));
         check(Answer::NotDatadog { code: 200 }, 1, Retry(None));
-        check(status(400), 10, Split);
-        check(status(400), 1, DeadLetter);
-        check(status(413), 2, Split);
-        check(status(413), 1, DeadLetter);
+        check(status(400), 10, Split(Refusal::Malformed));
+        check(status(400), 1, DeadLetter(Refusal::Malformed));
+        check(status(413), 2, Split(Refusal::TooLarge));
+        check(status(413), 1, DeadLetter(Refusal::TooLarge));
         check(status(401), 10, Hold);
         check(status(403), 10, Hold);
         check(status(404), 10, Hold);

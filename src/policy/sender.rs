@@ -13,17 +13,27 @@
 //! - every failure sets a delay before the next send (the backoff, at least the server's `Retry-After`, or the
 //!   slow retry for a refused key); the only sends at once follow a success, a split or a dead letter, and each
 //!   of those makes progress (a removal, a smaller piece, a record set aside), so no loop spins in place;
-//! - a split goes no deeper than one log, and a log is dead-lettered only as [`Bisection`] proves it bad;
+//! - a split goes no deeper than one log, and a log is dead-lettered only as [`Bisection`] proves it bad; a 413
+//!   splits again down to single logs (pieces shrink at every step, so a batch of n logs costs at most 2n - 1
+//!   requests);
+//! - after a 413 on a request within the payload limit, new batches are packed under half that request's size
+//!   ([`Sender::payload_limit`]) for an hour, so that a proxy's body limit is paid for once, not by every batch;
 //! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::{Mode, Now, Retries};
+use crate::datadog::batch::MAX_PAYLOAD_BYTES;
 use crate::datadog::bisect::{Bisection, Half, Piece, Verdict};
-use crate::datadog::disposition::{Disposition, disposition};
+use crate::datadog::disposition::{Disposition, Refusal, disposition};
 use crate::datadog::sink::Sent;
 use crate::mimecast::Feed;
+
+/// How long a payload limit learnt from a 413 holds. A proxy's body limit is configuration and rarely changes, so
+/// learning it again costs a few refused requests an hour (a batch split down to a size that passes), while a
+/// limit that was raised, or a guess that was too low (half a refused request), is given up within the hour.
+pub const LEARNT_LIMIT_HOLDS: Duration = Duration::from_secs(3600);
 
 /// A batch: sent, in flight, or delivered and waiting for its removal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +42,8 @@ pub struct Batch {
     /// Late records sent with a new timestamp, and sent unchanged, for the counters.
     pub restamped: i64,
     pub kept: i64,
+    /// The payload's size in bytes (the JSON array, before gzip).
+    pub bytes: usize,
     /// Where the batch stands in a bisection of a refused one.
     pub half: Half,
     /// The highest sequence number of each feed in the batch.
@@ -102,6 +114,10 @@ pub struct Sender {
     /// The intake's last word was a refusal that needs an operator (401/403, a wrong URL), and nothing was
     /// accepted since: for the agent's health report.
     refused: bool,
+    /// A payload limit below Datadog's, learnt from a 413, and until when it holds.
+    learnt: Option<(usize, Instant)>,
+    /// The answer of the last refused piece: the reason of a single log it proves bad once its sibling passes.
+    last_refusal: String,
 }
 
 impl Sender {
@@ -120,13 +136,27 @@ impl Sender {
             delivered_since: 0,
             since: None,
             refused: false,
+            learnt: None,
+            last_refusal: String::new(),
         }
     }
 
-    /// SIGHUP: new settings, and a look at the queue at once (a refused key may have been fixed).
+    /// SIGHUP: new settings, and a look at the queue at once (a refused key may have been fixed). A payload limit
+    /// learnt from a 413 is forgotten: the intake URL or the proxy in front of it may have changed.
     pub fn reconfigure(&mut self, s: SenderSettings, now: Now) {
         self.s = s;
         self.due = Some(now.at);
+        self.learnt = None;
+    }
+
+    /// The most payload bytes a new batch may hold: Datadog's 5 MB, or less for [`LEARNT_LIMIT_HOLDS`] after a 413
+    /// on a request within the limit showed that the way to the intake takes less (a proxy's body limit). A log
+    /// larger than the limit still goes, with one more log (see [`crate::datadog::batch::Packer`]).
+    pub fn payload_limit(&self, now: Now) -> usize {
+        match self.learnt {
+            Some((bytes, until)) if now.at < until => bytes,
+            _ => MAX_PAYLOAD_BYTES,
+        }
     }
 
     /// What to do now, if anything: `None` while waiting, when given up, while `max_in_flight` batches are in
@@ -231,35 +261,13 @@ impl Sender {
                 let proven_bad = self.bisection.accepted(b.half);
                 let mut actions = vec![Action::Remove(b)];
                 if !proven_bad.is_empty() {
-                    let reason = "refused on its own while the rest of its batch was accepted";
-                    actions.push(self.dead_letters(now, proven_bad, reason));
+                    let detail =
+                        format!("{} (on its own, while the rest of its batch was accepted)", self.last_refusal);
+                    actions.push(self.dead_letters(now, proven_bad, &detail));
                 }
                 actions
             }
-            Disposition::Split | Disposition::DeadLetter => {
-                let n = b.seqs.len();
-                match self.bisection.refused(Piece { seqs: b.seqs, half: b.half }) {
-                    Verdict::DeadLetters(seqs) => vec![self.dead_letters(now, seqs, &sent.detail)],
-                    Verdict::Continue => {
-                        if n > 1 {
-                            log::warn!("Datadog refused {n} logs ({}); sending them in two halves", sent.detail);
-                        }
-                        self.wait_until(now.at);
-                        Vec::new()
-                    }
-                    Verdict::Hold => {
-                        let delay = self.failed(now, Duration::ZERO);
-                        let msg = format!(
-                            "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy \
-                             or an intake change?); the records stay queued, none is dead-lettered; retrying in {:.0}s",
-                            sent.detail,
-                            delay.as_secs_f64()
-                        );
-                        log::error!("{msg}");
-                        vec![Action::RecordError(msg)]
-                    }
-                }
-            }
+            Disposition::Split(refusal) | Disposition::DeadLetter(refusal) => self.on_refused(now, b, sent, refusal),
             Disposition::Hold => {
                 self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
                 self.failures += 1;
@@ -287,6 +295,68 @@ impl Sender {
                     delay.as_secs_f64()
                 );
                 vec![Action::RecordError(sent.detail.clone())]
+            }
+        }
+    }
+
+    /// Datadog refused a batch or a piece with 400 or 413: the bisection says what that means, and a 413 on a
+    /// request within the payload limit lowers the limit for new batches.
+    fn on_refused(&mut self, now: Now, b: Batch, sent: &Sent, refusal: Refusal) -> Vec<Action> {
+        let (n, bytes) = (b.seqs.len(), b.bytes);
+        let lone = n == 1 && matches!(b.half, Half::Whole | Half::Alone);
+        self.last_refusal.clone_from(&sent.detail);
+        // A request refused as too large within the limit shows that the way to the intake takes less. One over
+        // it (packed before the limit was lowered, or a log over the limit with its companion) says nothing new.
+        let learnt = (refusal == Refusal::TooLarge && n > 1 && bytes <= self.payload_limit(now)).then(|| {
+            let limit = bytes.div_ceil(2);
+            self.learnt = Some((limit, now.at + LEARNT_LIMIT_HOLDS));
+            limit
+        });
+        match self.bisection.refused(Piece { seqs: b.seqs, half: b.half }, refusal) {
+            Verdict::DeadLetters(seqs) => vec![self.dead_letters(now, seqs, &sent.detail)],
+            Verdict::Continue => {
+                if let Some(limit) = learnt {
+                    log::warn!(
+                        "Datadog refused {n} logs ({bytes} bytes) as too large ({}); sending them in two halves, and \
+                         new batches under {limit} bytes for the next {} min (a proxy's body size limit?)",
+                        sent.detail,
+                        LEARNT_LIMIT_HOLDS.as_secs() / 60
+                    );
+                } else if n > 1 {
+                    log::warn!("Datadog refused {n} logs ({}); sending them in two halves", sent.detail);
+                }
+                self.wait_until(now.at);
+                Vec::new()
+            }
+            Verdict::Hold => {
+                let delay = self.failed(now, Duration::ZERO);
+                let why = match (lone, refusal) {
+                    (true, Refusal::TooLarge) => format!(
+                        "Datadog refused a single log of {bytes} bytes as too large ({}): the intake, or a proxy in \
+                         front of it (nginx's client_max_body_size?), takes less than this log; it stays queued and is \
+                         not dead-lettered (there is no other log to compare it with)",
+                        sent.detail
+                    ),
+                    (true, Refusal::Malformed) => format!(
+                        "Datadog refused a batch of a single log ({}); there is no other log to compare it with, so it \
+                         stays queued and is not dead-lettered",
+                        sent.detail
+                    ),
+                    (false, Refusal::TooLarge) => format!(
+                        "Datadog refused two single logs alike as too large ({}): the intake, or a proxy in front of \
+                         it (nginx's client_max_body_size?), takes less than one log; the records stay queued, none is \
+                         dead-lettered",
+                        sent.detail
+                    ),
+                    (false, Refusal::Malformed) => format!(
+                        "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an \
+                         intake change?); the records stay queued, none is dead-lettered",
+                        sent.detail
+                    ),
+                };
+                let msg = format!("{why}; retrying in {:.0}s", delay.as_secs_f64());
+                log::error!("{msg}");
+                vec![Action::RecordError(msg)]
             }
         }
     }
@@ -345,6 +415,7 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datadog::batch::Packer;
     use crate::datadog::disposition::Answer;
 
     fn settings(mode: Mode) -> SenderSettings {
@@ -362,6 +433,9 @@ mod tests {
         Wait(u64),
         /// The intake answers the batch the sender asked for with this status (`Retry-After` in seconds).
         Answer(u16, Option<u64>),
+        /// A proxy that refuses with 413 a payload of more than this many bytes, in front of an intake that
+        /// accepts it (202) otherwise.
+        Proxy(usize),
         /// No HTTP answer at all.
         Dropped,
         /// The store fails to remove a delivered batch.
@@ -377,6 +451,9 @@ mod tests {
         next_in: Option<u64>,
     }
 
+    /// Each log's size in the payload, unless a test sets another ([`Rig::sizes`]).
+    const LOG: usize = 100;
+
     /// A queue of records `1..=n`, as the store would hold them.
     struct Rig {
         s: Sender,
@@ -384,6 +461,8 @@ mod tests {
         queue: Vec<i64>,
         dead: Vec<i64>,
         remove_fails: bool,
+        /// Logs of another size than [`LOG`].
+        sizes: HashMap<i64, usize>,
     }
 
     impl Rig {
@@ -395,7 +474,18 @@ mod tests {
                 queue: (1..=n).collect(),
                 dead: Vec::new(),
                 remove_fails: false,
+                sizes: HashMap::new(),
             }
+        }
+
+        fn size(&self, seq: i64) -> usize {
+            self.sizes.get(&seq).copied().unwrap_or(LOG)
+        }
+
+        /// A batch of these records, its payload's bytes as [`crate::datadog::batch::payload`] makes them.
+        fn made(&self, seqs: Vec<i64>, half: Half) -> Batch {
+            let bytes = 1 + seqs.iter().map(|&s| self.size(s) + 1).sum::<usize>();
+            Batch { seqs, restamped: 0, kept: 0, bytes, half, last: Vec::new() }
         }
 
         /// What the loop would send now, or `None`.
@@ -409,16 +499,19 @@ mod tests {
                     Next::Piece(p) => {
                         let seqs: Vec<i64> = p.seqs.into_iter().filter(|s| self.queue.contains(s)).collect();
                         if !seqs.is_empty() {
-                            return Some(Batch { seqs, restamped: 0, kept: 0, half: p.half, last: Vec::new() });
+                            return Some(self.made(seqs, p.half));
                         }
                     }
                     Next::Fresh => {
-                        let seqs: Vec<i64> = self.queue.iter().copied().take(1000).collect();
+                        // Packed as the loop packs: under the sender's payload limit.
+                        let mut packer = Packer::within(self.s.payload_limit(self.now));
+                        let seqs: Vec<i64> =
+                            self.queue.iter().copied().take_while(|&s| packer.try_add(self.size(s))).collect();
                         if seqs.is_empty() {
                             self.s.on_nothing_sent(self.now, false);
                             return None;
                         }
-                        return Some(Batch { seqs, restamped: 0, kept: 0, half: Half::Whole, last: Vec::new() });
+                        return Some(self.made(seqs, Half::Whole));
                     }
                 }
             }
@@ -434,7 +527,7 @@ mod tests {
         }
 
         fn step(&mut self, ev: Ev) -> Seen {
-            let (sent, answer) = match ev {
+            match ev {
                 Ev::Wait(s) => {
                     self.now = self.now.after(Duration::from_secs(s));
                     return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
@@ -443,11 +536,14 @@ mod tests {
                     self.remove_fails = true;
                     return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
                 }
-                Ev::Answer(code, after) => (code, Answer::Status { code, retry_after: after.map(Duration::from_secs) }),
-                Ev::Dropped => (0, Answer::NoAnswer),
-            };
-            let _ = sent;
+                Ev::Answer(..) | Ev::Proxy(_) | Ev::Dropped => {}
+            }
             let b = self.batch().expect("the sender must be ready to send");
+            let answer = match ev {
+                Ev::Answer(code, after) => Answer::Status { code, retry_after: after.map(Duration::from_secs) },
+                Ev::Proxy(max) => Answer::Status { code: if b.bytes > max { 413 } else { 202 }, retry_after: None },
+                _ => Answer::NoAnswer,
+            };
             self.s.on_sending(&b);
             let seqs = b.seqs.clone();
             let actions = self.s.on_answer(self.now, b, &Sent { answer, detail: "detail".into() });
@@ -624,19 +720,207 @@ mod tests {
     #[test]
     fn a_split_never_goes_deeper_than_one_log() {
         // An intake that refuses everything: every piece is smaller than the last, and the run of sends at once
-        // ends at single logs with a hold (a delay), never an endless split.
-        let mut rig = Rig::new(Mode::Daemon, 1000);
-        let mut at_once = 0;
-        loop {
-            let s = rig.step(Ev::Answer(400, None));
-            assert!(!s.sent.is_empty());
-            if s.next_in != Some(0) {
-                break;
+        // ends at single logs with a hold (a delay), never an endless split. With 413 too, where halves that are
+        // still too large are split again: the first half goes first, so single logs come in log2 steps.
+        for code in [400, 413] {
+            let mut rig = Rig::new(Mode::Daemon, 1000);
+            let (mut at_once, mut holds) = (0, 0);
+            for _ in 0..300 {
+                let s = rig.step(Ev::Answer(code, None));
+                assert!(!s.sent.is_empty());
+                match s.next_in {
+                    Some(0) => {
+                        at_once += 1;
+                        assert!(at_once < 25, "{code}: a split that does not end");
+                    }
+                    Some(delay) => {
+                        (at_once, holds) = (0, holds + 1);
+                        rig.step(Ev::Wait(delay));
+                    }
+                    None => panic!("{code}: a daemon never gives up"),
+                }
             }
-            at_once += 1;
-            assert!(at_once < 25, "a split that does not end");
+            assert!(rig.dead.is_empty(), "{code}: nothing proves a log bad");
+            assert!(holds > 300 / 25, "{code}: {holds} holds");
+        }
+    }
+
+    #[test]
+    fn a_413_splits_again_until_the_pieces_pass_and_later_batches_are_packed_under_them() {
+        // Logs of 100 bytes: a payload of two is 203 bytes, of four 405, of eight 809. A proxy takes two.
+        let mut rig = check(
+            Mode::Daemon,
+            8,
+            &[
+                // 809 bytes refused within the 5 MB limit: new batches go under 405 bytes.
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                // Both halves are refused too: split again, no hold. 405 bytes refused within 405: under 203.
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[3, 4], &["remove"], Some(0))),
+                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty() && rig.dead.is_empty());
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        // New records go two at a time, and are not split again.
+        rig.queue.extend(9..=14);
+        rig.s.on_queued(rig.now);
+        for pair in [[9, 10], [11, 12], [13, 14]] {
+            assert_eq!(rig.step(Ev::Proxy(203)), seen(&pair, &["remove"], Some(0)));
+        }
+        // An hour later the limit is gone: the next batch is packed to Datadog's size, and the proxy teaches it again.
+        rig.step(Ev::Wait(LEARNT_LIMIT_HOLDS.as_secs() - 1));
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        rig.step(Ev::Wait(1));
+        assert_eq!(rig.s.payload_limit(rig.now), MAX_PAYLOAD_BYTES);
+        rig.queue.extend(15..=18);
+        assert_eq!(rig.step(Ev::Proxy(203)), seen(&[15, 16, 17, 18], &[], Some(0)));
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        // A reload forgets it: the proxy in front of the intake may have changed.
+        rig.s.reconfigure(settings(Mode::Daemon), rig.now);
+        assert_eq!(rig.s.payload_limit(rig.now), MAX_PAYLOAD_BYTES);
+    }
+
+    #[test]
+    fn under_a_proxy_limit_only_the_first_batch_is_split() {
+        // 3000 logs of 100 bytes behind a proxy that takes three (304 bytes): no hold, no dead letter, each log
+        // once, at most two requests per log, and of the fresh batches only the first is refused.
+        let mut rig = Rig::new(Mode::Daemon, 3000);
+        let (mut requests, mut fresh_refused) = (0, 0);
+        while !rig.queue.is_empty() {
+            let fresh = !rig.s.is_bisecting();
+            let s = rig.step(Ev::Proxy(304));
+            requests += 1;
+            assert_eq!(s.next_in, Some(0), "request {requests}: {s:?}");
+            if fresh && s.actions.is_empty() {
+                fresh_refused += 1;
+            }
+            assert!(requests < 2 * 3000, "{requests} requests");
         }
         assert!(rig.dead.is_empty());
+        assert_eq!(fresh_refused, 1);
+        let limit = rig.s.payload_limit(rig.now);
+        assert!((203..=304).contains(&limit), "a limit of {limit} bytes: two or three logs");
+    }
+
+    #[test]
+    fn a_log_over_the_learnt_limit_goes_with_another_and_is_proven_too_large() {
+        // Learn a limit of 203 bytes (two logs of 100), then a log of 300 bytes that the proxy never takes.
+        let mut rig = Rig::new(Mode::Daemon, 4);
+        rig.step(Ev::Proxy(250));
+        while !rig.queue.is_empty() {
+            rig.step(Ev::Proxy(250));
+        }
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        rig.queue.extend(5..=7);
+        rig.sizes.insert(5, 300);
+        rig.s.on_queued(rig.now);
+        // Alone it would be held with nothing to compare it with, batch after batch. With its companion: refused
+        // (over the limit, which stays), split, refused on its own while its sibling passes: a dead letter.
+        assert_eq!(rig.step(Ev::Proxy(250)), seen(&[5, 6], &[], Some(0)));
+        assert_eq!(rig.s.payload_limit(rig.now), 203, "a request over the limit teaches nothing");
+        assert_eq!(rig.step(Ev::Proxy(250)), seen(&[5], &[], Some(0)));
+        assert_eq!(rig.step(Ev::Proxy(250)), seen(&[6], &["remove", "dead-letter"], Some(0)));
+        assert_eq!(rig.step(Ev::Proxy(250)), seen(&[7], &["remove"], Some(0)));
+        assert_eq!(rig.dead, [5]);
+    }
+
+    #[test]
+    fn a_lone_log_refused_as_too_large_says_so() {
+        let (mut s, now) = several(1);
+        s.next(now);
+        let mut b = batch(1..=1);
+        b.bytes = 700_000;
+        s.on_sending(&b);
+        let actions = s.on_answer(
+            now,
+            b,
+            &Sent { answer: Answer::Status { code: 413, retry_after: None }, detail: "HTTP 413: too large".into() },
+        );
+        let [Action::RecordError(msg)] = &actions[..] else { panic!("{actions:?}") };
+        assert!(msg.contains("single log of 700000 bytes as too large (HTTP 413: too large)"), "{msg}");
+        assert!(
+            msg.contains("stays queued") && msg.contains("retrying in 1s") && !msg.contains("both halves"),
+            "{msg}"
+        );
+        assert_eq!(s.payload_limit(now), MAX_PAYLOAD_BYTES, "one log refused teaches nothing about batches");
+    }
+
+    #[test]
+    fn a_400_inside_a_413_split_is_still_isolated() {
+        // Records 1..8, two logs a request at most; record 6 is refused with 400 wherever it goes.
+        let rig = check(
+            Mode::Daemon,
+            8,
+            &[
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[3, 4], &["remove"], Some(0))),
+                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
+                // Small enough for the proxy, but the intake finds a bad log: bisect it as for any 400.
+                (Ev::Answer(400, None), seen(&[5, 6], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[5], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[6], &["dead-letter"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty());
+        assert_eq!(rig.dead, [6]);
+    }
+
+    #[test]
+    fn a_413_beside_a_400_is_not_refused_alike_and_a_413_whose_halves_get_400_holds() {
+        // Records 1..8; the first half gets 400, the second 413: not alike (a 413 says nothing of the logs), so
+        // the second is split again and nothing holds.
+        let rig = check(
+            Mode::Daemon,
+            8,
+            &[
+                (Ev::Answer(400, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
+                // The first half's pieces: one bad log in 1..4.
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[3, 4], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[3], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[4], &["dead-letter"], Some(0))),
+            ],
+        );
+        assert_eq!(rig.dead, [4]);
+        // A batch too large whose halves are both refused with 400 is refused alike: hold, no dead letter.
+        let rig = check(
+            Mode::Daemon,
+            8,
+            &[
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[5, 6, 7, 8], &["error"], Some(1))),
+            ],
+        );
+        assert!(rig.dead.is_empty());
+        // A piece too large whose sibling, now alone, is refused with 400 is split like a batch of its own.
+        let rig = check(
+            Mode::Daemon,
+            8,
+            &[
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(413, None), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[3, 4], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Answer(400, None), seen(&[7, 8], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[7], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[8], &["remove", "dead-letter"], Some(0))),
+            ],
+        );
+        assert_eq!(rig.dead, [7]);
     }
 
     #[test]
@@ -713,7 +997,7 @@ mod tests {
 
     fn batch(seqs: std::ops::RangeInclusive<i64>) -> Batch {
         let last = vec![(Feed::TtpUrl, *seqs.end())];
-        Batch { seqs: seqs.collect(), restamped: 0, kept: 0, half: Half::Whole, last }
+        Batch { seqs: seqs.collect(), restamped: 0, kept: 0, bytes: 0, half: Half::Whole, last }
     }
 
     fn answer(code: u16) -> Sent {
@@ -772,7 +1056,7 @@ mod tests {
         s.on_answer(now, batch(5..=8), &answer(202));
         let Some(Next::Piece(p)) = s.next(now) else { panic!("the first half goes next") };
         assert_eq!((p.seqs, p.half), (vec![1, 2], Half::First));
-        s.on_sending(&Batch { seqs: vec![1, 2], restamped: 0, kept: 0, half: Half::First, last: vec![] });
+        s.on_sending(&Batch { seqs: vec![1, 2], restamped: 0, kept: 0, bytes: 0, half: Half::First, last: vec![] });
         assert_eq!(s.next(now), None, "one piece at a time, though three places are free");
     }
 

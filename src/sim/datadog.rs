@@ -1,7 +1,7 @@
 //! A Datadog logs intake simulator: gzip/deflate/identity bodies, the documented limits enforced (1000 logs,
-//! 5,000,000 bytes), 202/400/403/413/429/503 on demand, dropped and stalled connections, hostile answers (any
-//! `Retry-After`, a captive portal's HTML 200, redirects), requests held until the test releases them, and a
-//! record of every log it accepted.
+//! 5,000,000 bytes), 202/400/403/413/429/503 on demand, a proxy's smaller body limit in front of it, dropped and
+//! stalled connections, hostile answers (any `Retry-After`, a captive portal's HTML 200, redirects), requests held
+//! until the test releases them, and a record of every log it accepted.
 //!
 //! It also answers the API endpoints of the agent's own health, `POST /api/v2/series` (metrics) and
 //! `POST /api/v1/check_run` (service checks): the key checked, the JSON checked for the fields Datadog requires,
@@ -55,6 +55,10 @@ struct State {
     dropped: Vec<bool>,
     faults: VecDeque<Fault>,
     down: Option<u16>,
+    /// A proxy's limit on the body as it arrives (compressed): see [`DatadogSim::set_max_body`].
+    max_body: Option<usize>,
+    /// Requests refused with 413 for `max_body`.
+    too_large: usize,
     portal: bool,
     poison: Option<String>,
     requests: usize,
@@ -155,6 +159,18 @@ impl DatadogSim {
     /// Answer every request with this status (an outage), or serve normally with `None`.
     pub fn set_down(&self, status: Option<u16>) {
         self.lock().down = status;
+    }
+
+    /// Refuse with 413 every intake request whose body, as it arrives (compressed), is larger than `bytes`, as a
+    /// proxy in front of the intake does (nginx's `client_max_body_size`, 1m by default, counts the body as sent);
+    /// `None` lifts the limit. Datadog's own limits still apply to what passes.
+    pub fn set_max_body(&self, bytes: Option<usize>) {
+        self.lock().max_body = bytes;
+    }
+
+    /// Requests refused with 413 by [`DatadogSim::set_max_body`] so far.
+    pub fn too_large(&self) -> usize {
+        self.lock().too_large
     }
 
     /// Answer every request as a captive portal does (200 `text/html`, nothing accepted), or serve normally.
@@ -317,6 +333,10 @@ fn handle(state: &Mutex<State>, gate: &Gate, req: &Request) -> Reply {
     }
     if let Some(s) = st.down {
         return error(s, "Service Unavailable");
+    }
+    if st.max_body.is_some_and(|max| req.body.len() > max) {
+        st.too_large += 1;
+        return Reply::html(413, "<html><head><title>413 Request Entity Too Large</title></head></html>");
     }
     if req.header("DD-API-KEY") != Some(st.api_key.as_str()) {
         return error(403, "Forbidden");

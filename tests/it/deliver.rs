@@ -134,6 +134,48 @@ fn a_413_splits_and_delivers() {
     assert_eq!(rig.dd.batches().iter().map(|b| b.0).collect::<Vec<_>>(), [50, 50]);
 }
 
+/// `n` records of `feed`, each `size` bytes of JSON whose padding is random letters and digits, which gzip shrinks
+/// only to about three quarters: a limit on the compressed body then bites at a known number of logs.
+fn incompressible(feed: Feed, n: u64, size: usize) -> Vec<Value> {
+    let mut rng = fastrand::Rng::with_seed(n);
+    let pad_field = if feed == Feed::Audit { "eventInfo" } else { "subject" };
+    recent(feed, n, size)
+        .into_iter()
+        .map(|mut r| {
+            let len = r[pad_field].as_str().unwrap().len();
+            r[pad_field] = Value::String((0..len).map(|_| rng.alphanumeric()).collect());
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn a_proxy_limit_below_the_batch_size_is_split_down_to_and_then_packed_under() {
+    // Logs of ~600 KB (each carries its 300 KB record twice), ~450 KB gzipped; behind nginx's default
+    // client_max_body_size of 1m, two logs pass and three do not. A fresh batch holds 8 (5 MB).
+    // One send at a time: the first batch of 8 is refused, then both its halves of 4; its pieces of 2 pass, and
+    // every later batch is packed under what that taught and is never refused. Four at a time: the batches sent
+    // before the first answer (all three here) and their halves, at most.
+    for (in_flight, most_refused) in [(1, 3), (4, 9)] {
+        let rig = Rig::new();
+        let expected = queue_direct(&rig, Feed::TtpUrl, &incompressible(Feed::TtpUrl, 24, 300_000));
+        rig.dd.set_max_body(Some(1 << 20));
+        let out = rig.once(&rig.config(&[("datadog", &format!("sends_in_flight = {in_flight}"))]));
+        assert_eq!(out.queued, 0, "{in_flight} in flight: records left queued");
+        assert_delivered_once(&rig.dd, &expected);
+        let c = rig.store().counters().unwrap();
+        assert_eq!((c.dead_letters, c.delivered), (0, 24), "{in_flight} in flight: nothing dead-lettered");
+        assert_eq!(rig.store().note(Note::DatadogLastError).unwrap(), None, "{in_flight} in flight: nothing held");
+        let sizes: Vec<usize> = rig.dd.batches().iter().map(|b| b.0).collect();
+        assert_eq!(sizes, [2; 12], "{in_flight} in flight: only two logs pass the proxy, and two always go");
+        let refused = rig.dd.too_large();
+        assert!((1..=most_refused).contains(&refused), "{in_flight} in flight: {refused} requests refused");
+        if in_flight == 1 {
+            assert_eq!(refused, most_refused, "one split of the first batch, then none");
+        }
+    }
+}
+
 #[test]
 fn a_400_isolates_the_bad_log_into_dead_letters() {
     let rig = Rig::new();
@@ -196,15 +238,19 @@ fn a_persistent_400_holds_the_queue_and_dead_letters_nothing() {
 
 #[test]
 fn a_lone_log_refused_is_held_not_dead_lettered() {
-    let rig = Rig::new();
-    let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 1, 300));
-    rig.dd.set_down(Some(400));
-    let cfg = rig.config(&[]);
-    assert_eq!(rig.once(&cfg).queued, 1);
-    assert_eq!(rig.store().counters().unwrap().dead_letters, 0);
-    rig.dd.set_down(None);
-    assert_eq!(rig.once(&cfg).queued, 0);
-    assert_delivered_once(&rig.dd, &expected);
+    for (status, says) in [(400, "batch of a single log (HTTP 400"), (413, "as too large (HTTP 413")] {
+        let rig = Rig::new();
+        let expected = queue_direct(&rig, Feed::Audit, &recent(Feed::Audit, 1, 300));
+        rig.dd.set_down(Some(status));
+        let cfg = rig.config(&[]);
+        assert_eq!(rig.once(&cfg).queued, 1);
+        assert_eq!(rig.store().counters().unwrap().dead_letters, 0);
+        let err = rig.store().note(Note::DatadogLastError).unwrap().unwrap().1;
+        assert!(err.contains(says) && err.contains("not dead-lettered") && !err.contains("both halves"), "{err}");
+        rig.dd.set_down(None);
+        assert_eq!(rig.once(&cfg).queued, 0);
+        assert_delivered_once(&rig.dd, &expected);
+    }
 }
 
 #[test]
