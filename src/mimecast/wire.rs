@@ -170,9 +170,12 @@ fn unwrap_records(feed: Feed, key: &str, data: Vec<Value>) -> Result<Vec<Value>,
             Some(_) => return Err(WireError::Malformed(format!("data[].{key} is not an array"))),
             // A wrapper with only counters (resultCount) and no records array holds nothing, on every feed: a
             // rejection has text fields (addresses, reasons), so an item of numbers alone is not one.
-            None if is_counter_only(&wrapper) => {}
-            // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record.
+            None if !wrapper.is_empty() && is_counter_only(&wrapper) => {}
+            // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record (an
+            // empty object too: it is forwarded, not judged).
             None if feed == Feed::Rejection => records.push(Value::Object(wrapper)),
+            // Elsewhere an empty wrapper holds nothing.
+            None if wrapper.is_empty() => {}
             None => return Err(WireError::Malformed(format!("data[] item has no {key} array"))),
         }
     }
