@@ -168,14 +168,13 @@ fn unwrap_records(feed: Feed, key: &str, data: Vec<Value>) -> Result<Vec<Value>,
             Some(Value::Array(inner)) => records.extend(objects(inner, &format!("data[].{key}"))?),
             Some(Value::Null) => {}
             Some(_) => return Err(WireError::Malformed(format!("data[].{key} is not an array"))),
-            // A wrapper with only counters (resultCount) and no records array holds nothing, on every feed: a
-            // rejection has text fields (addresses, reasons), so an item of numbers alone is not one.
-            None if !wrapper.is_empty() && is_counter_only(&wrapper) => {}
-            // Unconfirmed: rejections may come flat in data[]; an item without the wrapper key is a record (an
-            // empty object too: it is forwarded, not judged).
+            // The documented wrapper's counter alone (`{"resultCount": 0}`) holds nothing, on every feed.
+            None if is_result_count(&wrapper) => {}
+            // Unconfirmed: rejections may come flat in data[]; any other item without the wrapper key is a record,
+            // forwarded whatever it holds.
             None if feed == Feed::Rejection => records.push(Value::Object(wrapper)),
-            // Elsewhere an empty wrapper holds nothing.
-            None if wrapper.is_empty() => {}
+            // Elsewhere a wrapper of other counters, or none, holds nothing either.
+            None if is_counter_only(&wrapper) => {}
             None => return Err(WireError::Malformed(format!("data[] item has no {key} array"))),
         }
     }
@@ -184,6 +183,10 @@ fn unwrap_records(feed: Feed, key: &str, data: Vec<Value>) -> Result<Vec<Value>,
 
 fn is_counter_only(item: &serde_json::Map<String, Value>) -> bool {
     item.values().all(Value::is_number)
+}
+
+fn is_result_count(item: &serde_json::Map<String, Value>) -> bool {
+    item.len() == 1 && item.get("resultCount").is_some_and(Value::is_number)
 }
 
 fn failure(fails: &[Value]) -> WireError {
