@@ -294,6 +294,9 @@ fn load_queue_config(path: &Path) -> Result<Config, Failure> {
 fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, Failure> {
     let path = &cfg.queue.path;
     if !path.exists() {
+        if let Some(refused) = crate::store::not_to_create(path) {
+            return Err(Failure { code: exit::SOFTWARE, message: refused.to_string() });
+        }
         let message = format!("no queue database at {} yet: `mimecast-forwarder run` creates it", path.display());
         return Err(Failure { code: exit::NO_INPUT, message });
     }

@@ -538,7 +538,7 @@ fn secret(
         }
         match read_small(&path, MAX_SECRET_BYTES) {
             Ok(text) if text.trim().is_empty() => {
-                let error = std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty");
+                let error = std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty or white space");
                 return Err(ConfigError::SecretFile { key, path, error });
             }
             Ok(text) => text,
@@ -553,8 +553,14 @@ fn secret(
     if value.is_empty() {
         return Err(ConfigError::Missing { key, how });
     }
-    if value.chars().any(char::is_control) {
-        return Err(invalid(key, "[redacted]", "a value without control characters (a line break inside it?)"));
+    // Keys and secrets are printable ASCII: anything else (a line break, a zero-width space pasted with it) is a
+    // copying accident that would be sent as part of the secret and refused as a wrong one.
+    if !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            "[redacted]",
+            "printable ASCII without spaces (a line break or an invisible character inside it?)",
+        ));
     }
     Ok(Secret(value.to_owned()))
 }
@@ -1004,8 +1010,11 @@ mod tests {
         assert_eq!(c.mimecast.client_id, "mc-id");
         let env = |k: &str| (k == "DD_API_KEY").then(|| "dd\r\nX-Injected: 1".to_string());
         let e = err_with("[mimecast]\nclient_id = \"id\"\nclient_secret = \"s\"\n", &env);
-        assert!(e.contains("datadog.api_key = [redacted]") && e.contains("control characters"), "{e}");
+        assert!(e.contains("datadog.api_key = [redacted]") && e.contains("printable ASCII"), "{e}");
         assert!(!e.contains("Injected"), "{e}");
+        let env = |k: &str| (k == "DD_API_KEY").then(|| "dd\u{200b}key".to_string());
+        let e = err_with("[mimecast]\nclient_id = \"id\"\nclient_secret = \"s\"\n", &env);
+        assert!(e.contains("datadog.api_key = [redacted]") && e.contains("invisible"), "a zero-width space: {e}");
         // Blank in the environment is missing, and says where a value may come from.
         let env = |k: &str| (k == "DD_API_KEY").then(|| " \n".to_string());
         let e = err_with("[mimecast]\nclient_id = \"id\"\nclient_secret = \"s\"\n", &env);
@@ -1019,7 +1028,7 @@ mod tests {
         std::fs::write(&empty, "\n").unwrap();
         let with = |file: &Path| format!("{MINIMAL}api_key_file = {:?}\n", file.display().to_string());
         let e = err(&with(&empty));
-        assert!(e.contains("datadog.api_key") && e.contains("the file is empty"), "{e}");
+        assert!(e.contains("datadog.api_key") && e.contains("the file is empty or white space"), "{e}");
         let big = dir.path().join("big");
         std::fs::write(&big, vec![b'k'; 65 << 10]).unwrap();
         let e = err(&with(&big));

@@ -201,6 +201,14 @@ pub fn printable(text: &str, max: usize) -> String {
 }
 
 /// `haystack` with every spelling of `secret` (see [`Response::scrub`]) replaced by `[redacted]`.
+/// `text` with `secret` redacted as [`Response::scrub`] does it (secrets under 4 bytes are not searched for).
+pub(crate) fn redact_text(text: &str, secret: &str) -> String {
+    if secret.len() < 4 {
+        return text.to_owned();
+    }
+    String::from_utf8_lossy(&redact(text.as_bytes(), secret.as_bytes())).into_owned()
+}
+
 fn redact(haystack: &[u8], secret: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(haystack.len());
     let mut i = 0;

@@ -58,6 +58,24 @@ pub enum FetchError {
     NotJson(Cause),
 }
 
+impl FetchError {
+    /// The error with `secret` redacted from every text the server chose (`fail[]` codes and messages, an excerpt,
+    /// a location): a page's body is parsed unscrubbed, so what an error quotes of it is scrubbed here.
+    fn scrubbed(self, secret: &str) -> FetchError {
+        let clean = |text: String| crate::http::redact_text(&text, secret);
+        match self {
+            FetchError::Failed { status, retryable, code, message } => {
+                FetchError::Failed { status, retryable, code: clean(code), message: clean(message) }
+            }
+            FetchError::Server { status, detail } => FetchError::Server { status, detail: clean(detail) },
+            FetchError::Redirect { status, location } => FetchError::Redirect { status, location: location.map(clean) },
+            FetchError::Malformed(m) => FetchError::Malformed(clean(m)),
+            FetchError::Pagination(m) => FetchError::Pagination(clean(m)),
+            other => other,
+        }
+    }
+}
+
 /// How the poller should retry a failed fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
@@ -205,7 +223,8 @@ pub fn fetch_page(
             if let Some(w) = throttle.filter(ServerWait::was_capped) {
                 log::warn!("{}: X-RateLimit-Reset: {w}", req.feed);
             }
-            (classify(req.feed, &r, unix_ms), throttle.map(|w| w.wait))
+            let result = classify(req.feed, &r, unix_ms).map_err(|e| e.scrubbed(token.access.expose()));
+            (result, throttle.map(|w| w.wait))
         }
         Err(e) => (Err(FetchError::Network(e)), None),
     };
@@ -216,7 +235,11 @@ fn post(http: &Http, url: &str, token: &Token, body: Vec<u8>) -> Result<Response
     let bearer = format!("Bearer {}", token.access.expose());
     let headers =
         [("Authorization", bearer.as_str()), ("Content-Type", "application/json"), ("Accept", "application/json")];
-    http.post(url, &headers, body).map(|r| r.scrub(&[token.access.expose()]))
+    // A page's body is data and is parsed as Mimecast sent it: a record, or the next page token, may hold the
+    // token's text by chance, and redacting it there would alter the record or lose the page. Any other answer is
+    // scrubbed whole; what an error quotes of a page is scrubbed by `fetch_page`.
+    http.post(url, &headers, body)
+        .map(|r| if (200..=299).contains(&r.status) { r } else { r.scrub(&[token.access.expose()]) })
 }
 
 /// Maps a response to a page or an error. Pure: `unix_ms` is the wall clock in milliseconds, for an epoch

@@ -80,9 +80,10 @@ struct FeedState {
     /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress. At
     /// most [`MAX_PAGES_PER_WINDOW`].
     tokens: HashSet<String>,
-    /// The record keys of the window's last page committed: a page with the same ones again, under a new token,
-    /// is a loop, not progress.
-    last_keys: Option<KeysDigest>,
+    /// The record keys of each page of the window committed so far (each page's set, in any order): a page with
+    /// the same ones again, under a new token, is a loop (of one page or of several), not progress. At most
+    /// [`MAX_PAGES_PER_WINDOW`].
+    pages_seen: HashSet<KeysDigest>,
     /// `--once`: this feed has finished its pass (caught up, or gave up).
     done: bool,
     /// A fetch of this feed is in flight.
@@ -113,7 +114,7 @@ impl FeedState {
             failures: 0,
             restarts: 0,
             tokens: HashSet::new(),
-            last_keys: None,
+            pages_seen: HashSet::new(),
             done: false,
             fetching: false,
             own: None,
@@ -377,7 +378,7 @@ impl Poller {
         f.due = now.at + throttle;
         if let Some(next) = next {
             f.tokens.insert(next);
-            f.last_keys = keys;
+            f.pages_seen.extend(keys);
             return;
         }
         // A quiet poll is worth a debug line only; one that found records is the info summary of its cycle.
@@ -394,7 +395,7 @@ impl Poller {
         );
         (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
         f.tokens.clear();
-        f.last_keys = None;
+        f.pages_seen.clear();
         if f.clock_back.as_ref().is_some_and(|c| c.window == w) {
             f.clock_back = None;
         }
@@ -421,7 +422,7 @@ impl Poller {
         let attempts = if retry == Retry::RestartWindow {
             f.restarts += 1;
             f.tokens.clear();
-            f.last_keys = None;
+            f.pages_seen.clear();
             f.restarts
         } else {
             f.failures += 1;
@@ -506,8 +507,9 @@ fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<Stri
             excerpt(next)
         ));
     }
-    // The page before's records again, under a token never seen: a server that ignores the token it was given.
-    if page.keys.is_some() && page.keys == f.last_keys {
+    // An earlier page's records again (the page before's, or one further back, in any order), under a token never
+    // seen: a server that ignores the token it was given, or goes round a few pages.
+    if page.keys.is_some_and(|k| f.pages_seen.contains(&k)) {
         return Some(format!(
             "Mimecast sent the same {} records again with a new page token ({}): a pagination loop; the window is \
              not advanced",
@@ -869,6 +871,18 @@ mod tests {
         }
         assert!(rig.p.gave_up() && rig.p.all_done());
         assert_eq!(rig.window.map(|(_, t)| t), Some(Some("A".into())), "the cursor stays at the looping page");
+    }
+
+    /// A server that goes round a few pages (A, B, A, … under tokens never seen) is caught when the first page comes
+    /// back, not after the window's page bound: every page's records are remembered for the window.
+    #[test]
+    fn an_earlier_pages_records_again_are_a_loop_too() {
+        let mut rig = Rig::new(Mode::Daemon, 600);
+        assert_eq!(strip_all(rig.step(Ev::Page(Some("A"))).0), vec![commit(Some("A"))]);
+        assert_eq!(strip_all(rig.step(Ev::Page(Some("B"))).0), vec![commit(Some("B"))]);
+        // The first page's records again, under a new token.
+        rig.served = 0;
+        assert_eq!(strip_all(rig.step(Ev::Page(Some("C"))).0), vec![err()]);
     }
 
     #[test]

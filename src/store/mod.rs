@@ -167,7 +167,10 @@ impl Store {
             let _ = std::fs::create_dir_all(dir);
         }
         match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match not_to_create(path) {
+                Some(refused) => return Err(refused),
+                None => create(path)?,
+            },
             // Before SQLite opens it: SQLite takes an empty file for a new database, and deletes a `-wal` beside it.
             Ok(m) if m.len() == 0 => return Err(unversioned(path)),
             // Anything else is for SQLite's open to say.
@@ -367,15 +370,6 @@ impl Store {
 /// after it, so a crash in between would leave what is otherwise damage.) A `queue.db.new` left by such a crash is
 /// discarded first. Only `run`, under its instance lock, creates a queue (`status` and `dead-letters` need one).
 fn create(path: &Path) -> Result<(), StoreError> {
-    // SQLite recovers a WAL or a rollback journal it finds beside a database into it, whatever database the file
-    // was of: one left without its database would be applied to the new queue.
-    for suffix in ["-wal", "-journal"] {
-        let stray = beside(path, suffix);
-        if stray.symlink_metadata().is_ok() {
-            let detail = format!("left without its database {}", path.display());
-            return Err(StoreError::Corrupt { path: stray, detail });
-        }
-    }
     let temp = beside(path, CREATING);
     for suffix in ["", "-journal", "-wal", "-shm"] {
         match std::fs::remove_file(beside(&temp, suffix)) {
@@ -403,6 +397,23 @@ fn create(path: &Path) -> Result<(), StoreError> {
     sync(&temp, "syncing the new queue database")?;
     std::fs::rename(&temp, path).map_err(|e| error::io(path, "moving the new queue database into place", e))?;
     sync(dir_of(path), "syncing the queue's directory")
+}
+
+/// Why no new queue may be made at `path`, where there is no queue file, or `None`. `status` and `dead-letters`
+/// ask too, so that they say what `run` would say instead of "no queue yet".
+/// - A link to nothing: its target is elsewhere (a volume not mounted yet), and a new queue in its place would
+///   read again from `initial_lookback_secs` and orphan the real one.
+/// - A WAL or a rollback journal left without its database: SQLite recovers one it finds beside a database into
+///   it, whatever database it was of, so it would be applied to the new queue.
+pub fn not_to_create(path: &Path) -> Option<StoreError> {
+    if path.is_symlink() {
+        let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+        let why = format!("a symbolic link to {target}, which does not exist (a filesystem not mounted?)");
+        return Some(error::io(path, "opening the queue", std::io::Error::new(std::io::ErrorKind::NotFound, why)));
+    }
+    ["-wal", "-journal"].into_iter().map(|suffix| beside(path, suffix)).find(|s| s.symlink_metadata().is_ok()).map(
+        |stray| StoreError::Corrupt { path: stray, detail: format!("left without its database {}", path.display()) },
+    )
 }
 
 /// The error for a queue file without a schema version: empty, or made by an earlier build that was stopped
@@ -788,6 +799,23 @@ mod tests {
     /// A new queue is built beside its path and renamed into place, so that the path never holds a file without
     /// its schema; what a crash during that left is discarded at the next start, but a WAL or a journal left
     /// without its database is refused rather than recovered into the new queue.
+    /// A `queue.db` that links to a file that is not there (a volume not mounted yet) is an error, and the link is
+    /// left as it was: a new queue in its place would start over and orphan the real one.
+    #[test]
+    fn a_link_to_a_missing_queue_is_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let target = dir.path().join("volume/queue.db");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("a symbolic link to") && e.contains("volume/queue.db"), "{e}");
+        assert!(path.is_symlink() && !target.exists(), "the link is left as it was");
+        std::fs::create_dir(dir.path().join("volume")).unwrap();
+        drop(Store::open(&target).unwrap());
+        drop(Store::open(&path).unwrap());
+        assert!(path.is_symlink(), "a link to a queue is opened through");
+    }
+
     #[test]
     fn a_new_queue_is_made_whole_and_a_half_made_one_is_discarded() {
         let dir = tempfile::tempdir().unwrap();

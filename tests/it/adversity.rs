@@ -315,6 +315,50 @@ fn an_empty_queue_file_is_refused_as_damage_and_left_as_it_was() {
     assert_eq!(rig.mc.requests().len(), requests, "nothing was polled into a new queue");
 }
 
+/// Where there is no queue file but a link to a missing one (a volume not mounted yet) or a WAL left without its
+/// database, `run` makes no new queue (it would start over, and orphan the real one or replay another's log), and
+/// `status` and `dead-letters` say the same instead of "`run` creates it".
+#[test]
+fn a_link_to_a_missing_queue_or_a_wal_without_one_is_refused_by_every_command_alike() {
+    let rig = Rig::new();
+    rig.add_records(&[Feed::Audit], 5, 300);
+    let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
+    let p = path.to_str().unwrap();
+    let db = rig.db_path();
+    let volume = db.parent().unwrap().join("volume/queue.db");
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    let link = |on: bool| {
+        if on {
+            std::os::unix::fs::symlink(&volume, &db).unwrap();
+        } else {
+            std::fs::remove_file(&db).unwrap();
+        }
+    };
+    for (case, said) in [("link", "a symbolic link to"), ("wal", "left without its database")] {
+        match case {
+            "link" => link(true),
+            _ => std::fs::write(&wal, vec![7_u8; 4096]).unwrap(),
+        }
+        for args in [
+            vec!["run", "--once", "--config", p],
+            vec!["status", "--config", p],
+            vec!["dead-letters", "list", "--config", p],
+        ] {
+            let (code, _, err) = run(&args);
+            assert_eq!(code, 70, "{case}: {args:?}: {err}");
+            assert!(err.contains(said) && !err.contains("creates it"), "{case}: {args:?}: {err}");
+        }
+        assert!(rig.mc.requests().is_empty(), "{case}: nothing was polled into a new queue");
+        match case {
+            "link" => {
+                assert!(db.is_symlink() && !volume.exists(), "the link is left as it was");
+                link(false);
+            }
+            _ => assert!(!db.exists() && wal.exists(), "the WAL is left as it was"),
+        }
+    }
+}
+
 /// A first start that crashed while building the new queue leaves `queue.db.new` (and maybe its journal), never
 /// a `queue.db` without a schema: the next start discards the leftovers and makes the queue.
 #[test]

@@ -693,3 +693,44 @@ fn echoed_secrets_and_control_characters_never_reach_the_log_or_status() {
         assert!(!shown.contains(['\x1b', '\x07']), "{shown:?}");
     }
 }
+
+/// A page's body is data: a record holding the access token's text by chance reaches Datadog as Mimecast sent it
+/// (the response used to be scrubbed whole, which altered such a record and could lose a page token), while what
+/// an error quotes of a page (a `fail[]` echoing the request's Authorization header) is still scrubbed.
+#[test]
+fn a_pages_records_are_never_scrubbed_but_what_an_error_quotes_of_a_page_is() {
+    let rig = Rig::new();
+    // The simulator's first token is sim-token-1: a record that holds it, in a URL as a session parameter might.
+    let (recs, _) = spaced(Feed::Audit, 1, 5, 30);
+    let mut record = recs[0].1.clone();
+    record["url"] = Value::from("https://example.com/?session=sim-token-1&x=1");
+    rig.mc.add(Feed::Audit, [record.clone()]);
+    let cfg = audit_config(&rig, &rig.mc.url());
+    let out = once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
+    let got = rig.dd.accepted();
+    assert!(!out.gave_up && got.len() == 1, "{out:?}, {} delivered", got.len());
+    let message: Value = serde_json::from_str(got[0]["message"].as_str().unwrap()).unwrap();
+    assert_eq!(message["url"], record["url"], "the record is delivered as Mimecast sent it");
+
+    // A 200 whose fail[] quotes the Authorization header it got: the error in status is scrubbed.
+    let rig = Rig::new();
+    recent_audit(&rig, 3);
+    let echo = proxy(
+        rig.mc.url(),
+        Box::new(|_| {}),
+        Box::new(|req, r| {
+            if req.path == "/oauth/token" {
+                return relay(r);
+            }
+            let auth = req.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+            let said = auth.map_or(String::new(), |(_, v)| v.clone());
+            let body = serde_json::json!({"meta": {"status": 200}, "data": [],
+                "fail": [{"errors": [{"code": "err_denied", "message": format!("you sent {said}"), "retryable": false}]}]});
+            Reply::Respond { status: 200, headers: vec![], body: body.to_string().into_bytes() }
+        }),
+    );
+    let cfg = audit_config(&rig, &echo.url());
+    once_within(&cfg, &fast_tuning(), Duration::from_secs(30));
+    let error = feed_error(&rig, &cfg, Feed::Audit);
+    assert!(error.contains("you sent Bearer [redacted]") && !error.contains("sim-token"), "{error}");
+}
