@@ -30,7 +30,7 @@ use crate::health;
 use crate::http::Http;
 use crate::mimecast::auth::{self, Accounts, AuthError, Token};
 use crate::mimecast::client::{self, FetchError, Fetched, PageRequest};
-use crate::mimecast::window::Settings;
+use crate::mimecast::window::{self, Settings};
 use crate::mimecast::{Feed, wire};
 pub use crate::policy::Mode;
 use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
@@ -103,6 +103,19 @@ impl Default for Tuning {
     }
 }
 
+/// `run --once` by a clock that reads earlier than [`window::CLOCK_FLOOR`]: nothing was done (try again later, once
+/// the clock is set). Its message is what the daemon logs while it waits for the clock.
+#[derive(Debug)]
+pub struct ClockUnset(pub String);
+
+impl std::fmt::Display for ClockUnset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ClockUnset {}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -149,6 +162,8 @@ struct Agent {
     /// The records of the batches Datadog accepted whose removal failed and waits in the sender for its retry
     /// (`drop-oldest` must leave them); emptied once the sender holds no such batch.
     unremoved: BTreeSet<i64>,
+    /// Polling and delivery wait for the clock to be set ([`Poller::clock_unset`]), as the log said.
+    clock_held: bool,
 }
 
 /// SIGHUP and the config file it makes the agent read again (`systemctl reload`).
@@ -177,6 +192,11 @@ pub async fn run_with_reload(
     reload: Option<Reload>,
     mut notify: Notifier,
 ) -> anyhow::Result<Outcome> {
+    // A pass by a clock that is not set yet would move the watermarks back to it: it does nothing, not even take
+    // the lock, and says to try again later.
+    if let Some(said) = window::clock_unset(tuning.clock.now(), window::CLOCK_FLOOR).filter(|_| mode == Mode::Once) {
+        return Err(ClockUnset(said).into());
+    }
     let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;
     let mut shutdown = pin!(shutdown);
@@ -242,6 +262,7 @@ fn settings(cfg: &Config, tuning: &Tuning, mode: Mode) -> (PollerSettings, Sende
             max_window_secs: m.max_window_secs,
         },
         poll_interval,
+        clock_floor: window::CLOCK_FLOOR,
     };
     let sender = SenderSettings {
         retries: retries(tuning.datadog_backoff),
@@ -261,11 +282,15 @@ impl Agent {
         http: Http,
         now: Now,
     ) -> Result<Agent, StoreError> {
-        let start = now.unix - cfg.mimecast.initial_lookback_secs;
-        for &feed in &cfg.mimecast.feeds {
-            store.init_cursor(feed, start)?;
-        }
         let (poller, sender, store_retries) = settings(&cfg, &tuning, mode);
+        // A new feed starts `initial_lookback_secs` behind the clock: not a clock that is not set yet (the feed's
+        // first poll creates its cursor then).
+        if now.unix >= poller.clock_floor {
+            let start = now.unix - cfg.mimecast.initial_lookback_secs;
+            for &feed in &cfg.mimecast.feeds {
+                store.init_cursor(feed, start)?;
+            }
+        }
         Ok(Agent {
             accounts: Accounts::of(&cfg.mimecast),
             shape: Shape::of(&cfg.datadog),
@@ -282,6 +307,7 @@ impl Agent {
             disk_note: true,
             creds_generation: 0,
             unremoved: BTreeSet::new(),
+            clock_held: false,
         })
     }
 
@@ -339,10 +365,10 @@ impl Agent {
             let wake = notify.wake_by(policy::next_wake(
                 now.at,
                 self.poller
-                    .next_wake_where(|f| !accounts.waiting(f, now.at, margin))
+                    .next_wake_where(now, |f| !accounts.waiting(f, now.at, margin))
                     .filter(|_| !self.pressure.queue_full()),
                 self.pressure.until(),
-                self.sender.next_wake(),
+                self.sender.next_wake().filter(|_| !self.clock_held),
             ));
             let wake = health.next_wake().map_or(wake, |h| wake.min(h));
             let event = async { Event::Fetched(first(&mut fetches).await) }
@@ -417,7 +443,7 @@ impl Agent {
         notify.on_turn(now.at);
         if notify.status_due(now.at) {
             match crate::status::gather(&self.store, &self.cfg, now.unix) {
-                Ok(r) => notify.status(now.at, &crate::status::one_line(&r, now.unix)),
+                Ok(r) => notify.status(now.at, &crate::status::one_line(&r.by_clock(now.unix), now.unix)),
                 Err(e) => log::debug!("no STATUS= for systemd this time: {e}"),
             }
         }
@@ -475,8 +501,10 @@ impl Agent {
             }
         };
         let start = now.unix - cfg.mimecast.initial_lookback_secs;
-        // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed.
-        for &feed in cfg.mimecast.feeds.iter().filter(|f| !self.poller.feeds().any(|s| s == **f)) {
+        // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed. Not
+        // by a clock that is not set yet: the feed's first poll creates its cursor then.
+        let clock_set = self.poller.clock_unset(now).is_none();
+        for &feed in cfg.mimecast.feeds.iter().filter(|f| clock_set && !self.poller.feeds().any(|s| s == **f)) {
             if let Err(e) = self.store.init_cursor(feed, start) {
                 if e.is_transient() {
                     refuse(&e);
@@ -656,12 +684,19 @@ impl Agent {
     /// Without a fresh token, the first fetch fetches one on its own (a task of its own, so that a page that hangs
     /// afterwards holds up no other feed), and the other feeds of the same API application wait for it.
     fn start_fetch(&mut self, now: Now, in_flight: usize) -> anyhow::Result<Option<Task<Fetch>>> {
-        if !self.pressure.may_poll(now) {
+        if self.clock_unset(now) || !self.pressure.may_poll(now) {
             return Ok(None);
         }
         let margin = self.tuning.token_margin;
         while let Some(feed) = self.poller.due_where(now, |f| !self.accounts.waiting(f, now.at, margin)) {
-            let cursor = self.store.cursor(feed)?.context("cursor row missing")?;
+            let cursor = match self.store.cursor(feed)? {
+                Some(cursor) => cursor,
+                // A feed enabled while the clock was not set yet.
+                None => {
+                    self.store.init_cursor(feed, now.unix - self.cfg.mimecast.initial_lookback_secs)?;
+                    self.store.cursor(feed)?.context("cursor row missing")?
+                }
+            };
             let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.window) else { continue };
             if !self.room_for_pages(now, in_flight as u64 + 1)? {
                 return Ok(None);
@@ -685,6 +720,22 @@ impl Agent {
             return self.fetch_page(now, req).map(Some);
         }
         Ok(None)
+    }
+
+    /// Whether polling and delivery wait for the clock to be set: the poller has no feed due while the clock reads
+    /// earlier than its floor, and [`Agent::start_send`] starts nothing. Said once in the log when it starts and when
+    /// it ends; `status` says it from its own clock.
+    fn clock_unset(&mut self, now: Now) -> bool {
+        let said = self.poller.clock_unset(now);
+        match (&said, self.clock_held) {
+            (Some(said), false) => log::error!("{said}"),
+            (None, true) => {
+                log::info!("the system clock reads {}: polling Mimecast resumes", datetime::rfc3339(now.unix))
+            }
+            _ => {}
+        }
+        self.clock_held = said.is_some();
+        self.clock_held
     }
 
     /// Starts the fetch of a page with the token in hand (a 401 still fetches a new one and retries once).
@@ -861,6 +912,11 @@ impl Agent {
 
     /// Asks the sender what to do: remove a delivered batch, or load, pack and send the next one.
     fn start_send(&mut self, now: Now) -> anyhow::Result<Option<Task<(Batch, Sent)>>> {
+        // By a clock that is not set yet, every queued record would be "in the future" and restamped to it, which
+        // Datadog drops as too old: the queue waits for the clock, as polling does.
+        if self.clock_held {
+            return Ok(None);
+        }
         // A piece goes whole, as it was cut from a batch; only a fresh batch is packed under the learnt limit.
         let (records, half, limit) = loop {
             match self.sender.next(now) {

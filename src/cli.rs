@@ -53,8 +53,8 @@ keeps the running one if the new one is invalid. Only one run may use a queue at
   --allow-root   run as root even on a queue whose directory or files belong to another user (the service's
                  user, mimecast-forwarder); without it root refuses, since that user could not open the files
                  root creates there. Give them back afterwards: chown mimecast-forwarder: QUEUE_PATH*
-Exit codes: 0 clean stop (--once: queue empty and every feed answered); 75 records remain queued (--once), or
-another run holds the queue; 69 (--once) the queue is empty but a feed or the intake gave up; 78 bad config;
+Exit codes: 0 clean stop (--once: queue empty and every feed answered); 75 records remain queued (--once),
+another run holds the queue, or (--once) the system clock is not set yet; 69 (--once) the queue is empty but a feed or the intake gave up; 78 bad config;
 70 internal error (a damaged or unwritable queue, with what to do); 77 refused to run as root on another user's
 queue (without --allow-root); 64 usage.
 ";
@@ -310,7 +310,9 @@ fn open_queue(cfg: &Config, read_only: bool) -> Result<Store, Failure> {
 pub fn status(path: &Path, json: bool) -> i32 {
     let report = load_queue_config(path).and_then(|cfg| {
         let store = open_queue(&cfg, true)?;
-        crate::status::gather(&store, &cfg, crate::datetime::now())
+        let now = crate::datetime::now();
+        crate::status::gather(&store, &cfg, now)
+            .map(|r| r.by_clock(now))
             .map_err(|e| Failure { code: exit::SOFTWARE, message: e.to_string() })
     });
     match report {

@@ -331,6 +331,7 @@ mod tests {
                     _ => feed(f, false, Some(NOW - 99_999)),
                 })
                 .collect(),
+            clock: None,
         }
     }
 

@@ -76,6 +76,11 @@ fn run(path: &std::path::Path, once: bool, allow_root: bool) -> i32 {
             exit::UNAVAILABLE
         }
         Ok(_) => exit::OK,
+        // `--once` by a clock that is not set yet did nothing: try again once it is.
+        Err(e) if e.downcast_ref::<agent::ClockUnset>().is_some() => {
+            log::error!("{e}");
+            exit::TEMP_FAIL
+        }
         // Another run holds the queue, or the database stayed locked or the disk full: try again later.
         Err(e)
             if matches!(e.downcast_ref(), Some(mimecast_forwarder::instance::LockError::Held { .. }))

@@ -23,6 +23,10 @@ pub struct Report {
     /// Every feed, enabled or not, in `Feed::ALL` order; in JSON an object keyed by the feed's name.
     #[serde(serialize_with = "by_name")]
     pub feeds: Vec<FeedReport>,
+    /// What is wrong with the clock that reads this report ([`Report::by_clock`]): one that reads earlier than
+    /// [`window::CLOCK_FLOOR`] is not set yet, and the agent polls nothing by it. Text only: not in the JSON.
+    #[serde(skip)]
+    pub clock: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -141,10 +145,19 @@ pub fn gather(store: &Store, cfg: &Config, now: i64) -> Result<Report, StoreErro
             last_error_at: dd_error_at.map(Stamp),
         },
         feeds,
+        clock: None,
     })
 }
 
 impl Report {
+    /// The report as read by a clock that reads `now` (the system clock, which `status` and the agent share): one
+    /// earlier than [`window::CLOCK_FLOOR`] is listed under `ATTENTION` until it is set, the agent polling nothing
+    /// meanwhile. [`gather`] leaves it to the caller, so tests with small fake times are read as ever.
+    pub fn by_clock(mut self, now: i64) -> Report {
+        self.clock = window::clock_unset(now, window::CLOCK_FLOOR);
+        self
+    }
+
     /// `status --json`: one line, one object.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a report serializes: its map keys are strings and its values plain")
@@ -205,6 +218,7 @@ fn problems(r: &Report, now: i64) -> Vec<String> {
             .unwrap_or_default()
     };
     let mut problems = Vec::new();
+    problems.extend(r.clock.clone());
     if let Some(e) = &r.datadog.last_error {
         problems.push(format!("Datadog{}: {e}", when(r.datadog.last_error_at)));
     }
@@ -258,6 +272,9 @@ pub fn one_line(r: &Report, now: i64) -> String {
     }
     if q.paused {
         line.push_str(", queue full (polling paused)");
+    }
+    if r.clock.is_some() {
+        line.push_str(", clock not set (polling waits for it)");
     }
     let feeds = r.feeds.iter().map(|f| (f.last_error_at, format!("feed {}", f.feed.name()), &f.last_error));
     let errors = [(r.datadog.last_error_at, "Datadog".to_string(), &r.datadog.last_error)]

@@ -24,6 +24,25 @@ pub struct Settings {
 /// which a person should know.
 pub const CLOCK_TOLERANCE_SECS: i64 = 60;
 
+/// 2026-01-01T00:00:00Z: this code was written after it, so it cannot run before it, and a clock that reads earlier
+/// is wrong (a dead hardware clock at boot, before NTP sets it, reads 1970). Polling by such a clock would move every
+/// watermark back to it (see [`next_window`]), and once the clock is set the feeds would catch up from there a
+/// `max_window_secs` at a time: for 1970, hundreds of thousands of requests, days of the API user's quota, new
+/// records waiting meanwhile. The agent does not poll while the clock reads earlier ([`clock_unset`]).
+pub const CLOCK_FLOOR: i64 = 1_767_225_600;
+
+/// What the agent says while the clock reads earlier than `floor` ([`CLOCK_FLOOR`] outside tests); `None` once it
+/// does not.
+pub fn clock_unset(now: i64, floor: i64) -> Option<String> {
+    (now < floor).then(|| {
+        format!(
+            "the system clock reads {}, before {}: not polling Mimecast nor delivering to Datadog until the clock is set (is NTP running?)",
+            crate::datetime::rfc3339(now),
+            crate::datetime::rfc3339(floor)
+        )
+    })
+}
+
 /// The next window after `watermark`: it re-reads `overlap` behind the watermark, ends `settle` behind now, and is
 /// cut to `max_window`. `None` when nothing past the watermark has settled yet.
 ///
@@ -36,8 +55,8 @@ pub fn next_window(watermark: i64, now: i64, s: Settings) -> Option<Window> {
     if watermark > horizon {
         return Some(Window { from: horizon.saturating_sub(s.overlap_secs), to: horizon });
     }
-    let from = watermark - s.overlap_secs;
-    let to = horizon.min(from + s.max_window_secs);
+    let from = watermark.saturating_sub(s.overlap_secs);
+    let to = horizon.min(from.saturating_add(s.max_window_secs));
     (to > watermark).then_some(Window { from, to })
 }
 
@@ -53,7 +72,7 @@ pub fn clock_went_back(watermark: i64, now: i64) -> Option<i64> {
 /// The overlap alone: the window that re-reads `overlap` behind the watermark when nothing past it has settled
 /// (`--once` reads it once per pass, for records indexed late). `None` without an overlap.
 pub fn overlap(watermark: i64, s: Settings) -> Option<Window> {
-    (s.overlap_secs > 0).then(|| Window { from: watermark - s.overlap_secs, to: watermark })
+    (s.overlap_secs > 0).then(|| Window { from: watermark.saturating_sub(s.overlap_secs), to: watermark })
 }
 
 /// Whether more than `slack` seconds of settled time remain after this window: a catch-up that should continue
@@ -87,6 +106,30 @@ mod tests {
         check(10_000 + 7_200, 10_060, Some((9_700, 10_000)));
         assert_eq!(overlap(10_000, S), Some(Window { from: 9_700, to: 10_000 }));
         assert_eq!(overlap(10_000, Settings { overlap_secs: 0, ..S }), None);
+    }
+
+    #[test]
+    fn a_watermark_at_the_ends_of_time_does_not_wrap() {
+        // A damaged row: the window saturates instead of wrapping round to the other end of time.
+        assert_eq!(next_window(i64::MIN, 100_000, S), Some(Window { from: i64::MIN, to: i64::MIN + 3_600 }));
+        assert_eq!(overlap(i64::MIN, S), Some(Window { from: i64::MIN, to: i64::MIN }));
+        let late = Settings { settle_secs: 0, ..S };
+        assert_eq!(next_window(i64::MAX - 10, i64::MAX, late), Some(Window { from: i64::MAX - 310, to: i64::MAX }));
+        assert_eq!(next_window(i64::MAX, 100_000, S), Some(Window { from: 99_640, to: 99_940 }));
+    }
+
+    #[test]
+    fn a_clock_before_the_floor_is_said_with_both_times() {
+        assert_eq!(clock_unset(CLOCK_FLOOR, CLOCK_FLOOR), None);
+        assert_eq!(clock_unset(i64::MAX, CLOCK_FLOOR), None);
+        assert_eq!(clock_unset(0, 0), None, "tests with small fake times set the floor to 0");
+        let said = clock_unset(86_400, CLOCK_FLOOR).expect("1970 is before the floor");
+        assert_eq!(
+            said,
+            "the system clock reads 1970-01-02T00:00:00Z, before 2026-01-01T00:00:00Z: not polling Mimecast nor delivering to Datadog until \
+             the clock is set (is NTP running?)"
+        );
+        assert!(clock_unset(CLOCK_FLOOR - 1, CLOCK_FLOOR).is_some());
     }
 
     #[test]

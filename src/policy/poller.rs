@@ -17,6 +17,9 @@
 //! - a watermark later than now less `settle_secs` was set by a clock ahead of this one: the window is the overlap
 //!   behind now less `settle_secs` instead, whose completion moves the watermark back, so no window it plans ends
 //!   later than that; a watermark more than a minute in the future is said (the log once, then `status`);
+//! - while the clock reads earlier than `clock_floor` ([`window::CLOCK_FLOOR`]: a clock not set yet) no feed is due,
+//!   so no window is planned and no cursor moves by it, and the loop is woken every [`CLOCK_RECHECK`] instead of
+//!   when a feed would be due;
 //! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others; a wait the
 //!   server asks for (a 429's reset, a low `X-RateLimit-Remaining`) holds the feed whose call was answered so.
 //!   Mimecast applies its quota per API user and "differently per resource": another feed that shares an
@@ -42,12 +45,19 @@ use crate::mimecast::wire::{KeysDigest, Page};
 /// one-hour window, far beyond a tenant's security logs.
 pub const MAX_PAGES_PER_WINDOW: usize = 10_000;
 
+/// How often the loop looks at the clock again while it reads earlier than `clock_floor`: NTP sets a clock within
+/// seconds to minutes of boot, and polling should start soon after, without the loop spinning meanwhile.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(30);
+
 /// The poller's settings, from `[mimecast]` and the tuning.
 #[derive(Debug, Clone, Copy)]
 pub struct PollerSettings {
     pub retries: Retries,
     pub window: Settings,
     pub poll_interval: Duration,
+    /// No feed is polled while the clock reads earlier than this: [`window::CLOCK_FLOOR`] (tests with small fake
+    /// times set 0).
+    pub clock_floor: i64,
 }
 
 /// What the loop must do after a page came back.
@@ -192,13 +202,26 @@ impl Poller {
 
     /// The feed due soonest with no fetch in flight among those `ready` allows (the loop leaves out a feed whose
     /// API application's token is being fetched: it waits for that fetch, not for a timer).
+    /// None while the clock reads earlier than `clock_floor`.
     pub fn due_where(&self, now: Now, ready: impl Fn(Feed) -> bool) -> Option<Feed> {
+        if now.unix < self.s.clock_floor {
+            return None;
+        }
         self.polling().filter(|f| f.due <= now.at && ready(f.feed)).min_by_key(|f| f.due).map(|f| f.feed)
     }
 
-    /// When the next feed with no fetch in flight that `ready` allows is due.
-    pub fn next_wake_where(&self, ready: impl Fn(Feed) -> bool) -> Option<Instant> {
+    /// When the next feed with no fetch in flight that `ready` allows is due; while the clock reads earlier than
+    /// `clock_floor`, when to look at it again instead (none is due until then).
+    pub fn next_wake_where(&self, now: Now, ready: impl Fn(Feed) -> bool) -> Option<Instant> {
+        if now.unix < self.s.clock_floor {
+            return Some(now.at + CLOCK_RECHECK);
+        }
         self.polling().filter(|f| ready(f.feed)).map(|f| f.due).min()
+    }
+
+    /// What to say while the clock reads earlier than `clock_floor` and nothing is polled; `None` otherwise.
+    pub fn clock_unset(&self, now: Now) -> Option<String> {
+        window::clock_unset(now.unix, self.s.clock_floor)
     }
 
     fn polling(&self) -> impl Iterator<Item = &FeedState> {
@@ -551,8 +574,8 @@ mod tests {
             self.due_where(now, |_| true)
         }
 
-        fn next_wake(&self) -> Option<Instant> {
-            self.next_wake_where(|_| true)
+        fn next_wake(&self, now: Now) -> Option<Instant> {
+            self.next_wake_where(now, |_| true)
         }
     }
 
@@ -561,6 +584,7 @@ mod tests {
             retries: crate::policy::exact_retries(mode, 2, 300),
             window: Settings { overlap_secs: 300, settle_secs: 60, max_window_secs: HOUR },
             poll_interval: Duration::from_secs(60),
+            clock_floor: window::CLOCK_FLOOR,
         }
     }
 
@@ -647,7 +671,7 @@ mod tests {
                     actions
                 }
             };
-            let due = self.p.next_wake().map(|d| d.saturating_duration_since(self.now.at).as_secs());
+            let due = self.p.next_wake(self.now).map(|d| d.saturating_duration_since(self.now.at).as_secs());
             (actions, due)
         }
     }
@@ -982,7 +1006,7 @@ mod tests {
         let mut rig = Rig::new(Mode::Daemon, 60);
         assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
         assert_eq!(rig.p.due(rig.now), None);
-        assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(60)));
+        assert_eq!(rig.p.next_wake(rig.now), Some(rig.now.at + Duration::from_secs(60)));
         rig.now = rig.now.after(Duration::from_secs(60));
         assert_eq!(rig.p.due(rig.now), Some(Feed::Audit));
     }
@@ -1112,7 +1136,7 @@ mod tests {
         let forget_before = plan.window.to - 300 - 3600;
         assert_eq!(actions, vec![Action::Commit { next_token: Some("A".into()), forget_before }]);
         rig.p.on_committed(rig.now, Feed::Audit, 1, 0);
-        assert_eq!(rig.p.next_wake(), Some(rig.now.at + Duration::from_secs(7)));
+        assert_eq!(rig.p.next_wake(rig.now), Some(rig.now.at + Duration::from_secs(7)));
     }
 
     #[test]
@@ -1137,7 +1161,7 @@ mod tests {
         assert!(rig.p.stop_all());
         assert!(rig.p.all_done() && rig.p.gave_up());
         assert!(!rig.p.stop_all(), "already stopped");
-        assert_eq!(rig.p.next_wake(), None);
+        assert_eq!(rig.p.next_wake(rig.now), None);
     }
 
     #[test]
@@ -1149,13 +1173,13 @@ mod tests {
         let second = p.due(now).expect("the other feed is due too");
         assert_ne!(first, second);
         p.on_fetching(second);
-        assert_eq!((p.due(now), p.fetching(), p.next_wake()), (None, 2, None), "one fetch per feed");
+        assert_eq!((p.due(now), p.fetching(), p.next_wake(now)), (None, 2, None), "one fetch per feed");
         // One answers (a 429 with a long wait): only that feed waits; the other is still in flight.
         let req = PageRequest { feed: first, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
         let wait = ServerWait { wait: Duration::from_secs(300), asked_secs: 1e300 };
         p.on_page(now, &req, Err(FetchError::RateLimited(Some(wait))), None);
         assert_eq!(p.fetching(), 1);
-        assert_eq!(p.next_wake(), Some(now.at + Duration::from_secs(300)));
+        assert_eq!(p.next_wake(now), Some(now.at + Duration::from_secs(300)));
         let req = PageRequest { feed: second, ..req };
         let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0, keys: None };
         p.on_page(now, &req, Ok(&page), None);
@@ -1183,7 +1207,7 @@ mod tests {
         assert_eq!(p.read_ahead(Feed::Audit), None, "one fetch per feed in flight");
         // The commit of the page before: the feed is not due, since its next page is in flight.
         p.on_committed(now, Feed::Audit, 1, 0);
-        assert_eq!((p.due(now), p.next_wake(), p.fetching()), (None, None, 1));
+        assert_eq!((p.due(now), p.next_wake(now), p.fetching()), (None, None, 1));
         // Page A came back but its predecessor was not stored: abandoned, the feed plans from its cursor again.
         let req_a = PageRequest { page_token: Some("A".into()), ..req.clone() };
         p.on_page(now, &req_a, Ok(&page(Some("B"))), None);
@@ -1208,6 +1232,48 @@ mod tests {
         let not_audit = |f: Feed| f != Feed::Audit;
         assert_eq!(p.due_where(now, not_audit), Some(Feed::Dlp));
         assert_eq!(p.due_where(now, |_| false), None);
-        assert_eq!((p.next_wake_where(not_audit), p.next_wake_where(|_| false)), (Some(now.at), None));
+        assert_eq!((p.next_wake_where(now, not_audit), p.next_wake_where(now, |_| false)), (Some(now.at), None));
+    }
+
+    #[test]
+    fn no_feed_is_due_while_the_clock_reads_earlier_than_the_floor() {
+        const FLOOR: i64 = window::CLOCK_FLOOR;
+        let recheck = CLOCK_RECHECK.as_secs();
+        // (the clock, the floor) -> (a feed due, the wake in seconds, said)
+        type Row = ((i64, i64), (bool, u64, bool));
+        let rows: &[Row] = &[
+            // A dead hardware clock at boot, and a second before the floor: held, a look at the clock every 30 s.
+            ((86_400, FLOOR), (false, recheck, true)),
+            ((0, FLOOR), (false, recheck, true)),
+            ((i64::MIN, FLOOR), (false, recheck, true)),
+            ((FLOOR - 1, FLOOR), (false, recheck, true)),
+            // At the floor and after: polled as ever.
+            ((FLOOR, FLOOR), (true, 0, false)),
+            ((T0, FLOOR), (true, 0, false)),
+            // Tests with small fake times set the floor to 0.
+            ((86_400, 0), (true, 0, false)),
+        ];
+        for &((clock, floor), want) in rows {
+            let now = Now { at: Instant::now(), unix: clock };
+            let p = Poller::new(PollerSettings { clock_floor: floor, ..settings(Mode::Daemon) }, &[Feed::Audit], now);
+            let wake = p.next_wake(now).map(|w| w.saturating_duration_since(now.at).as_secs());
+            let got = (p.due(now).is_some(), wake.unwrap_or(u64::MAX), p.clock_unset(now).is_some());
+            assert_eq!(got, want, "clock {clock}, floor {floor}");
+        }
+
+        // A daemon read up to T0 - 60; the clock is then found at 1970 (a reboot with a dead hardware clock): no
+        // feed is due however long that lasts, so no window is planned by that clock. Once it is set, the feed goes on from its watermark: no catch-up from 1970. (A
+        // `--once` pass does not start by such a clock: the agent exits with 75 first.)
+        let mut rig = Rig::new(Mode::Daemon, 60);
+        let at = rig.now.at;
+        rig.p = Poller::new(settings(Mode::Daemon), &[Feed::Audit], Now { at, unix: 86_400 });
+        for secs in [0, 29, 30, 3_600] {
+            let now = Now { at: at + Duration::from_secs(secs), unix: 86_400 + secs as i64 };
+            assert_eq!(rig.p.due(now), None, "{secs} s later");
+            assert_eq!(rig.p.next_wake(now), Some(now.at + CLOCK_RECHECK), "{secs} s later");
+        }
+        rig.now = Now { at: at + Duration::from_secs(3_630), unix: T0 + 60 };
+        assert_eq!(rig.p.clock_unset(rig.now), None);
+        assert_eq!(rig.plan().window, Window { from: T0 - 60 - 300, to: T0 });
     }
 }

@@ -327,6 +327,138 @@ fn a_watermark_hours_in_the_future_is_read_again_from_the_clock_and_said() {
     assert!(!text.contains("in the future)"), "the watermark is back behind the clock: {text}");
 }
 
+/// Guards: an appliance whose clock read 1970 at boot (a dead hardware clock, before NTP set it) polled by it, which
+/// moved the watermark back to 1970; once the clock was set, the feed caught up from 1970 a `max_window_secs` at a
+/// time (for the default hour, ~490,000 requests, ~49 h of the API user's quota), new records waiting meanwhile,
+/// and `status` said OK. Now nothing is done by a clock before 2026: `--once` does nothing and says to try again
+/// later, the daemon polls nothing, writes no cursor and delivers nothing, `status` says why, and once the clock is
+/// set the feed goes on from its stored watermark and the queue is delivered.
+#[test]
+fn a_clock_that_reads_1970_polls_nothing_and_the_feed_goes_on_from_its_watermark_once_it_is_set() {
+    use mimecast_forwarder::agent::{self, ClockUnset, Mode};
+    use mimecast_forwarder::datetime;
+    let rig = Rig::new();
+    let mut expected = rig.add_records(&[Feed::Audit], 50, 300);
+    let cfg = rig.config(&[("mimecast", "log_types = [\"audit\"]")]);
+    let offset = Arc::new(AtomicI64::new(0));
+    let tuning = Tuning { clock: Clock::shifted(offset.clone()), ..fast_tuning() };
+    assert_eq!(rig.once_with(&cfg, &tuning).queued, 0);
+    let watermark = rig.store().cursor(Feed::Audit).unwrap().unwrap().watermark;
+    // A record polled before the reboot, not delivered yet.
+    let now = datetime::now();
+    let waiting = records::generate(Feed::Audit, 5_000, now - 100, 300);
+    expected.extend(crate::common::queue_direct(&rig, Feed::Audit, &[waiting]));
+    // Queued straight into the store, as a page of the window [0, 0]: the watermark is put back.
+    let db = rusqlite::Connection::open(rig.db_path()).unwrap();
+    db.execute("UPDATE cursor SET watermark = ?1 WHERE feed = 'audit'", [watermark]).unwrap();
+    drop(db);
+    let asked = rig.mc.requests().len();
+
+    // The clock reads 1970-01-02.
+    let day_two = 86_400;
+    offset.store(day_two - now, Ordering::SeqCst);
+    let said = "before 2026-01-01T00:00:00Z: not polling Mimecast nor delivering to Datadog until the clock is set (is NTP running?)";
+    // `--once` does nothing at all (main exits 75 on this error), not even deliver.
+    let (c, t) = (cfg.clone(), tuning.clone());
+    let once = std::thread::spawn(move || smol::block_on(agent::run(&c, &t, Mode::Once, std::future::pending())));
+    let e = once.join().unwrap().expect_err("a pass by a clock that is not set yet does nothing");
+    assert!(e.downcast_ref::<ClockUnset>().is_some(), "{e:#}");
+    assert!(e.to_string().starts_with("the system clock reads 1970-01-02T00:00:") && e.to_string().ends_with(said));
+    assert_eq!(rig.queued().len(), 1, "nothing was delivered");
+    // The daemon polls nothing, and delivers nothing (by this clock the record would be restamped to 1970, which
+    // Datadog drops as too old), however many poll intervals (1 s) pass.
+    let delivered = rig.dd.accepted().len();
+    let start = std::time::Instant::now();
+    let stop = async {
+        while start.elapsed() < RUN_IDLE {
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
+    };
+    smol::block_on(agent::run(&cfg, &tuning, Mode::Daemon, stop)).unwrap();
+    assert_eq!((rig.dd.accepted().len(), rig.queued().len()), (delivered, 1), "the record waits in the queue");
+    assert_eq!(rig.mc.requests().len(), asked, "no request to Mimecast by a clock that reads 1970");
+    assert_eq!(rig.store().cursor(Feed::Audit).unwrap().unwrap().watermark, watermark);
+    let by_1970 = day_two + 5;
+    let report = mimecast_forwarder::status::gather(&rig.store(), &cfg, by_1970).unwrap().by_clock(by_1970);
+    let text = mimecast_forwarder::status::render(&report, by_1970);
+    assert!(
+        text.starts_with("ATTENTION:\n  - the system clock reads 1970-01-02T00:00:") && text.contains(said),
+        "{text}"
+    );
+
+    // The clock is set: the feed goes on from its watermark, in one window, not from 1970, and the queue goes.
+    offset.store(0, Ordering::SeqCst);
+    let recent: Vec<Value> =
+        (0..10).map(|i| records::generate(Feed::Audit, 6_000 + i, now - 50 + i as i64, 300)).collect();
+    expected.extend(recent.iter().map(|r| (wire::record_key(Feed::Audit, r), Feed::Audit)));
+    rig.mc.add(Feed::Audit, recent);
+    assert_eq!(rig.once_with(&cfg, &tuning).queued, 0);
+    assert_delivered_once(&rig.dd, &expected);
+    let spec = Feed::Audit.spec();
+    let since: Vec<_> = rig.mc.requests()[asked..].iter().filter(|r| r.filter.is_some()).cloned().collect();
+    assert!(!since.is_empty() && since.len() <= 3, "{} page requests", since.len());
+    for r in since {
+        let from = r.filter.as_ref().and_then(|f| f[spec.from_field].as_str()).and_then(datetime::parse);
+        assert!(from.is_some_and(|from| from >= watermark - 60), "a window from before the watermark: {:?}", r.filter);
+    }
+    let text = mimecast_forwarder::status::render(
+        &mimecast_forwarder::status::gather(&rig.store(), &cfg, datetime::now()).unwrap().by_clock(datetime::now()),
+        datetime::now(),
+    );
+    assert!(text.starts_with("OK"), "{text}");
+}
+
+/// The daemon of the test above runs this long by a clock that reads 1970: a few of its poll intervals (1 s).
+const RUN_IDLE: Duration = Duration::from_millis(3_500);
+
+/// The same with the real binary, when libfaketime's `faketime` is installed to set its clock to 1970: `run --once`
+/// exits 75 and says why, writing nothing, and `status` lists it under ATTENTION.
+#[test]
+fn the_binary_by_a_clock_that_reads_1970_exits_75_and_status_says_why() {
+    if std::process::Command::new("faketime").arg("--help").stdout(Stdio::null()).status().is_err() {
+        eprintln!("faketime is not installed: skipped");
+        return;
+    }
+    let by_1970 = |args: &[&str]| {
+        let base = cmd(args);
+        let mut c = std::process::Command::new("faketime");
+        c.args(["-f", "@1970-01-02 00:00:00", crate::common::bin::BIN]).args(base.get_args()).stdin(Stdio::null());
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        crate::common::bin::output_within(c, RUN_LIMIT)
+    };
+    let rig = Rig::new();
+    rig.add_records(&[Feed::Audit], 20, 300);
+    let path = write_config(&rig, &[("mimecast", "log_types = [\"audit\"]")]);
+    let p = path.to_str().unwrap();
+    let (code, _, err) = run(&["run", "--once", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    let watermark = rig.store().cursor(Feed::Audit).unwrap().unwrap().watermark;
+    let (asked, modified) = (rig.mc.requests().len(), std::fs::metadata(rig.db_path()).unwrap().modified().unwrap());
+    let said = "before 2026-01-01T00:00:00Z: not polling Mimecast nor delivering to Datadog until the clock is set (is NTP running?)";
+
+    let (code, _, err) = by_1970(&["run", "--once", "--config", p]);
+    assert_eq!(code, 75, "{err}");
+    let line = err.lines().find(|l| l.contains(" ERROR ") && l.contains("the system clock reads 1970-01-02T00:00:"));
+    assert!(line.is_some_and(|l| l.ends_with(said)), "{err}");
+    assert_eq!(rig.mc.requests().len(), asked);
+    assert_eq!(std::fs::metadata(rig.db_path()).unwrap().modified().unwrap(), modified, "the queue was not written");
+    assert_eq!(rig.store().cursor(Feed::Audit).unwrap().unwrap().watermark, watermark);
+    let (code, text, err) = by_1970(&["status", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.starts_with("ATTENTION:\n  - the system clock reads 1970-01-02T00:00:") && text.contains(said),
+        "{text}"
+    );
+    let (code, text, _) = run(&["status", "--config", p]);
+    assert_eq!(code, 0);
+    assert!(text.starts_with("OK"), "by the right clock: {text}");
+}
+
 #[test]
 fn a_429_waits_at_least_the_reset_time() {
     let rig = Rig::new();
