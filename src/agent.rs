@@ -6,7 +6,6 @@
 //! Datadog ([`health`]) is one more task, held by the loop and dropped with it, but never awaited: it cannot
 //! hold up a send.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::{Pin, pin};
@@ -159,9 +158,6 @@ struct Agent {
     /// Bumped when a reload changes the Mimecast credentials; a fetch started under other ones brings back a
     /// token that is not kept.
     creds_generation: u64,
-    /// The records of the batches Datadog accepted whose removal failed and waits in the sender for its retry
-    /// (`drop-oldest` must leave them); emptied once the sender holds no such batch.
-    unremoved: BTreeSet<i64>,
     /// Polling and delivery wait for the clock to be set ([`Poller::clock_unset`]), as the log said.
     clock_held: bool,
 }
@@ -306,7 +302,6 @@ impl Agent {
             page_wal: 256 * 1024,
             disk_note: true,
             creds_generation: 0,
-            unremoved: BTreeSet::new(),
             clock_held: false,
         })
     }
@@ -885,7 +880,7 @@ impl Agent {
         let wal_before = self.store.wal_bytes();
         // `drop-oldest` leaves what is in flight (per feed, every record up to the highest one sent) and what was
         // delivered but is still to be removed: dropping those would count as dropped records that Datadog has.
-        let in_flight = InFlight::new(|feed| self.sender.sent_up_to(feed), self.unremoved.iter().copied());
+        let in_flight = InFlight::new(|feed| self.sender.sent_up_to(feed), self.sender.undeleted_seqs());
         let (max_bytes, when_full) = (self.cfg.queue.max_bytes, self.cfg.queue.when_full);
         let out = self.store.commit_page(&commit, now.unix, max_bytes, when_full, &in_flight)?;
         self.page_wal = self.page_wal.max(self.store.wal_bytes().saturating_sub(wal_before));
@@ -1007,7 +1002,6 @@ impl Agent {
             Ok(n) => n,
             Err(e) if e.is_transient() => {
                 let n = b.seqs.len();
-                self.unremoved.extend(&b.seqs);
                 let delay = self.sender.on_remove_failed(now, b);
                 log::error!(
                     "Datadog accepted {n} records, but removing them from the queue failed: {e}; retrying the removal \
@@ -1018,9 +1012,6 @@ impl Agent {
             }
             Err(e) => return Err(e.into()),
         };
-        if self.sender.undeleted() == 0 {
-            self.unremoved.clear();
-        }
         if b.kept > 0 {
             log::warn!("sent {} late records unchanged (late_records = \"keep\"): Datadog may drop them", b.kept);
         }

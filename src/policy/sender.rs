@@ -223,6 +223,11 @@ impl Sender {
         self.undeleted.iter().map(|b| b.seqs.len()).sum()
     }
 
+    /// The sequence numbers of those records (`drop-oldest` must leave them).
+    pub fn undeleted_seqs(&self) -> impl Iterator<Item = i64> + '_ {
+        self.undeleted.iter().flat_map(|b| b.seqs.iter().copied())
+    }
+
     /// A page queued records: send them now, unless the sender is backing off.
     pub fn on_queued(&mut self, now: Now) {
         self.starved = false;
