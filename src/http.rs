@@ -48,7 +48,7 @@ impl Response {
         for secret in secrets.iter().filter(|s| s.len() >= 4) {
             self.body = redact(&self.body, secret.as_bytes());
             for (_, v) in &mut self.headers {
-                *v = String::from_utf8_lossy(&redact(v.as_bytes(), secret.as_bytes())).into_owned();
+                *v = redact_text(v, secret);
             }
         }
         self
