@@ -342,10 +342,33 @@ impl HttpError {
     }
 }
 
-/// A cloneable blocking client (ureq's Agent shares its connection pool between clones).
+/// A cloneable blocking client (ureq's Agent shares its connection pool between clones), or a simulated one: the
+/// deterministic simulator answers every request itself ([`Transport`]), so that the code above this module runs
+/// unchanged against simulated peers.
 #[derive(Clone)]
 pub struct Http {
-    agent: ureq::Agent,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Ureq(ureq::Agent),
+    Simulated(std::sync::Arc<dyn Transport>),
+}
+
+/// A request as a [`Transport`] sees it. A form is sent encoded, with its Content-Type, as ureq sends it.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    pub method: &'static str,
+    pub url: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
+/// What answers requests in place of the network: the simulator's peers. It must answer at once (the simulator
+/// delivers the answer at a simulated time of its own) and may fail as the network does ([`HttpError`]).
+pub trait Transport: Send + Sync {
+    fn exchange(&self, request: Exchange<'_>) -> Result<Response, HttpError>;
 }
 
 impl Http {
@@ -377,21 +400,57 @@ impl Http {
             let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
             builder = builder.tls_config(tls);
         }
-        Ok(Http { agent: builder.build().new_agent() })
+        Ok(Http { inner: Inner::Ureq(builder.build().new_agent()) })
+    }
+
+    /// A client whose every request `transport` answers: the simulator's seam.
+    pub fn simulated(transport: std::sync::Arc<dyn Transport>) -> Http {
+        Http { inner: Inner::Simulated(transport) }
     }
 
     pub fn post(&self, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<Response, HttpError> {
-        finish(with_headers(self.agent.post(url), headers).send(&body[..]))
+        match &self.inner {
+            Inner::Ureq(agent) => finish(with_headers(agent.post(url), headers).send(&body[..])),
+            Inner::Simulated(t) => t.exchange(Exchange { method: "POST", url, headers, body: &body }),
+        }
     }
 
     /// POSTs `form` as `application/x-www-form-urlencoded` (ureq encodes it and sets the Content-Type).
     pub fn post_form(&self, url: &str, headers: &[(&str, &str)], form: &[(&str, &str)]) -> Result<Response, HttpError> {
-        finish(with_headers(self.agent.post(url), headers).send_form(form.iter().copied()))
+        match &self.inner {
+            Inner::Ureq(agent) => finish(with_headers(agent.post(url), headers).send_form(form.iter().copied())),
+            Inner::Simulated(t) => {
+                let body = form_encode(form);
+                let mut all = headers.to_vec();
+                all.push(("Content-Type", "application/x-www-form-urlencoded"));
+                t.exchange(Exchange { method: "POST", url, headers: &all, body: body.as_bytes() })
+            }
+        }
     }
 
     pub fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<Response, HttpError> {
-        finish(with_headers(self.agent.get(url), headers).call())
+        match &self.inner {
+            Inner::Ureq(agent) => finish(with_headers(agent.get(url), headers).call()),
+            Inner::Simulated(t) => t.exchange(Exchange { method: "GET", url, headers, body: &[] }),
+        }
     }
+}
+
+/// `application/x-www-form-urlencoded`, as ureq encodes a form: unreserved bytes as they are, a space as `+`,
+/// every other byte as `%XX`.
+fn form_encode(form: &[(&str, &str)]) -> String {
+    let enc = |text: &str| {
+        let mut out = String::new();
+        for b in text.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(char::from(b)),
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+        out
+    };
+    form.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
 }
 
 fn with_headers<B>(mut req: ureq::RequestBuilder<B>, headers: &[(&str, &str)]) -> ureq::RequestBuilder<B> {

@@ -495,6 +495,24 @@ fn answer(st: &mut State, feed: Feed, req: &Request, body: Option<&Value>, fault
 }
 
 fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), String> {
+    let list = st.records.get(&feed).map_or(&[][..], Vec::as_slice);
+    serve_page(list, feed, body, Quirks { token_cycle: st.token_cycle, rejection_flat: st.rejection_flat })
+}
+
+/// Optional misbehaviour of [`serve_page`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quirks {
+    /// Page 3 and later point back at page 2.
+    pub token_cycle: bool,
+    /// Rejection records in a flat `data[]`.
+    pub rejection_flat: bool,
+}
+
+/// The page a request body asks for, from `list` (records sorted by the time Mimecast filters on): the filter's
+/// window, opaque page tokens bound to the filter, both orderings, and `next` on a full last page and on the empty
+/// page after it, as the real API does. The answer's body and its record count; `Err` is a validation message.
+/// Pure, so that the deterministic simulator serves pages exactly as this loopback one does.
+pub fn serve_page(list: &[(i64, Value)], feed: Feed, body: Option<&Value>, quirks: Quirks) -> Result<(Value, usize), String> {
     let spec = feed.spec();
     let body = body.ok_or("body is not JSON")?;
     let data = body.get("data").and_then(Value::as_array).ok_or("data must be an array")?;
@@ -525,7 +543,6 @@ fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), 
             .ok_or("err_invalid_page_token: the page token does not belong to this filter")?,
     };
     let oldest_first = filter.get("oldestFirst").and_then(Value::as_bool).unwrap_or(false);
-    let list = st.records.get(&feed).map_or(&[][..], Vec::as_slice);
     let (lo, hi) = (list.partition_point(|(t, _)| *t < from), list.partition_point(|(t, _)| *t <= to));
     let matching = list.get(lo..hi).unwrap_or_default();
     let total = matching.len();
@@ -545,13 +562,13 @@ fn page(st: &State, feed: Feed, body: Option<&Value>) -> Result<(Value, usize), 
     let n = slice.len();
     // Quirk of the real API: `next` also comes on a full last page and on the empty page after it.
     let mut next = (offset + n < total || n == page_size || n == 0).then(|| format!("{fingerprint}.{}", offset + n));
-    if st.token_cycle && offset >= 2 * page_size && next.is_some() {
+    if quirks.token_cycle && offset >= 2 * page_size && next.is_some() {
         // Page 3 (and any later one) points back at page 2: A → B → A → …
         next = Some(format!("{fingerprint}.{page_size}"));
     }
     let data = match spec.records_key {
         None => Value::Array(slice),
-        Some(_) if feed == Feed::Rejection && st.rejection_flat => Value::Array(slice),
+        Some(_) if feed == Feed::Rejection && quirks.rejection_flat => Value::Array(slice),
         Some(key) if feed == Feed::TtpImpersonation => json!([{ key: slice, "resultCount": n }]),
         Some(key) => json!([{ key: slice }]),
     };

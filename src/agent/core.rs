@@ -1,24 +1,14 @@
-//! The main loop: one smol executor on one thread owns the SQLite store and all state. Blocking HTTP runs on
-//! smol's blocking pool through `smol::unblock`: one Mimecast fetch per feed and up to `datadog.sends_in_flight`
-//! Datadog sends are in flight, and every task is awaited in the loop below, none detached. Every decision is
-//! made on this thread, between awaits, from one closed set of [`Event`]s, by the machines of [`crate::policy`];
-//! the loop reads the clock once per event and carries out what they ask for. The daemon's health report to
-//! Datadog ([`health`]) is one more task, held by the loop and dropped with it, but never awaited: it cannot
-//! hold up a send.
+//! The agent's synchronous core: every decision of the main loop, and nothing that awaits, sleeps, reads a clock
+//! or draws a random number it was not handed. The async shell ([`super`]) reads the clocks once per event, asks
+//! the core what to start ([`Core::turn`]), runs the [`Job`]s it returns on smol's blocking pool, and hands each
+//! answer back ([`Core::handle`]). The deterministic simulator (`tests/simulate`) drives the same core by simulated
+//! clocks and peers.
+//!
+//! The core owns the SQLite store and the three policy machines of [`crate::policy`], and carries out what they
+//! ask for: fetch, commit, send, remove, dead-letter, record an error, wait.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::{Pin, pin};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use smol::Task;
-use smol::future::FutureExt as _;
-
-use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::datadog::batch::{self, MAX_LOG_BYTES, MAX_LOGS, MAX_PAYLOAD_BYTES};
 use crate::datadog::bisect::Half;
@@ -31,212 +21,87 @@ use crate::mimecast::auth::{self, Accounts, AuthError, Token};
 use crate::mimecast::client::{self, FetchError, Fetched, PageRequest};
 use crate::mimecast::window::{self, Settings};
 use crate::mimecast::{Feed, wire};
-pub use crate::policy::Mode;
 use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
 use crate::policy::pressure::{self, Pause, Pressure, Room};
 use crate::policy::sender::{Action as SendAction, Batch, Next, Sender, SenderSettings, Summary};
-use crate::policy::{self, Now, PassState, Retries};
-use crate::sd_notify::Notifier;
+use crate::policy::{self, Mode, Now, PassState, Retries};
 use crate::store::{InFlight, NewRecord, Note, PageCommit, Store, StoreError};
 
-/// The wall clock in Unix seconds, as a parameter so that tests can move time instead of sleeping.
-#[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+use super::{Outcome, RunError, Tuning};
 
-impl Clock {
-    pub fn system() -> Clock {
-        Clock(Arc::new(datetime::now))
-    }
-
-    /// The system clock shifted by a number of seconds that the caller can change at any time.
-    pub fn shifted(offset: Arc<AtomicI64>) -> Clock {
-        Clock(Arc::new(move || datetime::now() + offset.load(Ordering::SeqCst)))
-    }
-
-    pub fn now(&self) -> i64 {
-        (self.0)()
-    }
+/// Work the core asks for: blocking HTTP (and the parsing of what comes back) that the caller runs off the loop,
+/// then hands back to [`Core::handle`] as the [`Done`] it returns. The shell runs it on smol's blocking pool; the
+/// simulator runs it at a simulated time against simulated peers.
+pub struct Job {
+    pub kind: JobKind,
+    work: Box<dyn FnOnce() -> Done + Send>,
 }
 
-impl std::fmt::Debug for Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Clock({})", self.now())
-    }
-}
-
-/// Timing knobs that are not user settings. Tests and `demo` shorten them; the daemon uses the defaults.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// Where window ends, queue times and late-record decisions get "now" from.
-    pub clock: Clock,
-    pub mimecast_backoff: Backoff,
-    pub datadog_backoff: Backoff,
-    /// The retry interval when an operator must act: refused credentials, a missing permission, a refused key.
-    pub slow_retry: Duration,
-    /// Refresh the Mimecast token this long before it expires.
-    pub token_margin: Duration,
-    /// In `--once` mode, give up on a feed or on Datadog after this many consecutive failures.
-    pub once_attempts: u32,
-    /// On shutdown, wait this long for a Datadog send in flight so its batch is not sent twice.
-    pub shutdown_grace: Duration,
-    /// How often a busy drain logs its summary line.
-    pub summary_every: Duration,
-    /// The jitter of every backoff, a draw in `[0, 1)`: random, so that agents that failed together do not
-    /// retry together.
-    pub jitter: fn() -> f64,
-}
-
-impl Default for Tuning {
-    fn default() -> Tuning {
-        Tuning {
-            clock: Clock::system(),
-            mimecast_backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(300) },
-            datadog_backoff: Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(120) },
-            slow_retry: Duration::from_secs(300),
-            token_margin: Duration::from_secs(120),
-            once_attempts: 3,
-            shutdown_grace: Duration::from_secs(5),
-            summary_every: Duration::from_secs(60),
-            jitter: fastrand::f64,
-        }
-    }
-}
-
-/// `run --once` by a clock that reads earlier than [`window::CLOCK_FLOOR`]: nothing was done (try again later, once
-/// the clock is set). Its message is what the daemon logs while it waits for the clock.
-#[derive(Debug)]
-pub struct ClockUnset(pub String);
-
-impl std::fmt::Display for ClockUnset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ClockUnset {}
-
-/// How a run ended.
+/// What a [`Job`] is, for the caller: fetches are abandoned at shutdown (nothing of them is committed), sends are
+/// awaited up to the grace (so that their batches leave the queue).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    /// Records still queued at exit.
-    pub queued: i64,
-    /// `--once`: a feed or the intake gave up during this pass (a cron user must see it: exit 69).
-    pub gave_up: bool,
+pub enum JobKind {
+    /// A Mimecast token or page for this feed.
+    Fetch(Feed),
+    /// A batch to the Datadog intake, of this many logs.
+    Send(usize),
 }
 
-/// Everything that can wake the main loop.
-enum Event {
-    Shutdown,
-    /// SIGHUP: read the config file again.
-    Reload,
+impl Job {
+    fn fetch(feed: Feed, work: impl FnOnce() -> Fetch + Send + 'static) -> Job {
+        Job { kind: JobKind::Fetch(feed), work: Box::new(move || Done::Fetched(work())) }
+    }
+
+    /// Does the work (blocking), and returns what [`Core::handle`] takes.
+    pub fn run(self) -> Done {
+        (self.work)()
+    }
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({:?})", self.kind)
+    }
+}
+
+/// A job's answer.
+pub enum Done {
     /// A token or a page came back.
     Fetched(Fetch),
     Sent(Batch, Sent),
-    /// A timer fired: a feed or the sender may be due.
-    Wake,
 }
 
-/// The loop's state: the store, the HTTP client and the tokens it owns, and the three policy machines it feeds.
-struct Agent {
-    cfg: Config,
-    tuning: Tuning,
-    mode: Mode,
-    store: Store,
-    http: Http,
-    /// The Mimecast API applications the feeds poll under, and their tokens.
-    accounts: Accounts,
-    shape: Shape,
-    poller: Poller,
-    sender: Sender,
-    pressure: Pressure,
-    /// `--once`: polling gave up on a disk that stays full.
-    disk_gave_up: bool,
-    /// The most WAL a page commit has taken so far: how much room the next one may need.
-    page_wal: u64,
-    /// A "disk full" note for `status` may be stored: clear it at the next page committed.
-    disk_note: bool,
-    /// Bumped when a reload changes the Mimecast credentials; a fetch started under other ones brings back a
-    /// token that is not kept.
-    creds_generation: u64,
-    /// Polling and delivery wait for the clock to be set ([`Poller::clock_unset`]), as the log said.
-    clock_held: bool,
-}
-
-/// SIGHUP and the config file it makes the agent read again (`systemctl reload`).
-pub struct Reload {
-    pub path: PathBuf,
-    pub signal: crate::signals::Hangups,
-}
-
-/// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
-pub async fn run(
-    cfg: &Config,
-    tuning: &Tuning,
-    mode: Mode,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<Outcome> {
-    run_with_reload(cfg, tuning, mode, shutdown, None, Notifier::disabled()).await
-}
-
-/// [`run`], re-reading the config file on each SIGHUP that `reload` receives, and telling systemd through
-/// `notify` when it is ready, that it is alive (the watchdog), what it is doing, and when it stops.
-pub async fn run_with_reload(
-    cfg: &Config,
-    tuning: &Tuning,
-    mode: Mode,
-    shutdown: impl Future<Output = ()>,
-    reload: Option<Reload>,
-    mut notify: Notifier,
-) -> anyhow::Result<Outcome> {
-    // A pass by a clock that is not set yet would move the watermarks back to it: it does nothing, not even take
-    // the lock, and says to try again later.
-    if let Some(said) = window::clock_unset(tuning.clock.now(), window::CLOCK_FLOOR).filter(|_| mode == Mode::Once) {
-        return Err(ClockUnset(said).into());
+impl Done {
+    /// A short, stable description for a simulator's trace: what came back, without secrets or record text.
+    pub fn describe(&self) -> String {
+        match self {
+            Done::Fetched(Fetch::Token(req, _, t)) => format!("token {} ok={}", req.feed, t.is_ok()),
+            Done::Fetched(Fetch::Page(req, _, f, records)) => format!(
+                "page {} ok={} records={} next={}",
+                req.feed,
+                f.result.is_ok(),
+                records.len(),
+                f.result.as_ref().is_ok_and(|p| p.next.is_some())
+            ),
+            Done::Sent(b, s) => format!("sent {} logs: {}", b.seqs.len(), s.detail),
+        }
     }
-    let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
-    let http = Http::new(&cfg.http).context("setting up HTTP")?;
-    let mut shutdown = pin!(shutdown);
-    // A database locked by another process, or a full disk, at start is waited out like any later one: the same
-    // pressure rule, its backoff and its `--once` give-up.
-    let mut pressure = Pressure::new(settings(cfg, tuning, mode).2);
-    let mut agent = loop {
-        let now = Now { at: Instant::now(), unix: tuning.clock.now() };
-        let opened = Store::open(&cfg.queue.path)
-            .and_then(|store| Agent::new(cfg.clone(), tuning.clone(), mode, store, http.clone(), now));
-        let e = match opened {
-            Ok(agent) => break agent,
-            Err(e) if e.is_transient() => e,
-            Err(e) => return Err(e.into()),
-        };
-        let pause = pressure.on_busy(now);
-        if pause.give_up {
-            return Err(e.into());
-        }
-        log::warn!("{e}; trying again in {:.1}s", pause.delay.as_secs_f64());
-        notify.status(now.at, &format!("waiting for the queue database: {e}"));
-        let stopped = async {
-            (&mut shutdown).await;
-            true
-        }
-        .or(async {
-            // Waiting is not being stuck: the watchdog is pinged through the wait.
-            let until = now.at + pause.delay;
-            while Instant::now() < until {
-                smol::Timer::at(notify.wake_by(until)).await;
-                notify.on_turn(Instant::now());
-            }
-            false
-        });
-        if stopped.await {
-            notify.stopping();
-            return Ok(Outcome { queued: 0, gave_up: false });
-        }
-    };
-    notify.ready();
-    let ended = agent.main_loop(shutdown, reload, &mut notify).await;
-    notify.stopping();
-    ended?;
-    Ok(Outcome { queued: agent.store.counters()?.queue_records, gave_up: agent.gave_up() })
+}
+
+/// What one turn of the loop asks the caller for.
+#[derive(Debug)]
+pub struct Turn {
+    /// Work to start now.
+    pub jobs: Vec<Job>,
+    /// When to turn again if no job has come back by then.
+    pub wake: Instant,
+    /// `--once`: the pass is over; the caller stops.
+    pub over: bool,
+}
+
+/// The retry rules of the store's pressure machine, which the shell also needs before the core exists.
+pub(super) fn store_retries(cfg: &Config, tuning: &Tuning, mode: Mode) -> Retries {
+    settings(cfg, tuning, mode).2
 }
 
 /// The machines' settings from the config and the tuning.
@@ -269,25 +134,47 @@ fn settings(cfg: &Config, tuning: &Tuning, mode: Mode) -> (PollerSettings, Sende
     (poller, sender, retries(tuning.mimecast_backoff))
 }
 
-impl Agent {
-    fn new(
+/// The loop's state: the store, the HTTP client and the tokens it owns, and the three policy machines it feeds.
+pub struct Core {
+    cfg: Config,
+    tuning: Tuning,
+    mode: Mode,
+    store: Store,
+    http: Http,
+    /// The Mimecast API applications the feeds poll under, and their tokens.
+    accounts: Accounts,
+    shape: Shape,
+    poller: Poller,
+    sender: Sender,
+    pressure: Pressure,
+    /// `--once`: polling gave up on a disk that stays full.
+    disk_gave_up: bool,
+    /// The most WAL a page commit has taken so far: how much room the next one may need.
+    page_wal: u64,
+    /// A "disk full" note for `status` may be stored: clear it at the next page committed.
+    disk_note: bool,
+    /// Bumped when a reload changes the Mimecast credentials; a fetch started under other ones brings back a
+    /// token that is not kept.
+    creds_generation: u64,
+    /// Polling and delivery wait for the clock to be set ([`Poller::clock_unset`]), as the log said.
+    clock_held: bool,
+    /// The jobs handed out and not yet handed back: fetches and sends.
+    fetches: usize,
+    sends: usize,
+}
+
+impl Core {
+    /// The core over an open store. A feed without a cursor gets one ([`Core::init_cursors`]).
+    pub fn open(
         cfg: Config,
         tuning: Tuning,
         mode: Mode,
-        mut store: Store,
+        store: Store,
         http: Http,
         now: Now,
-    ) -> Result<Agent, StoreError> {
+    ) -> Result<Core, StoreError> {
         let (poller, sender, store_retries) = settings(&cfg, &tuning, mode);
-        // A new feed starts `initial_lookback_secs` behind the clock: not a clock that is not set yet (the feed's
-        // first poll creates its cursor then).
-        if now.unix >= poller.clock_floor {
-            let start = now.unix - cfg.mimecast.initial_lookback_secs;
-            for &feed in &cfg.mimecast.feeds {
-                store.init_cursor(feed, start)?;
-            }
-        }
-        Ok(Agent {
+        let mut core = Core {
             accounts: Accounts::of(&cfg.mimecast),
             shape: Shape::of(&cfg.datadog),
             poller: Poller::new(poller, &cfg.mimecast.feeds, now),
@@ -303,182 +190,177 @@ impl Agent {
             disk_note: true,
             creds_generation: 0,
             clock_held: false,
-        })
+            fetches: 0,
+            sends: 0,
+        };
+        let (feeds, lookback) = (core.cfg.mimecast.feeds.clone(), core.cfg.mimecast.initial_lookback_secs);
+        core.init_cursors(&feeds, now, lookback)?;
+        Ok(core)
     }
 
-    /// The one reading of the clocks for an event. Nothing below the loop reads a clock.
-    fn now(&self) -> Now {
-        Now { at: Instant::now(), unix: self.tuning.clock.now() }
+    /// The one home of cursor creation: a feed without a cursor starts `initial_lookback_secs` behind the clock,
+    /// and not by a clock that reads earlier than its floor (the feed's first poll creates its cursor then).
+    fn init_cursors(&mut self, feeds: &[Feed], now: Now, lookback_secs: i64) -> Result<(), StoreError> {
+        if self.poller.clock_unset(now).is_some() {
+            return Ok(());
+        }
+        let start = now.unix - lookback_secs;
+        for &feed in feeds {
+            self.store.init_cursor(feed, start)?;
+        }
+        Ok(())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Jobs handed out and not yet handed back.
+    pub fn in_flight(&self) -> usize {
+        self.fetches + self.sends
+    }
+
+    /// How the run ended, for the caller.
+    pub fn outcome(&self) -> Result<Outcome, StoreError> {
+        Ok(Outcome { queued: self.store.counters()?.queue_records, gave_up: self.gave_up() })
     }
 
     fn gave_up(&self) -> bool {
         self.poller.gave_up() || self.sender.done() || self.disk_gave_up
     }
 
-    async fn main_loop(
-        &mut self,
-        shutdown: impl Future<Output = ()>,
-        reload: Option<Reload>,
-        notify: &mut Notifier,
-    ) -> anyhow::Result<()> {
-        let mut shutdown = pin!(shutdown);
-        // Every task is awaited here or dropped at shutdown; none is detached.
-        let mut fetches: Vec<Task<Fetch>> = Vec::new();
-        let mut sends: Vec<Task<(Batch, Sent)>> = Vec::new();
-        // The agent's own health: its one task is never awaited, so it cannot hold up anything here.
-        let mut health = health::Reporter::default();
-        let once = self.mode == Mode::Once;
+    /// One turn of the loop: measures the queue, starts every fetch and send that is due, and says when to turn
+    /// again. In `--once` mode with nothing in flight, it also says whether the pass is over.
+    pub fn turn(&mut self, now: Now) -> Result<Turn, RunError> {
+        let mut jobs = Vec::new();
+        // The queue's size against `max_bytes`, once: nothing is committed until the next event.
+        let measured = self.measure_queue();
+        self.absorb(measured, now, false)?;
         loop {
-            let now = self.now();
-            self.tell_systemd(notify, now);
-            // The queue's size against `max_bytes`, once: nothing is committed until the next event.
-            let measured = self.measure_queue();
-            self.absorb(measured, now, false)?;
-            loop {
-                let started = self.start_fetch(now, fetches.len());
-                match self.absorb(started, now, false)?.flatten() {
-                    Some(t) => fetches.push(t),
-                    None => break,
-                }
-            }
-            loop {
-                let started = self.start_send(now);
-                match self.absorb(started, now, true)?.flatten() {
-                    Some(t) => sends.push(t),
-                    None => break,
-                }
-            }
-            self.report_health(&mut health, now);
-            if once && fetches.is_empty() && sends.is_empty() {
-                let over = self.pass_over();
-                if self.absorb(over, now, false)? == Some(true) {
-                    return Ok(());
-                }
-            }
-            // A feed whose token is being fetched waits for that fetch, not for a timer.
-            let (accounts, margin) = (&self.accounts, self.tuning.token_margin);
-            let wake = notify.wake_by(policy::next_wake(
-                now.at,
-                self.poller
-                    .next_wake_where(now, |f| !accounts.waiting(f, now.at, margin))
-                    .filter(|_| !self.pressure.queue_full()),
-                self.pressure.until(),
-                self.sender.next_wake().filter(|_| !self.clock_held),
-            ));
-            let wake = health.next_wake().map_or(wake, |h| wake.min(h));
-            let event = async { Event::Fetched(first(&mut fetches).await) }
-                .or(async {
-                    let (b, s) = first(&mut sends).await;
-                    Event::Sent(b, s)
-                })
-                .or(async {
-                    (&mut shutdown).await;
-                    Event::Shutdown
-                })
-                .or(async {
-                    match &reload {
-                        Some(r) => {
-                            r.signal.next().await;
-                            Event::Reload
-                        }
-                        None => std::future::pending().await,
-                    }
-                })
-                .or(async {
-                    smol::Timer::at(wake).await;
-                    Event::Wake
-                })
-                .await;
-            let now = self.now();
-            match event {
-                Event::Fetched(Fetch::Token(req, generation, token)) => {
-                    let handled = self.on_token(now, req, generation, token);
-                    fetches.extend(self.absorb(handled, now, false)?.flatten());
-                }
-                Event::Fetched(Fetch::Page(req, generation, f, records)) => {
-                    let handled = self.on_fetched(now, req, generation, f, records);
-                    fetches.extend(self.absorb(handled, now, false)?.flatten());
-                }
-                Event::Sent(b, s) => {
-                    let handled = self.on_sent(now, b, s);
-                    self.absorb(handled, now, true)?;
-                }
-                Event::Wake => {}
-                Event::Reload => {
-                    if let Some(r) = &reload {
-                        self.reload(&r.path, now)?;
-                    }
-                }
-                Event::Shutdown => {
-                    notify.stopping();
-                    // Fetches in flight are abandoned: nothing of them is committed, so they are read again.
-                    drop(fetches);
-                    self.finish_sends(sends).await?;
-                    let undeleted = self.sender.undeleted();
-                    if undeleted > 0 {
-                        log::warn!(
-                            "shutting down with {undeleted} delivered records still in the queue (it could not be \
-                             written): they will be sent again"
-                        );
-                    }
-                    match self.store.counters() {
-                        Ok(c) => log::info!("shutting down; {} records stay queued", c.queue_records),
-                        Err(e) => log::info!("shutting down ({e})"),
-                    }
-                    return Ok(());
-                }
+            let started = self.start_fetch(now, self.fetches);
+            match self.absorb(started, now, false)?.flatten() {
+                Some(job) => jobs.push(self.started(job)),
+                None => break,
             }
         }
-    }
-
-    /// The loop turn's word to systemd: the watchdog's ping (only here, so a loop that stops turning is restarted)
-    /// and, every few seconds, the `STATUS=` line if it changed. The line only informs: a store that cannot be
-    /// read now leaves the last one standing.
-    fn tell_systemd(&self, notify: &mut Notifier, now: Now) {
-        notify.on_turn(now.at);
-        if notify.status_due(now.at) {
-            match crate::status::gather(&self.store, &self.cfg, now.unix) {
-                Ok(r) => notify.status(now.at, &crate::status::one_line(&r.by_clock(now.unix), now.unix)),
-                Err(e) => log::debug!("no STATUS= for systemd this time: {e}"),
+        loop {
+            let started = self.start_send(now);
+            match self.absorb(started, now, true)?.flatten() {
+                Some(job) => jobs.push(self.started(job)),
+                None => break,
             }
         }
+        let mut over = false;
+        if self.mode == Mode::Once && self.in_flight() == 0 {
+            let pass = self.pass_over();
+            over = self.absorb(pass, now, false)? == Some(true);
+        }
+        // A feed whose token is being fetched waits for that fetch, not for a timer.
+        let (accounts, margin) = (&self.accounts, self.tuning.token_margin);
+        let wake = policy::next_wake(
+            now.at,
+            self.poller
+                .next_wake_where(now, |f| !accounts.waiting(f, now.at, margin))
+                .filter(|_| !self.pressure.queue_full()),
+            self.pressure.until(),
+            self.sender.next_wake().filter(|_| !self.clock_held),
+        );
+        Ok(Turn { jobs, wake, over })
     }
 
-    /// At shutdown, the sends in flight are awaited up to the grace, so that their batches leave the queue and are
-    /// not sent again; the rest are abandoned and will be.
-    async fn finish_sends(&mut self, mut sends: Vec<Task<(Batch, Sent)>>) -> anyhow::Result<()> {
-        let deadline = Instant::now() + self.tuning.shutdown_grace;
-        while !sends.is_empty() {
-            let answered = async { Some(first(&mut sends).await) }.or(async {
-                smol::Timer::at(deadline).await;
+    /// A job came back: the machines decide, the core commits, removes or records. It may ask for more work (a
+    /// page read ahead, the page after a token).
+    pub fn handle(&mut self, now: Now, done: Done) -> Result<Vec<Job>, RunError> {
+        let next = match done {
+            Done::Fetched(fetch) => {
+                self.fetches = self.fetches.saturating_sub(1);
+                let handled = match fetch {
+                    Fetch::Token(req, generation, token) => self.on_token(now, req, generation, token),
+                    Fetch::Page(req, generation, f, records) => self.on_fetched(now, req, generation, f, records),
+                };
+                self.absorb(handled, now, false)?.flatten()
+            }
+            Done::Sent(b, s) => {
+                self.sends = self.sends.saturating_sub(1);
+                let handled = self.on_sent(now, b, s);
+                self.absorb(handled, now, true)?;
                 None
-            });
-            let Some((b, s)) = answered.await else {
-                log::warn!(
-                    "shutting down with {} Datadog request(s) unanswered: those batches will be sent again",
-                    sends.len()
-                );
-                break;
-            };
-            let now = self.now();
-            let handled = self.on_sent(now, b, s);
-            self.absorb(handled, now, true)?;
-        }
-        Ok(())
+            }
+        };
+        Ok(next.into_iter().map(|job| self.started(job)).collect())
     }
 
-    /// SIGHUP: a valid config takes effect at once; an invalid one is refused and the running one stays. The
-    /// queue path cannot change under a running agent (the lock and the open database belong to the old one).
-    fn reload(&mut self, path: &Path, now: Now) -> anyhow::Result<()> {
+    /// Counts a job handed out.
+    fn started(&mut self, job: Job) -> Job {
+        match job.kind {
+            JobKind::Fetch(_) => self.fetches += 1,
+            JobKind::Send(_) => self.sends += 1,
+        }
+        job
+    }
+
+    /// The jobs the caller dropped without running them to the end (a shutdown, a crash): their answers never
+    /// come. Fetches left nothing committed, and sends are sent again.
+    pub fn abandon_jobs(&mut self) {
+        (self.fetches, self.sends) = (0, 0);
+    }
+
+    /// At shutdown, after the sends in flight were answered or abandoned: what stays behind, in the log.
+    pub fn shutting_down(&self, unanswered: usize) {
+        if unanswered > 0 {
+            log::warn!(
+                "shutting down with {unanswered} Datadog request(s) unanswered: those batches will be sent again"
+            );
+        }
+        let undeleted = self.sender.undeleted();
+        if undeleted > 0 {
+            log::warn!(
+                "shutting down with {undeleted} delivered records still in the queue (it could not be written): \
+                 they will be sent again"
+            );
+        }
+        match self.store.counters() {
+            Ok(c) => log::info!("shutting down; {} records stay queued", c.queue_records),
+            Err(e) => log::info!("shutting down ({e})"),
+        }
+    }
+
+    /// The `STATUS=` line for systemd, when the store can be read now (the line only informs).
+    pub fn status_line(&self, now: Now) -> Option<String> {
+        match crate::status::gather(&self.store, &self.cfg, now.unix) {
+            Ok(r) => Some(crate::status::one_line(&r.by_clock(now.unix), now.unix)),
+            Err(e) => {
+                log::debug!("no STATUS= for systemd this time: {e}");
+                None
+            }
+        }
+    }
+
+    /// The daemon's health report to Datadog, when one is due ([`health::Reporter`]): gathered here from the store
+    /// (a few indexed reads, once per interval) and sent by the reporter's own task, which nothing awaits. A store
+    /// that cannot be read now skips the report; nothing here fails the loop or waits.
+    pub fn report_health(&self, health: &mut health::Reporter, now: Now) {
+        if self.mode == Mode::Once || !health.due(now.at, &self.cfg.telemetry) {
+            return;
+        }
+        let live =
+            health::Live { datadog_refused: self.sender.refused(), feeds_refused: self.poller.refused().collect() };
+        match crate::status::gather(&self.store, &self.cfg, now.unix) {
+            Ok(report) => health.send(&self.http, &self.cfg, &report, &live, now.unix),
+            Err(e) => log::debug!("health report skipped: {e}"),
+        }
+    }
+
+    /// SIGHUP: `cfg` takes effect at once, with `http` built from its `[http]`. The queue path cannot change under
+    /// a running agent (the lock and the open database belong to the old one): such a config is refused and the
+    /// running one stays, as is one whose new feeds' cursors the store cannot take now.
+    pub fn reload(&mut self, cfg: Config, http: Http, from: &std::path::Path, now: Now) -> Result<(), RunError> {
         let refuse = |why: &dyn std::fmt::Display| {
             log::error!("reload: {why}; the running configuration stays in effect");
-        };
-        let cfg = match crate::cli::load_config(path) {
-            Ok(c) => c,
-            Err(e) => {
-                refuse(&format!("config error: {e}"));
-                return Ok(());
-            }
         };
         if cfg.queue.path != self.cfg.queue.path {
             refuse(&format!(
@@ -488,25 +370,16 @@ impl Agent {
             ));
             return Ok(());
         }
-        let http = match Http::new(&cfg.http) {
-            Ok(h) => h,
-            Err(e) => {
+        // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed.
+        let added: Vec<Feed> =
+            cfg.mimecast.feeds.iter().copied().filter(|f| !self.poller.feeds().any(|s| s == *f)).collect();
+        match self.init_cursors(&added, now, cfg.mimecast.initial_lookback_secs) {
+            Err(e) if e.is_transient() => {
                 refuse(&e);
                 return Ok(());
             }
-        };
-        let start = now.unix - cfg.mimecast.initial_lookback_secs;
-        // New feeds' cursors first: if the store cannot take them now (disk full, locked), nothing has changed. Not
-        // by a clock that is not set yet: the feed's first poll creates its cursor then.
-        let clock_set = self.poller.clock_unset(now).is_none();
-        for &feed in cfg.mimecast.feeds.iter().filter(|f| clock_set && !self.poller.feeds().any(|s| s == **f)) {
-            if let Err(e) = self.store.init_cursor(feed, start) {
-                if e.is_transient() {
-                    refuse(&e);
-                    return Ok(());
-                }
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
+            Ok(()) => {}
         }
         let (poller, sender, store_retries) = settings(&cfg, &self.tuning, self.mode);
         self.poller.reconfigure(poller, &cfg.mimecast.feeds, now);
@@ -521,7 +394,7 @@ impl Agent {
         self.measure_queue()?;
         log::info!(
             "reload: configuration read again from {}; feeds: {}",
-            path.display(),
+            from.display(),
             self.poller.feeds().map(Feed::name).collect::<Vec<_>>().join(", ")
         );
         Ok(())
@@ -530,13 +403,11 @@ impl Agent {
     /// Lets a transient store error (disk full, database locked by another process) pause the agent instead of
     /// ending it; every other error ends the run. Nothing is lost either way: what failed was not committed.
     /// `sending`: the error came from the send path, which must then back off too rather than retry at once.
-    fn absorb<T>(&mut self, result: anyhow::Result<T>, now: Now, sending: bool) -> anyhow::Result<Option<T>> {
-        let e = match result {
+    fn absorb<T>(&mut self, result: Result<T, RunError>, now: Now, sending: bool) -> Result<Option<T>, RunError> {
+        let store_error = match result {
             Ok(v) => return Ok(Some(v)),
-            Err(e) => e,
-        };
-        let Some(store_error) = e.downcast_ref::<StoreError>().filter(|s| s.is_transient()) else {
-            return Err(e);
+            Err(RunError::Store(e)) if e.is_transient() => e,
+            Err(e) => return Err(e),
         };
         if store_error.is_disk_full() {
             let msg = store_error.to_string();
@@ -591,7 +462,7 @@ impl Agent {
     /// agent checkpoints and gives free pages back first, and stops polling while a page would not fit, so it
     /// never fills the disk itself, and deletes (delivery) and checkpoints always have room.
     /// `pages`: the pages in flight and the one about to start, each of which may need that room.
-    fn room_for_pages(&mut self, now: Now, pages: u64) -> anyhow::Result<bool> {
+    fn room_for_pages(&mut self, now: Now, pages: u64) -> Result<bool, RunError> {
         let (mut checkpointed, mut released) = (false, false);
         loop {
             let space = self.store.space()?;
@@ -622,27 +493,12 @@ impl Agent {
 
     /// Writes a line of state that only informs `status`; a full disk or a held lock must not stop the work it
     /// describes.
-    fn remember(&mut self, note: Note, at: i64, message: &str) -> anyhow::Result<()> {
+    fn remember(&mut self, note: Note, at: i64, message: &str) -> Result<(), RunError> {
         informational(self.store.set_note(note, at, message))
     }
 
-    /// The daemon's health report to Datadog, when one is due ([`health::Reporter`]): gathered here from the store
-    /// (a few indexed reads, once per interval) and sent on the blocking pool by a task the loop never awaits. A
-    /// store that cannot be read now skips the report; nothing here fails the loop or waits.
-    fn report_health(&self, health: &mut health::Reporter, now: Now) {
-        if self.mode == Mode::Once || !health.due(now.at, &self.cfg.telemetry) {
-            return;
-        }
-        let live =
-            health::Live { datadog_refused: self.sender.refused(), feeds_refused: self.poller.refused().collect() };
-        match crate::status::gather(&self.store, &self.cfg, now.unix) {
-            Ok(report) => health.send(&self.http, &self.cfg, &report, &live, now.unix),
-            Err(e) => log::debug!("health report skipped: {e}"),
-        }
-    }
-
     /// `--once`: whether the pass is over ([`policy::pass_over`]).
-    fn pass_over(&mut self) -> anyhow::Result<bool> {
+    fn pass_over(&mut self) -> Result<bool, RunError> {
         let queue_empty = self.store.counters()?.queue_records == 0 && !self.sender.is_bisecting();
         let (over, disk_gave_up) = policy::pass_over(PassState {
             feeds_done: self.poller.all_done(),
@@ -659,7 +515,7 @@ impl Agent {
     }
 
     /// Measures the queue against `max_bytes` for the pressure machine; says whether it is full.
-    fn measure_queue(&mut self) -> anyhow::Result<bool> {
+    fn measure_queue(&mut self) -> Result<bool, RunError> {
         let c = self.store.counters()?;
         let full = self.cfg.queue.paused_at(c.queue_bytes);
         match self.pressure.on_queue_size(full) {
@@ -678,7 +534,7 @@ impl Agent {
     /// Asks the poller which feed is due and starts fetching its next page. One fetch per feed may be in flight.
     /// Without a fresh token, the first fetch fetches one on its own (a task of its own, so that a page that hangs
     /// afterwards holds up no other feed), and the other feeds of the same API application wait for it.
-    fn start_fetch(&mut self, now: Now, in_flight: usize) -> anyhow::Result<Option<Task<Fetch>>> {
+    fn start_fetch(&mut self, now: Now, in_flight: usize) -> Result<Option<Job>, RunError> {
         if self.clock_unset(now) || !self.pressure.may_poll(now) {
             return Ok(None);
         }
@@ -688,8 +544,8 @@ impl Agent {
                 Some(cursor) => cursor,
                 // A feed enabled while the clock was not set yet.
                 None => {
-                    self.store.init_cursor(feed, now.unix - self.cfg.mimecast.initial_lookback_secs)?;
-                    self.store.cursor(feed)?.context("cursor row missing")?
+                    self.init_cursors(&[feed], now, self.cfg.mimecast.initial_lookback_secs)?;
+                    self.store.cursor(feed)?.ok_or(RunError::Broken("cursor row missing"))?
                 }
             };
             let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.window) else { continue };
@@ -704,10 +560,14 @@ impl Agent {
                 page_size: self.cfg.mimecast.page_size,
             };
             if !self.accounts.fresh(feed, now.at, margin) {
-                let creds = self.accounts.creds(feed).context("credentials missing for an enabled feed")?.clone();
+                let creds = self
+                    .accounts
+                    .creds(feed)
+                    .ok_or(RunError::Broken("credentials missing for an enabled feed"))?
+                    .clone();
                 self.accounts.on_fetching(feed);
                 let (http, generation) = (self.http.clone(), self.creds_generation);
-                return Ok(Some(smol::unblock(move || {
+                return Ok(Some(Job::fetch(feed, move || {
                     let token = auth::fetch_token(&http, &creds, now.at);
                     Fetch::Token(req, generation, token)
                 })));
@@ -734,15 +594,16 @@ impl Agent {
     }
 
     /// Starts the fetch of a page with the token in hand (a 401 still fetches a new one and retries once).
-    fn fetch_page(&self, now: Now, req: PageRequest) -> anyhow::Result<Task<Fetch>> {
-        let creds = self.accounts.creds(req.feed).context("credentials missing for an enabled feed")?.clone();
+    fn fetch_page(&self, now: Now, req: PageRequest) -> Result<Job, RunError> {
+        let creds =
+            self.accounts.creds(req.feed).ok_or(RunError::Broken("credentials missing for an enabled feed"))?.clone();
         let (http, token, generation, margin) = (
             self.http.clone(),
             self.accounts.token(req.feed).cloned(),
             self.creds_generation,
             self.tuning.token_margin,
         );
-        Ok(smol::unblock(move || {
+        Ok(Job::fetch(req.feed, move || {
             let mut f = client::fetch_page(&http, &creds, token, &req, margin, now.at, now.unix.saturating_mul(1000));
             // Each record's key, time and queued text are made here, on the pool, while the loop commits the page
             // before; each parsed record is dropped as soon as it is done with. The page keeps the digest of its
@@ -764,7 +625,7 @@ impl Agent {
         req: PageRequest,
         generation: u64,
         token: Result<Token, AuthError>,
-    ) -> anyhow::Result<Option<Task<Fetch>>> {
+    ) -> Result<Option<Job>, RunError> {
         if generation != self.creds_generation {
             self.poller.on_abandoned(req.feed);
             return Ok(None);
@@ -788,7 +649,7 @@ impl Agent {
         generation: u64,
         fetched: Fetched,
         mut records: Vec<NewRecord>,
-    ) -> anyhow::Result<Option<Task<Fetch>>> {
+    ) -> Result<Option<Job>, RunError> {
         if let Some(t) = fetched.new_token.filter(|_| generation == self.creds_generation) {
             self.accounts.renewed(req.feed, t);
         }
@@ -837,8 +698,8 @@ impl Agent {
     /// with, or no window in progress for a window's first page. Every page passes but one read ahead of a page
     /// whose commit failed, or one a reload left behind: the loop is the queue's only writer, so this read is as
     /// good as a check inside the commit.
-    fn follows_cursor(&self, req: &PageRequest) -> anyhow::Result<bool> {
-        let cursor = self.store.cursor(req.feed)?.context("cursor row missing")?;
+    fn follows_cursor(&self, req: &PageRequest) -> Result<bool, RunError> {
+        let cursor = self.store.cursor(req.feed)?.ok_or(RunError::Broken("cursor row missing"))?;
         Ok(match &cursor.window {
             Some((w, token)) => *w == req.window && *token == req.page_token,
             None => req.page_token.is_none(),
@@ -848,7 +709,7 @@ impl Agent {
     /// Starts fetching the page after the one about to be committed, if the poller allows it, the feed's token is
     /// fresh, and the disk has room for both pages without a checkpoint or a release (those are for
     /// [`Agent::start_fetch`] to do).
-    fn read_ahead(&mut self, now: Now, feed: Feed) -> anyhow::Result<Option<Task<Fetch>>> {
+    fn read_ahead(&mut self, now: Now, feed: Feed) -> Result<Option<Job>, RunError> {
         if !self.pressure.may_poll(now) || !self.accounts.fresh(feed, now.at, self.tuning.token_margin) {
             return Ok(None);
         }
@@ -875,7 +736,7 @@ impl Agent {
         records: Vec<NewRecord>,
         next_token: Option<String>,
         forget_before: i64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), RunError> {
         let commit = PageCommit { feed: req.feed, window: req.window, next_token, records, forget_before };
         let wal_before = self.store.wal_bytes();
         // `drop-oldest` leaves what is in flight (per feed, every record up to the highest one sent) and what was
@@ -906,7 +767,7 @@ impl Agent {
     }
 
     /// Asks the sender what to do: remove a delivered batch, or load, pack and send the next one.
-    fn start_send(&mut self, now: Now) -> anyhow::Result<Option<Task<(Batch, Sent)>>> {
+    fn start_send(&mut self, now: Now) -> Result<Option<Job>, RunError> {
         // By a clock that is not set yet, every queued record would be "in the future" and restamped to it, which
         // Datadog drops as too old: the queue waits for the clock, as polling does.
         if self.clock_held {
@@ -966,14 +827,17 @@ impl Agent {
             self.cfg.datadog.api_key.clone(),
             packed.payload,
         );
-        Ok(Some(smol::unblock(move || {
-            let sent = sink::send(&http, &url, &key, payload);
-            (b, sent)
-        })))
+        Ok(Some(Job {
+            kind: JobKind::Send(b.seqs.len()),
+            work: Box::new(move || {
+                let sent = sink::send(&http, &url, &key, payload);
+                Done::Sent(b, sent)
+            }),
+        }))
     }
 
     /// The intake answered: the sender decides, the loop removes, dead-letters or records.
-    fn on_sent(&mut self, now: Now, b: Batch, sent: Sent) -> anyhow::Result<()> {
+    fn on_sent(&mut self, now: Now, b: Batch, sent: Sent) -> Result<(), RunError> {
         for action in self.sender.on_answer(now, b, &sent) {
             match action {
                 SendAction::Remove(b) => self.remove_delivered(now, b)?,
@@ -991,7 +855,7 @@ impl Agent {
 
     /// Removes a batch Datadog accepted. If the store cannot take the write now (disk full, locked), the sender
     /// keeps it and asks for its removal again before anything else is sent: sending more would send it twice.
-    fn remove_delivered(&mut self, now: Now, mut b: Batch) -> anyhow::Result<()> {
+    fn remove_delivered(&mut self, now: Now, mut b: Batch) -> Result<(), RunError> {
         let mut result = self.store.delivered(&b.seqs, b.restamped, b.kept, now.unix);
         if result.as_ref().is_err_and(StoreError::is_disk_full) {
             // One transaction deleting a whole batch needs WAL room for every page it touches. On a full disk,
@@ -1053,8 +917,8 @@ impl Agent {
     }
 }
 
-/// What a fetch task brings back, with the credentials generation it started under.
-enum Fetch {
+/// What a fetch job brings back, with the credentials generation it started under.
+pub enum Fetch {
     Token(PageRequest, u64, Result<Token, AuthError>),
     /// The page, with its records taken out and made ready for the queue.
     Page(PageRequest, u64, Fetched, Vec<NewRecord>),
@@ -1088,24 +952,9 @@ fn last_per_feed(order: &[(i64, Feed)], upto: i64) -> Vec<(Feed, i64)> {
     last
 }
 
-/// The first of `tasks` to finish, taken out of the list; pending for ever while there is none. Dropped before it
-/// resolves, it takes nothing: the tasks stay in the list.
-async fn first<T>(tasks: &mut Vec<Task<T>>) -> T {
-    std::future::poll_fn(|cx| {
-        for i in 0..tasks.len() {
-            if let Poll::Ready(v) = Pin::new(&mut tasks[i]).poll(cx) {
-                drop(tasks.swap_remove(i));
-                return Poll::Ready(v);
-            }
-        }
-        Poll::Pending
-    })
-    .await
-}
-
 /// The result of a write that only informs `status` (an error line, a note): a full disk or a held lock is
 /// ignored, since it must not stop the work the line describes; any other store error still counts.
-fn informational(written: Result<(), StoreError>) -> anyhow::Result<()> {
+fn informational(written: Result<(), StoreError>) -> Result<(), RunError> {
     match written {
         Err(e) if !e.is_transient() => Err(e.into()),
         _ => Ok(()),
