@@ -198,6 +198,12 @@ fn read_clocks(tuning: &Tuning) -> Now {
     Now { at: Instant::now(), unix: tuning.clock.now() }
 }
 
+/// A `--once` pass by a clock that is not set yet would move the watermarks back to it: it does nothing, not even
+/// take the lock, and says to try again later. The daemon waits for the clock instead.
+pub fn once_refused(mode: Mode, unix: i64) -> Option<ClockUnset> {
+    window::clock_unset(unix, window::CLOCK_FLOOR).filter(|_| mode == Mode::Once).map(ClockUnset)
+}
+
 /// Runs the agent until `shutdown` resolves (or, in `--once` mode, until the pass is over).
 pub async fn run(
     cfg: &Config,
@@ -219,10 +225,8 @@ pub async fn run_with_reload(
     mut notify: Notifier,
 ) -> anyhow::Result<Outcome> {
     use anyhow::Context as _;
-    // A pass by a clock that is not set yet would move the watermarks back to it: it does nothing, not even take
-    // the lock, and says to try again later.
-    if let Some(said) = window::clock_unset(tuning.clock.now(), window::CLOCK_FLOOR).filter(|_| mode == Mode::Once) {
-        return Err(ClockUnset(said).into());
+    if let Some(unset) = once_refused(mode, tuning.clock.now()) {
+        return Err(unset.into());
     }
     let _instance = crate::instance::acquire(&cfg.queue.path, tuning.clock.now())?;
     let http = Http::new(&cfg.http).context("setting up HTTP")?;

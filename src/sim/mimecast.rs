@@ -512,7 +512,12 @@ pub struct Quirks {
 /// window, opaque page tokens bound to the filter, both orderings, and `next` on a full last page and on the empty
 /// page after it, as the real API does. The answer's body and its record count; `Err` is a validation message.
 /// Pure, so that the deterministic simulator serves pages exactly as this loopback one does.
-pub fn serve_page(list: &[(i64, Value)], feed: Feed, body: Option<&Value>, quirks: Quirks) -> Result<(Value, usize), String> {
+pub fn serve_page(
+    list: &[(i64, Value)],
+    feed: Feed,
+    body: Option<&Value>,
+    quirks: Quirks,
+) -> Result<(Value, usize), String> {
     let spec = feed.spec();
     let body = body.ok_or("body is not JSON")?;
     let data = body.get("data").and_then(Value::as_array).ok_or("data must be an array")?;

@@ -1,6 +1,6 @@
 //! The simulated peers: Mimecast API 2.0 and Datadog's logs intake, answering the agent's requests through the
 //! HTTP seam ([`Http::simulated`]) at once, by the simulated clock, with the faults of the seed's mix. The time an
-//! exchange takes is added up in [`Net::take_elapsed`]; the simulator hands the job's answer back that much later.
+//! exchange takes is added up in `State::elapsed`; the simulator hands the job's answer back that much later.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -95,6 +95,10 @@ pub struct State {
     pub t: u64,
     pub unix0: i64,
     pub held: Vec<Held>,
+    /// Where each record key is in `held`.
+    pub held_index: HashMap<String, usize>,
+    /// Logs the intake accepted whose record differs from the one Mimecast served.
+    pub altered: Vec<String>,
     /// Each feed's records: the time Mimecast filters on, when it first shows the record, the record.
     pub by_feed: HashMap<Feed, Vec<(i64, u64, Value)>>,
     pub tokens: HashMap<String, u64>,
@@ -118,11 +122,6 @@ pub struct Net(pub Arc<Mutex<State>>);
 impl Net {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The simulated time the exchanges of the job just run took, reset.
-    pub fn take_elapsed(&self) -> Duration {
-        std::mem::take(&mut self.lock().elapsed)
     }
 }
 
@@ -305,7 +304,15 @@ impl State {
         if self.saw_400 && logs.len() == 1 {
             self.single_log_after_400 = true;
         }
-        let keys = logs.iter().map(log_key).collect();
+        let keys: Vec<String> = logs.iter().map(log_key).collect();
+        for (log, key) in logs.iter().zip(&keys) {
+            let sent = log.get("message").and_then(Value::as_str).and_then(|m| serde_json::from_str::<Value>(m).ok());
+            if let Some(&i) = self.held_index.get(key)
+                && sent.as_ref() != Some(&self.held[i].record)
+            {
+                self.altered.push(key.clone());
+            }
+        }
         self.accepted.push(Accepted { keys, acknowledged: false });
         self.last_accepted = Some(self.accepted.len() - 1);
         if self.draw(self.faults.dd_accept_then_drop) {

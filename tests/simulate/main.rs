@@ -1,0 +1,874 @@
+//! The deterministic simulator: the agent's real core ([`Core`]) over a real SQLite queue on per-run files, driven
+//! by a simulated clock against simulated Mimecast and Datadog peers ([`peers`]), with crashes, restarts, SIGTERM
+//! and clock steps. Each seed derives a configuration and a fault mix (swarm testing: each seed enables a random
+//! subset), runs a chaos phase and a quiet phase, then checks the promise: nothing lost, nothing invented or
+//! altered, every duplicate accounted for by an acceptance the agent could not have recorded, nothing stuck.
+//!
+//! `cargo test --test simulate` runs a few hundred seeds; `.ci/run` runs the large count under the `sim` profile:
+//!   cargo test --profile sim --test simulate -- --seeds 0..100000 --replay-check 1000
+//!   cargo test --profile sim --test simulate -- --seed 42 --trace      (one seed, its trace printed)
+//! See TESTING.md.
+
+mod peers;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mimecast_forwarder::agent::{self, Core, Done, Job, JobKind, Mode, Tuning};
+use mimecast_forwarder::backoff::Backoff;
+use mimecast_forwarder::config::{self, Config};
+use mimecast_forwarder::http::Http;
+use mimecast_forwarder::mimecast::{Feed, wire};
+use mimecast_forwarder::policy::Now;
+use mimecast_forwarder::sim::records;
+use mimecast_forwarder::store::Store;
+use peers::{Faults, Held, Net, State};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// 2027-01-15: what the true clock reads when a run starts.
+const UNIX0: i64 = 1_800_000_000;
+/// systemd's RestartSec in the shipped unit.
+const RESTART: Duration = Duration::from_secs(10);
+/// The longest simulated time a run may take; past it the run is stuck.
+const RUN_LIMIT: Duration = Duration::from_secs(12 * 3600);
+/// The most loop turns in a run: a core that turns without progress is stuck.
+const TURN_LIMIT: u64 = 200_000;
+
+/// A run's derived configuration.
+#[derive(Debug, Clone)]
+struct Plan {
+    feeds: Vec<Feed>,
+    sends_in_flight: u32,
+    page_size: u32,
+    max_window_secs: i64,
+    overlap_secs: i64,
+    settle_secs: i64,
+    poll_interval_secs: u64,
+    once: bool,
+    chaos: Duration,
+    records: u64,
+    late: bool,
+    tz_lag: bool,
+    poison: bool,
+    crash_rate: f64,
+    sigterm_rate: f64,
+    clock_back: bool,
+    clock_unset_at_boot: bool,
+    faults: Faults,
+}
+
+impl Plan {
+    fn derive(seed: u64, large: bool) -> Plan {
+        let mut r = fastrand::Rng::with_seed(seed ^ 0x005e_ed0f_a9e7);
+        let mut feeds: Vec<Feed> = Feed::ALL.into_iter().filter(|_| r.bool()).collect();
+        if feeds.is_empty() {
+            feeds.push(Feed::ALL[r.usize(..Feed::ALL.len())]);
+        }
+        let on = |r: &mut fastrand::Rng, p: f64| if r.bool() { p * (0.2 + r.f64()) } else { 0.0 };
+        let faults = Faults {
+            mc_429: on(&mut r, 0.05),
+            mc_5xx: on(&mut r, 0.05),
+            mc_fail_ok: on(&mut r, 0.05),
+            mc_truncated: on(&mut r, 0.04),
+            mc_timeout: on(&mut r, 0.03),
+            mc_drop: on(&mut r, 0.04),
+            mc_expire: on(&mut r, 0.05),
+            mc_new_token_loop: on(&mut r, 0.03),
+            mc_forbid: (r.u8(..8) == 0).then(|| feeds[r.usize(..feeds.len())]),
+            dd_5xx: on(&mut r, 0.08),
+            dd_429: on(&mut r, 0.05),
+            dd_timeout: on(&mut r, 0.04),
+            dd_drop: on(&mut r, 0.04),
+            dd_accept_then_drop: on(&mut r, 0.05),
+            dd_not_datadog: on(&mut r, 0.03),
+            dd_max_body: (r.u8(..6) == 0).then(|| r.usize(600..6000)),
+        };
+        let overlap_secs = r.i64(0..=600);
+        Plan {
+            sends_in_flight: r.u32(1..=16),
+            page_size: r.u32(1..=40),
+            max_window_secs: r.i64(overlap_secs + 60..=overlap_secs + 3600),
+            overlap_secs,
+            settle_secs: r.i64(0..=60),
+            poll_interval_secs: r.u64(1..=120),
+            once: r.u8(..4) == 0,
+            chaos: Duration::from_secs(if large { r.u64(3600..4 * 3600) } else { r.u64(600..3600) }),
+            records: if large { r.u64(500..3000) } else { r.u64(0..160) },
+            late: r.bool(),
+            tz_lag: r.u8(..4) == 0,
+            poison: r.u8(..5) == 0,
+            crash_rate: if r.bool() { 0.002 + r.f64() * 0.01 } else { 0.0 },
+            sigterm_rate: if r.u8(..3) == 0 { 0.001 + r.f64() * 0.004 } else { 0.0 },
+            clock_back: r.u8(..6) == 0,
+            clock_unset_at_boot: r.u8(..10) == 0,
+            feeds,
+            faults,
+        }
+    }
+
+    fn config_text(&self, db: &std::path::Path) -> String {
+        let feeds: Vec<String> = self.feeds.iter().map(|f| format!("{:?}", f.name())).collect();
+        format!(
+            "[mimecast]\nbase_url = \"http://mimecast.sim\"\nclient_id = {:?}\nclient_secret = {:?}\nlog_types = [{}]\n\
+             poll_interval_secs = {}\ninitial_lookback_secs = 3600\nsettle_secs = {}\noverlap_secs = {}\n\
+             max_window_secs = {}\npage_size = {}\n\
+             [datadog]\nintake_url = \"http://intake.sim/api/v2/logs\"\napi_key = {:?}\nhostname = \"sim\"\n\
+             sends_in_flight = {}\n[queue]\npath = {:?}\n[http]\ntimeout_secs = {}\n",
+            peers::CLIENT_ID,
+            peers::CLIENT_SECRET,
+            feeds.join(", "),
+            self.poll_interval_secs,
+            self.settle_secs,
+            self.overlap_secs,
+            self.max_window_secs,
+            self.page_size,
+            peers::API_KEY,
+            self.sends_in_flight,
+            db.display().to_string(),
+            peers::TIMEOUT.as_secs(),
+        )
+    }
+}
+
+/// A job's answer on its way back, due at a simulated time.
+struct Pending {
+    at: Duration,
+    id: u64,
+    kind: JobKind,
+    done: Done,
+    /// The intake's accepted request this answer acknowledges, if it answered 202.
+    accepted: Option<usize>,
+}
+
+/// What a run reached, for the coverage table.
+#[derive(Default, Clone)]
+struct Reached {
+    fired: HashMap<&'static str, u64>,
+    crash_with_send_in_flight: bool,
+    crash: bool,
+    sigterm: bool,
+    bisected_to_one: bool,
+    dead_letter: bool,
+    clock_back: bool,
+    clock_unset: bool,
+    once_passes: u64,
+}
+
+struct Violation {
+    invariant: &'static str,
+    detail: String,
+}
+
+struct Report {
+    trace_hash: String,
+    peer_digest: String,
+    reached: Reached,
+    events: u64,
+    trace_tail: Vec<String>,
+}
+
+thread_local! {
+    /// The backoff jitter, a seeded draw on the simulator's thread (Tuning::jitter is a fn pointer).
+    static JITTER: std::cell::RefCell<fastrand::Rng> = const { std::cell::RefCell::new(fastrand::Rng::with_seed(0)) };
+}
+
+fn jitter() -> f64 {
+    JITTER.with(|r| r.borrow_mut().f64())
+}
+
+struct World {
+    plan: Plan,
+    rng: fastrand::Rng,
+    net: Net,
+    http: Http,
+    cfg: Config,
+    base: Instant,
+    t: Duration,
+    /// The agent's wall clock less the true one (a clock stepped back), and whether it reads 1970 (unset).
+    clock_offset: i64,
+    clock_unset_until: Option<Duration>,
+    core: Option<Core>,
+    wake: Duration,
+    pending: Vec<Pending>,
+    next_id: u64,
+    restart_at: Option<Duration>,
+    /// `--once`: when the next cron pass starts.
+    next_pass: Duration,
+    turns: u64,
+    events: u64,
+    trace: Sha256,
+    tail: std::collections::VecDeque<String>,
+    print_trace: bool,
+    reached: Reached,
+    quiet: bool,
+}
+
+impl World {
+    fn now(&self) -> Now {
+        let unix = if self.clock_unset_until.is_some_and(|u| self.t < u) {
+            86_400 + self.t.as_secs() as i64
+        } else {
+            UNIX0 + self.t.as_secs() as i64 + self.clock_offset
+        };
+        Now { at: self.base + self.t, unix }
+    }
+
+    fn log(&mut self, line: String) {
+        let line = format!("{:>9.3} {line}", self.t.as_secs_f64());
+        self.trace.update(line.as_bytes());
+        self.trace.update(b"\n");
+        if self.print_trace {
+            println!("{line}");
+        }
+        if self.tail.len() == 40 {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            mimecast_backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(300) },
+            datadog_backoff: Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(120) },
+            jitter,
+            ..Tuning::default()
+        }
+    }
+
+    fn start(&mut self) -> Result<(), Violation> {
+        let mode = if self.plan.once { Mode::Once } else { Mode::Daemon };
+        let now = self.now();
+        if let Some(unset) = agent::once_refused(mode, now.unix) {
+            self.log(format!("pass refused: {unset}"));
+            return Ok(());
+        }
+        let store = Store::open(&self.cfg.queue.path).map_err(|e| Violation {
+            invariant: "the agent always starts again on a queue it left",
+            detail: e.to_string(),
+        })?;
+        let core = Core::open(self.cfg.clone(), self.tuning(), mode, store, self.http.clone(), now).map_err(|e| {
+            Violation { invariant: "the agent always starts again on a queue it left", detail: e.to_string() }
+        })?;
+        self.log(format!("start {mode:?}"));
+        self.core = Some(core);
+        Ok(())
+    }
+
+    fn run_jobs(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            let kind = job.kind;
+            self.net.lock().t = self.t.as_secs();
+            let done = job.run();
+            let (elapsed, accepted) = {
+                let mut st = self.net.lock();
+                (std::mem::take(&mut st.elapsed), st.last_accepted.take())
+            };
+            self.next_id += 1;
+            let at = self.t + elapsed.max(Duration::from_millis(1));
+            self.log(format!("job {} {kind:?} -> {} at +{:.3}", self.next_id, done.describe(), elapsed.as_secs_f64()));
+            self.pending.push(Pending { at, id: self.next_id, kind, done, accepted });
+        }
+    }
+
+    fn turn(&mut self) -> Result<bool, Violation> {
+        let now = self.now();
+        let Some(core) = self.core.as_mut() else { return Ok(false) };
+        self.turns += 1;
+        let turn = core.turn(now).map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
+        self.wake = turn.wake.saturating_duration_since(self.base);
+        self.run_jobs(turn.jobs);
+        Ok(turn.over)
+    }
+
+    /// The core is gone without a word (kill -9, power cut): every answer on its way back is lost.
+    fn crash(&mut self, why: &str) {
+        if self.core.take().is_none() {
+            return;
+        }
+        if self.pending.iter().any(|p| matches!(p.kind, JobKind::Send(_))) {
+            self.reached.crash_with_send_in_flight = true;
+        }
+        self.reached.crash = true;
+        self.pending.clear();
+        self.log(format!("crash ({why})"));
+        if !self.plan.once {
+            self.restart_at = Some(self.t + RESTART);
+        }
+    }
+
+    fn deliver(&mut self, p: Pending) -> Result<(), Violation> {
+        if let Some(i) = p.accepted {
+            self.net.lock().accepted[i].acknowledged = true;
+        }
+        self.log(format!("answer {}", p.id));
+        let now = self.now();
+        let core = self.core.as_mut().expect("answers are only pending while the core lives");
+        let jobs =
+            core.handle(now, p.done).map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
+        self.run_jobs(jobs);
+        Ok(())
+    }
+
+    /// SIGTERM: fetches are abandoned, sends answered within the grace are handed back, the rest abandoned.
+    fn sigterm(&mut self) -> Result<(), Violation> {
+        let Some(mut core) = self.core.take() else { return Ok(()) };
+        self.reached.sigterm = true;
+        self.log("sigterm".into());
+        let grace = self.t + Duration::from_secs(5);
+        let mut sends: Vec<Pending> =
+            self.pending.drain(..).filter(|p| matches!(p.kind, JobKind::Send(_)) && p.at <= grace).collect();
+        sends.sort_by_key(|p| (p.at, p.id));
+        for p in sends {
+            self.t = self.t.max(p.at);
+            if let Some(i) = p.accepted {
+                self.net.lock().accepted[i].acknowledged = true;
+            }
+            let now = self.now();
+            core.handle(now, p.done).map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
+        }
+        core.abandon_jobs();
+        drop(core);
+        self.restart_at = (!self.plan.once).then_some(self.t + RESTART);
+        Ok(())
+    }
+
+    fn add_records(&mut self, n: u64, i0: u64) {
+        let plan = self.plan.clone();
+        let mut st = self.net.lock();
+        let t = st.t;
+        for k in 0..n {
+            let feed = plan.feeds[self.rng.usize(..plan.feeds.len())];
+            let i = i0 + k;
+            // How long after its filter time Mimecast indexes it: mostly at once, within the overlap when late.
+            let lateness = if plan.late && self.rng.u8(..4) == 0 { self.rng.i64(0..=plan.overlap_secs) } else { 0 };
+            let filter_time = UNIX0 + t as i64 - lateness;
+            // Under the time-zone lag, the record's own time reads hours older than the time Mimecast filters on.
+            let own_time = if plan.tz_lag { filter_time - 6 * 3600 } else { filter_time };
+            let poison = plan.poison && self.rng.u8(..30) == 0;
+            let mut record = records::generate(feed, i, own_time, 300);
+            if poison && let Some(o) = record.as_object_mut() {
+                o.insert("simNote".into(), Value::String(peers::POISON.into()));
+            }
+            let key = format!("{}|{}", feed.name(), wire::record_key(feed, &record));
+            let list = st.by_feed.entry(feed).or_default();
+            let at = list.partition_point(|(ft, _, _)| *ft <= filter_time);
+            list.insert(at, (filter_time, t, record.clone()));
+            let index = st.held.len();
+            st.held_index.insert(key.clone(), index);
+            st.held.push(Held { feed, key, record, filter_time, visible_at: t, in_contract: !poison, poison });
+        }
+    }
+
+    /// Whether the quiet phase has nothing left to do: nothing in flight, every record within the contract at the
+    /// intake, the queue empty and every feed's watermark within a poll of the clock.
+    fn settled(&self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let st = self.net.lock();
+        let at_intake: HashSet<&str> = st.accepted.iter().flat_map(|a| a.keys.iter().map(String::as_str)).collect();
+        if st.held.iter().any(|h| h.in_contract && !at_intake.contains(h.key.as_str())) {
+            return false;
+        }
+        drop(st);
+        let Ok(store) = Store::open(&self.cfg.queue.path) else { return false };
+        let poison_left = self.net.lock().held.iter().filter(|h| h.poison).count() as i64;
+        if store.counters().map_or(true, |c| c.queue_records > poison_left) {
+            return false;
+        }
+        let behind = self.plan.settle_secs + self.plan.poll_interval_secs as i64 + self.plan.max_window_secs + 120;
+        let now = self.now().unix;
+        self.plan.feeds.iter().all(|&f| store.cursor(f).ok().flatten().is_some_and(|c| c.watermark >= now - behind))
+    }
+
+    /// The next moment something happens, and runs it.
+    fn step(&mut self, arrivals: &mut Vec<(Duration, u64)>, chaos_end: Duration) -> Result<bool, Violation> {
+        let next_pending = self.pending.iter().map(|p| (p.at, p.id)).min();
+        let next_arrival = arrivals.last().map(|a| a.0);
+        let wake = self.core.as_ref().map(|_| self.wake);
+        let pass = (self.plan.once && self.core.is_none() && self.restart_at.is_none()).then_some(self.next_pass);
+        let candidates = [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass];
+        let Some(at) = candidates.into_iter().flatten().min() else { return Ok(false) };
+        self.t = self.t.max(at);
+        self.events += 1;
+        if next_arrival == Some(at) {
+            let (_, n) = arrivals.pop().expect("an arrival is due");
+            let i0 = self.events * 1000;
+            self.add_records(n, i0);
+            self.log(format!("arrive {n}"));
+        } else if next_pending.is_some_and(|p| p.0 == at) {
+            let id = next_pending.map(|p| p.1);
+            let i = self.pending.iter().position(|p| Some(p.id) == id).expect("the pending answer is listed");
+            let p = self.pending.swap_remove(i);
+            self.deliver(p)?;
+        } else if self.restart_at == Some(at) {
+            self.restart_at = None;
+            self.start()?;
+        } else if pass == Some(at) {
+            self.reached.once_passes += 1;
+            self.next_pass = self.t + Duration::from_secs(300);
+            self.start()?;
+        }
+        // Between any two events: a crash, a SIGTERM or a clock step, by the seed's rates.
+        if self.t < chaos_end && self.core.is_some() {
+            if self.rng.f64() < self.plan.crash_rate {
+                self.crash("kill -9");
+                return Ok(true);
+            }
+            if self.rng.f64() < self.plan.sigterm_rate {
+                self.sigterm()?;
+                return Ok(true);
+            }
+            if self.plan.clock_back && self.rng.u16(..2000) == 0 {
+                let back = self.rng.i64(60..=7200);
+                self.clock_offset -= back;
+                self.reached.clock_back = true;
+                self.log(format!("clock steps back {back}s"));
+            }
+        }
+        if self.core.is_some() && self.turn()? {
+            let outcome = self.core.as_ref().map(Core::outcome);
+            self.log(format!("pass over: {outcome:?}"));
+            self.core = None;
+        }
+        Ok(true)
+    }
+}
+
+/// One seed: its report, and the first invariant it broke, if any.
+fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>) {
+    let plan = Plan::derive(seed, large);
+    JITTER.with(|r| *r.borrow_mut() = fastrand::Rng::with_seed(seed));
+    let dir = tempfile::Builder::new().prefix("sim-").tempdir_in(scratch()).expect("a temporary directory");
+    let db = dir.path().join("queue.db");
+    let cfg = config::from_str(&plan.config_text(&db), &|_| None).expect("the derived config is valid");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let state = State {
+        faults: plan.faults.clone(),
+        rng: Some(fastrand::Rng::with_seed(seed.wrapping_mul(31).wrapping_add(7))),
+        unix0: UNIX0,
+        token_lifetime: rng.u64(120..=1800),
+        ..State::default()
+    };
+    let net = Net(Arc::new(Mutex::new(state)));
+    let http = Http::simulated(Arc::new(net.clone()));
+    let mut world = World {
+        rng,
+        net,
+        http,
+        cfg,
+        base: Instant::now(),
+        t: Duration::ZERO,
+        clock_offset: 0,
+        clock_unset_until: plan.clock_unset_at_boot.then_some(Duration::from_secs(90)),
+        core: None,
+        wake: Duration::ZERO,
+        pending: Vec::new(),
+        next_id: 0,
+        restart_at: None,
+        next_pass: Duration::ZERO,
+        turns: 0,
+        events: 0,
+        trace: Sha256::new(),
+        tail: Default::default(),
+        print_trace,
+        reached: Reached { clock_unset: plan.clock_unset_at_boot, ..Reached::default() },
+        quiet: false,
+        plan: plan.clone(),
+    };
+    world.log(format!("seed {seed} plan {plan:?}"));
+    let result = drive(&mut world);
+    let report = |w: &mut World| {
+        let st = w.net.lock();
+        let mut peer = Sha256::new();
+        for a in &st.accepted {
+            peer.update(a.keys.join(",").as_bytes());
+        }
+        let mut reached = w.reached.clone();
+        reached.fired = st.fired.clone();
+        reached.bisected_to_one = st.single_log_after_400;
+        drop(st);
+        Report {
+            trace_hash: hex(&w.trace.clone().finalize()[..8]),
+            peer_digest: hex(&peer.finalize()[..8]),
+            reached,
+            events: w.events,
+            trace_tail: w.tail.iter().cloned().collect(),
+        }
+    };
+    let checked = result.and_then(|()| check(&mut world));
+    let r = report(&mut world);
+    drop(world);
+    drop(dir);
+    (r, checked.err())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the per-run queues live: a tmpfs when there is one (fsync costs nothing there, and nothing here needs it
+/// to: a crash in the simulator drops the process's state, not the kernel's).
+fn scratch() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() { shm.to_owned() } else { std::env::temp_dir() }
+}
+
+fn drive(w: &mut World) -> Result<(), Violation> {
+    // Arrivals: the records in bursts over the chaos phase, latest first (popped from the end).
+    let mut arrivals: Vec<(Duration, u64)> = Vec::new();
+    let mut left = w.plan.records;
+    while left > 0 {
+        let n = w.rng.u64(1..=left.min(40));
+        let at = Duration::from_secs(w.rng.u64(0..w.plan.chaos.as_secs().max(1)));
+        arrivals.push((at, n));
+        left -= n;
+    }
+    arrivals.sort_by(|a, b| b.cmp(a));
+    if !w.plan.once {
+        w.start()?;
+        w.turn()?;
+    }
+    let chaos_end = w.plan.chaos;
+    while w.t < chaos_end {
+        if !w.step(&mut arrivals, chaos_end)? {
+            break;
+        }
+        if w.turns > TURN_LIMIT {
+            return Err(Violation { invariant: "never stuck", detail: format!("{} loop turns", w.turns) });
+        }
+    }
+    // The quiet phase: no new faults, the clock right, the agent up; it must catch up and drain.
+    w.quiet = true;
+    w.net.lock().quiet = true;
+    w.clock_offset = 0;
+    w.clock_unset_until = None;
+    w.log("quiet".into());
+    // Enough time for every backoff to pass: the longest is the slow retry of a refused feed (300 s) and a
+    // Mimecast backoff cap (300 s), after which each feed catches up its windows at max_window_secs each.
+    // It ends early once everything is delivered and every feed has caught up, looked at once a simulated minute.
+    let quiet_start = w.t;
+    let quiet_end = w.t + Duration::from_secs(3 * 3600);
+    let turns_at_quiet = w.turns;
+    let mut look = w.t + Duration::from_secs(60);
+    while w.t < quiet_end {
+        if !w.step(&mut arrivals, chaos_end)? {
+            break;
+        }
+        if w.turns > TURN_LIMIT {
+            return Err(Violation { invariant: "never stuck", detail: format!("{} loop turns", w.turns) });
+        }
+        if w.t >= look {
+            look = w.t + Duration::from_secs(60);
+            if w.settled() {
+                break;
+            }
+        }
+    }
+    // Bounded work when idle: turns per quiet minute.
+    let quiet_minutes = ((w.t - quiet_start).as_secs() / 60).max(1);
+    let per_minute = (w.turns - turns_at_quiet) / quiet_minutes;
+    if per_minute > 600 {
+        return Err(Violation {
+            invariant: "bounded loop turns per simulated idle minute",
+            detail: format!("{per_minute} turns per minute in the quiet phase"),
+        });
+    }
+    if w.t > RUN_LIMIT {
+        return Err(Violation { invariant: "never stuck", detail: "the run passed its time limit".into() });
+    }
+    // A last pass for cron mode, so that the quiet phase ends on a pass that ran.
+    if w.plan.once {
+        if w.core.is_none() {
+            w.next_pass = w.t;
+        }
+        while w.core.is_some() || w.reached.once_passes == 0 || w.next_pass <= w.t {
+            if !w.step(&mut arrivals, chaos_end)? {
+                break;
+            }
+            if w.core.is_none() {
+                break;
+            }
+        }
+    }
+    // Whatever is still in flight is answered, then the agent stops as systemd stops it.
+    w.sigterm()?;
+    Ok(())
+}
+
+/// The invariants, after the run.
+fn check(w: &mut World) -> Result<(), Violation> {
+    let st = w.net.lock();
+    let held: HashMap<&str, &Held> = st.held.iter().map(|h| (h.key.as_str(), h)).collect();
+    let mut copies: HashMap<&str, u64> = HashMap::new();
+    let mut unacknowledged: HashMap<&str, u64> = HashMap::new();
+    for a in &st.accepted {
+        for k in &a.keys {
+            *copies.entry(k.as_str()).or_insert(0) += 1;
+            if !a.acknowledged {
+                *unacknowledged.entry(k.as_str()).or_insert(0) += 1;
+            }
+        }
+    }
+    if let Some(k) = st.altered.first() {
+        return Err(Violation { invariant: "none invented or altered", detail: format!("{k} arrived altered") });
+    }
+    // Nothing invented.
+    if let Some(k) = copies.keys().find(|k| !held.contains_key(*k)) {
+        return Err(Violation { invariant: "none invented or altered", detail: format!("the intake got {k}") });
+    }
+    // Every duplicate accounted for.
+    for (k, n) in &copies {
+        let allowed = 1 + unacknowledged.get(k).copied().unwrap_or(0);
+        if *n > allowed {
+            return Err(Violation {
+                invariant: "duplicates exactly accounted for",
+                detail: format!(
+                    "{k} reached the intake {n} times; acceptances the agent could not record allow {allowed}"
+                ),
+            });
+        }
+    }
+    // Nothing lost: every record within the contract reached the intake; every poison log is a dead letter.
+    let store = Store::open(&w.cfg.queue.path)
+        .map_err(|e| Violation { invariant: "the queue opens after the run", detail: e.to_string() })?;
+    let dead: HashSet<String> = store
+        .dead_letters()
+        .map_err(|e| Violation { invariant: "the queue reads after the run", detail: e.to_string() })?
+        .into_iter()
+        .map(|d| format!("{}|{}", d.feed, d.key))
+        .collect();
+    if !dead.is_empty() {
+        w.reached.dead_letter = true;
+    }
+    let enabled: HashSet<Feed> = w.plan.feeds.iter().copied().collect();
+    for h in st.held.iter().filter(|h| enabled.contains(&h.feed)) {
+        if h.in_contract && !copies.contains_key(h.key.as_str()) {
+            let how = if dead.contains(&h.key) { "a dead letter" } else { "not at the intake" };
+            return Err(Violation {
+                invariant: "no record lost",
+                detail: format!(
+                    "{} ({how}), filter time {} (+{}s), visible at {}s",
+                    h.key,
+                    h.filter_time,
+                    h.filter_time - UNIX0,
+                    h.visible_at
+                ),
+            });
+        }
+        if h.poison && copies.contains_key(h.key.as_str()) {
+            return Err(Violation { invariant: "a poison log never passes", detail: h.key.clone() });
+        }
+    }
+    if let Some(k) = dead.iter().find(|k| held.get(k.as_str()).is_none_or(|h| !h.poison)) {
+        return Err(Violation { invariant: "only a poison log becomes a dead letter", detail: k.clone() });
+    }
+    // Nothing stuck, and the counters agree with the tables.
+    let c = store.counters().map_err(|e| Violation { invariant: "counters read", detail: e.to_string() })?;
+    // A lone poison log is held, not dead-lettered (alone, it cannot be told from an intake that refuses
+    // everything): the queue is empty but for those.
+    let left = store
+        .candidates_within(usize::MAX, usize::MAX, |_| i64::MIN)
+        .map_err(|e| Violation { invariant: "the queue reads after the run", detail: e.to_string() })?;
+    let held_poison = left
+        .iter()
+        .flatten()
+        .filter(|q| held.get(format!("{}|{}", q.feed.name(), q.key).as_str()).is_some_and(|h| h.poison))
+        .count();
+    if c.queue_records != held_poison as i64 {
+        return Err(Violation {
+            invariant: "nothing stuck: the queue drains in the quiet phase",
+            detail: format!("{} records still queued", c.queue_records),
+        });
+    }
+    if c.dead_letters != dead.len() as i64 {
+        return Err(Violation {
+            invariant: "the counters equal the tables",
+            detail: format!("dead_letters counter {} but {} dead letters", c.dead_letters, dead.len()),
+        });
+    }
+    // Every record the agent queued is delivered or a dead letter: no more deliveries counted than the intake got.
+    let accepted_logs: u64 = copies.values().sum();
+    if c.delivered as u64 > accepted_logs {
+        return Err(Violation {
+            invariant: "the counters equal the tables",
+            detail: format!("{} counted delivered, the intake accepted {accepted_logs}", c.delivered),
+        });
+    }
+    Ok(())
+}
+
+struct Args {
+    seeds: std::ops::Range<u64>,
+    large: u64,
+    replay_check: u64,
+    trace: bool,
+    corpus: bool,
+    /// `--seed N --large-seed`: N is a large seed.
+    large_seed: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args { seeds: 0..300, large: 5, replay_check: 20, trace: false, corpus: true, large_seed: false };
+    if let Some(n) = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()) {
+        a.seeds = 0..n;
+    }
+    let mut it = std::env::args().skip(1);
+    let range = |s: &str| {
+        let (lo, hi) = s.split_once("..").unwrap_or((s, ""));
+        let lo: u64 = lo.parse().expect("--seeds A..B");
+        let hi: u64 = if hi.is_empty() { lo + 1 } else { hi.parse().expect("--seeds A..B") };
+        lo..hi
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seeds" => a.seeds = range(&it.next().expect("--seeds A..B")),
+            "--seed" => {
+                a.seeds = range(&it.next().expect("--seed N"));
+                (a.large, a.replay_check, a.corpus) = (0, 0, false);
+            }
+            "--large-seed" => (a.large_seed, a.large) = (true, 0),
+            "--large" => a.large = it.next().and_then(|s| s.parse().ok()).expect("--large N"),
+            "--replay-check" => a.replay_check = it.next().and_then(|s| s.parse().ok()).expect("--replay-check N"),
+            "--trace" => a.trace = true,
+            "--no-corpus" => a.corpus = false,
+            // What cargo test passes to every test binary.
+            _ => {}
+        }
+    }
+    a
+}
+
+/// Seeds that once failed: each runs in every CI run.
+const CORPUS: &[u64] = &[];
+
+fn main() {
+    let a = args();
+    let started = Instant::now();
+    let mut seeds: Vec<(u64, bool)> = Vec::new();
+    if a.corpus {
+        seeds.extend(CORPUS.iter().map(|&s| (s, false)));
+    }
+    seeds.extend(a.seeds.clone().map(|s| (s, a.large_seed)));
+    seeds.extend((0..a.large).map(|i| (1_000_000_000 + i, true)));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seeds = Arc::new(seeds);
+
+    let results: Arc<Mutex<Vec<Ran>>> = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (next, seeds, results, trace) = (next.clone(), seeds.clone(), results.clone(), a.trace);
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(seed, large)) = seeds.get(i) else { break };
+                    let t0 = Instant::now();
+                    let (report, violation) = run(seed, large, trace);
+                    let failed = violation.is_some();
+                    let ran = Ran { seed, large, took: t0.elapsed(), report, violation };
+                    results.lock().unwrap_or_else(|e| e.into_inner()).push(ran);
+                    if failed {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a simulator thread panicked");
+    }
+    let wall = started.elapsed();
+    let mut results = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
+    results.sort_by_key(|r| r.seed);
+    let failures: Vec<&Ran> = results.iter().filter(|r| r.violation.is_some()).collect();
+    for r in &failures {
+        let (seed, v) = (r.seed, r.violation.as_ref().expect("a failure"));
+        println!("\nVIOLATION seed {seed}{}: {}", if r.large { " (large)" } else { "" }, v.invariant);
+        println!("  {}", v.detail);
+        println!("  config: {:?}", Plan::derive(seed, r.large));
+        println!("  last events:");
+        for line in &r.report.trace_tail {
+            println!("    {line}");
+        }
+        let large = if r.large { " --large-seed" } else { "" };
+        println!("  replay: cargo test --profile sim --test simulate -- --seed {seed}{large} --trace");
+    }
+    // Replay, bit for bit: a sample of the seeds run again gives the same trace and the same intake.
+    let mut replay_diffs = 0;
+    let sample: Vec<&Ran> = results
+        .iter()
+        .filter(|r| r.violation.is_none())
+        .step_by((results.len() / a.replay_check.max(1) as usize).max(1))
+        .take(a.replay_check as usize)
+        .collect();
+    for r in &sample {
+        let (again, _) = run(r.seed, r.large, false);
+        if (&again.trace_hash, &again.peer_digest) != (&r.report.trace_hash, &r.report.peer_digest) {
+            replay_diffs += 1;
+            println!(
+                "REPLAY DIFFERS seed {}: trace {} then {}, intake {} then {}",
+                r.seed, r.report.trace_hash, again.trace_hash, r.report.peer_digest, again.peer_digest
+            );
+        }
+    }
+    figures(&results, wall, threads, sample.len());
+    let failed = failures.len() + replay_diffs;
+    println!("simulate: {} passed, {failed} failed", results.len() - failures.len());
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// One seed's run, for the figures.
+struct Ran {
+    seed: u64,
+    large: bool,
+    took: Duration,
+    report: Report,
+    violation: Option<Violation>,
+}
+
+type Flag = (&'static str, fn(&Reached) -> bool);
+
+fn figures(results: &[Ran], wall: Duration, threads: usize, replayed: usize) {
+    let n = results.len().max(1);
+    let mut cpu: Vec<Duration> = results.iter().map(|r| r.took).collect();
+    cpu.sort();
+    let mean = cpu.iter().sum::<Duration>() / n as u32;
+    let p99 = cpu[(cpu.len() * 99 / 100).min(cpu.len().saturating_sub(1))];
+    let events: u64 = results.iter().map(|r| r.report.events).sum();
+    println!(
+        "\nsimulate: {} runs in {:.1}s on {threads} threads: {:.0} runs/s, {:.1} ms mean and {:.1} ms p99 per run, \
+         {} events; {replayed} replayed",
+        results.len(),
+        wall.as_secs_f64(),
+        results.len() as f64 / wall.as_secs_f64(),
+        mean.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        events
+    );
+    let reached: Vec<&Reached> = results.iter().map(|r| &r.report.reached).collect();
+    let pct = |k: usize| 100.0 * k as f64 / n as f64;
+    println!("coverage (runs in which each was reached):");
+    for kind in peers::KINDS {
+        let k = reached.iter().filter(|r| r.fired.get(kind).is_some_and(|&c| c > 0)).count();
+        println!("  {kind:<32} {k:>7}  {:>5.1} %", pct(k));
+    }
+    let flags: [Flag; 8] = [
+        ("crash", |r| r.crash),
+        ("crash with a send in flight", |r| r.crash_with_send_in_flight),
+        ("sigterm", |r| r.sigterm),
+        ("bisection down to one log", |r| r.bisected_to_one),
+        ("dead letter", |r| r.dead_letter),
+        ("clock stepped back", |r| r.clock_back),
+        ("clock unset at boot", |r| r.clock_unset),
+        ("cron --once passes", |r| r.once_passes > 0),
+    ];
+    for (name, f) in flags {
+        let k = reached.iter().filter(|r| f(r)).count();
+        println!("  {name:<32} {k:>7}  {:>5.1} %", pct(k));
+    }
+}
