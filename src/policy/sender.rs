@@ -8,14 +8,16 @@
 //! - a batch is removed only on Datadog's answer (a 202 with a JSON object: [`disposition`]);
 //! - at most `max_in_flight` batches are in flight, so a crash sends at most that many again; a new batch takes
 //!   only records after those in flight (per feed), so no record is in two requests at once; the pieces of a
-//!   bisection go one at a time, with nothing else in flight, so each answer is compared with its sibling's;
+//!   bisection go one at a time, with nothing else in flight, so each answer is compared with those next to it;
 //! - a delivered batch whose removal failed is removed before anything else is sent, so it is not sent twice;
 //! - every failure sets a delay before the next send (the backoff, at least the server's `Retry-After`, or the
-//!   slow retry for a refused key); the only sends at once follow a success, a split or a dead letter, and each
-//!   of those makes progress (a removal, a smaller piece, a record set aside), so no loop spins in place;
-//! - a split goes no deeper than one log, and a log is dead-lettered only as [`Bisection`] proves it bad; a 413
-//!   splits again down to single logs (pieces shrink at every step, so a batch of n logs costs at most 2n - 1
-//!   requests);
+//!   slow retry for a refused key); the only sends at once follow a success, a refused piece or a dead letter,
+//!   and each of those makes progress (a removal, a piece fewer to send, a record set aside), so no loop spins
+//!   in place;
+//! - a refused piece of several logs is split again (400 or 413), no deeper than one log, and a log is
+//!   dead-lettered only as [`Bisection`] proves it bad: refused next to a log the intake accepted. Pieces shrink
+//!   at every step, so a batch of n logs costs at most 2n - 1 requests (and one more per log a hold set aside);
+//!   an intake that refuses everything holds within log2(n) + 3 of them, and at least as often after;
 //! - after a 413 on a request within the payload limit, new batches are packed under half that request's size
 //!   ([`Sender::payload_limit`]) for an hour, so that a proxy's body limit is paid for once, not by every batch;
 //! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key.
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::{Mode, Now, Retries};
 use crate::datadog::batch::MAX_PAYLOAD_BYTES;
-use crate::datadog::bisect::{Bisection, Half, Piece, Verdict};
+use crate::datadog::bisect::{Bisection, Half, Held, Piece, Verdict};
 use crate::datadog::disposition::{Disposition, Refusal, disposition};
 use crate::datadog::sink::Sent;
 use crate::mimecast::Feed;
@@ -308,7 +310,6 @@ impl Sender {
     /// request within the payload limit lowers the limit for new batches.
     fn on_refused(&mut self, now: Now, b: Batch, sent: &Sent, refusal: Refusal) -> Vec<Action> {
         let (n, bytes) = (b.seqs.len(), b.bytes);
-        let lone = n == 1 && matches!(b.half, Half::Whole | Half::Alone);
         self.last_refusal.clone_from(&sent.detail);
         // A request refused as too large within the limit shows that the way to the intake takes less. One over
         // it (packed before the limit was lowered, or a log over the limit with its companion) says nothing new.
@@ -333,29 +334,36 @@ impl Sender {
                 self.wait_until(now.at);
                 Vec::new()
             }
-            Verdict::Hold => {
+            Verdict::Hold(held) => {
                 let delay = self.failed(now, Duration::ZERO);
-                let why = match (lone, refusal) {
-                    (true, Refusal::TooLarge) => format!(
+                let why = match (held, refusal) {
+                    (Held::Lone, Refusal::TooLarge) => format!(
                         "Datadog refused a single log of {bytes} bytes as too large ({}): the intake, or a proxy in \
                          front of it (nginx's client_max_body_size?), takes less than this log; it stays queued and is \
                          not dead-lettered (there is no other log to compare it with)",
                         sent.detail
                     ),
-                    (true, Refusal::Malformed) => format!(
+                    (Held::Lone, Refusal::Malformed) => format!(
                         "Datadog refused a batch of a single log ({}); there is no other log to compare it with, so it \
                          stays queued and is not dead-lettered",
                         sent.detail
                     ),
-                    (false, Refusal::TooLarge) => format!(
-                        "Datadog refused two single logs alike as too large ({}): the intake, or a proxy in front of \
-                         it (nginx's client_max_body_size?), takes less than one log; the records stay queued, none is \
+                    (Held::Refusing, Refusal::TooLarge) => format!(
+                        "Datadog refused single logs as too large and accepted nothing since ({}): the intake, or a \
+                         proxy in front of it (nginx's client_max_body_size?), takes less than one log; the records \
+                         stay queued, none is dead-lettered",
+                        sent.detail
+                    ),
+                    (Held::Refusing, Refusal::Malformed) => format!(
+                        "Datadog refused a single log and the pieces sent after it alike ({}), accepting nothing: the \
+                         fault is not in one log (a proxy or an intake change?); the records stay queued, none is \
                          dead-lettered",
                         sent.detail
                     ),
-                    (false, Refusal::Malformed) => format!(
-                        "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an \
-                         intake change?); the records stay queued, none is dead-lettered",
+                    (Held::Unjudged, _) => format!(
+                        "Datadog refused the last logs of a split batch ({}) and accepted nothing since the last \
+                         wait; there is no other log to compare them with, so they stay queued and are not \
+                         dead-lettered",
                         sent.detail
                     ),
                 };
@@ -441,6 +449,9 @@ mod tests {
         /// A proxy that refuses with 413 a payload of more than this many bytes, in front of an intake that
         /// accepts it (202) otherwise.
         Proxy(usize),
+        /// An intake that refuses with 400 a payload holding any of these logs ("poison" logs), and accepts (202)
+        /// the others.
+        Poison(&'static [i64]),
         /// No HTTP answer at all.
         Dropped,
         /// The store fails to remove a delivered batch.
@@ -541,12 +552,16 @@ mod tests {
                     self.remove_fails = true;
                     return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
                 }
-                Ev::Answer(..) | Ev::Proxy(_) | Ev::Dropped => {}
+                Ev::Answer(..) | Ev::Proxy(_) | Ev::Poison(_) | Ev::Dropped => {}
             }
             let b = self.batch().expect("the sender must be ready to send");
             let answer = match ev {
                 Ev::Answer(code, after) => Answer::Status { code, retry_after: after.map(Duration::from_secs) },
                 Ev::Proxy(max) => Answer::Status { code: if b.bytes > max { 413 } else { 202 }, retry_after: None },
+                Ev::Poison(bad) => {
+                    let code = if b.seqs.iter().any(|s| bad.contains(s)) { 400 } else { 202 };
+                    Answer::Status { code, retry_after: None }
+                }
                 _ => Answer::NoAnswer,
             };
             self.s.on_sending(&b);
@@ -682,6 +697,63 @@ mod tests {
     }
 
     #[test]
+    fn poison_logs_in_both_halves_are_dead_letters_and_the_rest_is_delivered() {
+        // Records 1..8; 2 and 7 are refused wherever they go, one in each half: both halves are refused, and each
+        // refused piece is split again, down to single logs. None of it holds, even in --once.
+        const BAD: &[i64] = &[2, 7];
+        let rig = check(
+            Mode::Once,
+            8,
+            &[
+                (Ev::Poison(BAD), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[1, 2], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[1], &["remove"], Some(0))),
+                // Refused right after the log before it passed: a dead letter.
+                (Ev::Poison(BAD), seen(&[2], &["dead-letter"], Some(0))),
+                (Ev::Poison(BAD), seen(&[3, 4], &["remove"], Some(0))),
+                (Ev::Poison(BAD), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Poison(BAD), seen(&[7, 8], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[7], &[], Some(0))),
+                // Refused, then the log after it passed: a dead letter too.
+                (Ev::Poison(BAD), seen(&[8], &["remove", "dead-letter"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty() && !rig.s.done());
+        assert_eq!(rig.dead, BAD);
+    }
+
+    #[test]
+    fn one_log_in_a_hundred_refused_stops_nothing_even_in_once() {
+        // 5000 records (five batches of 1000), one in a hundred refused wherever it goes, two of them side by side
+        // (2060, 2061) and three (3037..=3039): every good record delivered in one --once pass, every bad one a
+        // dead letter, each batch of n logs in at most 2n - 1 requests and one more per log set aside, and a
+        // single hold, for the three in a row (a single log and the two pieces after it refused).
+        const N: i64 = 5000;
+        let bad: &'static [i64] =
+            Vec::leak((1..=N).filter(|s| s % 100 == 37 || [2060, 2061, 3038, 3039].contains(s)).collect::<Vec<i64>>());
+        let mut rig = Rig::new(Mode::Once, N);
+        let (mut requests, mut holds) = (0, 0);
+        while !rig.queue.is_empty() {
+            let s = rig.step(Ev::Poison(bad));
+            requests += 1;
+            match s.next_in {
+                Some(0) => {}
+                Some(wait) => {
+                    holds += 1;
+                    rig.step(Ev::Wait(wait));
+                }
+                None => panic!("request {requests}: gave up: {s:?}"),
+            }
+            assert!(requests < 2 * N, "{requests} requests");
+        }
+        assert_eq!(holds, 1);
+        rig.dead.sort();
+        assert_eq!(rig.dead, bad);
+    }
+
+    #[test]
     fn candidates_that_all_went_to_dead_letters_are_followed_by_a_look_at_once() {
         let mut rig = Rig::new(Mode::Daemon, 0);
         assert_eq!(rig.s.on_nothing_sent(rig.now, true), None);
@@ -696,12 +768,18 @@ mod tests {
             &[
                 (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
                 (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
-                // Both halves refused alike: not one bad log. Hold, back off.
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[2], &[], Some(0))),
+                // A single log and the two pieces after it refused, nothing accepted: not one bad log. Hold, back off.
                 (Ev::Answer(400, None), seen(&[3, 4], &["error"], Some(1))),
                 (Ev::Wait(1), seen(&[], &[], Some(0))),
-                // It goes one level deeper next time; alike again: the backoff grows, still no dead letter.
-                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
-                (Ev::Answer(400, None), seen(&[2], &["error"], Some(2))),
+                // The last logs, refused with nothing accepted since the wait: held again, the backoff grows, still
+                // no dead letter.
+                (Ev::Answer(400, None), seen(&[3], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[4], &["error"], Some(2))),
+                (Ev::Wait(2), seen(&[], &[], Some(0))),
+                // The bisection is over: the batch goes again whole once the wait is over.
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
             ],
         );
         assert!(rig.dead.is_empty());
@@ -868,9 +946,9 @@ mod tests {
                 (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
                 // Small enough for the proxy, but the intake finds a bad log: bisect it as for any 400.
                 (Ev::Answer(400, None), seen(&[5, 6], &[], Some(0))),
-                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
                 (Ev::Answer(202, None), seen(&[5], &["remove"], Some(0))),
                 (Ev::Answer(400, None), seen(&[6], &["dead-letter"], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
             ],
         );
         assert!(rig.queue.is_empty());
@@ -878,38 +956,42 @@ mod tests {
     }
 
     #[test]
-    fn a_413_beside_a_400_is_not_refused_alike_and_a_413_whose_halves_get_400_holds() {
-        // Records 1..8; the first half gets 400, the second 413: not alike (a 413 says nothing of the logs), so
-        // the second is split again and nothing holds.
+    fn a_413_beside_a_400_splits_and_a_413_whose_pieces_all_get_400_holds() {
+        // Records 1..8; the first half gets 400, the second 413: each is split again (a 413 says nothing of the
+        // logs), and nothing holds.
         let rig = check(
             Mode::Daemon,
             8,
             &[
                 (Ev::Answer(400, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
                 (Ev::Answer(400, None), seen(&[1, 2, 3, 4], &[], Some(0))),
-                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
-                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
-                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
                 // The first half's pieces: one bad log in 1..4.
                 (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
                 (Ev::Answer(400, None), seen(&[3, 4], &[], Some(0))),
                 (Ev::Answer(202, None), seen(&[3], &["remove"], Some(0))),
                 (Ev::Answer(400, None), seen(&[4], &["dead-letter"], Some(0))),
+                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
             ],
         );
         assert_eq!(rig.dead, [4]);
-        // A batch too large whose halves are both refused with 400 is refused alike: hold, no dead letter.
+        // A batch too large whose pieces are all refused with 400, down to a single log and the two pieces after
+        // it: hold, no dead letter.
         let rig = check(
             Mode::Daemon,
             8,
             &[
                 (Ev::Answer(413, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
                 (Ev::Answer(400, None), seen(&[1, 2, 3, 4], &[], Some(0))),
-                (Ev::Answer(400, None), seen(&[5, 6, 7, 8], &["error"], Some(1))),
+                (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[2], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[3, 4], &["error"], Some(1))),
             ],
         );
         assert!(rig.dead.is_empty());
-        // A piece too large whose sibling, now alone, is refused with 400 is split like a batch of its own.
+        // A piece too large whose sibling is then refused with 400 is split like any piece.
         let rig = check(
             Mode::Daemon,
             8,
