@@ -20,7 +20,8 @@
 //!   an intake that refuses everything holds within log2(n) + 3 of them, and at least as often after;
 //! - after a 413 on a request within the payload limit, new batches are packed under half that request's size
 //!   ([`Sender::payload_limit`]) for an hour, so that a proxy's body limit is paid for once, not by every batch;
-//! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key.
+//! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key; sends
+//!   in flight that fail together are one failure (see [`Sender::on_answer`]), for that count and the backoff.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -98,7 +99,13 @@ pub struct Summary {
 pub struct Sender {
     s: SenderSettings,
     due: Option<Instant>,
+    /// Failures in a row: the backoff's exponent, and what `--once` counts.
     failures: u32,
+    /// Send failures recorded so far, never reset: a send started when fewer were recorded was in flight when the
+    /// last one was, and its failure is the same attempt's.
+    send_failures: u64,
+    /// The first record of each send in flight, and `send_failures` when it started.
+    started: HashMap<i64, u64>,
     /// Pieces of a refused batch (413, or 400 to isolate a bad log), sent before anything new.
     bisection: Bisection,
     /// `--once`: gave up for this pass.
@@ -129,6 +136,8 @@ impl Sender {
             s,
             due: Some(now.at),
             failures: 0,
+            send_failures: 0,
+            started: HashMap::new(),
             bisection: Bisection::default(),
             done: false,
             undeleted: Vec::new(),
@@ -179,6 +188,9 @@ impl Sender {
     /// The loop sent this batch.
     pub fn on_sending(&mut self, b: &Batch) {
         self.in_flight += 1;
+        if let Some(&first) = b.seqs.first() {
+            self.started.insert(first, self.send_failures);
+        }
         for &(feed, seq) in &b.last {
             let up_to = self.sent_up_to.entry(feed).or_insert(seq);
             *up_to = (*up_to).max(seq);
@@ -254,12 +266,17 @@ impl Sender {
         self.summary(now, true)
     }
 
-    /// The intake answered a batch.
+    /// The intake answered a batch. A failure of a send that was started before the last send failure was
+    /// recorded is that same failure: sends in flight together fail together (a network blip), and counting each
+    /// as an attempt would give `--once` up after one blip with `once_attempts` sends in flight.
     pub fn on_answer(&mut self, now: Now, b: Batch, sent: &Sent) -> Vec<Action> {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.starved = false;
+        // Sent before the last failure was recorded: if it failed, it failed with that one.
+        let with_last = b.seqs.first().and_then(|s| self.started.remove(s)).is_some_and(|n| n < self.send_failures);
         if self.in_flight == 0 {
             self.sent_up_to.clear();
+            self.started.clear();
         }
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
@@ -274,10 +291,15 @@ impl Sender {
                 }
                 actions
             }
-            Disposition::Split(refusal) | Disposition::DeadLetter(refusal) => self.on_refused(now, b, sent, refusal),
+            Disposition::Split(refusal) | Disposition::DeadLetter(refusal) => {
+                self.on_refused(now, b, sent, refusal, with_last)
+            }
             Disposition::Hold => {
                 self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
-                self.failures += 1;
+                if !with_last {
+                    self.send_failures += 1;
+                    self.failures += 1;
+                }
                 self.refused = true;
                 let msg = format!(
                     "Datadog refused the API key or the intake URL ({}); every record stays queued; fix \
@@ -294,11 +316,12 @@ impl Sender {
             }
             Disposition::Retry(after) => {
                 self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
-                let delay = self.failed(now, after.unwrap_or_default());
+                let delay = self.send_failed(now, with_last, after.unwrap_or_default());
                 log::warn!(
-                    "Datadog intake: {}; attempt {} failed, retrying in {:.1}s; records stay queued",
+                    "Datadog intake: {}; attempt {} failed{}, retrying in {:.1}s; records stay queued",
                     sent.detail,
                     self.failures,
+                    if with_last { " (a send in flight with it)" } else { "" },
                     delay.as_secs_f64()
                 );
                 vec![Action::RecordError(sent.detail.clone())]
@@ -308,7 +331,7 @@ impl Sender {
 
     /// Datadog refused a batch or a piece with 400 or 413: the bisection says what that means, and a 413 on a
     /// request within the payload limit lowers the limit for new batches.
-    fn on_refused(&mut self, now: Now, b: Batch, sent: &Sent, refusal: Refusal) -> Vec<Action> {
+    fn on_refused(&mut self, now: Now, b: Batch, sent: &Sent, refusal: Refusal, with_last: bool) -> Vec<Action> {
         let (n, bytes) = (b.seqs.len(), b.bytes);
         self.last_refusal.clone_from(&sent.detail);
         // A request refused as too large within the limit shows that the way to the intake takes less. One over
@@ -335,7 +358,7 @@ impl Sender {
                 Vec::new()
             }
             Verdict::Hold(held) => {
-                let delay = self.failed(now, Duration::ZERO);
+                let delay = self.send_failed(now, with_last, Duration::ZERO);
                 let why = match (held, refusal) {
                     (Held::Lone, Refusal::TooLarge) => format!(
                         "Datadog refused a single log of {bytes} bytes as too large ({}): the intake, or a proxy in \
@@ -394,6 +417,19 @@ impl Sender {
     pub fn on_remove_failed(&mut self, now: Now, b: Batch) -> Duration {
         self.undeleted.push(b);
         self.failed(now, Duration::ZERO)
+    }
+
+    /// A send failed. One started before the last send failure was recorded (`with_last`) failed with it, in the
+    /// same attempt: it waits as long, but neither grows the backoff nor counts towards `--once` giving up.
+    /// Returns the wait.
+    fn send_failed(&mut self, now: Now, with_last: bool, at_least: Duration) -> Duration {
+        if !with_last {
+            self.send_failures += 1;
+            return self.failed(now, at_least);
+        }
+        let delay = at_least.max(self.s.retries.backoff(self.failures.max(1)));
+        self.wait_until(now.at + delay);
+        delay
     }
 
     /// The sender failed again (an answer, or the store under the send path): it waits the backoff, and at least
@@ -1109,6 +1145,87 @@ mod tests {
         s.on_answer(now, batch(1..=10), &answer(202));
         s.on_answer(now, batch(21..=30), &answer(503));
         assert_eq!(s.sent_up_to(Feed::TtpUrl), i64::MIN);
+    }
+
+    /// One event of a table row with several sends in flight.
+    #[derive(Debug, Clone)]
+    enum Fl {
+        /// The loop starts the next fresh batch, of these records.
+        Start(std::ops::RangeInclusive<i64>),
+        /// The intake answers the batch of these records with this status.
+        Answer(std::ops::RangeInclusive<i64>, u16),
+        /// Time passes, in milliseconds.
+        Wait(u64),
+    }
+
+    /// Runs rows of events against a sender with `max` in flight; each row expects the sender's next wake after
+    /// it, in milliseconds (`None`: nothing to start before an answer, or given up) and whether it gave up.
+    fn in_flight(mode: Mode, max: usize, rows: &[(Fl, Option<u64>, bool)]) {
+        let mut now = Now { at: Instant::now(), unix: 1_800_000_000 };
+        let mut s = Sender::new(SenderSettings { max_in_flight: max, ..settings(mode) }, now);
+        for (i, (ev, next_in, done)) in rows.iter().enumerate() {
+            match ev.clone() {
+                Fl::Start(range) => {
+                    assert_eq!(s.next(now), Some(Next::Fresh), "row {i}: {ev:?}");
+                    s.on_sending(&batch(range));
+                }
+                Fl::Answer(range, code) => {
+                    for a in s.on_answer(now, batch(range.clone()), &answer(code)) {
+                        if let Action::Remove(b) = a {
+                            s.on_removed(now, b.seqs.len() as u64);
+                        }
+                    }
+                }
+                Fl::Wait(ms) => now = now.after(Duration::from_millis(ms)),
+            }
+            let wake = s.next_wake().map(|w| w.saturating_duration_since(now.at).as_millis() as u64);
+            assert_eq!((wake, s.done()), (*next_in, *done), "row {i}: {ev:?}");
+        }
+    }
+
+    #[test]
+    fn sends_that_fail_together_are_one_attempt() {
+        // --once, three sends in flight when the network blips for 0.2 s: all three fail, but they are one failure,
+        // not three attempts in a row (which gave up while the next send would have passed). Failures of sends
+        // started after it was recorded count again, and the third such round gives up.
+        in_flight(
+            Mode::Once,
+            3,
+            &[
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Start(11..=20), Some(0), false),
+                (Fl::Start(21..=30), None, false),
+                (Fl::Wait(200), None, false),
+                (Fl::Answer(1..=10, 503), Some(1000), false),
+                (Fl::Answer(11..=20, 503), Some(1000), false),
+                (Fl::Answer(21..=30, 503), Some(1000), false),
+                (Fl::Wait(1000), Some(0), false),
+                // The second attempt: its backoff is the second's, 2 s, for each of the sends that fail with it.
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Start(11..=20), Some(0), false),
+                (Fl::Answer(1..=10, 503), Some(2000), false),
+                (Fl::Answer(11..=20, 503), Some(2000), false),
+                (Fl::Wait(2000), Some(0), false),
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Answer(1..=10, 503), None, true),
+            ],
+        );
+        // A success in between resets the count; a send of the same blip failing after it still waits.
+        in_flight(
+            Mode::Once,
+            3,
+            &[
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Start(11..=20), Some(0), false),
+                (Fl::Start(21..=30), None, false),
+                (Fl::Answer(1..=10, 503), Some(1000), false),
+                (Fl::Answer(11..=20, 202), Some(1000), false),
+                (Fl::Answer(21..=30, 503), Some(1000), false),
+                (Fl::Wait(1000), Some(0), false),
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Answer(1..=10, 202), Some(0), false),
+            ],
+        );
     }
 
     #[test]
