@@ -88,6 +88,18 @@ pub struct SenderSettings {
     pub max_in_flight: usize,
 }
 
+/// What a reload changed on the way to the intake; the loop compares the config it had with the new one and
+/// passes this to [`Sender::on_new_intake`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntakeChange {
+    /// `datadog.api_key`: a refused key may have been fixed.
+    pub key: bool,
+    /// `datadog.intake_url` (which `datadog.site` sets), or the HTTP settings (`http.proxy`, `http.ca_file`,
+    /// `http.timeout_secs`): another way to the intake, which may answer where the old one failed, and may take
+    /// more or less in one request.
+    pub route: bool,
+}
+
 /// A drain summary to log: records delivered over a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -152,12 +164,29 @@ impl Sender {
         }
     }
 
-    /// SIGHUP: new settings, and a look at the queue at once (a refused key may have been fixed). A payload limit
-    /// learnt from a 413 is forgotten: the intake URL or the proxy in front of it may have changed.
-    pub fn reconfigure(&mut self, s: SenderSettings, now: Now) {
+    /// SIGHUP: new settings. The sender keeps its wait, its failures in a row and the payload limit it learnt:
+    /// they are what the intake answered, and these settings (sends in flight, idle look, summaries, the backoff's
+    /// rules) do not change the intake. Retrying at once on every reload sent a request per reload to an intake
+    /// answering 401, and reset its backoff. A new key or a new way to the intake is [`Sender::on_new_intake`].
+    pub fn reconfigure(&mut self, s: SenderSettings, _now: Now) {
         self.s = s;
+    }
+
+    /// A reload changed the API key or the way to the intake: what the sender learnt of the old ones no longer
+    /// holds. The wait ends now and the failures in a row count from nothing again (a refused key may have been
+    /// fixed; another URL or proxy may answer), and a bisection's run ends, as after a wait: the new intake's
+    /// answers do not judge the logs the old one refused. Another way to the intake also forgets the payload limit
+    /// learnt from a 413 (a proxy's body limit); a new key keeps it. Nothing changed: nothing happens.
+    pub fn on_new_intake(&mut self, change: IntakeChange, now: Now) {
+        if change == IntakeChange::default() {
+            return;
+        }
         self.due = Some(now.at);
-        self.learnt = None;
+        self.failures = 0;
+        self.bisection.interrupt();
+        if change.route {
+            self.learnt = None;
+        }
     }
 
     /// The most payload bytes a new batch may hold: Datadog's 5 MB, or less for [`LEARNT_LIMIT_HOLDS`] after a 413
@@ -492,6 +521,10 @@ mod tests {
         Dropped,
         /// The store fails to remove a delivered batch.
         RemoveFails,
+        /// SIGHUP: the same settings read again.
+        Reload,
+        /// SIGHUP with a new API key, or a new way to the intake.
+        NewIntake(IntakeChange),
     }
 
     /// What a row saw: the batch or piece sent (its seqs), the action kinds, and the delay until the next send
@@ -586,6 +619,15 @@ mod tests {
                 }
                 Ev::RemoveFails => {
                     self.remove_fails = true;
+                    return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
+                }
+                Ev::Reload => {
+                    self.s.reconfigure(settings(Mode::Daemon), self.now);
+                    return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
+                }
+                Ev::NewIntake(change) => {
+                    self.s.reconfigure(settings(Mode::Daemon), self.now);
+                    self.s.on_new_intake(change, self.now);
                     return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
                 }
                 Ev::Answer(..) | Ev::Proxy(_) | Ev::Poison(_) | Ev::Dropped => {}
@@ -692,6 +734,83 @@ mod tests {
         // In --once, a refused key ends the pass at once.
         let rig = check(Mode::Once, 4, &[(Ev::Answer(401, None), seen(ALL4, &["error"], None))]);
         assert!(rig.s.done());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_wait_the_failures_and_the_learnt_limit() {
+        // An intake answering 401: a reload (SIGHUP) does not cut the slow retry short, however many come.
+        let mut rows = vec![(Ev::Answer(401, None), seen(ALL4, &["error"], Some(300)))];
+        for _ in 0..100 {
+            rows.push((Ev::Reload, seen(&[], &[], Some(300))));
+        }
+        rows.extend([
+            (Ev::Wait(100), seen(&[], &[], Some(200))),
+            (Ev::Reload, seen(&[], &[], Some(200))),
+            (Ev::Wait(200), seen(&[], &[], Some(0))),
+            // Nor a backoff, and the failures in a row stay counted: the next one waits the third backoff, 4 s.
+            (Ev::Answer(503, None), seen(ALL4, &["error"], Some(2))),
+            (Ev::Reload, seen(&[], &[], Some(2))),
+            (Ev::Wait(2), seen(&[], &[], Some(0))),
+            (Ev::Answer(503, None), seen(ALL4, &["error"], Some(4))),
+            (Ev::Wait(4), seen(&[], &[], Some(0))),
+            // A payload limit learnt from a 413 stays too.
+            (Ev::Proxy(203), seen(ALL4, &[], Some(0))),
+            (Ev::Reload, seen(&[], &[], Some(0))),
+            (Ev::Proxy(203), seen(&[1, 2], &["remove"], Some(0))),
+            (Ev::Proxy(203), seen(&[3, 4], &["remove"], Some(0))),
+            (Ev::Reload, seen(&[], &[], Some(0))),
+        ]);
+        let mut rig = check(Mode::Daemon, 4, &rows);
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        // New records after the reload are packed under it, and pass.
+        rig.queue.extend(5..=8);
+        rig.s.on_queued(rig.now);
+        assert_eq!(rig.step(Ev::Proxy(203)), seen(&[5, 6], &["remove"], Some(0)));
+    }
+
+    #[test]
+    fn a_new_key_or_way_to_the_intake_is_tried_at_once_and_counts_failures_afresh() {
+        const KEY: IntakeChange = IntakeChange { key: true, route: false };
+        const ROUTE: IntakeChange = IntakeChange { key: false, route: true };
+        let mut rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(401, None), seen(ALL4, &["error"], Some(300))),
+                // Nothing changed about the intake: the wait stands.
+                (Ev::NewIntake(IntakeChange::default()), seen(&[], &[], Some(300))),
+                // A new key may be the fix: tried at once.
+                (Ev::NewIntake(KEY), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(2))),
+                // Another URL or proxy: tried at once, and its failures count from the first.
+                (Ev::NewIntake(ROUTE), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                // A limit learnt from a 413 is kept for a new key, forgotten for a new way.
+                (Ev::Proxy(203), seen(ALL4, &[], Some(0))),
+            ],
+        );
+        assert_eq!(rig.step(Ev::NewIntake(KEY)), seen(&[], &[], Some(0)));
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        assert_eq!(rig.step(Ev::NewIntake(ROUTE)), seen(&[], &[], Some(0)));
+        assert_eq!(rig.s.payload_limit(rig.now), MAX_PAYLOAD_BYTES);
+        // The new intake's answers do not judge a log the old one refused: it is sent to the new one again.
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::NewIntake(ROUTE), seen(&[], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[2], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[1], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[3, 4], &["remove"], Some(0))),
+            ],
+        );
+        assert!(rig.dead.is_empty() && rig.queue.is_empty());
     }
 
     #[test]
@@ -898,8 +1017,10 @@ mod tests {
         rig.queue.extend(15..=18);
         assert_eq!(rig.step(Ev::Proxy(203)), seen(&[15, 16, 17, 18], &[], Some(0)));
         assert_eq!(rig.s.payload_limit(rig.now), 203);
-        // A reload forgets it: the proxy in front of the intake may have changed.
+        // A reload keeps it; another intake URL or proxy forgets it: the way to the intake may take more.
         rig.s.reconfigure(settings(Mode::Daemon), rig.now);
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        rig.s.on_new_intake(IntakeChange { key: false, route: true }, rig.now);
         assert_eq!(rig.s.payload_limit(rig.now), MAX_PAYLOAD_BYTES);
     }
 
