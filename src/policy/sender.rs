@@ -8,24 +8,27 @@
 //! - a batch is removed only on Datadog's answer (a 202 with a JSON object: [`disposition`]);
 //! - at most `max_in_flight` batches are in flight, so a crash sends at most that many again; a new batch takes
 //!   only records after those in flight (per feed), so no record is in two requests at once; the pieces of a
-//!   bisection go one at a time, with nothing else in flight, so each answer is compared with its sibling's;
+//!   bisection go one at a time, with nothing else in flight, so each answer is compared with those next to it;
 //! - a delivered batch whose removal failed is removed before anything else is sent, so it is not sent twice;
 //! - every failure sets a delay before the next send (the backoff, at least the server's `Retry-After`, or the
-//!   slow retry for a refused key); the only sends at once follow a success, a split or a dead letter, and each
-//!   of those makes progress (a removal, a smaller piece, a record set aside), so no loop spins in place;
-//! - a split goes no deeper than one log, and a log is dead-lettered only as [`Bisection`] proves it bad; a 413
-//!   splits again down to single logs (pieces shrink at every step, so a batch of n logs costs at most 2n - 1
-//!   requests);
+//!   slow retry for a refused key); the only sends at once follow a success, a refused piece or a dead letter,
+//!   and each of those makes progress (a removal, a piece fewer to send, a record set aside), so no loop spins
+//!   in place;
+//! - a refused piece of several logs is split again (400 or 413), no deeper than one log, and a log is
+//!   dead-lettered only as [`Bisection`] proves it bad: refused next to a log the intake accepted. Pieces shrink
+//!   at every step, so a batch of n logs costs at most 2n - 1 requests (and one more per log a hold set aside);
+//!   an intake that refuses everything holds within log2(n) + 3 of them, and at least as often after;
 //! - after a 413 on a request within the payload limit, new batches are packed under half that request's size
 //!   ([`Sender::payload_limit`]) for an hour, so that a proxy's body limit is paid for once, not by every batch;
-//! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key.
+//! - in `--once`, the sender gives up after `once_attempts` failures in a row, or at once on a refused key; sends
+//!   in flight that fail together are one failure (see [`Sender::on_answer`]), for that count and the backoff.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::{Mode, Now, Retries};
 use crate::datadog::batch::MAX_PAYLOAD_BYTES;
-use crate::datadog::bisect::{Bisection, Half, Piece, Verdict};
+use crate::datadog::bisect::{Bisection, Half, Held, Piece, Verdict};
 use crate::datadog::disposition::{Disposition, Refusal, disposition};
 use crate::datadog::sink::Sent;
 use crate::mimecast::Feed;
@@ -85,6 +88,18 @@ pub struct SenderSettings {
     pub max_in_flight: usize,
 }
 
+/// What a reload changed on the way to the intake; the loop compares the config it had with the new one and
+/// passes this to [`Sender::on_new_intake`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntakeChange {
+    /// `datadog.api_key`: a refused key may have been fixed.
+    pub key: bool,
+    /// `datadog.intake_url` (which `datadog.site` sets), or the HTTP settings (`http.proxy`, `http.ca_file`,
+    /// `http.timeout_secs`): another way to the intake, which may answer where the old one failed, and may take
+    /// more or less in one request.
+    pub route: bool,
+}
+
 /// A drain summary to log: records delivered over a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -96,7 +111,13 @@ pub struct Summary {
 pub struct Sender {
     s: SenderSettings,
     due: Option<Instant>,
+    /// Failures in a row: the backoff's exponent, and what `--once` counts.
     failures: u32,
+    /// Send failures recorded so far, never reset: a send started when fewer were recorded was in flight when the
+    /// last one was, and its failure is the same attempt's.
+    send_failures: u64,
+    /// The first record of each send in flight, and `send_failures` when it started.
+    started: HashMap<i64, u64>,
     /// Pieces of a refused batch (413, or 400 to isolate a bad log), sent before anything new.
     bisection: Bisection,
     /// `--once`: gave up for this pass.
@@ -127,6 +148,8 @@ impl Sender {
             s,
             due: Some(now.at),
             failures: 0,
+            send_failures: 0,
+            started: HashMap::new(),
             bisection: Bisection::default(),
             done: false,
             undeleted: Vec::new(),
@@ -141,12 +164,29 @@ impl Sender {
         }
     }
 
-    /// SIGHUP: new settings, and a look at the queue at once (a refused key may have been fixed). A payload limit
-    /// learnt from a 413 is forgotten: the intake URL or the proxy in front of it may have changed.
-    pub fn reconfigure(&mut self, s: SenderSettings, now: Now) {
+    /// SIGHUP: new settings. The sender keeps its wait, its failures in a row and the payload limit it learnt:
+    /// they are what the intake answered, and these settings (sends in flight, idle look, summaries, the backoff's
+    /// rules) do not change the intake. Retrying at once on every reload sent a request per reload to an intake
+    /// answering 401, and reset its backoff. A new key or a new way to the intake is [`Sender::on_new_intake`].
+    pub fn reconfigure(&mut self, s: SenderSettings, _now: Now) {
         self.s = s;
+    }
+
+    /// A reload changed the API key or the way to the intake: what the sender learnt of the old ones no longer
+    /// holds. The wait ends now and the failures in a row count from nothing again (a refused key may have been
+    /// fixed; another URL or proxy may answer), and a bisection's run ends, as after a wait: the new intake's
+    /// answers do not judge the logs the old one refused. Another way to the intake also forgets the payload limit
+    /// learnt from a 413 (a proxy's body limit); a new key keeps it. Nothing changed: nothing happens.
+    pub fn on_new_intake(&mut self, change: IntakeChange, now: Now) {
+        if change == IntakeChange::default() {
+            return;
+        }
         self.due = Some(now.at);
-        self.learnt = None;
+        self.failures = 0;
+        self.bisection.interrupt();
+        if change.route {
+            self.learnt = None;
+        }
     }
 
     /// The most payload bytes a new batch may hold: Datadog's 5 MB, or less for [`LEARNT_LIMIT_HOLDS`] after a 413
@@ -177,6 +217,9 @@ impl Sender {
     /// The loop sent this batch.
     pub fn on_sending(&mut self, b: &Batch) {
         self.in_flight += 1;
+        if let Some(&first) = b.seqs.first() {
+            self.started.insert(first, self.send_failures);
+        }
         for &(feed, seq) in &b.last {
             let up_to = self.sent_up_to.entry(feed).or_insert(seq);
             *up_to = (*up_to).max(seq);
@@ -252,12 +295,17 @@ impl Sender {
         self.summary(now, true)
     }
 
-    /// The intake answered a batch.
+    /// The intake answered a batch. A failure of a send that was started before the last send failure was
+    /// recorded is that same failure: sends in flight together fail together (a network blip), and counting each
+    /// as an attempt would give `--once` up after one blip with `once_attempts` sends in flight.
     pub fn on_answer(&mut self, now: Now, b: Batch, sent: &Sent) -> Vec<Action> {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.starved = false;
+        // Sent before the last failure was recorded: if it failed, it failed with that one.
+        let with_last = b.seqs.first().and_then(|s| self.started.remove(s)).is_some_and(|n| n < self.send_failures);
         if self.in_flight == 0 {
             self.sent_up_to.clear();
+            self.started.clear();
         }
         match disposition(sent.answer, b.seqs.len()) {
             Disposition::Delete => {
@@ -272,10 +320,15 @@ impl Sender {
                 }
                 actions
             }
-            Disposition::Split(refusal) | Disposition::DeadLetter(refusal) => self.on_refused(now, b, sent, refusal),
+            Disposition::Split(refusal) | Disposition::DeadLetter(refusal) => {
+                self.on_refused(now, b, sent, refusal, with_last)
+            }
             Disposition::Hold => {
                 self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
-                self.failures += 1;
+                if !with_last {
+                    self.send_failures += 1;
+                    self.failures += 1;
+                }
                 self.refused = true;
                 let msg = format!(
                     "Datadog refused the API key or the intake URL ({}); every record stays queued; fix \
@@ -292,11 +345,12 @@ impl Sender {
             }
             Disposition::Retry(after) => {
                 self.bisection.put_back(Piece { seqs: b.seqs, half: b.half });
-                let delay = self.failed(now, after.unwrap_or_default());
+                let delay = self.send_failed(now, with_last, after.unwrap_or_default());
                 log::warn!(
-                    "Datadog intake: {}; attempt {} failed, retrying in {:.1}s; records stay queued",
+                    "Datadog intake: {}; attempt {} failed{}, retrying in {:.1}s; records stay queued",
                     sent.detail,
                     self.failures,
+                    if with_last { " (a send in flight with it)" } else { "" },
                     delay.as_secs_f64()
                 );
                 vec![Action::RecordError(sent.detail.clone())]
@@ -306,9 +360,8 @@ impl Sender {
 
     /// Datadog refused a batch or a piece with 400 or 413: the bisection says what that means, and a 413 on a
     /// request within the payload limit lowers the limit for new batches.
-    fn on_refused(&mut self, now: Now, b: Batch, sent: &Sent, refusal: Refusal) -> Vec<Action> {
+    fn on_refused(&mut self, now: Now, b: Batch, sent: &Sent, refusal: Refusal, with_last: bool) -> Vec<Action> {
         let (n, bytes) = (b.seqs.len(), b.bytes);
-        let lone = n == 1 && matches!(b.half, Half::Whole | Half::Alone);
         self.last_refusal.clone_from(&sent.detail);
         // A request refused as too large within the limit shows that the way to the intake takes less. One over
         // it (packed before the limit was lowered, or a log over the limit with its companion) says nothing new.
@@ -333,29 +386,36 @@ impl Sender {
                 self.wait_until(now.at);
                 Vec::new()
             }
-            Verdict::Hold => {
-                let delay = self.failed(now, Duration::ZERO);
-                let why = match (lone, refusal) {
-                    (true, Refusal::TooLarge) => format!(
+            Verdict::Hold(held) => {
+                let delay = self.send_failed(now, with_last, Duration::ZERO);
+                let why = match (held, refusal) {
+                    (Held::Lone, Refusal::TooLarge) => format!(
                         "Datadog refused a single log of {bytes} bytes as too large ({}): the intake, or a proxy in \
                          front of it (nginx's client_max_body_size?), takes less than this log; it stays queued and is \
                          not dead-lettered (there is no other log to compare it with)",
                         sent.detail
                     ),
-                    (true, Refusal::Malformed) => format!(
+                    (Held::Lone, Refusal::Malformed) => format!(
                         "Datadog refused a batch of a single log ({}); there is no other log to compare it with, so it \
                          stays queued and is not dead-lettered",
                         sent.detail
                     ),
-                    (false, Refusal::TooLarge) => format!(
-                        "Datadog refused two single logs alike as too large ({}): the intake, or a proxy in front of \
-                         it (nginx's client_max_body_size?), takes less than one log; the records stay queued, none is \
+                    (Held::Refusing, Refusal::TooLarge) => format!(
+                        "Datadog refused single logs as too large and accepted nothing since ({}): the intake, or a \
+                         proxy in front of it (nginx's client_max_body_size?), takes less than one log; the records \
+                         stay queued, none is dead-lettered",
+                        sent.detail
+                    ),
+                    (Held::Refusing, Refusal::Malformed) => format!(
+                        "Datadog refused a single log and the pieces sent after it alike ({}), accepting nothing: the \
+                         fault is not in one log (a proxy or an intake change?); the records stay queued, none is \
                          dead-lettered",
                         sent.detail
                     ),
-                    (false, Refusal::Malformed) => format!(
-                        "Datadog refused both halves of a batch alike ({}): the fault is not in one log (a proxy or an \
-                         intake change?); the records stay queued, none is dead-lettered",
+                    (Held::Unjudged, _) => format!(
+                        "Datadog refused the last logs of a split batch ({}) and accepted nothing since the last \
+                         wait; there is no other log to compare them with, so they stay queued and are not \
+                         dead-lettered",
                         sent.detail
                     ),
                 };
@@ -386,6 +446,19 @@ impl Sender {
     pub fn on_remove_failed(&mut self, now: Now, b: Batch) -> Duration {
         self.undeleted.push(b);
         self.failed(now, Duration::ZERO)
+    }
+
+    /// A send failed. One started before the last send failure was recorded (`with_last`) failed with it, in the
+    /// same attempt: it waits as long, but neither grows the backoff nor counts towards `--once` giving up.
+    /// Returns the wait.
+    fn send_failed(&mut self, now: Now, with_last: bool, at_least: Duration) -> Duration {
+        if !with_last {
+            self.send_failures += 1;
+            return self.failed(now, at_least);
+        }
+        let delay = at_least.max(self.s.retries.backoff(self.failures.max(1)));
+        self.wait_until(now.at + delay);
+        delay
     }
 
     /// The sender failed again (an answer, or the store under the send path): it waits the backoff, and at least
@@ -441,10 +514,17 @@ mod tests {
         /// A proxy that refuses with 413 a payload of more than this many bytes, in front of an intake that
         /// accepts it (202) otherwise.
         Proxy(usize),
+        /// An intake that refuses with 400 a payload holding any of these logs ("poison" logs), and accepts (202)
+        /// the others.
+        Poison(&'static [i64]),
         /// No HTTP answer at all.
         Dropped,
         /// The store fails to remove a delivered batch.
         RemoveFails,
+        /// SIGHUP: the same settings read again.
+        Reload,
+        /// SIGHUP with a new API key, or a new way to the intake.
+        NewIntake(IntakeChange),
     }
 
     /// What a row saw: the batch or piece sent (its seqs), the action kinds, and the delay until the next send
@@ -541,12 +621,25 @@ mod tests {
                     self.remove_fails = true;
                     return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
                 }
-                Ev::Answer(..) | Ev::Proxy(_) | Ev::Dropped => {}
+                Ev::Reload => {
+                    self.s.reconfigure(settings(Mode::Daemon), self.now);
+                    return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
+                }
+                Ev::NewIntake(change) => {
+                    self.s.reconfigure(settings(Mode::Daemon), self.now);
+                    self.s.on_new_intake(change, self.now);
+                    return Seen { sent: vec![], actions: vec![], next_in: self.next_in() };
+                }
+                Ev::Answer(..) | Ev::Proxy(_) | Ev::Poison(_) | Ev::Dropped => {}
             }
             let b = self.batch().expect("the sender must be ready to send");
             let answer = match ev {
                 Ev::Answer(code, after) => Answer::Status { code, retry_after: after.map(Duration::from_secs) },
                 Ev::Proxy(max) => Answer::Status { code: if b.bytes > max { 413 } else { 202 }, retry_after: None },
+                Ev::Poison(bad) => {
+                    let code = if b.seqs.iter().any(|s| bad.contains(s)) { 400 } else { 202 };
+                    Answer::Status { code, retry_after: None }
+                }
                 _ => Answer::NoAnswer,
             };
             self.s.on_sending(&b);
@@ -644,6 +737,83 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_the_wait_the_failures_and_the_learnt_limit() {
+        // An intake answering 401: a reload (SIGHUP) does not cut the slow retry short, however many come.
+        let mut rows = vec![(Ev::Answer(401, None), seen(ALL4, &["error"], Some(300)))];
+        for _ in 0..100 {
+            rows.push((Ev::Reload, seen(&[], &[], Some(300))));
+        }
+        rows.extend([
+            (Ev::Wait(100), seen(&[], &[], Some(200))),
+            (Ev::Reload, seen(&[], &[], Some(200))),
+            (Ev::Wait(200), seen(&[], &[], Some(0))),
+            // Nor a backoff, and the failures in a row stay counted: the next one waits the third backoff, 4 s.
+            (Ev::Answer(503, None), seen(ALL4, &["error"], Some(2))),
+            (Ev::Reload, seen(&[], &[], Some(2))),
+            (Ev::Wait(2), seen(&[], &[], Some(0))),
+            (Ev::Answer(503, None), seen(ALL4, &["error"], Some(4))),
+            (Ev::Wait(4), seen(&[], &[], Some(0))),
+            // A payload limit learnt from a 413 stays too.
+            (Ev::Proxy(203), seen(ALL4, &[], Some(0))),
+            (Ev::Reload, seen(&[], &[], Some(0))),
+            (Ev::Proxy(203), seen(&[1, 2], &["remove"], Some(0))),
+            (Ev::Proxy(203), seen(&[3, 4], &["remove"], Some(0))),
+            (Ev::Reload, seen(&[], &[], Some(0))),
+        ]);
+        let mut rig = check(Mode::Daemon, 4, &rows);
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        // New records after the reload are packed under it, and pass.
+        rig.queue.extend(5..=8);
+        rig.s.on_queued(rig.now);
+        assert_eq!(rig.step(Ev::Proxy(203)), seen(&[5, 6], &["remove"], Some(0)));
+    }
+
+    #[test]
+    fn a_new_key_or_way_to_the_intake_is_tried_at_once_and_counts_failures_afresh() {
+        const KEY: IntakeChange = IntakeChange { key: true, route: false };
+        const ROUTE: IntakeChange = IntakeChange { key: false, route: true };
+        let mut rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(401, None), seen(ALL4, &["error"], Some(300))),
+                // Nothing changed about the intake: the wait stands.
+                (Ev::NewIntake(IntakeChange::default()), seen(&[], &[], Some(300))),
+                // A new key may be the fix: tried at once.
+                (Ev::NewIntake(KEY), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(2))),
+                // Another URL or proxy: tried at once, and its failures count from the first.
+                (Ev::NewIntake(ROUTE), seen(&[], &[], Some(0))),
+                (Ev::Answer(503, None), seen(ALL4, &["error"], Some(1))),
+                (Ev::Wait(1), seen(&[], &[], Some(0))),
+                // A limit learnt from a 413 is kept for a new key, forgotten for a new way.
+                (Ev::Proxy(203), seen(ALL4, &[], Some(0))),
+            ],
+        );
+        assert_eq!(rig.step(Ev::NewIntake(KEY)), seen(&[], &[], Some(0)));
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        assert_eq!(rig.step(Ev::NewIntake(ROUTE)), seen(&[], &[], Some(0)));
+        assert_eq!(rig.s.payload_limit(rig.now), MAX_PAYLOAD_BYTES);
+        // The new intake's answers do not judge a log the old one refused: it is sent to the new one again.
+        let rig = check(
+            Mode::Daemon,
+            4,
+            &[
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::NewIntake(ROUTE), seen(&[], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[2], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[1], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[3, 4], &["remove"], Some(0))),
+            ],
+        );
+        assert!(rig.dead.is_empty() && rig.queue.is_empty());
+    }
+
+    #[test]
     fn a_400_isolates_the_bad_log_and_sends_the_rest() {
         // Records 1..4; record 3 is refused wherever it goes.
         let rig = check(
@@ -682,6 +852,63 @@ mod tests {
     }
 
     #[test]
+    fn poison_logs_in_both_halves_are_dead_letters_and_the_rest_is_delivered() {
+        // Records 1..8; 2 and 7 are refused wherever they go, one in each half: both halves are refused, and each
+        // refused piece is split again, down to single logs. None of it holds, even in --once.
+        const BAD: &[i64] = &[2, 7];
+        let rig = check(
+            Mode::Once,
+            8,
+            &[
+                (Ev::Poison(BAD), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[1, 2, 3, 4], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[1, 2], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[1], &["remove"], Some(0))),
+                // Refused right after the log before it passed: a dead letter.
+                (Ev::Poison(BAD), seen(&[2], &["dead-letter"], Some(0))),
+                (Ev::Poison(BAD), seen(&[3, 4], &["remove"], Some(0))),
+                (Ev::Poison(BAD), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Poison(BAD), seen(&[7, 8], &[], Some(0))),
+                (Ev::Poison(BAD), seen(&[7], &[], Some(0))),
+                // Refused, then the log after it passed: a dead letter too.
+                (Ev::Poison(BAD), seen(&[8], &["remove", "dead-letter"], Some(0))),
+            ],
+        );
+        assert!(rig.queue.is_empty() && !rig.s.done());
+        assert_eq!(rig.dead, BAD);
+    }
+
+    #[test]
+    fn one_log_in_a_hundred_refused_stops_nothing_even_in_once() {
+        // 5000 records (five batches of 1000), one in a hundred refused wherever it goes, two of them side by side
+        // (2060, 2061) and three (3037..=3039): every good record delivered in one --once pass, every bad one a
+        // dead letter, each batch of n logs in at most 2n - 1 requests and one more per log set aside, and a
+        // single hold, for the three in a row (a single log and the two pieces after it refused).
+        const N: i64 = 5000;
+        let bad: &'static [i64] =
+            Vec::leak((1..=N).filter(|s| s % 100 == 37 || [2060, 2061, 3038, 3039].contains(s)).collect::<Vec<i64>>());
+        let mut rig = Rig::new(Mode::Once, N);
+        let (mut requests, mut holds) = (0, 0);
+        while !rig.queue.is_empty() {
+            let s = rig.step(Ev::Poison(bad));
+            requests += 1;
+            match s.next_in {
+                Some(0) => {}
+                Some(wait) => {
+                    holds += 1;
+                    rig.step(Ev::Wait(wait));
+                }
+                None => panic!("request {requests}: gave up: {s:?}"),
+            }
+            assert!(requests < 2 * N, "{requests} requests");
+        }
+        assert_eq!(holds, 1);
+        rig.dead.sort();
+        assert_eq!(rig.dead, bad);
+    }
+
+    #[test]
     fn candidates_that_all_went_to_dead_letters_are_followed_by_a_look_at_once() {
         let mut rig = Rig::new(Mode::Daemon, 0);
         assert_eq!(rig.s.on_nothing_sent(rig.now, true), None);
@@ -696,12 +923,18 @@ mod tests {
             &[
                 (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
                 (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
-                // Both halves refused alike: not one bad log. Hold, back off.
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[2], &[], Some(0))),
+                // A single log and the two pieces after it refused, nothing accepted: not one bad log. Hold, back off.
                 (Ev::Answer(400, None), seen(&[3, 4], &["error"], Some(1))),
                 (Ev::Wait(1), seen(&[], &[], Some(0))),
-                // It goes one level deeper next time; alike again: the backoff grows, still no dead letter.
-                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
-                (Ev::Answer(400, None), seen(&[2], &["error"], Some(2))),
+                // The last logs, refused with nothing accepted since the wait: held again, the backoff grows, still
+                // no dead letter.
+                (Ev::Answer(400, None), seen(&[3], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[4], &["error"], Some(2))),
+                (Ev::Wait(2), seen(&[], &[], Some(0))),
+                // The bisection is over: the batch goes again whole once the wait is over.
+                (Ev::Answer(400, None), seen(ALL4, &[], Some(0))),
             ],
         );
         assert!(rig.dead.is_empty());
@@ -784,8 +1017,10 @@ mod tests {
         rig.queue.extend(15..=18);
         assert_eq!(rig.step(Ev::Proxy(203)), seen(&[15, 16, 17, 18], &[], Some(0)));
         assert_eq!(rig.s.payload_limit(rig.now), 203);
-        // A reload forgets it: the proxy in front of the intake may have changed.
+        // A reload keeps it; another intake URL or proxy forgets it: the way to the intake may take more.
         rig.s.reconfigure(settings(Mode::Daemon), rig.now);
+        assert_eq!(rig.s.payload_limit(rig.now), 203);
+        rig.s.on_new_intake(IntakeChange { key: false, route: true }, rig.now);
         assert_eq!(rig.s.payload_limit(rig.now), MAX_PAYLOAD_BYTES);
     }
 
@@ -868,9 +1103,9 @@ mod tests {
                 (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
                 // Small enough for the proxy, but the intake finds a bad log: bisect it as for any 400.
                 (Ev::Answer(400, None), seen(&[5, 6], &[], Some(0))),
-                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
                 (Ev::Answer(202, None), seen(&[5], &["remove"], Some(0))),
                 (Ev::Answer(400, None), seen(&[6], &["dead-letter"], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
             ],
         );
         assert!(rig.queue.is_empty());
@@ -878,38 +1113,42 @@ mod tests {
     }
 
     #[test]
-    fn a_413_beside_a_400_is_not_refused_alike_and_a_413_whose_halves_get_400_holds() {
-        // Records 1..8; the first half gets 400, the second 413: not alike (a 413 says nothing of the logs), so
-        // the second is split again and nothing holds.
+    fn a_413_beside_a_400_splits_and_a_413_whose_pieces_all_get_400_holds() {
+        // Records 1..8; the first half gets 400, the second 413: each is split again (a 413 says nothing of the
+        // logs), and nothing holds.
         let rig = check(
             Mode::Daemon,
             8,
             &[
                 (Ev::Answer(400, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
                 (Ev::Answer(400, None), seen(&[1, 2, 3, 4], &[], Some(0))),
-                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
-                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
-                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
                 // The first half's pieces: one bad log in 1..4.
                 (Ev::Answer(202, None), seen(&[1, 2], &["remove"], Some(0))),
                 (Ev::Answer(400, None), seen(&[3, 4], &[], Some(0))),
                 (Ev::Answer(202, None), seen(&[3], &["remove"], Some(0))),
                 (Ev::Answer(400, None), seen(&[4], &["dead-letter"], Some(0))),
+                (Ev::Answer(413, None), seen(&[5, 6, 7, 8], &[], Some(0))),
+                (Ev::Answer(202, None), seen(&[5, 6], &["remove"], Some(0))),
+                (Ev::Answer(202, None), seen(&[7, 8], &["remove"], Some(0))),
             ],
         );
         assert_eq!(rig.dead, [4]);
-        // A batch too large whose halves are both refused with 400 is refused alike: hold, no dead letter.
+        // A batch too large whose pieces are all refused with 400, down to a single log and the two pieces after
+        // it: hold, no dead letter.
         let rig = check(
             Mode::Daemon,
             8,
             &[
                 (Ev::Answer(413, None), seen(&[1, 2, 3, 4, 5, 6, 7, 8], &[], Some(0))),
                 (Ev::Answer(400, None), seen(&[1, 2, 3, 4], &[], Some(0))),
-                (Ev::Answer(400, None), seen(&[5, 6, 7, 8], &["error"], Some(1))),
+                (Ev::Answer(400, None), seen(&[1, 2], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[1], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[2], &[], Some(0))),
+                (Ev::Answer(400, None), seen(&[3, 4], &["error"], Some(1))),
             ],
         );
         assert!(rig.dead.is_empty());
-        // A piece too large whose sibling, now alone, is refused with 400 is split like a batch of its own.
+        // A piece too large whose sibling is then refused with 400 is split like any piece.
         let rig = check(
             Mode::Daemon,
             8,
@@ -1027,6 +1266,87 @@ mod tests {
         s.on_answer(now, batch(1..=10), &answer(202));
         s.on_answer(now, batch(21..=30), &answer(503));
         assert_eq!(s.sent_up_to(Feed::TtpUrl), i64::MIN);
+    }
+
+    /// One event of a table row with several sends in flight.
+    #[derive(Debug, Clone)]
+    enum Fl {
+        /// The loop starts the next fresh batch, of these records.
+        Start(std::ops::RangeInclusive<i64>),
+        /// The intake answers the batch of these records with this status.
+        Answer(std::ops::RangeInclusive<i64>, u16),
+        /// Time passes, in milliseconds.
+        Wait(u64),
+    }
+
+    /// Runs rows of events against a sender with `max` in flight; each row expects the sender's next wake after
+    /// it, in milliseconds (`None`: nothing to start before an answer, or given up) and whether it gave up.
+    fn in_flight(mode: Mode, max: usize, rows: &[(Fl, Option<u64>, bool)]) {
+        let mut now = Now { at: Instant::now(), unix: 1_800_000_000 };
+        let mut s = Sender::new(SenderSettings { max_in_flight: max, ..settings(mode) }, now);
+        for (i, (ev, next_in, done)) in rows.iter().enumerate() {
+            match ev.clone() {
+                Fl::Start(range) => {
+                    assert_eq!(s.next(now), Some(Next::Fresh), "row {i}: {ev:?}");
+                    s.on_sending(&batch(range));
+                }
+                Fl::Answer(range, code) => {
+                    for a in s.on_answer(now, batch(range.clone()), &answer(code)) {
+                        if let Action::Remove(b) = a {
+                            s.on_removed(now, b.seqs.len() as u64);
+                        }
+                    }
+                }
+                Fl::Wait(ms) => now = now.after(Duration::from_millis(ms)),
+            }
+            let wake = s.next_wake().map(|w| w.saturating_duration_since(now.at).as_millis() as u64);
+            assert_eq!((wake, s.done()), (*next_in, *done), "row {i}: {ev:?}");
+        }
+    }
+
+    #[test]
+    fn sends_that_fail_together_are_one_attempt() {
+        // --once, three sends in flight when the network blips for 0.2 s: all three fail, but they are one failure,
+        // not three attempts in a row (which gave up while the next send would have passed). Failures of sends
+        // started after it was recorded count again, and the third such round gives up.
+        in_flight(
+            Mode::Once,
+            3,
+            &[
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Start(11..=20), Some(0), false),
+                (Fl::Start(21..=30), None, false),
+                (Fl::Wait(200), None, false),
+                (Fl::Answer(1..=10, 503), Some(1000), false),
+                (Fl::Answer(11..=20, 503), Some(1000), false),
+                (Fl::Answer(21..=30, 503), Some(1000), false),
+                (Fl::Wait(1000), Some(0), false),
+                // The second attempt: its backoff is the second's, 2 s, for each of the sends that fail with it.
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Start(11..=20), Some(0), false),
+                (Fl::Answer(1..=10, 503), Some(2000), false),
+                (Fl::Answer(11..=20, 503), Some(2000), false),
+                (Fl::Wait(2000), Some(0), false),
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Answer(1..=10, 503), None, true),
+            ],
+        );
+        // A success in between resets the count; a send of the same blip failing after it still waits.
+        in_flight(
+            Mode::Once,
+            3,
+            &[
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Start(11..=20), Some(0), false),
+                (Fl::Start(21..=30), None, false),
+                (Fl::Answer(1..=10, 503), Some(1000), false),
+                (Fl::Answer(11..=20, 202), Some(1000), false),
+                (Fl::Answer(21..=30, 503), Some(1000), false),
+                (Fl::Wait(1000), Some(0), false),
+                (Fl::Start(1..=10), Some(0), false),
+                (Fl::Answer(1..=10, 202), Some(0), false),
+            ],
+        );
     }
 
     #[test]
