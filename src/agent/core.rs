@@ -23,7 +23,7 @@ use crate::mimecast::window::{self, Settings};
 use crate::mimecast::{Feed, wire};
 use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
 use crate::policy::pressure::{self, Pause, Pressure, Room};
-use crate::policy::sender::{Action as SendAction, Batch, Next, Sender, SenderSettings, Summary};
+use crate::policy::sender::{Action as SendAction, Batch, IntakeChange, Next, Sender, SenderSettings, Summary};
 use crate::policy::{self, Mode, Now, PassState, Retries};
 use crate::store::{InFlight, NewRecord, Note, PageCommit, Store, StoreError};
 
@@ -384,6 +384,17 @@ impl Core {
         let (poller, sender, store_retries) = settings(&cfg, &self.tuning, self.mode);
         self.poller.reconfigure(poller, &cfg.mimecast.feeds, now);
         self.sender.reconfigure(sender, now);
+        let (old, new) = (&self.cfg, &cfg);
+        self.sender.on_new_intake(
+            IntakeChange {
+                key: new.datadog.api_key != old.datadog.api_key,
+                route: new.datadog.intake_url != old.datadog.intake_url
+                    || new.http.proxy != old.http.proxy
+                    || new.http.ca_file != old.http.ca_file
+                    || new.http.timeout_secs != old.http.timeout_secs,
+            },
+            now,
+        );
         self.pressure.reconfigure(store_retries);
         if self.accounts.reconfigure(&cfg.mimecast) {
             self.creds_generation += 1;
