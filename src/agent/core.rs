@@ -76,13 +76,16 @@ impl Done {
     pub fn describe(&self) -> String {
         match self {
             Done::Fetched(Fetch::Token(req, _, t)) => format!("token {} ok={}", req.feed, t.is_ok()),
-            Done::Fetched(Fetch::Page(req, _, f, records)) => format!(
-                "page {} ok={} records={} next={}",
-                req.feed,
-                f.result.is_ok(),
-                records.len(),
-                f.result.as_ref().is_ok_and(|p| p.next.is_some())
-            ),
+            Done::Fetched(Fetch::Page(req, _, f, records)) => {
+                let token = req.page_token.as_deref().map_or_else(|| "-".to_owned(), |t| crate::http::printable(t, 24));
+                let result = match &f.result {
+                    Ok(p) => format!("ok next={}", p.next.is_some()),
+                    Err(e) => crate::http::printable(&e.to_string(), 80),
+                };
+                let keys: Vec<&str> = records.iter().map(|r| r.key.get(..12).unwrap_or(&r.key)).collect();
+                let (from, to) = (req.window.from, req.window.to);
+                format!("page {} [{from}, {to}] token={token} -> {result} records={keys:?}", req.feed)
+            }
             Done::Sent(b, s) => format!("sent {} logs: {}", b.seqs.len(), s.detail),
         }
     }
