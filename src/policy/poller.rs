@@ -29,6 +29,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 use super::{Mode, Now, Retries};
 use crate::datetime;
 use crate::mimecast::Feed;
@@ -37,12 +39,14 @@ use crate::mimecast::window::{self, Settings, Window};
 use crate::mimecast::wire::{KeysDigest, Page};
 
 /// The most pages one window may take: a window still handing out a next page after this many is a pagination loop
-/// (a failure like a repeated token), however new each token looks. It bounds what one window costs in requests
-/// and in the memory of its tokens (one per page, a few hundred bytes each: a few MB at most). No window a
-/// configuration allows should need so many: Mimecast's quota is per API user and was seen at 10,000 calls an
-/// hour, shared by the six feeds, so a window of 10,000 pages would take more than an hour of the whole quota to
-/// read; at the default page of 500 records it holds 5 million records, over 1,300 a second for the default
-/// one-hour window, far beyond a tenant's security logs.
+/// (a failure like a repeated token), however new each token looks. It bounds what one window costs in requests,
+/// and what the poller remembers of it: per page, a `TokenDigest` of its token (16 bytes) and a [`KeysDigest`] of
+/// its records (32 bytes), whatever the size of the token or the page, so a feed's window holds at most 10,000 × 48
+/// bytes in two hash sets, under 1 MiB with their overhead, and the six feeds under 6 MiB. Beyond that, a feed holds
+/// one token whole, the next page's, until it is fetched. No window a configuration allows should need so many:
+/// Mimecast's quota is per API user and was seen at 10,000 calls an hour, shared by the six feeds, so a window of
+/// 10,000 pages would take more than an hour of the whole quota to read; at the default page of 500 records it holds
+/// 5 million records, over 1,300 a second for the default one-hour window, far beyond a tenant's security logs.
 pub const MAX_PAGES_PER_WINDOW: usize = 10_000;
 
 /// How often the loop looks at the clock again while it reads earlier than `clock_floor`: NTP sets a clock within
@@ -87,9 +91,9 @@ struct FeedState {
     failures: u32,
     /// Times the window in progress was restarted because its page token was refused; reset when it completes.
     restarts: u32,
-    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress. At
-    /// most [`MAX_PAGES_PER_WINDOW`].
-    tokens: HashSet<String>,
+    /// The page tokens Mimecast handed out in the window in progress, each as its digest: one seen again is a cycle,
+    /// not progress. At most [`MAX_PAGES_PER_WINDOW`].
+    tokens: HashSet<TokenDigest>,
     /// The record keys of each page of the window committed so far (each page's set, in any order): a page with
     /// the same ones again, under a new token, is a loop (of one page or of several), not progress. At most
     /// [`MAX_PAGES_PER_WINDOW`].
@@ -136,6 +140,23 @@ impl FeedState {
             skipped: 0,
             refused: false,
         }
+    }
+}
+
+/// A page token as a window remembers it: the first 16 bytes of its SHA-256. A token's length has no limit but the
+/// page's (100 KB tokens were seen to take the agent from 25 to 149 MB in 1,334 pages when the window kept them
+/// whole), and a window remembers each one it was handed, so it keeps this instead. Two tokens of a window share
+/// a digest with a chance of about 2^-128 a pair: a false cycle, which would fail that page, is not a risk worth
+/// more bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TokenDigest([u8; 16]);
+
+impl TokenDigest {
+    fn of(token: &str) -> TokenDigest {
+        let hash = Sha256::digest(token.as_bytes());
+        let mut digest = [0; 16];
+        digest.copy_from_slice(&hash[..16]);
+        TokenDigest(digest)
     }
 }
 
@@ -400,7 +421,7 @@ impl Poller {
         f.skipped += skipped;
         f.due = now.at + throttle;
         if let Some(next) = next {
-            f.tokens.insert(next);
+            f.tokens.insert(TokenDigest::of(&next));
             f.pages_seen.extend(keys);
             return;
         }
@@ -523,7 +544,7 @@ fn clock_went_back(f: &mut FeedState, watermark: i64, now: i64, window: Window) 
 fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<String> {
     let next = page.next.as_ref().filter(|_| !page.is_last())?;
     // The token just used, or an earlier one (A -> B -> A).
-    if req.page_token.as_ref() == Some(next) || f.tokens.contains(next) {
+    if req.page_token.as_ref() == Some(next) || f.tokens.contains(&TokenDigest::of(next)) {
         return Some(format!(
             "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
              window is not advanced",
@@ -942,6 +963,37 @@ mod tests {
         }
         assert_eq!(strip_all(rig.page(None, 1, true)), vec![commit(None)]);
         assert_eq!((tokens(&rig), rig.watermark), (0, T0 - 60), "the window completed; its tokens are forgotten");
+    }
+
+    /// The heap a remembered page token takes in the poller, whatever form it is kept in.
+    trait Held {
+        fn held(&self) -> usize;
+    }
+
+    impl Held for TokenDigest {
+        fn held(&self) -> usize {
+            std::mem::size_of::<TokenDigest>()
+        }
+    }
+
+    /// A window remembers each page token in a few bytes whatever its length: what a window keeps is bounded by its
+    /// pages alone (100 KB tokens once took the agent from 25 to 149 MB in 1,334 pages).
+    #[test]
+    fn a_window_remembers_each_page_token_in_a_few_bytes_however_long() {
+        const PAGES: usize = 50;
+        for len in [100_000, 8] {
+            let token = |i: usize| format!("{i}{}", "t".repeat(len));
+            let mut rig = Rig::new(Mode::Daemon, 600);
+            for i in 0..PAGES {
+                assert_eq!(strip_all(rig.page(Some(token(i)), 1, true)), vec![commit(Some(&token(i)))], "page {i}");
+            }
+            let held: usize = rig.p.feeds[0].tokens.iter().map(Held::held).sum();
+            assert!(held <= PAGES * 16, "{len}-byte tokens: {held} bytes held for {PAGES} pages");
+            // Still a cycle: the first token again, and the one just used.
+            assert_eq!(strip_all(rig.page(Some(token(0)), 1, true)), vec![err()], "{len}-byte tokens");
+            rig.step(Ev::Wait(2));
+            assert_eq!(strip_all(rig.page(Some(token(PAGES - 1)), 1, true)), vec![err()], "{len}-byte tokens");
+        }
     }
 
     #[test]
