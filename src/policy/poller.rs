@@ -2,9 +2,11 @@
 //!
 //! Events: [`Poller::due`] and [`Poller::plan`] (may a feed fetch, and which page), [`Poller::on_page`] (a page
 //! or a failure came back), [`Poller::on_committed`] (its records are stored), [`Poller::stop_all`] (the store
-//! gives up a `--once` pass), [`Poller::reconfigure`] (SIGHUP). Invariants it keeps:
+//! gives up a `--once` pass), [`Poller::reconfigure`] and [`Poller::on_new_credentials`] (SIGHUP). Invariants it
+//! keeps:
 //! - every failure sets a delay before the feed's next fetch: a backoff that grows with the failures in a row,
 //!   the server's rate-limit wait when longer, or the slow retry when an operator must act; never zero twice;
+//!   a reload ends none of them, nor resets the failures in a row, except that new credentials end a slow retry;
 //! - a refused page token restarts the window, and restarts are counted per window, so a token refused every
 //!   time backs off like any failure instead of re-reading page 1 at full speed;
 //! - a page token seen before in the window is a failure (a pagination cycle), not progress; so is a page that
@@ -118,6 +120,9 @@ struct FeedState {
     /// A failure needed an operator (credentials, a permission) or gave the `--once` pass up, and no page was
     /// committed since: for the agent's health report.
     refused: bool,
+    /// The last failure, with no page committed since, needed an operator: the feed waits out a slow retry, which
+    /// new credentials end.
+    slow: bool,
 }
 
 impl FeedState {
@@ -139,6 +144,7 @@ impl FeedState {
             queued: 0,
             skipped: 0,
             refused: false,
+            slow: false,
         }
     }
 }
@@ -200,8 +206,10 @@ impl Poller {
         }
     }
 
-    /// SIGHUP: the feeds kept keep their state, new ones are due at once, and a feed waiting out a failure (slow
-    /// retry for credentials or a permission, say) tries again at once with the new config.
+    /// SIGHUP: the feeds kept keep their state, their waits included (a backoff, a server's rate-limit wait, a slow
+    /// retry) and their failures in a row, so that reloading is no way round what Mimecast answered (100 reloads
+    /// once made 636 calls into a Mimecast answering 429); the feeds added are due at once. The loop then tells
+    /// the feeds whose credentials changed ([`Poller::on_new_credentials`]).
     pub fn reconfigure(&mut self, s: PollerSettings, feeds: &[Feed], now: Now) {
         let mut kept = Vec::new();
         for &feed in feeds {
@@ -210,11 +218,18 @@ impl Poller {
                 None => kept.push(FeedState::new(feed, now.at)),
             }
         }
-        for f in kept.iter_mut().filter(|f| f.failures > 0) {
-            (f.due, f.failures) = (now.at, 0);
-        }
         self.feeds = kept;
         self.s = s;
+    }
+
+    /// A reload gave `feed` other credentials (client id, secret or base URL): a slow retry it waits out ends at
+    /// once, since the failure it waits for may be what they mend (credentials refused, a permission the API
+    /// application lacks, a redirect, a request refused as not retryable). Any other wait stands: a backoff or a
+    /// rate-limit wait is about the server, and a new secret of the same API user shares that user's quota.
+    pub fn on_new_credentials(&mut self, feed: Feed, now: Now) {
+        if let Some(f) = self.state(feed).filter(|f| f.slow) {
+            f.due = f.due.min(now.at);
+        }
     }
 
     pub fn feeds(&self) -> impl Iterator<Item = Feed> + '_ {
@@ -415,7 +430,7 @@ impl Poller {
         let horizon = self.horizon(now);
         let Some(f) = self.state(feed) else { return };
         let Some(Pending { window: w, next, throttle, keys }) = f.pending.take() else { return };
-        (f.failures, f.refused) = (0, false);
+        (f.failures, f.refused, f.slow) = (0, false, false);
         f.pages += 1;
         f.queued += queued;
         f.skipped += skipped;
@@ -482,6 +497,7 @@ impl Poller {
         let gave_up = r.mode == Mode::Once && (retry == Retry::Slow || attempts >= r.once_attempts);
         f.done |= gave_up;
         f.refused |= retry == Retry::Slow || gave_up;
+        f.slow = retry == Retry::Slow;
         self.gave_up |= gave_up;
         let mut actions = vec![Action::RecordError(e.to_string())];
         if retry == Retry::Slow {
@@ -622,6 +638,10 @@ mod tests {
         Empty(Option<&'static str>),
         /// A fetch failed.
         Fail(FetchError),
+        /// SIGHUP: the feeds enabled now.
+        Reload(&'static [Feed]),
+        /// The reload gave the feed new credentials.
+        NewCredentials,
     }
 
     /// What a row expects: the actions, and the delay until the feed is due again (`None`: not due, done).
@@ -635,13 +655,14 @@ mod tests {
         window: Option<(Window, Option<String>)>,
         /// Pages served so far: each [`Ev::Page`] holds a record of its own.
         served: u64,
+        mode: Mode,
     }
 
     impl Rig {
         fn new(mode: Mode, behind: i64) -> Rig {
             let now = Now { at: Instant::now(), unix: T0 };
             let p = Poller::new(settings(mode), &[Feed::Audit], now);
-            Rig { p, now, watermark: T0 - behind, window: None, served: 0 }
+            Rig { p, now, watermark: T0 - behind, window: None, served: 0, mode }
         }
 
         /// The request for the feed's next page, from the cursor as the store would keep it.
@@ -656,18 +677,39 @@ mod tests {
         /// `next`; commits it if the poller says so.
         fn page(&mut self, next: Option<String>, held: usize, new: bool) -> Vec<Action> {
             let req = self.plan();
+            self.answer(&req, next, held, new)
+        }
+
+        /// The page of `req` comes back; it is committed if the poller says so and it follows the cursor (the loop
+        /// drops a page that does not, and says so with [`Poller::on_abandoned`]).
+        fn answer(&mut self, req: &PageRequest, next: Option<String>, held: usize, new: bool) -> Vec<Action> {
             self.served += u64::from(new && held > 0);
             let key = format!("id:{}", self.served);
             let keys = Some(crate::mimecast::wire::keys_digest([key.as_str()].into_iter().take(held)));
             // The records are taken out before the poller sees the page, as the fetch task does.
             let page = Page { held, records: Vec::new(), next, repaired: 0, keys };
-            let actions = self.p.on_page(self.now, &req, Ok(&page), None);
-            if let Some(Action::Commit { next_token, .. }) = actions.first() {
+            let actions = self.p.on_page(self.now, req, Ok(&page), None);
+            let follows = match &self.window {
+                Some((w, token)) => *w == req.window && *token == req.page_token,
+                None => req.page_token.is_none(),
+            };
+            if let (Some(Action::Commit { .. }), false) = (actions.first(), follows) {
+                self.p.on_abandoned(req.feed);
+            } else if let Some(Action::Commit { next_token, .. }) = actions.first() {
                 self.window = next_token.clone().map(|t| (req.window, Some(t)));
                 if next_token.is_none() {
                     self.watermark = req.window.to;
                 }
                 self.p.on_committed(self.now, req.feed, 1, 0);
+            }
+            actions
+        }
+
+        /// The fetch of `req` failed.
+        fn fail(&mut self, req: &PageRequest, e: FetchError) -> Vec<Action> {
+            let actions = self.p.on_page(self.now, req, Err(e), None);
+            if actions.contains(&Action::RestartWindow) {
+                self.window = self.window.take().map(|(w, _)| (w, None));
             }
             actions
         }
@@ -685,11 +727,15 @@ mod tests {
                 Ev::Empty(next) => self.page(next.map(String::from), 0, true),
                 Ev::Fail(e) => {
                     let plan = plan(self);
-                    let actions = self.p.on_page(self.now, &plan, Err(e), None);
-                    if actions.contains(&Action::RestartWindow) {
-                        self.window = self.window.take().map(|(w, _)| (w, None));
-                    }
-                    actions
+                    self.fail(&plan, e)
+                }
+                Ev::Reload(feeds) => {
+                    self.p.reconfigure(settings(self.mode), feeds, self.now);
+                    Vec::new()
+                }
+                Ev::NewCredentials => {
+                    self.p.on_new_credentials(Feed::Audit, self.now);
+                    Vec::new()
                 }
             };
             let due = self.p.next_wake(self.now).map(|d| d.saturating_duration_since(self.now.at).as_secs());
@@ -1192,7 +1238,7 @@ mod tests {
     }
 
     #[test]
-    fn reload_keeps_state_adds_feeds_and_retries_failing_ones_at_once() {
+    fn reload_keeps_state_and_adds_feeds() {
         let mut rig = Rig::new(Mode::Daemon, 600);
         rig.step(Ev::Fail(FetchError::Forbidden(Feed::Audit)));
         assert_eq!(rig.p.due(rig.now), None);
@@ -1205,6 +1251,76 @@ mod tests {
             PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
         let page = Page { records: vec![], held: 0, next: None, repaired: 0, keys: None };
         assert_eq!(rig.p.on_page(rig.now, &req, Ok(&page), None), vec![]);
+    }
+
+    /// SIGHUP is no way round a wait: 100 reloads once made 636 calls into a Mimecast answering 429, each reload
+    /// making every feed that had failed due at once, with its count of failures back to 0.
+    #[test]
+    fn a_reload_keeps_each_feeds_wait_and_count_of_failures() {
+        let limited = |secs: u64| {
+            FetchError::RateLimited(Some(ServerWait { wait: Duration::from_secs(secs), asked_secs: secs as f64 }))
+        };
+        let net = || FetchError::Server { status: 503, detail: "unavailable".into() };
+        let rig = check(
+            Mode::Daemon,
+            600,
+            &[
+                // A 429 that asks for 40 s: reloads do not end the wait.
+                (Ev::Fail(limited(40)), (vec![err()], Some(40))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(40))),
+                (Ev::Wait(10), (vec![], Some(30))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(30))),
+                (Ev::Wait(30), (vec![], Some(0))),
+                // Nor do they forget the failures in a row: the second backs off 4 s, the third 8 s.
+                (Ev::Fail(net()), (vec![err()], Some(4))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                (Ev::Fail(net()), (vec![err()], Some(8))),
+                (Ev::Wait(8), (vec![], Some(0))),
+                // A slow retry (a permission missing) is a wait like any other.
+                (Ev::Fail(FetchError::Forbidden(Feed::Audit)), (vec![err()], Some(300))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(300))),
+                (Ev::Wait(300), (vec![], Some(0))),
+                // After the wait, a page: the count is reset, and the next failure waits the base again.
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Fail(net()), (vec![err()], Some(2))),
+            ],
+        );
+        // A feed the reload adds is due at once, while the one kept goes on waiting.
+        let mut rig = rig;
+        rig.step(Ev::Reload(&[Feed::Audit, Feed::Dlp]));
+        assert_eq!(rig.p.due(rig.now), Some(Feed::Dlp));
+        let audit = rig.p.next_wake_where(rig.now, |f| f == Feed::Audit);
+        assert_eq!(audit, Some(rig.now.at + Duration::from_secs(2)));
+    }
+
+    /// New credentials may mend what a slow retry waits for (credentials refused, a permission the API application
+    /// lacks, a base URL that redirects), so they end it; a backoff or a rate-limit wait is about the server and
+    /// stands (a new secret of the same API user shares its quota).
+    #[test]
+    fn new_credentials_end_a_slow_retry_and_no_other_wait() {
+        let limited = FetchError::RateLimited(Some(ServerWait { wait: Duration::from_secs(40), asked_secs: 40.0 }));
+        let net = FetchError::Server { status: 503, detail: "unavailable".into() };
+        let refused = FetchError::Auth(AuthError::Refused { status: 401, detail: "invalid_client".into() });
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Fail(limited), (vec![err()], Some(40))),
+                (Ev::NewCredentials, (vec![], Some(40))),
+                (Ev::Wait(40), (vec![], Some(0))),
+                (Ev::Fail(net), (vec![err()], Some(4))),
+                (Ev::NewCredentials, (vec![], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                (Ev::Fail(FetchError::Forbidden(Feed::Audit)), (vec![err()], Some(300))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(300))),
+                (Ev::NewCredentials, (vec![], Some(0))),
+                (Ev::Fail(refused), (vec![err()], Some(300))),
+                (Ev::Wait(100), (vec![], Some(200))),
+                (Ev::NewCredentials, (vec![], Some(0))),
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+            ],
+        );
     }
 
     #[test]
