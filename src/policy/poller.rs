@@ -22,11 +22,13 @@
 //! - while the clock reads earlier than `clock_floor` ([`window::CLOCK_FLOOR`]: a clock not set yet) no feed is due,
 //!   so no window is planned and no cursor moves by it, and the loop is woken every [`CLOCK_RECHECK`] instead of
 //!   when a feed would be due;
-//! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others; a wait the
-//!   server asks for (a 429's reset, a low `X-RateLimit-Remaining`) holds the feed whose call was answered so.
-//!   Mimecast applies its quota per API user and "differently per resource": another feed that shares an
-//!   exhausted quota gets its own 429 (a call not executed) and waits in turn, one refused call per feed, while a
-//!   hostile reset on one feed cannot stop the others.
+//! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others, and a feed a
+//!   reload disables keeps its state, so enabled again it waits for its fetch in flight (whose answer is dropped
+//!   while it is disabled) and for its wait; a wait the server asks for (a 429's reset, a low
+//!   `X-RateLimit-Remaining`) holds the feed whose call was answered so. Mimecast applies its quota per API user
+//!   and "differently per resource": another feed that shares an exhausted quota gets its own 429 (a call not
+//!   executed) and waits in turn, one refused call per feed, while a hostile reset on one feed cannot stop the
+//!   others.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -89,6 +91,9 @@ pub struct Plan {
 #[derive(Debug)]
 struct FeedState {
     feed: Feed,
+    /// The config enables the feed. A feed a reload disables is kept, disabled, for its fetch in flight and its
+    /// wait (see [`Poller::reconfigure`]); it is neither due nor listed.
+    enabled: bool,
     due: Instant,
     failures: u32,
     /// Times the window in progress was restarted because its page token was refused; reset when it completes.
@@ -96,6 +101,10 @@ struct FeedState {
     /// The page tokens Mimecast handed out in the window in progress, each as its digest: one seen again is a cycle,
     /// not progress. At most [`MAX_PAGES_PER_WINDOW`].
     tokens: HashSet<TokenDigest>,
+    /// Where the pages remembered lead: the window in progress and its next page's token, as last committed (`None`
+    /// until a page with a next one is). Only a page read there is compared with them: one read elsewhere is not
+    /// the window's next page, and the loop drops it as one that does not follow the cursor.
+    at: Option<(Window, TokenDigest)>,
     /// The record keys of each page of the window committed so far (each page's set, in any order): a page with
     /// the same ones again, under a new token, is a loop (of one page or of several), not progress. At most
     /// [`MAX_PAGES_PER_WINDOW`].
@@ -129,10 +138,12 @@ impl FeedState {
     fn new(feed: Feed, due: Instant) -> FeedState {
         FeedState {
             feed,
+            enabled: true,
             due,
             failures: 0,
             restarts: 0,
             tokens: HashSet::new(),
+            at: None,
             pages_seen: HashSet::new(),
             done: false,
             fetching: false,
@@ -208,17 +219,26 @@ impl Poller {
 
     /// SIGHUP: the feeds kept keep their state, their waits included (a backoff, a server's rate-limit wait, a slow
     /// retry) and their failures in a row, so that reloading is no way round what Mimecast answered (100 reloads
-    /// once made 636 calls into a Mimecast answering 429); the feeds added are due at once. The loop then tells
-    /// the feeds whose credentials changed ([`Poller::on_new_credentials`]).
+    /// once made 636 calls into a Mimecast answering 429); a feed never enabled before is due at once. The loop
+    /// then tells the feeds whose credentials changed ([`Poller::on_new_credentials`]).
+    ///
+    /// A feed the reload disables keeps its state too, disabled (at most one per [`Feed`]): its fetch in flight,
+    /// whose answer is dropped while it is disabled, and its wait. Enabled again, it starts no second fetch before
+    /// the first is answered (both pages would come back with the same next token, the second taken for a
+    /// pagination cycle), and it waits out what it was waiting out.
     pub fn reconfigure(&mut self, s: PollerSettings, feeds: &[Feed], now: Now) {
-        let mut kept = Vec::new();
+        let mut states = Vec::new();
         for &feed in feeds {
-            match self.feeds.iter().position(|f| f.feed == feed) {
-                Some(i) => kept.push(self.feeds.swap_remove(i)),
-                None => kept.push(FeedState::new(feed, now.at)),
-            }
+            let i = self.feeds.iter().position(|f| f.feed == feed);
+            let mut state = i.map_or_else(|| FeedState::new(feed, now.at), |i| self.feeds.remove(i));
+            state.enabled = true;
+            states.push(state);
         }
-        self.feeds = kept;
+        for mut state in self.feeds.drain(..) {
+            state.enabled = false;
+            states.push(state);
+        }
+        self.feeds = states;
         self.s = s;
     }
 
@@ -232,8 +252,13 @@ impl Poller {
         }
     }
 
+    /// The feeds enabled, in the config's order.
     pub fn feeds(&self) -> impl Iterator<Item = Feed> + '_ {
-        self.feeds.iter().map(|f| f.feed)
+        self.enabled().map(|f| f.feed)
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = &FeedState> {
+        self.feeds.iter().filter(|f| f.enabled)
     }
 
     /// The feed due soonest with no fetch in flight among those `ready` allows (the loop leaves out a feed whose
@@ -261,7 +286,7 @@ impl Poller {
     }
 
     fn polling(&self) -> impl Iterator<Item = &FeedState> {
-        self.feeds.iter().filter(|f| !f.done && !f.fetching)
+        self.enabled().filter(|f| !f.done && !f.fetching)
     }
 
     /// The loop started fetching the feed's planned page.
@@ -275,7 +300,7 @@ impl Poller {
     /// ahead no longer follows the stored cursor, or the page before it was not stored): the feed is due again as
     /// it was, and plans its next page from the stored cursor.
     pub fn on_abandoned(&mut self, feed: Feed) {
-        if let Some(f) = self.state(feed) {
+        if let Some(f) = self.feeds.iter_mut().find(|f| f.feed == feed) {
             f.fetching = false;
             f.pending = None;
         }
@@ -296,19 +321,19 @@ impl Poller {
         Some(plan)
     }
 
-    /// Fetches in flight.
+    /// Fetches in flight, of disabled feeds too.
     pub fn fetching(&self) -> usize {
         self.feeds.iter().filter(|f| f.fetching).count()
     }
 
     /// Every feed finished its `--once` pass.
     pub fn all_done(&self) -> bool {
-        self.feeds.iter().all(|f| f.done)
+        self.enabled().all(|f| f.done)
     }
 
     /// The feeds refused until an operator acts (credentials, a permission), or given up for this pass.
     pub fn refused(&self) -> impl Iterator<Item = Feed> + '_ {
-        self.feeds.iter().filter(|f| f.refused).map(|f| f.feed)
+        self.enabled().filter(|f| f.refused).map(|f| f.feed)
     }
 
     /// A feed or the whole poller gave up in this `--once` pass.
@@ -367,12 +392,14 @@ impl Poller {
         }
     }
 
+    /// The state of an enabled feed.
     fn state(&mut self, feed: Feed) -> Option<&mut FeedState> {
-        self.feeds.iter_mut().find(|f| f.feed == feed)
+        self.feeds.iter_mut().find(|f| f.feed == feed && f.enabled)
     }
 
     /// A fetch of a planned page came back. `throttle` is the wait the server asked for even on success (its rate-limit
-    /// headers). A feed a reload disabled meanwhile gets nothing: its page is not kept.
+    /// headers). A feed a reload disabled meanwhile gets nothing: its page or failure is dropped without effect, but
+    /// for the end of its fetch.
     pub fn on_page(
         &mut self,
         now: Now,
@@ -381,11 +408,12 @@ impl Poller {
         throttle: Option<Duration>,
     ) -> Vec<Action> {
         let feed = req.feed;
-        let Some(f) = self.state(feed) else {
+        let Some(f) = self.feeds.iter_mut().find(|f| f.feed == feed) else { return Vec::new() };
+        f.fetching = false;
+        if !f.enabled {
             log::info!("{feed}: disabled by a reload; its page in flight is not kept");
             return Vec::new();
-        };
-        f.fetching = false;
+        }
         let page = page.and_then(|page| match pagination_loop(f, req, page) {
             Some(e) => Err(FetchError::Pagination(e)),
             None => Ok(page),
@@ -436,7 +464,9 @@ impl Poller {
         f.skipped += skipped;
         f.due = now.at + throttle;
         if let Some(next) = next {
-            f.tokens.insert(TokenDigest::of(&next));
+            let next = TokenDigest::of(&next);
+            f.tokens.insert(next);
+            f.at = Some((w, next));
             f.pages_seen.extend(keys);
             return;
         }
@@ -454,6 +484,7 @@ impl Poller {
         );
         (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
         f.tokens.clear();
+        f.at = None;
         f.pages_seen.clear();
         if f.clock_back.as_ref().is_some_and(|c| c.window == w) {
             f.clock_back = None;
@@ -481,6 +512,7 @@ impl Poller {
         let attempts = if retry == Retry::RestartWindow {
             f.restarts += 1;
             f.tokens.clear();
+            f.at = None;
             f.pages_seen.clear();
             f.restarts
         } else {
@@ -518,7 +550,7 @@ impl Poller {
     /// `--once`: the store cannot take pages (disk full, locked) and polling stops for this pass. Says whether
     /// a feed was still polling.
     pub fn stop_all(&mut self) -> bool {
-        let polling = self.feeds.iter().any(|f| !f.done);
+        let polling = self.enabled().any(|f| !f.done);
         if polling {
             self.feeds.iter_mut().for_each(|f| f.done = true);
             self.gave_up = true;
@@ -559,8 +591,14 @@ fn clock_went_back(f: &mut FeedState, watermark: i64, now: i64, window: Window) 
 /// window, so an empty page is never "the same records" either.
 fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<String> {
     let next = page.next.as_ref().filter(|_| !page.is_last())?;
+    // The window's pages are those that lead to this one only if it was read where they lead; otherwise it is a
+    // page of a fetch the feed no longer follows (the cursor moved on), which proves nothing about Mimecast.
+    let read_there = |(w, token): (Window, TokenDigest)| {
+        w == req.window && req.page_token.as_deref().map(TokenDigest::of) == Some(token)
+    };
+    let remembered = f.at.is_none_or(read_there);
     // The token just used, or an earlier one (A -> B -> A).
-    if req.page_token.as_ref() == Some(next) || f.tokens.contains(&TokenDigest::of(next)) {
+    if req.page_token.as_ref() == Some(next) || remembered && f.tokens.contains(&TokenDigest::of(next)) {
         return Some(format!(
             "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
              window is not advanced",
@@ -569,7 +607,7 @@ fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<Stri
     }
     // An earlier page's records again (the page before's, or one further back, in any order), under a token never
     // seen: a server that ignores the token it was given, or goes round a few pages.
-    if page.keys.is_some_and(|k| f.pages_seen.contains(&k)) {
+    if remembered && page.keys.is_some_and(|k| f.pages_seen.contains(&k)) {
         return Some(format!(
             "Mimecast sent the same {} records again with a new page token ({}): a pagination loop; the window is \
              not advanced",
@@ -579,7 +617,7 @@ fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<Stri
     }
     // Tokens that are all new and records that all differ, without end: the page before the token set would outgrow
     // its bound is the last one followed. This page is the window's `tokens.len() + 1`th.
-    if f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
+    if remembered && f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
         return Some(format!(
             "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
              needs: a pagination loop; the window is not advanced"
@@ -642,6 +680,10 @@ mod tests {
         Reload(&'static [Feed]),
         /// The reload gave the feed new credentials.
         NewCredentials,
+        /// The feed's next page is fetched, and stays in flight until [`Ev::Answer`].
+        Fetch,
+        /// The fetch in flight comes back: a page with records never served before and a next token, or a failure.
+        Answer(Result<Option<&'static str>, FetchError>),
     }
 
     /// What a row expects: the actions, and the delay until the feed is due again (`None`: not due, done).
@@ -656,13 +698,15 @@ mod tests {
         /// Pages served so far: each [`Ev::Page`] holds a record of its own.
         served: u64,
         mode: Mode,
+        /// The request of [`Ev::Fetch`], until its [`Ev::Answer`].
+        in_flight: Option<PageRequest>,
     }
 
     impl Rig {
         fn new(mode: Mode, behind: i64) -> Rig {
             let now = Now { at: Instant::now(), unix: T0 };
             let p = Poller::new(settings(mode), &[Feed::Audit], now);
-            Rig { p, now, watermark: T0 - behind, window: None, served: 0, mode }
+            Rig { p, now, watermark: T0 - behind, window: None, served: 0, mode, in_flight: None }
         }
 
         /// The request for the feed's next page, from the cursor as the store would keep it.
@@ -736,6 +780,19 @@ mod tests {
                 Ev::NewCredentials => {
                     self.p.on_new_credentials(Feed::Audit, self.now);
                     Vec::new()
+                }
+                Ev::Fetch => {
+                    let req = plan(self);
+                    self.p.on_fetching(req.feed);
+                    self.in_flight = Some(req);
+                    Vec::new()
+                }
+                Ev::Answer(answer) => {
+                    let req = self.in_flight.take().expect("a fetch in flight");
+                    match answer {
+                        Ok(next) => self.answer(&req, next.map(String::from), 1, true),
+                        Err(e) => self.fail(&req, e),
+                    }
                 }
             };
             let due = self.p.next_wake(self.now).map(|d| d.saturating_duration_since(self.now.at).as_secs());
@@ -1321,6 +1378,67 @@ mod tests {
                 (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
             ],
         );
+    }
+
+    /// A feed disabled while its page is in flight, and enabled again before the page comes back, starts no second
+    /// fetch of it: the two pages came back with the same next token, and the second was taken for a pagination
+    /// cycle. A page or a failure that comes back while the feed is disabled is dropped without effect.
+    #[test]
+    fn a_feed_disabled_and_enabled_again_by_reloads_waits_for_its_fetch_in_flight() {
+        let limited = || FetchError::RateLimited(Some(ServerWait { wait: Duration::from_secs(40), asked_secs: 40.0 }));
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                // Page A is in flight when one reload disables the feed (Dlp instead) and another enables it again.
+                (Ev::Fetch, (vec![], None)),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], None)),
+                // Page A comes back: the window goes on from it, nothing is taken for a cycle.
+                (Ev::Answer(Ok(Some("B"))), (vec![commit(Some("B"))], Some(0))),
+                (Ev::Page(Some("C")), (vec![commit(Some("C"))], Some(0))),
+                // Disabled while a fetch is in flight: its page comes back to nothing, and the feed enabled again
+                // reads it from the cursor.
+                (Ev::Fetch, (vec![], None)),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Answer(Ok(Some("D"))), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(0))),
+                (Ev::Page(Some("D")), (vec![commit(Some("D"))], Some(0))),
+                // A failure that comes back while the feed is disabled costs it nothing either.
+                (Ev::Fetch, (vec![], None)),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Answer(Err(limited())), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(0))),
+                // Disabled and enabled again while waiting out a failure, the feed still waits: the wait is
+                // Mimecast's, not the config's.
+                (Ev::Fail(limited()), (vec![err()], Some(40))),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(40))),
+                (Ev::Wait(40), (vec![], Some(0))),
+                (Ev::Page(None), (vec![commit(None)], Some(60))),
+            ],
+        );
+    }
+
+    /// However it came about, a page that comes back for a place in the window the feed no longer reads (page A
+    /// again, once A and B are committed) is not compared with the window's pages as if it were the next one, which
+    /// would take its next token for a cycle: the loop drops it as one that does not follow the cursor.
+    #[test]
+    fn a_page_the_feed_no_longer_reads_is_no_pagination_failure() {
+        let mut rig = check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+            ],
+        );
+        let (window, _) = rig.window.clone().expect("a window in progress");
+        let stale = PageRequest { feed: Feed::Audit, window, page_token: Some("A".into()), page_size: 100 };
+        assert_eq!(strip_all(rig.answer(&stale, Some("B".into()), 1, true)), vec![commit(Some("B"))]);
+        assert_eq!(rig.p.refused().count(), 0);
+        assert_eq!(strip_all(rig.step(Ev::Page(Some("C"))).0), vec![commit(Some("C"))], "the feed goes on at once");
     }
 
     #[test]
