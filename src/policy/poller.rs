@@ -2,9 +2,11 @@
 //!
 //! Events: [`Poller::due`] and [`Poller::plan`] (may a feed fetch, and which page), [`Poller::on_page`] (a page
 //! or a failure came back), [`Poller::on_committed`] (its records are stored), [`Poller::stop_all`] (the store
-//! gives up a `--once` pass), [`Poller::reconfigure`] (SIGHUP). Invariants it keeps:
+//! gives up a `--once` pass), [`Poller::reconfigure`] and [`Poller::on_new_credentials`] (SIGHUP). Invariants it
+//! keeps:
 //! - every failure sets a delay before the feed's next fetch: a backoff that grows with the failures in a row,
 //!   the server's rate-limit wait when longer, or the slow retry when an operator must act; never zero twice;
+//!   a reload ends none of them, nor resets the failures in a row, except that new credentials end a slow retry;
 //! - a refused page token restarts the window, and restarts are counted per window, so a token refused every
 //!   time backs off like any failure instead of re-reading page 1 at full speed;
 //! - a page token seen before in the window is a failure (a pagination cycle), not progress; so is a page that
@@ -20,14 +22,18 @@
 //! - while the clock reads earlier than `clock_floor` ([`window::CLOCK_FLOOR`]: a clock not set yet) no feed is due,
 //!   so no window is planned and no cursor moves by it, and the loop is woken every [`CLOCK_RECHECK`] instead of
 //!   when a feed would be due;
-//! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others; a wait the
-//!   server asks for (a 429's reset, a low `X-RateLimit-Remaining`) holds the feed whose call was answered so.
-//!   Mimecast applies its quota per API user and "differently per resource": another feed that shares an
-//!   exhausted quota gets its own 429 (a call not executed) and waits in turn, one refused call per feed, while a
-//!   hostile reset on one feed cannot stop the others.
+//! - each feed has at most one fetch in flight, so a slow or hanging feed never holds up the others, and a feed a
+//!   reload disables keeps its state, so enabled again it waits for its fetch in flight (whose answer is dropped
+//!   while it is disabled) and for its wait; a wait the server asks for (a 429's reset, a low
+//!   `X-RateLimit-Remaining`) holds the feed whose call was answered so. Mimecast applies its quota per API user
+//!   and "differently per resource": another feed that shares an exhausted quota gets its own 429 (a call not
+//!   executed) and waits in turn, one refused call per feed, while a hostile reset on one feed cannot stop the
+//!   others.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use super::{Mode, Now, Retries};
 use crate::datetime;
@@ -37,12 +43,14 @@ use crate::mimecast::window::{self, Settings, Window};
 use crate::mimecast::wire::{KeysDigest, Page};
 
 /// The most pages one window may take: a window still handing out a next page after this many is a pagination loop
-/// (a failure like a repeated token), however new each token looks. It bounds what one window costs in requests
-/// and in the memory of its tokens (one per page, a few hundred bytes each: a few MB at most). No window a
-/// configuration allows should need so many: Mimecast's quota is per API user and was seen at 10,000 calls an
-/// hour, shared by the six feeds, so a window of 10,000 pages would take more than an hour of the whole quota to
-/// read; at the default page of 500 records it holds 5 million records, over 1,300 a second for the default
-/// one-hour window, far beyond a tenant's security logs.
+/// (a failure like a repeated token), however new each token looks. It bounds what one window costs in requests,
+/// and what the poller remembers of it: per page, a `TokenDigest` of its token (16 bytes) and a [`KeysDigest`] of
+/// its records (32 bytes), whatever the size of the token or the page, so a feed's window holds at most 10,000 × 48
+/// bytes in two hash sets, under 1 MiB with their overhead, and the six feeds under 6 MiB. Beyond that, a feed holds
+/// one token whole, the next page's, until it is fetched. No window a configuration allows should need so many:
+/// Mimecast's quota is per API user and was seen at 10,000 calls an hour, shared by the six feeds, so a window of
+/// 10,000 pages would take more than an hour of the whole quota to read; at the default page of 500 records it holds
+/// 5 million records, over 1,300 a second for the default one-hour window, far beyond a tenant's security logs.
 pub const MAX_PAGES_PER_WINDOW: usize = 10_000;
 
 /// How often the loop looks at the clock again while it reads earlier than `clock_floor`: NTP sets a clock within
@@ -83,13 +91,20 @@ pub struct Plan {
 #[derive(Debug)]
 struct FeedState {
     feed: Feed,
+    /// The config enables the feed. A feed a reload disables is kept, disabled, for its fetch in flight and its
+    /// wait (see [`Poller::reconfigure`]); it is neither due nor listed.
+    enabled: bool,
     due: Instant,
     failures: u32,
     /// Times the window in progress was restarted because its page token was refused; reset when it completes.
     restarts: u32,
-    /// Page tokens Mimecast handed out in the window in progress: one seen again is a cycle, not progress. At
-    /// most [`MAX_PAGES_PER_WINDOW`].
-    tokens: HashSet<String>,
+    /// The page tokens Mimecast handed out in the window in progress, each as its digest: one seen again is a cycle,
+    /// not progress. At most [`MAX_PAGES_PER_WINDOW`].
+    tokens: HashSet<TokenDigest>,
+    /// Where the pages remembered lead: the window in progress and its next page's token, as last committed (`None`
+    /// until a page with a next one is). Only a page read there is compared with them: one read elsewhere is not
+    /// the window's next page, and the loop drops it as one that does not follow the cursor.
+    at: Option<(Window, TokenDigest)>,
     /// The record keys of each page of the window committed so far (each page's set, in any order): a page with
     /// the same ones again, under a new token, is a loop (of one page or of several), not progress. At most
     /// [`MAX_PAGES_PER_WINDOW`].
@@ -114,16 +129,21 @@ struct FeedState {
     /// A failure needed an operator (credentials, a permission) or gave the `--once` pass up, and no page was
     /// committed since: for the agent's health report.
     refused: bool,
+    /// The last failure, with no page committed since, needed an operator: the feed waits out a slow retry, which
+    /// new credentials end.
+    slow: bool,
 }
 
 impl FeedState {
     fn new(feed: Feed, due: Instant) -> FeedState {
         FeedState {
             feed,
+            enabled: true,
             due,
             failures: 0,
             restarts: 0,
             tokens: HashSet::new(),
+            at: None,
             pages_seen: HashSet::new(),
             done: false,
             fetching: false,
@@ -135,7 +155,25 @@ impl FeedState {
             queued: 0,
             skipped: 0,
             refused: false,
+            slow: false,
         }
+    }
+}
+
+/// A page token as a window remembers it: the first 16 bytes of its SHA-256. A token's length has no limit but the
+/// page's (100 KB tokens were seen to take the agent from 25 to 149 MB in 1,334 pages when the window kept them
+/// whole), and a window remembers each one it was handed, so it keeps this instead. Two tokens of a window share
+/// a digest with a chance of about 2^-128 a pair: a false cycle, which would fail that page, is not a risk worth
+/// more bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TokenDigest([u8; 16]);
+
+impl TokenDigest {
+    fn of(token: &str) -> TokenDigest {
+        let hash = Sha256::digest(token.as_bytes());
+        let mut digest = [0; 16];
+        digest.copy_from_slice(&hash[..16]);
+        TokenDigest(digest)
     }
 }
 
@@ -179,25 +217,48 @@ impl Poller {
         }
     }
 
-    /// SIGHUP: the feeds kept keep their state, new ones are due at once, and a feed waiting out a failure (slow
-    /// retry for credentials or a permission, say) tries again at once with the new config.
+    /// SIGHUP: the feeds kept keep their state, their waits included (a backoff, a server's rate-limit wait, a slow
+    /// retry) and their failures in a row, so that reloading is no way round what Mimecast answered (100 reloads
+    /// once made 636 calls into a Mimecast answering 429); a feed never enabled before is due at once. The loop
+    /// then tells the feeds whose credentials changed ([`Poller::on_new_credentials`]).
+    ///
+    /// A feed the reload disables keeps its state too, disabled (at most one per [`Feed`]): its fetch in flight,
+    /// whose answer is dropped while it is disabled, and its wait. Enabled again, it starts no second fetch before
+    /// the first is answered (both pages would come back with the same next token, the second taken for a
+    /// pagination cycle), and it waits out what it was waiting out.
     pub fn reconfigure(&mut self, s: PollerSettings, feeds: &[Feed], now: Now) {
-        let mut kept = Vec::new();
+        let mut states = Vec::new();
         for &feed in feeds {
-            match self.feeds.iter().position(|f| f.feed == feed) {
-                Some(i) => kept.push(self.feeds.swap_remove(i)),
-                None => kept.push(FeedState::new(feed, now.at)),
-            }
+            let i = self.feeds.iter().position(|f| f.feed == feed);
+            let mut state = i.map_or_else(|| FeedState::new(feed, now.at), |i| self.feeds.remove(i));
+            state.enabled = true;
+            states.push(state);
         }
-        for f in kept.iter_mut().filter(|f| f.failures > 0) {
-            (f.due, f.failures) = (now.at, 0);
+        for mut state in self.feeds.drain(..) {
+            state.enabled = false;
+            states.push(state);
         }
-        self.feeds = kept;
+        self.feeds = states;
         self.s = s;
     }
 
+    /// A reload gave `feed` other credentials (client id, secret or base URL): a slow retry it waits out ends at
+    /// once, since the failure it waits for may be what they mend (credentials refused, a permission the API
+    /// application lacks, a redirect, a request refused as not retryable). Any other wait stands: a backoff or a
+    /// rate-limit wait is about the server, and a new secret of the same API user shares that user's quota.
+    pub fn on_new_credentials(&mut self, feed: Feed, now: Now) {
+        if let Some(f) = self.state(feed).filter(|f| f.slow) {
+            f.due = f.due.min(now.at);
+        }
+    }
+
+    /// The feeds enabled, in the config's order.
     pub fn feeds(&self) -> impl Iterator<Item = Feed> + '_ {
-        self.feeds.iter().map(|f| f.feed)
+        self.enabled().map(|f| f.feed)
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = &FeedState> {
+        self.feeds.iter().filter(|f| f.enabled)
     }
 
     /// The feed due soonest with no fetch in flight among those `ready` allows (the loop leaves out a feed whose
@@ -225,7 +286,7 @@ impl Poller {
     }
 
     fn polling(&self) -> impl Iterator<Item = &FeedState> {
-        self.feeds.iter().filter(|f| !f.done && !f.fetching)
+        self.enabled().filter(|f| !f.done && !f.fetching)
     }
 
     /// The loop started fetching the feed's planned page.
@@ -239,7 +300,7 @@ impl Poller {
     /// ahead no longer follows the stored cursor, or the page before it was not stored): the feed is due again as
     /// it was, and plans its next page from the stored cursor.
     pub fn on_abandoned(&mut self, feed: Feed) {
-        if let Some(f) = self.state(feed) {
+        if let Some(f) = self.feeds.iter_mut().find(|f| f.feed == feed) {
             f.fetching = false;
             f.pending = None;
         }
@@ -260,19 +321,19 @@ impl Poller {
         Some(plan)
     }
 
-    /// Fetches in flight.
+    /// Fetches in flight, of disabled feeds too.
     pub fn fetching(&self) -> usize {
         self.feeds.iter().filter(|f| f.fetching).count()
     }
 
     /// Every feed finished its `--once` pass.
     pub fn all_done(&self) -> bool {
-        self.feeds.iter().all(|f| f.done)
+        self.enabled().all(|f| f.done)
     }
 
     /// The feeds refused until an operator acts (credentials, a permission), or given up for this pass.
     pub fn refused(&self) -> impl Iterator<Item = Feed> + '_ {
-        self.feeds.iter().filter(|f| f.refused).map(|f| f.feed)
+        self.enabled().filter(|f| f.refused).map(|f| f.feed)
     }
 
     /// A feed or the whole poller gave up in this `--once` pass.
@@ -331,12 +392,14 @@ impl Poller {
         }
     }
 
+    /// The state of an enabled feed.
     fn state(&mut self, feed: Feed) -> Option<&mut FeedState> {
-        self.feeds.iter_mut().find(|f| f.feed == feed)
+        self.feeds.iter_mut().find(|f| f.feed == feed && f.enabled)
     }
 
     /// A fetch of a planned page came back. `throttle` is the wait the server asked for even on success (its rate-limit
-    /// headers). A feed a reload disabled meanwhile gets nothing: its page is not kept.
+    /// headers). A feed a reload disabled meanwhile gets nothing: its page or failure is dropped without effect, but
+    /// for the end of its fetch.
     pub fn on_page(
         &mut self,
         now: Now,
@@ -345,11 +408,12 @@ impl Poller {
         throttle: Option<Duration>,
     ) -> Vec<Action> {
         let feed = req.feed;
-        let Some(f) = self.state(feed) else {
+        let Some(f) = self.feeds.iter_mut().find(|f| f.feed == feed) else { return Vec::new() };
+        f.fetching = false;
+        if !f.enabled {
             log::info!("{feed}: disabled by a reload; its page in flight is not kept");
             return Vec::new();
-        };
-        f.fetching = false;
+        }
         let page = page.and_then(|page| match pagination_loop(f, req, page) {
             Some(e) => Err(FetchError::Pagination(e)),
             None => Ok(page),
@@ -394,13 +458,15 @@ impl Poller {
         let horizon = self.horizon(now);
         let Some(f) = self.state(feed) else { return };
         let Some(Pending { window: w, next, throttle, keys }) = f.pending.take() else { return };
-        (f.failures, f.refused) = (0, false);
+        (f.failures, f.refused, f.slow) = (0, false, false);
         f.pages += 1;
         f.queued += queued;
         f.skipped += skipped;
         f.due = now.at + throttle;
         if let Some(next) = next {
+            let next = TokenDigest::of(&next);
             f.tokens.insert(next);
+            f.at = Some((w, next));
             f.pages_seen.extend(keys);
             return;
         }
@@ -418,6 +484,7 @@ impl Poller {
         );
         (f.pages, f.queued, f.skipped, f.restarts) = (0, 0, 0, 0);
         f.tokens.clear();
+        f.at = None;
         f.pages_seen.clear();
         if f.clock_back.as_ref().is_some_and(|c| c.window == w) {
             f.clock_back = None;
@@ -445,6 +512,7 @@ impl Poller {
         let attempts = if retry == Retry::RestartWindow {
             f.restarts += 1;
             f.tokens.clear();
+            f.at = None;
             f.pages_seen.clear();
             f.restarts
         } else {
@@ -461,6 +529,7 @@ impl Poller {
         let gave_up = r.mode == Mode::Once && (retry == Retry::Slow || attempts >= r.once_attempts);
         f.done |= gave_up;
         f.refused |= retry == Retry::Slow || gave_up;
+        f.slow = retry == Retry::Slow;
         self.gave_up |= gave_up;
         let mut actions = vec![Action::RecordError(e.to_string())];
         if retry == Retry::Slow {
@@ -481,7 +550,7 @@ impl Poller {
     /// `--once`: the store cannot take pages (disk full, locked) and polling stops for this pass. Says whether
     /// a feed was still polling.
     pub fn stop_all(&mut self) -> bool {
-        let polling = self.feeds.iter().any(|f| !f.done);
+        let polling = self.enabled().any(|f| !f.done);
         if polling {
             self.feeds.iter_mut().for_each(|f| f.done = true);
             self.gave_up = true;
@@ -522,8 +591,14 @@ fn clock_went_back(f: &mut FeedState, watermark: i64, now: i64, window: Window) 
 /// window, so an empty page is never "the same records" either.
 fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<String> {
     let next = page.next.as_ref().filter(|_| !page.is_last())?;
+    // The window's pages are those that lead to this one only if it was read where they lead; otherwise it is a
+    // page of a fetch the feed no longer follows (the cursor moved on), which proves nothing about Mimecast.
+    let read_there = |(w, token): (Window, TokenDigest)| {
+        w == req.window && req.page_token.as_deref().map(TokenDigest::of) == Some(token)
+    };
+    let remembered = f.at.is_none_or(read_there);
     // The token just used, or an earlier one (A -> B -> A).
-    if req.page_token.as_ref() == Some(next) || f.tokens.contains(next) {
+    if req.page_token.as_ref() == Some(next) || remembered && f.tokens.contains(&TokenDigest::of(next)) {
         return Some(format!(
             "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
              window is not advanced",
@@ -532,7 +607,7 @@ fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<Stri
     }
     // An earlier page's records again (the page before's, or one further back, in any order), under a token never
     // seen: a server that ignores the token it was given, or goes round a few pages.
-    if page.keys.is_some_and(|k| f.pages_seen.contains(&k)) {
+    if remembered && page.keys.is_some_and(|k| f.pages_seen.contains(&k)) {
         return Some(format!(
             "Mimecast sent the same {} records again with a new page token ({}): a pagination loop; the window is \
              not advanced",
@@ -542,7 +617,7 @@ fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<Stri
     }
     // Tokens that are all new and records that all differ, without end: the page before the token set would outgrow
     // its bound is the last one followed. This page is the window's `tokens.len() + 1`th.
-    if f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
+    if remembered && f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
         return Some(format!(
             "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
              needs: a pagination loop; the window is not advanced"
@@ -601,6 +676,14 @@ mod tests {
         Empty(Option<&'static str>),
         /// A fetch failed.
         Fail(FetchError),
+        /// SIGHUP: the feeds enabled now.
+        Reload(&'static [Feed]),
+        /// The reload gave the feed new credentials.
+        NewCredentials,
+        /// The feed's next page is fetched, and stays in flight until [`Ev::Answer`].
+        Fetch,
+        /// The fetch in flight comes back: a page with records never served before and a next token, or a failure.
+        Answer(Result<Option<&'static str>, FetchError>),
     }
 
     /// What a row expects: the actions, and the delay until the feed is due again (`None`: not due, done).
@@ -614,13 +697,16 @@ mod tests {
         window: Option<(Window, Option<String>)>,
         /// Pages served so far: each [`Ev::Page`] holds a record of its own.
         served: u64,
+        mode: Mode,
+        /// The request of [`Ev::Fetch`], until its [`Ev::Answer`].
+        in_flight: Option<PageRequest>,
     }
 
     impl Rig {
         fn new(mode: Mode, behind: i64) -> Rig {
             let now = Now { at: Instant::now(), unix: T0 };
             let p = Poller::new(settings(mode), &[Feed::Audit], now);
-            Rig { p, now, watermark: T0 - behind, window: None, served: 0 }
+            Rig { p, now, watermark: T0 - behind, window: None, served: 0, mode, in_flight: None }
         }
 
         /// The request for the feed's next page, from the cursor as the store would keep it.
@@ -635,18 +721,39 @@ mod tests {
         /// `next`; commits it if the poller says so.
         fn page(&mut self, next: Option<String>, held: usize, new: bool) -> Vec<Action> {
             let req = self.plan();
+            self.answer(&req, next, held, new)
+        }
+
+        /// The page of `req` comes back; it is committed if the poller says so and it follows the cursor (the loop
+        /// drops a page that does not, and says so with [`Poller::on_abandoned`]).
+        fn answer(&mut self, req: &PageRequest, next: Option<String>, held: usize, new: bool) -> Vec<Action> {
             self.served += u64::from(new && held > 0);
             let key = format!("id:{}", self.served);
             let keys = Some(crate::mimecast::wire::keys_digest([key.as_str()].into_iter().take(held)));
             // The records are taken out before the poller sees the page, as the fetch task does.
             let page = Page { held, records: Vec::new(), next, repaired: 0, keys };
-            let actions = self.p.on_page(self.now, &req, Ok(&page), None);
-            if let Some(Action::Commit { next_token, .. }) = actions.first() {
+            let actions = self.p.on_page(self.now, req, Ok(&page), None);
+            let follows = match &self.window {
+                Some((w, token)) => *w == req.window && *token == req.page_token,
+                None => req.page_token.is_none(),
+            };
+            if let (Some(Action::Commit { .. }), false) = (actions.first(), follows) {
+                self.p.on_abandoned(req.feed);
+            } else if let Some(Action::Commit { next_token, .. }) = actions.first() {
                 self.window = next_token.clone().map(|t| (req.window, Some(t)));
                 if next_token.is_none() {
                     self.watermark = req.window.to;
                 }
                 self.p.on_committed(self.now, req.feed, 1, 0);
+            }
+            actions
+        }
+
+        /// The fetch of `req` failed.
+        fn fail(&mut self, req: &PageRequest, e: FetchError) -> Vec<Action> {
+            let actions = self.p.on_page(self.now, req, Err(e), None);
+            if actions.contains(&Action::RestartWindow) {
+                self.window = self.window.take().map(|(w, _)| (w, None));
             }
             actions
         }
@@ -664,11 +771,28 @@ mod tests {
                 Ev::Empty(next) => self.page(next.map(String::from), 0, true),
                 Ev::Fail(e) => {
                     let plan = plan(self);
-                    let actions = self.p.on_page(self.now, &plan, Err(e), None);
-                    if actions.contains(&Action::RestartWindow) {
-                        self.window = self.window.take().map(|(w, _)| (w, None));
+                    self.fail(&plan, e)
+                }
+                Ev::Reload(feeds) => {
+                    self.p.reconfigure(settings(self.mode), feeds, self.now);
+                    Vec::new()
+                }
+                Ev::NewCredentials => {
+                    self.p.on_new_credentials(Feed::Audit, self.now);
+                    Vec::new()
+                }
+                Ev::Fetch => {
+                    let req = plan(self);
+                    self.p.on_fetching(req.feed);
+                    self.in_flight = Some(req);
+                    Vec::new()
+                }
+                Ev::Answer(answer) => {
+                    let req = self.in_flight.take().expect("a fetch in flight");
+                    match answer {
+                        Ok(next) => self.answer(&req, next.map(String::from), 1, true),
+                        Err(e) => self.fail(&req, e),
                     }
-                    actions
                 }
             };
             let due = self.p.next_wake(self.now).map(|d| d.saturating_duration_since(self.now.at).as_secs());
@@ -944,6 +1068,37 @@ mod tests {
         assert_eq!((tokens(&rig), rig.watermark), (0, T0 - 60), "the window completed; its tokens are forgotten");
     }
 
+    /// The heap a remembered page token takes in the poller, whatever form it is kept in.
+    trait Held {
+        fn held(&self) -> usize;
+    }
+
+    impl Held for TokenDigest {
+        fn held(&self) -> usize {
+            std::mem::size_of::<TokenDigest>()
+        }
+    }
+
+    /// A window remembers each page token in a few bytes whatever its length: what a window keeps is bounded by its
+    /// pages alone (100 KB tokens once took the agent from 25 to 149 MB in 1,334 pages).
+    #[test]
+    fn a_window_remembers_each_page_token_in_a_few_bytes_however_long() {
+        const PAGES: usize = 50;
+        for len in [100_000, 8] {
+            let token = |i: usize| format!("{i}{}", "t".repeat(len));
+            let mut rig = Rig::new(Mode::Daemon, 600);
+            for i in 0..PAGES {
+                assert_eq!(strip_all(rig.page(Some(token(i)), 1, true)), vec![commit(Some(&token(i)))], "page {i}");
+            }
+            let held: usize = rig.p.feeds[0].tokens.iter().map(Held::held).sum();
+            assert!(held <= PAGES * 16, "{len}-byte tokens: {held} bytes held for {PAGES} pages");
+            // Still a cycle: the first token again, and the one just used.
+            assert_eq!(strip_all(rig.page(Some(token(0)), 1, true)), vec![err()], "{len}-byte tokens");
+            rig.step(Ev::Wait(2));
+            assert_eq!(strip_all(rig.page(Some(token(PAGES - 1)), 1, true)), vec![err()], "{len}-byte tokens");
+        }
+    }
+
     #[test]
     fn once_gives_up_after_its_attempts_and_at_once_where_an_operator_must_act() {
         let net = || FetchError::Server { status: 502, detail: "bad gateway".into() };
@@ -1140,7 +1295,7 @@ mod tests {
     }
 
     #[test]
-    fn reload_keeps_state_adds_feeds_and_retries_failing_ones_at_once() {
+    fn reload_keeps_state_and_adds_feeds() {
         let mut rig = Rig::new(Mode::Daemon, 600);
         rig.step(Ev::Fail(FetchError::Forbidden(Feed::Audit)));
         assert_eq!(rig.p.due(rig.now), None);
@@ -1153,6 +1308,137 @@ mod tests {
             PageRequest { feed: Feed::Audit, window: Window { from: 0, to: 1 }, page_token: None, page_size: 100 };
         let page = Page { records: vec![], held: 0, next: None, repaired: 0, keys: None };
         assert_eq!(rig.p.on_page(rig.now, &req, Ok(&page), None), vec![]);
+    }
+
+    /// SIGHUP is no way round a wait: 100 reloads once made 636 calls into a Mimecast answering 429, each reload
+    /// making every feed that had failed due at once, with its count of failures back to 0.
+    #[test]
+    fn a_reload_keeps_each_feeds_wait_and_count_of_failures() {
+        let limited = |secs: u64| {
+            FetchError::RateLimited(Some(ServerWait { wait: Duration::from_secs(secs), asked_secs: secs as f64 }))
+        };
+        let net = || FetchError::Server { status: 503, detail: "unavailable".into() };
+        let rig = check(
+            Mode::Daemon,
+            600,
+            &[
+                // A 429 that asks for 40 s: reloads do not end the wait.
+                (Ev::Fail(limited(40)), (vec![err()], Some(40))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(40))),
+                (Ev::Wait(10), (vec![], Some(30))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(30))),
+                (Ev::Wait(30), (vec![], Some(0))),
+                // Nor do they forget the failures in a row: the second backs off 4 s, the third 8 s.
+                (Ev::Fail(net()), (vec![err()], Some(4))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                (Ev::Fail(net()), (vec![err()], Some(8))),
+                (Ev::Wait(8), (vec![], Some(0))),
+                // A slow retry (a permission missing) is a wait like any other.
+                (Ev::Fail(FetchError::Forbidden(Feed::Audit)), (vec![err()], Some(300))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(300))),
+                (Ev::Wait(300), (vec![], Some(0))),
+                // After the wait, a page: the count is reset, and the next failure waits the base again.
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Fail(net()), (vec![err()], Some(2))),
+            ],
+        );
+        // A feed the reload adds is due at once, while the one kept goes on waiting.
+        let mut rig = rig;
+        rig.step(Ev::Reload(&[Feed::Audit, Feed::Dlp]));
+        assert_eq!(rig.p.due(rig.now), Some(Feed::Dlp));
+        let audit = rig.p.next_wake_where(rig.now, |f| f == Feed::Audit);
+        assert_eq!(audit, Some(rig.now.at + Duration::from_secs(2)));
+    }
+
+    /// New credentials may mend what a slow retry waits for (credentials refused, a permission the API application
+    /// lacks, a base URL that redirects), so they end it; a backoff or a rate-limit wait is about the server and
+    /// stands (a new secret of the same API user shares its quota).
+    #[test]
+    fn new_credentials_end_a_slow_retry_and_no_other_wait() {
+        let limited = FetchError::RateLimited(Some(ServerWait { wait: Duration::from_secs(40), asked_secs: 40.0 }));
+        let net = FetchError::Server { status: 503, detail: "unavailable".into() };
+        let refused = FetchError::Auth(AuthError::Refused { status: 401, detail: "invalid_client".into() });
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Fail(limited), (vec![err()], Some(40))),
+                (Ev::NewCredentials, (vec![], Some(40))),
+                (Ev::Wait(40), (vec![], Some(0))),
+                (Ev::Fail(net), (vec![err()], Some(4))),
+                (Ev::NewCredentials, (vec![], Some(4))),
+                (Ev::Wait(4), (vec![], Some(0))),
+                (Ev::Fail(FetchError::Forbidden(Feed::Audit)), (vec![err()], Some(300))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(300))),
+                (Ev::NewCredentials, (vec![], Some(0))),
+                (Ev::Fail(refused), (vec![err()], Some(300))),
+                (Ev::Wait(100), (vec![], Some(200))),
+                (Ev::NewCredentials, (vec![], Some(0))),
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+            ],
+        );
+    }
+
+    /// A feed disabled while its page is in flight, and enabled again before the page comes back, starts no second
+    /// fetch of it: the two pages came back with the same next token, and the second was taken for a pagination
+    /// cycle. A page or a failure that comes back while the feed is disabled is dropped without effect.
+    #[test]
+    fn a_feed_disabled_and_enabled_again_by_reloads_waits_for_its_fetch_in_flight() {
+        let limited = || FetchError::RateLimited(Some(ServerWait { wait: Duration::from_secs(40), asked_secs: 40.0 }));
+        check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                // Page A is in flight when one reload disables the feed (Dlp instead) and another enables it again.
+                (Ev::Fetch, (vec![], None)),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], None)),
+                // Page A comes back: the window goes on from it, nothing is taken for a cycle.
+                (Ev::Answer(Ok(Some("B"))), (vec![commit(Some("B"))], Some(0))),
+                (Ev::Page(Some("C")), (vec![commit(Some("C"))], Some(0))),
+                // Disabled while a fetch is in flight: its page comes back to nothing, and the feed enabled again
+                // reads it from the cursor.
+                (Ev::Fetch, (vec![], None)),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Answer(Ok(Some("D"))), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(0))),
+                (Ev::Page(Some("D")), (vec![commit(Some("D"))], Some(0))),
+                // A failure that comes back while the feed is disabled costs it nothing either.
+                (Ev::Fetch, (vec![], None)),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Answer(Err(limited())), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(0))),
+                // Disabled and enabled again while waiting out a failure, the feed still waits: the wait is
+                // Mimecast's, not the config's.
+                (Ev::Fail(limited()), (vec![err()], Some(40))),
+                (Ev::Reload(&[Feed::Dlp]), (vec![], Some(0))),
+                (Ev::Reload(&[Feed::Audit]), (vec![], Some(40))),
+                (Ev::Wait(40), (vec![], Some(0))),
+                (Ev::Page(None), (vec![commit(None)], Some(60))),
+            ],
+        );
+    }
+
+    /// However it came about, a page that comes back for a place in the window the feed no longer reads (page A
+    /// again, once A and B are committed) is not compared with the window's pages as if it were the next one, which
+    /// would take its next token for a cycle: the loop drops it as one that does not follow the cursor.
+    #[test]
+    fn a_page_the_feed_no_longer_reads_is_no_pagination_failure() {
+        let mut rig = check(
+            Mode::Daemon,
+            600,
+            &[
+                (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
+                (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
+            ],
+        );
+        let (window, _) = rig.window.clone().expect("a window in progress");
+        let stale = PageRequest { feed: Feed::Audit, window, page_token: Some("A".into()), page_size: 100 };
+        assert_eq!(strip_all(rig.answer(&stale, Some("B".into()), 1, true)), vec![commit(Some("B"))]);
+        assert_eq!(rig.p.refused().count(), 0);
+        assert_eq!(strip_all(rig.step(Ev::Page(Some("C"))).0), vec![commit(Some("C"))], "the feed goes on at once");
     }
 
     #[test]
