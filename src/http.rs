@@ -11,6 +11,10 @@ use crate::error::Cause;
 /// Larger bodies are refused rather than buffered: a Mimecast page of 500 records is well under a megabyte.
 const MAX_BODY: u64 = 64 * 1024 * 1024;
 
+/// The connection is made within `http.timeout_secs`, and within this at most: a host that does not answer the
+/// connection at all is given up on sooner than one that is slow to answer a request.
+const CONNECT_TIMEOUT_CAP: Duration = Duration::from_secs(10);
+
 /// A complete response of any status.
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -342,6 +346,48 @@ impl HttpError {
     }
 }
 
+/// A limit of [`Http::new`] that ran out, said in an operator's words: what did not happen in time, within how
+/// long, and the setting that sets it. ureq says only which of its limits it was (`timeout: global`). The cause of
+/// [`HttpError::Timeout`] when ureq names one of the limits the agent sets; ureq's error says nothing more, so it
+/// is not kept as a source, which `error::describe` would repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut {
+    /// The limit ureq named: [`ureq::Timeout::Global`] (or `PerCall`) or [`ureq::Timeout::Connect`].
+    pub limit: ureq::Timeout,
+    /// How long it was.
+    pub after: Duration,
+}
+
+impl TimedOut {
+    /// The limit `e` names, with its length in `timeouts` (the agent's), if it is one the agent sets.
+    fn of(e: &ureq::Error, timeouts: &ureq::config::Timeouts) -> Option<TimedOut> {
+        let ureq::Error::Timeout(limit) = e else { return None };
+        let after = match limit {
+            ureq::Timeout::Global => timeouts.global,
+            ureq::Timeout::PerCall => timeouts.per_call.or(timeouts.global),
+            ureq::Timeout::Connect => timeouts.connect,
+            _ => None,
+        }?;
+        Some(TimedOut { limit: *limit, after })
+    }
+}
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.after.as_secs_f64();
+        match self.limit {
+            ureq::Timeout::Connect => write!(
+                f,
+                "no connection within {secs} s (http.timeout_secs, at most {} s for connecting)",
+                CONNECT_TIMEOUT_CAP.as_secs()
+            ),
+            _ => write!(f, "no complete answer within {secs} s (http.timeout_secs)"),
+        }
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
 /// A cloneable blocking client (ureq's Agent shares its connection pool between clones), or a simulated one: the
 /// deterministic simulator answers every request itself ([`Transport`]), so that the code above this module runs
 /// unchanged against simulated peers.
@@ -377,7 +423,7 @@ impl Http {
         let mut builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
-            .timeout_connect(Some(timeout.min(Duration::from_secs(10))))
+            .timeout_connect(Some(timeout.min(CONNECT_TIMEOUT_CAP)))
             .user_agent(concat!("mimecast-forwarder/", env!("CARGO_PKG_VERSION")))
             .max_redirects(0);
         if let Some(proxy) = &cfg.proxy {
@@ -410,7 +456,7 @@ impl Http {
 
     pub fn post(&self, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<Response, HttpError> {
         match &self.inner {
-            Inner::Ureq(agent) => finish(with_headers(agent.post(url), headers).send(&body[..])),
+            Inner::Ureq(agent) => finish(agent, with_headers(agent.post(url), headers).send(&body[..])),
             Inner::Simulated(t) => t.exchange(Exchange { method: "POST", url, headers, body: &body }),
         }
     }
@@ -418,7 +464,7 @@ impl Http {
     /// POSTs `form` as `application/x-www-form-urlencoded` (ureq encodes it and sets the Content-Type).
     pub fn post_form(&self, url: &str, headers: &[(&str, &str)], form: &[(&str, &str)]) -> Result<Response, HttpError> {
         match &self.inner {
-            Inner::Ureq(agent) => finish(with_headers(agent.post(url), headers).send_form(form.iter().copied())),
+            Inner::Ureq(agent) => finish(agent, with_headers(agent.post(url), headers).send_form(form.iter().copied())),
             Inner::Simulated(t) => {
                 let body = form_encode(form);
                 let mut all = headers.to_vec();
@@ -430,7 +476,7 @@ impl Http {
 
     pub fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<Response, HttpError> {
         match &self.inner {
-            Inner::Ureq(agent) => finish(with_headers(agent.get(url), headers).call()),
+            Inner::Ureq(agent) => finish(agent, with_headers(agent.get(url), headers).call()),
             Inner::Simulated(t) => t.exchange(Exchange { method: "GET", url, headers, body: &[] }),
         }
     }
@@ -460,19 +506,28 @@ fn with_headers<B>(mut req: ureq::RequestBuilder<B>, headers: &[(&str, &str)]) -
     req
 }
 
-fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Response, HttpError> {
-    let mut resp = result.map_err(classify)?;
+/// The response read whole, or the error classified; a timeout is said with `agent`'s limits.
+fn finish(
+    agent: &ureq::Agent,
+    result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<Response, HttpError> {
+    let timeouts = agent.config().timeouts();
+    let mut resp = result.map_err(|e| classify(e, &timeouts))?;
     let status = resp.status().as_u16();
     let headers = resp
         .headers()
         .iter()
         .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(classify)?;
+    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(|e| classify(e, &timeouts))?;
     Ok(Response { status, headers, body })
 }
 
-fn classify(e: ureq::Error) -> HttpError {
+/// What callers decide on, from ureq's error; `timeouts` are the agent's, which a timeout's message quotes.
+fn classify(e: ureq::Error, timeouts: &ureq::config::Timeouts) -> HttpError {
+    if let Some(t) = TimedOut::of(&e, timeouts) {
+        return HttpError::Timeout(Cause::new(t));
+    }
     let kind: fn(Cause) -> HttpError = match &e {
         ureq::Error::Timeout(_) => HttpError::Timeout,
         ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => HttpError::Connect,
@@ -626,6 +681,54 @@ mod tests {
         assert!(matches!(e, HttpError::Connect(_)), "{e:?}");
         assert!(e.source().is_some_and(|s| s.downcast_ref::<ureq::Error>().is_some()), "{e:?}");
         assert_eq!(crate::error::describe(&e), e.to_string());
+    }
+
+    /// A timeout says which limit ran out, how long it was and the setting behind it, once: not ureq's
+    /// "timeout: global".
+    #[test]
+    fn a_timeout_says_what_ran_out_of_time_in_words() {
+        use std::error::Error as _;
+        // A server that takes the connection and never answers: the whole exchange runs out of time.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", silent.local_addr().unwrap());
+        let http = Http::new(&HttpConfig { timeout_secs: 1, proxy: None, ca_file: None }).unwrap();
+        let e = http.get(&url, &[]).unwrap_err();
+        assert!(matches!(e, HttpError::Timeout(_)), "{e:?}");
+        assert_eq!(e.to_string(), "timed out: no complete answer within 1 s (http.timeout_secs)");
+        assert_eq!(crate::error::describe(&e), e.to_string(), "said once");
+        assert!(e.source().is_some_and(|s| s.downcast_ref::<TimedOut>().is_some()), "{e:?}");
+        drop(silent);
+
+        // Each limit ureq names, as the agent sets them: the whole exchange within timeout_secs, the connection
+        // within it too but at most 10 s. Any other is said as ureq says it.
+        let said = |secs: i64, e: ureq::Error| {
+            let http = Http::new(&HttpConfig { timeout_secs: secs, proxy: None, ca_file: None }).unwrap();
+            let e = classify(e, &http.agent.config().timeouts());
+            assert!(matches!(e, HttpError::Timeout(_)), "{e:?}");
+            assert_eq!(crate::error::describe(&e), e.to_string(), "said once");
+            e.to_string()
+        };
+        use ureq::Timeout::{Connect, Global, PerCall, RecvBody};
+        assert_eq!(
+            said(30, ureq::Error::Timeout(Global)),
+            "timed out: no complete answer within 30 s (http.timeout_secs)"
+        );
+        assert_eq!(
+            said(30, ureq::Error::Timeout(PerCall)),
+            "timed out: no complete answer within 30 s (http.timeout_secs)"
+        );
+        assert_eq!(
+            said(30, ureq::Error::Timeout(Connect)),
+            "timed out: no connection within 10 s (http.timeout_secs, at most 10 s for connecting)"
+        );
+        assert_eq!(
+            said(4, ureq::Error::Timeout(Connect)),
+            "timed out: no connection within 4 s (http.timeout_secs, at most 10 s for connecting)"
+        );
+        assert_eq!(said(30, ureq::Error::Timeout(RecvBody)), "timed out: timeout: receive body");
+        // The system's own connect timeout, which ureq passes on as an I/O error.
+        let os = std::io::Error::new(std::io::ErrorKind::TimedOut, "Connection timed out (os error 110)");
+        assert_eq!(said(30, ureq::Error::Io(os)), "timed out: io: Connection timed out (os error 110)");
     }
 
     #[test]

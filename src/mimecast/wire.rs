@@ -1,5 +1,6 @@
 //! Pure Mimecast wire format: the page request, the page response, and a record's stable key and time.
 
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -80,6 +81,16 @@ pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&s
 /// Parses a 200 response body into a page, or says why it is not one. Every value is checked: only JSON objects
 /// are ever returned as records, and anything that does not look like the documented envelope is `Malformed` or
 /// `NotJson` (a failed call, retried), never a last page.
+///
+/// A page in which one object holds a name twice, at any depth, is `Malformed` too, naming the feed, the name and
+/// where it is ([`repeated_name`]). JSON leaves such a value undefined (RFC 8259: names SHOULD be unique), and
+/// serde_json keeps the last value alone: the record would be queued without the first, altered with nothing
+/// said. It is not kept as it came instead: a record is keyed, stored and sent from its parsed value, and what
+/// Datadog received would be an object whose reader may keep either value. So the page is not stored and is read
+/// again with backoff, as any malformed page, and its feed waits there with the error in `status` until Mimecast
+/// sends it otherwise: nothing is lost or altered, and the operator is told. Every depth is checked, not only a
+/// record's top level: a repeated name loses a value wherever it is, and in the envelope a repeated `data` (or a
+/// wrapper's records array) would lose records whole.
 pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
     // A serializer that cut a string inside an emoji (an unpaired surrogate) or wrote Latin-1 makes the whole page
     // unreadable, and a page that is never read stops its feed for good: read such a page with the offending
@@ -87,11 +98,17 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
     // allows a parser to.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let (doc, repaired): (Value, usize) = match serde_json::from_slice(body) {
-        Ok(doc) => (doc, 0),
+        Ok(doc) => {
+            repeated(feed, body)?;
+            (doc, 0)
+        }
         Err(e) => {
             let (text, repaired) = repair(body);
             match serde_json::from_str(&text) {
-                Ok(doc) if repaired > 0 => (doc, repaired),
+                Ok(doc) if repaired > 0 => {
+                    repeated(feed, text.as_bytes())?;
+                    (doc, repaired)
+                }
                 _ => return Err(WireError::NotJson(Cause::new(e))),
             }
         }
@@ -122,6 +139,146 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
 
 fn malformed(m: &str) -> WireError {
     WireError::Malformed(m.to_owned())
+}
+
+/// `Malformed` when an object of `text` (a page serde_json has read) holds a name twice; see [`parse_page`].
+fn repeated(feed: Feed, text: &[u8]) -> Result<(), WireError> {
+    match repeated_name(text) {
+        None => Ok(()),
+        Some(r) => Err(WireError::Malformed(format!(
+            "the {feed} page holds the name \"{}\" twice in one object, at {}: a JSON reader keeps one of the values \
+             and loses the other, so the page is not stored",
+            printable(&r.name, 100),
+            r.at()
+        ))),
+    }
+}
+
+/// A name that one object holds twice, and where that object is.
+#[derive(Debug)]
+struct Repeated {
+    name: String,
+    /// The steps from the page's top level down to the object, innermost first (as they were found).
+    path: Vec<Step>,
+}
+
+#[derive(Debug)]
+enum Step {
+    Name(String),
+    Index(usize),
+}
+
+impl Repeated {
+    /// The object's place, as `data[1].u.v[0]`, or "its top level". Names are the server's: printed safely and cut.
+    fn at(&self) -> String {
+        let mut at = String::new();
+        for step in self.path.iter().rev() {
+            match step {
+                Step::Index(i) => at.push_str(&format!("[{i}]")),
+                Step::Name(name) => {
+                    if !at.is_empty() {
+                        at.push('.');
+                    }
+                    at.push_str(&printable(name, 100));
+                }
+            }
+        }
+        if at.is_empty() { "its top level".to_owned() } else { at }
+    }
+}
+
+/// The first name found twice in one object of `text`, at any depth; `None` when no object repeats one. Names are
+/// compared as read (escapes undone: `"id"` and `"\u0069d"` are the same name), as serde_json compares them.
+/// `text` is a document serde_json has read already, so its depth is within serde_json's limit.
+fn repeated_name(text: &[u8]) -> Option<Repeated> {
+    let mut found = None;
+    // Any other error cannot come from a document that serde_json has read already.
+    let _ = Names(&mut found).deserialize(&mut serde_json::Deserializer::from_slice(text));
+    found
+}
+
+/// Walks a JSON document without building it, checking that no object holds a name twice; on the first that does,
+/// fills in the [`Repeated`] and stops with an error, to which each level adds its step on the way out.
+struct Names<'f>(&'f mut Option<Repeated>);
+
+impl Names<'_> {
+    fn step<E>(self, step: impl FnOnce() -> Step, e: E) -> E {
+        if let Some(r) = self.0 {
+            r.path.push(step());
+        }
+        e
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Names<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Names<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        loop {
+            match seq.next_element_seed(Names(&mut *self.0)) {
+                Ok(Some(())) => i += 1,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.step(|| Step::Index(i), e)),
+            }
+        }
+    }
+
+    /// Numbers come here too: with `arbitrary_precision`, serde_json gives each as an object of one name.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut names: Vec<String> = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if let Err(e) = map.next_value_seed(Names(&mut *self.0)) {
+                return Err(self.step(|| Step::Name(name), e));
+            }
+            names.push(name);
+        }
+        // Sorted, not compared pairwise: an object of many names costs n log n, not n².
+        names.sort_unstable();
+        match names.windows(2).find(|w| w[0] == w[1]) {
+            Some(w) => {
+                *self.0 = Some(Repeated { name: w[0].clone(), path: Vec::new() });
+                Err(A::Error::custom("a name repeated in one object"))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// `meta.pagination.next`: absent, JSON null or "" mean no next page. A JSON null is read as absent because a
@@ -456,6 +613,80 @@ mod tests {
             assert!(source.downcast_ref::<serde_json::Error>().is_some(), "{source:?}");
             assert_eq!(e.to_string(), format!("malformed response: {source}"));
         }
+    }
+
+    /// A name repeated within one object, at any depth of the page, makes the page malformed (serde_json would keep
+    /// the last value alone); the same name in different objects, or spelt differently, does not.
+    #[test]
+    fn a_name_repeated_in_one_object_is_a_malformed_page_naming_it() {
+        let check = |feed: Feed, body: &str, want: Option<&str>| {
+            let got = parse(feed, body);
+            match want {
+                None => assert!(got.is_ok(), "{feed:?} {body}: {got:?}"),
+                Some(want) => assert_eq!(got, Err(WireError::Malformed(want.into())), "{feed:?} {body}"),
+            }
+        };
+        let twice = |feed: &str, name: &str, at: &str| {
+            format!(
+                "the {feed} page holds the name \"{name}\" twice in one object, at {at}: a JSON reader keeps one of \
+                 the values and loses the other, so the page is not stored"
+            )
+        };
+        // In a record, at its top level and nested, in objects and arrays.
+        check(
+            Feed::Audit,
+            r#"{"meta":{},"data":[{"id":"a","dup":1,"x":2,"dup":3}]}"#,
+            Some(&twice("audit", "dup", "data[0]")),
+        );
+        check(
+            Feed::Audit,
+            r#"{"meta":{},"data":[{"id":"a"},{"id":"b","u":{"v":[0,{"w":1,"w":2}]}}]}"#,
+            Some(&twice("audit", "w", "data[1].u.v[1]")),
+        );
+        check(
+            Feed::Dlp,
+            r#"{"meta":{},"data":[{"dlpLogs":[{"x":1},{"x":1,"y":{},"x":1}]}]}"#,
+            Some(&twice("dlp", "x", "data[0].dlpLogs[1]")),
+        );
+        check(
+            Feed::Rejection,
+            r#"{"meta":{},"data":[{"info":"a","info":"b"}]}"#,
+            Some(&twice("rejection", "info", "data[0]")),
+        );
+        // The same name however it is escaped is the same name.
+        check(Feed::Audit, r#"{"meta":{},"data":[{"id":"a","\u0069d":"b"}]}"#, Some(&twice("audit", "id", "data[0]")));
+        // In the envelope: a second data array, or a wrapper's records twice, would lose records whole.
+        check(
+            Feed::Audit,
+            r#"{"meta":{},"data":[{"id":"a"}],"data":[]}"#,
+            Some(&twice("audit", "data", "its top level")),
+        );
+        check(
+            Feed::Dlp,
+            r#"{"meta":{},"data":[{"dlpLogs":[{"x":1}],"dlpLogs":[{"x":2}]}]}"#,
+            Some(&twice("dlp", "dlpLogs", "data[0]")),
+        );
+        check(
+            Feed::Audit,
+            r#"{"meta":{"pagination":{"next":"a","next":"b"}},"data":[]}"#,
+            Some(&twice("audit", "next", "meta.pagination")),
+        );
+        // A page read with characters repaired is checked the same.
+        let repaired = parse_page(Feed::Audit, b"{\"meta\":{},\"data\":[{\"s\":\"caf\xe9\",\"s\":1}]}");
+        assert_eq!(repaired, Err(WireError::Malformed(twice("audit", "s", "data[0]"))));
+        // A name the server chose is printed safely and cut.
+        let long = format!("n\\u001b{}", "x".repeat(300));
+        let got = parse(Feed::Audit, &format!(r#"{{"meta":{{}},"data":[{{"{long}":1,"{long}":2}}]}}"#)).unwrap_err();
+        assert_eq!(got, WireError::Malformed(twice("audit", &format!("n {}", "x".repeat(98)), "data[0]")));
+        // Not repeated: the same name in different objects, at different depths, in other cases, or numbers of any
+        // size (serde_json reads those as an object of one name of its own).
+        check(
+            Feed::Audit,
+            r#"{"meta":{},"data":[{"id":"a","x":{"id":"a","x":1}},{"id":"a","x":[{"x":1},{"x":1}]}]}"#,
+            None,
+        );
+        check(Feed::Audit, r#"{"meta":{},"data":[{"id":"a","ID":"b","Id":"c","i d":1,"":0}]}"#, None);
+        check(Feed::Audit, r#"{"meta":{},"data":[{"n":123456789012345678901234567890,"m":[1.50,1e5,-0]}]}"#, None);
     }
 
     #[test]

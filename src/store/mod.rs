@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use cursor::Cursor;
+pub use cursor::{Cursor, reread_within_keys};
 pub use dead_letter::{DeadLetter, Requeued};
 pub(crate) use error::Context;
 use error::classify;
@@ -24,11 +24,11 @@ pub use note::Note;
 pub use queue::{Counters, InFlight, NewRecord, PageCommit, PageOutcome, Queued};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migrations in order: `MIGRATIONS[n]` takes the schema from version n to n+1. Each runs in one transaction
 /// with the version it reaches; a database is never left between two versions.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r"
     CREATE TABLE queue (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -99,6 +99,11 @@ const MIGRATIONS: [&str; 3] = [
         SELECT feed, key, horizon FROM seen_main UNION ALL SELECT feed, key, horizon FROM seen_recent;
     DROP INDEX queue_feed_seq;
     CREATE INDEX queue_feed_seq_bytes ON queue (feed, seq, bytes);
+",
+    // 3 -> 4: each cursor keeps from when on its feed's seen keys are complete (`cursor::reread_within_keys`).
+    // Earlier builds forgot keys without saying up to when: NULL, set when the feed's next window completes.
+    r"
+    ALTER TABLE cursor ADD COLUMN keys_since INTEGER;
 ",
 ];
 
@@ -946,6 +951,7 @@ mod tests {
         let window = Window { from: 1_699_990_000, to: 1_699_990_300 };
         assert_eq!((cursor.watermark, cursor.window), (1_699_990_000, Some((window, Some("page-2".into())))));
         assert_eq!(s.cursor(Feed::Audit).unwrap().unwrap().watermark, 1_699_980_000);
+        assert_eq!(cursor.keys_since, None, "an earlier build did not say when it forgot keys");
         let dead = s.dead_letters().unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!((dead[0].key.as_str(), dead[0].reason.as_str()), ("h:dead", "HTTP 400: bad"));

@@ -153,12 +153,19 @@ impl Store {
                     .ctx("saving the page token")?;
                 }
                 None => {
+                    // The keys are complete from the latest `forget_before` on (`cursor::reread_within_keys`): one
+                    // behind a larger overlap than before forgets nothing more. A watermark that moves back (the
+                    // clock went back) starts over from this window's: the time it re-reads was read by a clock
+                    // ahead, and records may have come since.
                     tx.prepare_cached(
                         "UPDATE cursor SET watermark = ?2, window_from = NULL, window_to = NULL, page_token = NULL, \
-                         last_success = ?3, last_error = NULL, last_error_at = NULL WHERE feed = ?1",
+                         last_success = ?3, last_error = NULL, last_error_at = NULL, \
+                         keys_since = CASE WHEN ?2 < watermark OR keys_since IS NULL THEN ?4 \
+                         ELSE max(keys_since, ?4) END \
+                         WHERE feed = ?1",
                     )
                     .ctx("preparing the watermark")?
-                    .execute(params![feed, page.window.to, now])
+                    .execute(params![feed, page.window.to, now, page.forget_before])
                     .ctx("advancing the watermark")?;
                     recent = recent.saturating_sub(seen::forget(&tx, feed, page.forget_before, prune_main)?);
                 }

@@ -241,6 +241,88 @@ mod tests {
         }
     }
 
+    /// A daemon polls one feed every 5 minutes for 16 hours, from a fake Mimecast that returns every record whose
+    /// time (Mimecast's own) lies in the window; a fifth of the records have an own time 6 hours behind it (the
+    /// time-zone-lag bug). After 6 hours `overlap_secs` goes from 300 s to 4 hours. Whatever the raise re-reads is
+    /// queued once; a record indexed late within the old overlap at the raise, and one 2 hours late once the new
+    /// overlap is read whole, are still read. Without [`reread_within_keys`] the raise queues records again.
+    ///
+    /// [`reread_within_keys`]: crate::store::reread_within_keys
+    #[test]
+    fn raising_the_overlap_queues_nothing_twice() {
+        use crate::mimecast::window::{Settings, next_window};
+        const T0: i64 = 1_800_000_000;
+        const HOUR: i64 = 3600;
+        let (raise_at, end) = (T0 + 6 * HOUR, T0 + 16 * HOUR);
+        // (Mimecast's time, id, own time, indexed at): a record is returned once Mimecast has indexed it.
+        let records: Vec<(i64, u32, i64, i64)> = (0..16 * 60)
+            .map(|i| {
+                let t = T0 + 60 * i64::from(i) + 7;
+                (t, i, if i % 5 == 0 { t - 6 * HOUR } else { t }, t)
+            })
+            .collect();
+        let late_within_old = 100_000;
+        let late_within_new = 100_001;
+        let run = |clamp: bool, records: &mut Vec<(i64, u32, i64, i64)>| {
+            let mut s = Store::in_memory();
+            s.init_cursor(Feed::Audit, T0).unwrap();
+            let mut now = T0 + 300;
+            while now <= end {
+                let overlap_secs = if now < raise_at { 300 } else { 4 * HOUR };
+                let settings = Settings { overlap_secs, settle_secs: 60, max_window_secs: 6 * HOUR };
+                if now == raise_at {
+                    // Indexed late, just behind the watermark: the old overlap would have read it.
+                    let wm = s.cursor(Feed::Audit).unwrap().unwrap().watermark;
+                    records.push((wm - 200, late_within_old, wm - 200, now));
+                    // Indexed 2 hours late, once the raised overlap is read whole.
+                    records.push((raise_at + 4 * HOUR, late_within_new, raise_at + 4 * HOUR, raise_at + 6 * HOUR));
+                }
+                let cursor = s.cursor(Feed::Audit).unwrap().unwrap();
+                if let Some(mut w) = next_window(cursor.watermark, now, settings) {
+                    if clamp {
+                        w = crate::store::reread_within_keys(w, cursor.watermark, cursor.keys_since);
+                    }
+                    let page = PageCommit {
+                        feed: Feed::Audit,
+                        window: w,
+                        next_token: None,
+                        records: records
+                            .iter()
+                            .filter(|&&(t, _, _, indexed)| w.from <= t && t <= w.to && indexed <= now)
+                            .map(|&(_, id, own, _)| NewRecord {
+                                key: format!("k{id}"),
+                                event_time: Some(own),
+                                body: format!("{{\"id\":{id}}}"),
+                            })
+                            .collect(),
+                        forget_before: w.to - overlap_secs - HOUR,
+                    };
+                    s.commit_page(&page, now, u64::MAX, WhenFull::Pause, &InFlight::NONE).unwrap();
+                }
+                now += 300;
+            }
+            let mut stmt = s.conn().prepare("SELECT key, COUNT(*) FROM queue GROUP BY key").unwrap();
+            let queued: HashMap<String, i64> =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap();
+            queued
+        };
+
+        let queued = run(true, &mut records.clone());
+        let twice: Vec<&String> = queued.iter().filter(|&(_, n)| *n > 1).map(|(k, _)| k).collect();
+        assert!(twice.is_empty(), "{} records queued more than once: {twice:?}", twice.len());
+        let settled: Vec<u32> = records.iter().filter(|r| r.0 <= end - 60).map(|r| r.1).collect();
+        let missing: Vec<&u32> = settled.iter().filter(|id| !queued.contains_key(&format!("k{id}"))).collect();
+        assert!(missing.is_empty(), "never queued: {missing:?}");
+        for id in [late_within_old, late_within_new] {
+            assert_eq!(queued.get(&format!("k{id}")), Some(&1), "indexed late: k{id}");
+        }
+        assert_eq!(queued.len(), settled.len() + 2);
+
+        // The same without moving the window's start: the raise re-reads records whose keys were forgotten.
+        let again = run(false, &mut records.clone()).values().filter(|&&n| n > 1).count();
+        assert!(again > 100, "{again} records queued twice without the clamp");
+    }
+
     #[test]
     fn keys_move_to_the_main_table_when_the_recent_one_is_full() {
         let mut s = store(5, super::MAIN_PRUNE_STEP);

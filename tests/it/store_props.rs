@@ -127,8 +127,14 @@ impl Rig {
         .unwrap();
         let mut model = Model::default();
         for feed in FEEDS {
-            let cursor =
-                Cursor { watermark: 0, window: None, last_success: None, last_error: None, last_error_at: None };
+            let cursor = Cursor {
+                watermark: 0,
+                window: None,
+                keys_since: None,
+                last_success: None,
+                last_error: None,
+                last_error_at: None,
+            };
             model.cursors.insert(feed.name(), cursor);
         }
         Rig { store: Some(store), aux, model }
@@ -260,6 +266,12 @@ impl Rig {
                 match token {
                     Some(t) => cursor.window = Some((window, Some(t))),
                     None => {
+                        // Keys complete since the latest forget_before, or this window's when the watermark moves
+                        // back (never here: windows only move on).
+                        cursor.keys_since = Some(match cursor.keys_since {
+                            Some(since) if window.to >= cursor.watermark => since.max(page.forget_before),
+                            _ => page.forget_before,
+                        });
                         cursor.watermark = window.to;
                         cursor.window = None;
                         cursor.last_success = Some(1_000 + step);
