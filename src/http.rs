@@ -703,7 +703,8 @@ mod tests {
         // within it too but at most 10 s. Any other is said as ureq says it.
         let said = |secs: i64, e: ureq::Error| {
             let http = Http::new(&HttpConfig { timeout_secs: secs, proxy: None, ca_file: None }).unwrap();
-            let e = classify(e, &http.agent.config().timeouts());
+            let Inner::Ureq(agent) = &http.inner else { unreachable!("Http::new builds a ureq agent") };
+            let e = classify(e, &agent.config().timeouts());
             assert!(matches!(e, HttpError::Timeout(_)), "{e:?}");
             assert_eq!(crate::error::describe(&e), e.to_string(), "said once");
             e.to_string()

@@ -385,7 +385,14 @@ impl Core {
             Ok(()) => {}
         }
         let (poller, sender, store_retries) = settings(&cfg, &self.tuning, self.mode);
+        // Read before the accounts take the new credentials: a feed given other ones ends a slow retry.
+        let new_creds: Vec<Feed> = (cfg.mimecast.feeds.iter().copied())
+            .filter(|&f| self.accounts.creds(f).is_some_and(|c| *c != auth::Credentials::of(&cfg.mimecast, f)))
+            .collect();
         self.poller.reconfigure(poller, &cfg.mimecast.feeds, now);
+        for feed in new_creds {
+            self.poller.on_new_credentials(feed, now);
+        }
         self.sender.reconfigure(sender, now);
         let (old, new) = (&self.cfg, &cfg);
         self.sender.on_new_intake(
@@ -562,7 +569,9 @@ impl Core {
                     self.store.cursor(feed)?.ok_or(RunError::Broken("cursor row missing"))?
                 }
             };
-            let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.window) else { continue };
+            let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.keys_since, cursor.window) else {
+                continue;
+            };
             if !self.room_for_pages(now, in_flight as u64 + 1)? {
                 return Ok(None);
             }
@@ -640,7 +649,8 @@ impl Core {
         generation: u64,
         token: Result<Token, AuthError>,
     ) -> Result<Option<Job>, RunError> {
-        if generation != self.creds_generation {
+        // Credentials a reload replaced, or a feed it disabled meanwhile (whose credentials may be gone).
+        if generation != self.creds_generation || !self.poller.feeds().any(|f| f == req.feed) {
             self.poller.on_abandoned(req.feed);
             return Ok(None);
         }

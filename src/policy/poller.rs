@@ -351,11 +351,17 @@ impl Poller {
 
     /// The page a due feed reads next, from its stored cursor: the window in progress, or the next window after
     /// the watermark. `None` when nothing new has settled: the feed idles (its `--once` pass is over).
+    ///
+    /// `keys_since`: the time before which the store no longer holds the feed's seen keys (`Cursor::keys_since`). A
+    /// window of its own that would re-read before it (the overlap was raised) starts there instead
+    /// ([`crate::store::reread_within_keys`]), so that what was delivered is not queued again; it is clamped here,
+    /// before the window is remembered as the pass's own.
     pub fn plan(
         &mut self,
         now: Now,
         feed: Feed,
         watermark: i64,
+        keys_since: Option<i64>,
         in_progress: Option<(Window, Option<String>)>,
     ) -> Option<Plan> {
         if let Some((window, page_token)) = in_progress {
@@ -367,6 +373,7 @@ impl Poller {
         let f = self.state(feed)?;
         // `--once` with nothing new settled still reads the overlap once, for what was indexed late behind it.
         let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.read_own));
+        let window = window.map(|w| crate::store::reread_within_keys(w, watermark, keys_since));
         match window {
             Some(window) => {
                 f.own = Some(window);
@@ -414,8 +421,12 @@ impl Poller {
             log::info!("{feed}: disabled by a reload; its page in flight is not kept");
             return Vec::new();
         }
+        let mut retry = None;
         let page = page.and_then(|page| match pagination_loop(f, req, page) {
-            Some(e) => Err(FetchError::Pagination(e)),
+            Some((e, how)) => {
+                retry = Some(how);
+                Err(FetchError::Pagination(e))
+            }
             None => Ok(page),
         });
         match page {
@@ -441,7 +452,7 @@ impl Poller {
                 let commit = Action::Commit { next_token, forget_before: self.forget_before(req.window) };
                 [commit].into_iter().chain(note).collect()
             }
-            Err(e) => self.failed(now, feed, req.page_token.is_some(), e),
+            Err(e) => self.failed(now, feed, req.page_token.is_some(), e, retry),
         }
     }
 
@@ -502,11 +513,12 @@ impl Poller {
         }
     }
 
-    fn failed(&mut self, now: Now, feed: Feed, had_token: bool, e: FetchError) -> Vec<Action> {
+    /// `how`: the retry a pagination failure calls for, which the error alone does not say.
+    fn failed(&mut self, now: Now, feed: Feed, had_token: bool, e: FetchError, how: Option<Retry>) -> Vec<Action> {
         let r = self.s.retries;
         let Some(f) = self.state(feed) else { return Vec::new() };
         f.pending = None;
-        let retry = e.retry(had_token);
+        let retry = how.unwrap_or_else(|| e.retry(had_token));
         // A restart reads page 1 again, whose success resets `failures`: restarts are counted per window instead,
         // so a token that is refused every time backs off rather than looping at full speed.
         let attempts = if retry == Retry::RestartWindow {
@@ -538,7 +550,7 @@ impl Poller {
             log::warn!("{feed}: {e}; attempt {attempts} failed, retrying in {:.1}s", delay.as_secs_f64());
         }
         if retry == Retry::RestartWindow {
-            log::warn!("{feed}: page token refused; reading the window again from its first page");
+            log::warn!("{feed}: reading the window again from its first page");
             actions.push(Action::RestartWindow);
         }
         if gave_up {
@@ -589,7 +601,7 @@ fn clock_went_back(f: &mut FeedState, watermark: i64, now: i64, window: Window) 
 /// window's token set; instead it is a failure, backed off and shown, and the feed goes on from its cursor. A last
 /// page never loops: that includes an empty page that still carries a `next` (the API's quirk), which ends its
 /// window, so an empty page is never "the same records" either.
-fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<String> {
+fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<(String, Retry)> {
     let next = page.next.as_ref().filter(|_| !page.is_last())?;
     // The window's pages are those that lead to this one only if it was read where they lead; otherwise it is a
     // page of a fetch the feed no longer follows (the cursor moved on), which proves nothing about Mimecast.
@@ -599,28 +611,41 @@ fn pagination_loop(f: &FeedState, req: &PageRequest, page: &Page) -> Option<Stri
     let remembered = f.at.is_none_or(read_there);
     // The token just used, or an earlier one (A -> B -> A).
     if req.page_token.as_ref() == Some(next) || remembered && f.tokens.contains(&TokenDigest::of(next)) {
-        return Some(format!(
-            "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
-             window is not advanced",
-            excerpt(next)
+        return Some((
+            format!(
+                "Mimecast handed out a page token it had already given in this window ({}): a pagination cycle; the \
+                 window is not advanced",
+                excerpt(next)
+            ),
+            Retry::Backoff,
         ));
     }
     // An earlier page's records again (the page before's, or one further back, in any order), under a token never
     // seen: a server that ignores the token it was given, or goes round a few pages.
     if remembered && page.keys.is_some_and(|k| f.pages_seen.contains(&k)) {
-        return Some(format!(
-            "Mimecast sent the same {} records again with a new page token ({}): a pagination loop; the window is \
-             not advanced",
-            page.held,
-            excerpt(next)
+        // Restarted, not retried: records indexed meanwhile ahead of the page read push the later ones back, so a
+        // page may bring an earlier page's records again under a true token, and that token brings the same page
+        // for ever. The simulator found a feed stuck so for hours, losing what came after (seeds 518, 594). A
+        // server that does go round is backed off as restarts count.
+        return Some((
+            format!(
+                "Mimecast sent the same {} records again with a new page token ({}): a pagination loop, or records \
+                 indexed meanwhile that pushed the rest back; the window is read again from its first page",
+                page.held,
+                excerpt(next)
+            ),
+            Retry::RestartWindow,
         ));
     }
     // Tokens that are all new and records that all differ, without end: the page before the token set would outgrow
     // its bound is the last one followed. This page is the window's `tokens.len() + 1`th.
     if remembered && f.tokens.len() + 1 >= MAX_PAGES_PER_WINDOW {
-        return Some(format!(
-            "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any window \
-             needs: a pagination loop; the window is not advanced"
+        return Some((
+            format!(
+                "Mimecast handed out a next page after {MAX_PAGES_PER_WINDOW} pages of one window, more than any \
+                 window needs: a pagination loop; the window is not advanced"
+            ),
+            Retry::Backoff,
         ));
     }
     None
@@ -713,7 +738,8 @@ mod tests {
         fn plan(&mut self) -> PageRequest {
             let feed = Feed::Audit;
             assert_eq!(self.p.due(self.now), Some(feed), "the feed must be due for a fetch");
-            let plan = self.p.plan(self.now, feed, self.watermark, self.window.clone()).expect("a window to read");
+            let plan =
+                self.p.plan(self.now, feed, self.watermark, None, self.window.clone()).expect("a window to read");
             PageRequest { feed, window: plan.window, page_token: plan.page_token, page_size: 100 }
         }
 
@@ -733,6 +759,9 @@ mod tests {
             // The records are taken out before the poller sees the page, as the fetch task does.
             let page = Page { held, records: Vec::new(), next, repaired: 0, keys };
             let actions = self.p.on_page(self.now, req, Ok(&page), None);
+            if actions.contains(&Action::RestartWindow) {
+                self.window = self.window.take().map(|(w, _)| (w, None));
+            }
             let follows = match &self.window {
                 Some((w, token)) => *w == req.window && *token == req.page_token,
                 None => req.page_token.is_none(),
@@ -979,18 +1008,23 @@ mod tests {
 
     #[test]
     fn the_same_records_under_a_new_token_are_an_error_not_progress() {
+        let restart = || vec![err(), Action::RestartWindow];
         let rig = check(
             Mode::Daemon,
             600,
             &[
                 (Ev::Page(Some("A")), (vec![commit(Some("A"))], Some(0))),
-                // Page A's records again, under a token never seen: a loop. Nothing is committed, no restart.
-                (Ev::Same(Some("B")), (vec![err()], Some(2))),
+                // Page A's records again, under a token never seen: a loop, or records indexed meanwhile that pushed
+                // the rest back. Nothing is committed, and the window is read again from its first page, not from
+                // the token that brought the same page (which would bring it for ever).
+                (Ev::Same(Some("B")), (restart(), Some(2))),
                 (Ev::Wait(2), (vec![], Some(0))),
-                // Read again from the cursor (token A): the same again, and the delay grows.
-                (Ev::Same(Some("C")), (vec![err()], Some(4))),
+                // The first page again: a page of the window read afresh, not a loop.
+                (Ev::Same(Some("C")), (vec![commit(Some("C"))], Some(0))),
+                // Its records once more under yet another token: restarted again, and the delay grows.
+                (Ev::Same(Some("D")), (restart(), Some(4))),
                 (Ev::Wait(4), (vec![], Some(0))),
-                // New records: the window goes on, and the count of failures is reset.
+                // New records: the window goes on.
                 (Ev::Page(Some("B")), (vec![commit(Some("B"))], Some(0))),
                 // An empty page with a `next` is the window's last page, never "the same records".
                 (Ev::Empty(Some("C")), (vec![commit(None)], Some(60))),
@@ -1005,20 +1039,21 @@ mod tests {
         // Both windows were read to their ends: settle behind the clock, which moved on 2 + 4 + 60 s.
         assert_eq!(rig.watermark, T0 + 66 - 60);
 
-        // The error says what Mimecast did, and it counts towards `--once`'s give-up like any failure.
+        // The error says what Mimecast did, and restarts count towards `--once`'s give-up like any failure.
         let mut rig = Rig::new(Mode::Once, 600);
         rig.step(Ev::Page(Some("A")));
         let (actions, due) = rig.step(Ev::Same(Some("B")));
-        let want = "Mimecast sent the same 1 records again with a new page token (B): a pagination loop; the window \
-                    is not advanced";
-        assert_eq!((actions, due), (vec![Action::RecordError(want.into())], Some(2)));
+        let want = "Mimecast sent the same 1 records again with a new page token (B): a pagination loop, or records \
+                    indexed meanwhile that pushed the rest back; the window is read again from its first page";
+        assert_eq!((actions, due), (vec![Action::RecordError(want.into()), Action::RestartWindow], Some(2)));
         for (wait, due) in [(2, Some(4)), (4, None)] {
             rig.step(Ev::Wait(wait));
-            let (actions, got) = rig.step(Ev::Same(Some("C")));
-            assert_eq!((strip_all(actions), got), (vec![err()], due));
+            assert_eq!(strip_all(rig.step(Ev::Same(Some("C"))).0), vec![commit(Some("C"))]);
+            let (actions, got) = rig.step(Ev::Same(Some("D")));
+            assert_eq!((strip_all(actions), got), (restart(), due));
         }
         assert!(rig.p.gave_up() && rig.p.all_done());
-        assert_eq!(rig.window.map(|(_, t)| t), Some(Some("A".into())), "the cursor stays at the looping page");
+        assert_eq!(rig.window.map(|(_, t)| t), Some(None), "the cursor is back at the window's first page");
     }
 
     /// A server that goes round a few pages (A, B, A, … under tokens never seen) is caught when the first page comes
@@ -1030,7 +1065,7 @@ mod tests {
         assert_eq!(strip_all(rig.step(Ev::Page(Some("B"))).0), vec![commit(Some("B"))]);
         // The first page's records again, under a new token.
         rig.served = 0;
-        assert_eq!(strip_all(rig.step(Ev::Page(Some("C"))).0), vec![err()]);
+        assert_eq!(strip_all(rig.step(Ev::Page(Some("C"))).0), vec![err(), Action::RestartWindow]);
     }
 
     #[test]
@@ -1159,7 +1194,7 @@ mod tests {
     fn a_daemon_with_nothing_settled_idles_one_interval() {
         // Read up to now - settle: nothing new has settled.
         let mut rig = Rig::new(Mode::Daemon, 60);
-        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None), None);
         assert_eq!(rig.p.due(rig.now), None);
         assert_eq!(rig.p.next_wake(rig.now), Some(rig.now.at + Duration::from_secs(60)));
         rig.now = rig.now.after(Duration::from_secs(60));
@@ -1173,7 +1208,7 @@ mod tests {
         assert_eq!(rig.watermark, T0 - 60, "the overlap ends at the watermark");
         assert!(rig.p.all_done() && !rig.p.gave_up());
         let mut rig = rig;
-        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None, "once per pass");
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None), None, "once per pass");
         // A failed fetch of that window does not count as having read it: the retry reads it.
         let server = || FetchError::Server { status: 503, detail: "unavailable".into() };
         let rows = [
@@ -1185,7 +1220,7 @@ mod tests {
         assert!(rig.p.all_done() && !rig.p.gave_up());
         // A daemon with nothing settled waits for its next poll instead.
         let mut rig = Rig::new(Mode::Daemon, 60);
-        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None), None);
     }
 
     #[test]
@@ -1240,7 +1275,7 @@ mod tests {
         }
         // Equal to now - settle: nothing to read for a daemon; `--once` reads the overlap behind it.
         let mut rig = Rig::new(Mode::Daemon, 60);
-        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None), None);
+        assert_eq!(rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None), None);
         let mut rig = Rig::new(Mode::Once, 60);
         assert_eq!(rig.plan().window, Window { from: T0 - 360, to: T0 - 60 });
     }
@@ -1251,7 +1286,7 @@ mod tests {
         for behind in [-3 * HOUR, -2 * HOUR, -61, -30, 0, 30, 59, 60, 61, 600, 5 * HOUR] {
             let mut rig = Rig::new(Mode::Once, behind);
             rig.now = rig.now.after(Duration::from_secs(3600));
-            while let Some(plan) = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None) {
+            while let Some(plan) = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None) {
                 assert!(plan.window.to <= T0 - 60, "{behind} s behind: {:?}", plan.window);
                 rig.watermark = plan.window.to;
                 rig.p.on_fetching(Feed::Audit);
@@ -1275,15 +1310,37 @@ mod tests {
         let (actions, due) = rig.step(Ev::Page(None));
         assert_eq!((actions.into_iter().map(strip).collect::<Vec<_>>(), due), (vec![commit(None)], Some(0)));
         assert_eq!(rig.watermark, T0 - 60);
-        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("the overlap");
+        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None).expect("the overlap");
         assert_eq!((plan.window, plan.page_token), (Window { from: T0 - 360, to: T0 - 60 }, None));
         assert!(!rig.p.all_done());
     }
 
     #[test]
+    fn a_window_of_its_own_does_not_re_read_before_the_keys_the_store_holds() {
+        // The pass's overlap window, as planned with every key held.
+        let planned =
+            Rig::new(Mode::Once, 60).p.plan(Now { at: Instant::now(), unix: T0 }, Feed::Audit, T0 - 60, None, None);
+        let planned = planned.expect("the overlap").window;
+        assert_eq!(planned, Window { from: T0 - 360, to: T0 - 60 });
+        // The overlap was raised past what the store kept keys for: the window starts where the keys start, and it
+        // is still the pass's own, so `--once` ends on it.
+        let mut rig = Rig::new(Mode::Once, 60);
+        let since = planned.from + 200;
+        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, Some(since), None).expect("the overlap");
+        assert_eq!(plan.window, Window { from: since, to: planned.to });
+        rig.window = Some((plan.window, None));
+        rig.step(Ev::Page(None));
+        assert!(rig.p.all_done(), "the clamped window is the pass's own");
+        // Keys held from before the overlap: the window is planned as before.
+        let mut rig = Rig::new(Mode::Once, 60);
+        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, Some(planned.from - 1), None).expect("a window");
+        assert_eq!(plan.window, planned);
+    }
+
+    #[test]
     fn server_wait_on_success_delays_the_next_page() {
         let mut rig = Rig::new(Mode::Daemon, 600);
-        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None).expect("a window");
+        let plan = rig.p.plan(rig.now, Feed::Audit, rig.watermark, None, None).expect("a window");
         let req = PageRequest { feed: Feed::Audit, window: plan.window, page_token: None, page_size: 100 };
         let page = Page { records: vec![json!({})], held: 1, next: Some("A".into()), repaired: 0, keys: None };
         let actions = rig.p.on_page(rig.now, &req, Ok(&page), Some(Duration::from_secs(7)));
