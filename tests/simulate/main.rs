@@ -58,6 +58,8 @@ struct Plan {
     clock_unset_at_boot: bool,
     /// SIGHUP reloads that enable a random subset of the feeds (all of them again for the quiet phase).
     reload_rate: f64,
+    /// `queue.max_bytes` and `when_full` when small limits are drawn.
+    queue_limit: Option<(u64, &'static str)>,
     faults: Faults,
 }
 
@@ -107,6 +109,8 @@ impl Plan {
             clock_back: r.u8(..6) == 0,
             clock_unset_at_boot: r.u8(..10) == 0,
             reload_rate: if r.u8(..4) == 0 { 0.002 + r.f64() * 0.01 } else { 0.0 },
+            queue_limit: (r.u8(..4) == 0)
+                .then(|| (r.u64(4_000..60_000), if r.bool() { "drop-oldest" } else { "pause" })),
             feeds,
             faults,
         }
@@ -119,7 +123,7 @@ impl Plan {
              poll_interval_secs = {}\ninitial_lookback_secs = 3600\nsettle_secs = {}\noverlap_secs = {}\n\
              max_window_secs = {}\npage_size = {}\n\
              [datadog]\nintake_url = \"http://intake.sim/api/v2/logs\"\napi_key = {:?}\nhostname = \"sim\"\n\
-             sends_in_flight = {}\n[queue]\npath = {:?}\n[http]\ntimeout_secs = {}\n",
+             sends_in_flight = {}\n[queue]\npath = {:?}\n{}[http]\ntimeout_secs = {}\n",
             peers::CLIENT_ID,
             peers::CLIENT_SECRET,
             feeds.join(", "),
@@ -131,6 +135,7 @@ impl Plan {
             peers::API_KEY,
             self.sends_in_flight,
             db.display().to_string(),
+            self.queue_limit.map_or(String::new(), |(max, when)| format!("max_bytes = {max}\nwhen_full = {when:?}\n")),
             peers::TIMEOUT.as_secs(),
         )
     }
@@ -158,6 +163,8 @@ struct Reached {
     clock_back: bool,
     clock_unset: bool,
     reload: bool,
+    dropped: bool,
+    once_checked: bool,
     once_passes: u64,
 }
 
@@ -203,6 +210,8 @@ struct World {
     next_pass: Duration,
     turns: u64,
     events: u64,
+    /// `--once`: when the pass running started and the feeds it read, if by the true clock.
+    pass_start: Option<(Duration, Vec<Feed>)>,
     trace: Sha256,
     tail: std::collections::VecDeque<String>,
     print_trace: bool,
@@ -257,6 +266,8 @@ impl World {
             Violation { invariant: "the agent always starts again on a queue it left", detail: e.to_string() }
         })?;
         self.log(format!("start {mode:?}"));
+        let clock_true = self.clock_offset == 0 && self.clock_unset_until.is_none_or(|u| self.t >= u);
+        self.pass_start = clock_true.then_some((self.t, self.cfg.mimecast.feeds.clone()));
         self.core = Some(core);
         Ok(())
     }
@@ -341,8 +352,9 @@ impl World {
 
     fn add_records(&mut self, n: u64, i0: u64) {
         let plan = self.plan.clone();
+        let t = self.t.as_secs();
         let mut st = self.net.lock();
-        let t = st.t;
+        st.t = t;
         for k in 0..n {
             let feed = plan.feeds[self.rng.usize(..plan.feeds.len())];
             let i = i0 + k;
@@ -358,11 +370,46 @@ impl World {
             }
             let key = format!("{}|{}", feed.name(), wire::record_key(feed, &record));
             let list = st.by_feed.entry(feed).or_default();
-            let at = list.partition_point(|(ft, _, _)| *ft <= filter_time);
-            list.insert(at, (filter_time, t, record.clone()));
+            let at = list.partition_point(|(ft, _)| *ft <= filter_time);
+            list.insert(at, (filter_time, record.clone()));
             let index = st.held.len();
             st.held_index.insert(key.clone(), index);
             st.held.push(Held { feed, key, record, filter_time, visible_at: t, in_contract: !poison, poison });
+        }
+    }
+
+    /// A `--once` pass that exits 0 read everything settled before it started: every record within the contract,
+    /// of the feeds it read, that Mimecast showed by then and whose time is `settle_secs` behind it, is at the
+    /// intake. Checked only for a pass run by the true clock from start to end.
+    fn exited_zero(&mut self) -> Result<(), Violation> {
+        let Some((start, feeds)) = self.pass_start.take() else { return Ok(()) };
+        // Under drop-oldest a pass may drop what it read, by design (and count it).
+        if self.clock_offset != 0 || self.plan.queue_limit.is_some_and(|(_, when)| when == "drop-oldest") {
+            return Ok(());
+        }
+        self.reached.once_checked = true;
+        let cutoff = UNIX0 + start.as_secs() as i64 - self.plan.settle_secs;
+        let st = self.net.lock();
+        let at_intake: HashSet<&str> = st.accepted.iter().flat_map(|a| a.keys.iter().map(String::as_str)).collect();
+        let missed = st.held.iter().find(|h| {
+            h.in_contract
+                && feeds.contains(&h.feed)
+                && Duration::from_secs(h.visible_at) <= start
+                && h.filter_time <= cutoff
+                && !at_intake.contains(h.key.as_str())
+        });
+        match missed {
+            Some(h) => Err(Violation {
+                invariant: "a --once pass that exits 0 read everything settled before it started",
+                detail: format!(
+                    "{} (filter time +{}s, visible at {}s) not at the intake after the pass that started at {}s",
+                    h.key,
+                    h.filter_time - UNIX0,
+                    h.visible_at,
+                    start.as_secs()
+                ),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -373,6 +420,8 @@ impl World {
             .expect("the derived config is valid");
         let now = self.now();
         let Some(core) = self.core.as_mut() else { return Ok(()) };
+        // The pass no longer reads the feeds it started with: its exit says nothing of them.
+        self.pass_start = None;
         core.reload(self.cfg.clone(), self.http.clone(), std::path::Path::new("sim.toml"), now)
             .map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
         self.reached.reload = true;
@@ -456,6 +505,9 @@ impl World {
             let outcome = self.core.as_ref().map(Core::outcome);
             self.log(format!("pass over: {outcome:?}"));
             self.core = None;
+            if let Some(Ok(agent::Outcome { queued: 0, gave_up: false })) = outcome {
+                self.exited_zero()?;
+            }
         }
         Ok(true)
     }
@@ -495,6 +547,7 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         next_pass: Duration::ZERO,
         turns: 0,
         events: 0,
+        pass_start: None,
         trace: Sha256::new(),
         tail: Default::default(),
         print_trace,
@@ -675,15 +728,39 @@ fn check(w: &mut World) -> Result<(), Violation> {
     if !dead.is_empty() {
         w.reached.dead_letter = true;
     }
+    let c = store.counters().map_err(|e| Violation { invariant: "counters read", detail: e.to_string() })?;
+    // Every record the intake acknowledged was counted delivered when its batch was removed.
+    let acknowledged: HashSet<&str> =
+        st.accepted.iter().filter(|a| a.acknowledged).flat_map(|a| a.keys.iter().map(String::as_str)).collect();
+    if (c.delivered as usize) < acknowledged.len() {
+        return Err(Violation {
+            invariant: "the counters equal the tables",
+            detail: format!(
+                "{} records counted delivered, but the intake acknowledged {} distinct ones",
+                c.delivered,
+                acknowledged.len()
+            ),
+        });
+    }
+    // Under drop-oldest, a record missing from the intake may be one the agent counted dropped, and no more.
     let enabled: HashSet<Feed> = w.plan.feeds.iter().copied().collect();
-    for h in st.held.iter().filter(|h| enabled.contains(&h.feed)) {
+    let missing = st
+        .held
+        .iter()
+        .filter(|h| enabled.contains(&h.feed) && h.in_contract && !copies.contains_key(h.key.as_str()))
+        .count() as i64;
+    if missing > 0 && missing <= c.dropped {
+        w.reached.dropped = true;
+    }
+    for h in st.held.iter().filter(|h| enabled.contains(&h.feed) && missing > c.dropped) {
         if h.in_contract && !copies.contains_key(h.key.as_str()) {
             let how = if dead.contains(&h.key) { "a dead letter" } else { "not at the intake" };
             return Err(Violation {
                 invariant: "no record lost",
                 detail: format!(
-                    "{} ({how}), filter time {} (+{}s), visible at {}s",
+                    "{} ({how}; {missing} missing, {} counted dropped), filter time {} (+{}s), visible at {}s",
                     h.key,
+                    c.dropped,
                     h.filter_time,
                     h.filter_time - UNIX0,
                     h.visible_at
@@ -698,7 +775,6 @@ fn check(w: &mut World) -> Result<(), Violation> {
         return Err(Violation { invariant: "only a poison log becomes a dead letter", detail: k.clone() });
     }
     // Nothing stuck, and the counters agree with the tables.
-    let c = store.counters().map_err(|e| Violation { invariant: "counters read", detail: e.to_string() })?;
     // A lone poison log is held, not dead-lettered (alone, it cannot be told from an intake that refuses
     // everything): the queue is empty but for those.
     let left = store
@@ -782,6 +858,10 @@ const CORPUS: &[u64] = &[
 
 fn main() {
     let a = args();
+    if a.trace {
+        // The agent's own log beside the trace (RUST_LOG=debug for more).
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).is_test(true).init();
+    }
     let started = Instant::now();
     let mut seeds: Vec<(u64, bool)> = Vec::new();
     if a.corpus {
@@ -896,7 +976,9 @@ fn figures(results: &[Ran], wall: Duration, threads: usize, replayed: usize) {
         let k = reached.iter().filter(|r| r.fired.get(kind).is_some_and(|&c| c > 0)).count();
         println!("  {kind:<32} {k:>7}  {:>5.1} %", pct(k));
     }
-    let flags: [Flag; 9] = [
+    let flags: [Flag; 11] = [
+        ("--once exit 0 checked", |r| r.once_checked),
+        ("drop-oldest dropped records", |r| r.dropped),
         ("sighup reload", |r| r.reload),
         ("crash", |r| r.crash),
         ("crash with a send in flight", |r| r.crash_with_send_in_flight),

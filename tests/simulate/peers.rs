@@ -99,8 +99,8 @@ pub struct State {
     pub held_index: HashMap<String, usize>,
     /// Logs the intake accepted whose record differs from the one Mimecast served.
     pub altered: Vec<String>,
-    /// Each feed's records: the time Mimecast filters on, when it first shows the record, the record.
-    pub by_feed: HashMap<Feed, Vec<(i64, u64, Value)>>,
+    /// Each feed's records, sorted by the time Mimecast filters on, added when Mimecast first shows them.
+    pub by_feed: HashMap<Feed, Vec<(i64, Value)>>,
     pub tokens: HashMap<String, u64>,
     pub issued: u64,
     pub token_lifetime: u64,
@@ -216,12 +216,6 @@ impl State {
             return Ok(json(403, &fail("err_forbidden", false)));
         }
         let body: Option<Value> = serde_json::from_slice(body).ok();
-        let now = self.t;
-        let visible: Vec<(i64, Value)> = self
-            .by_feed
-            .get(&feed)
-            .map(|l| l.iter().filter(|(_, at, _)| *at <= now).map(|(t, _, v)| (*t, v.clone())).collect())
-            .unwrap_or_default();
         let mut answer_body = body.clone();
         let pagination_loop = self.draw(self.faults.mc_new_token_loop);
         if pagination_loop {
@@ -233,7 +227,9 @@ impl State {
                 p.remove("pageToken");
             }
         }
-        match serve_page(&visible, feed, answer_body.as_ref(), Quirks::default()) {
+        // A record is added when Mimecast first shows it, so every record held is visible.
+        let visible = self.by_feed.get(&feed).map_or(&[][..], Vec::as_slice);
+        match serve_page(visible, feed, answer_body.as_ref(), Quirks::default()) {
             Ok((mut v, _)) => {
                 if pagination_loop {
                     self.made_up += 1;
