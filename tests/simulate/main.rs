@@ -816,10 +816,12 @@ struct Args {
     corpus: bool,
     /// `--seed N --large-seed`: N is a large seed.
     large_seed: bool,
+    /// Stop at the first violation and say after how many seeds of the range it came (the mutants' measure).
+    first: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { seeds: 0..300, large: 5, replay_check: 20, trace: false, corpus: true, large_seed: false };
+    let mut a = Args { seeds: 0..200, large: 2, replay_check: 10, trace: false, corpus: true, large_seed: false, first: false };
     if let Some(n) = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()) {
         a.seeds = 0..n;
     }
@@ -842,6 +844,7 @@ fn args() -> Args {
             "--replay-check" => a.replay_check = it.next().and_then(|s| s.parse().ok()).expect("--replay-check N"),
             "--trace" => a.trace = true,
             "--no-corpus" => a.corpus = false,
+            "--first" => a.first = true,
             // What cargo test passes to every test binary.
             _ => {}
         }
@@ -876,6 +879,7 @@ fn main() {
     let seeds = Arc::new(seeds);
 
     let results: Arc<Mutex<Vec<Ran>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop_at = if a.first { 1 } else { 10 };
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let (next, seeds, results, trace) = (next.clone(), seeds.clone(), results.clone(), a.trace);
@@ -889,7 +893,7 @@ fn main() {
                     let mut results = results.lock().unwrap_or_else(|e| e.into_inner());
                     results.push(ran);
                     // Enough failures to see a pattern; the rest of the range is not worth the wait.
-                    if results.iter().filter(|r| r.violation.is_some()).count() >= 10 {
+                    if results.iter().filter(|r| r.violation.is_some()).count() >= stop_at {
                         break;
                     }
                 }
@@ -934,6 +938,14 @@ fn main() {
         }
     }
     figures(&results, wall, threads, sample.len());
+    if let Some(first) = failures.first() {
+        let index = seeds.iter().position(|&(s, _)| s == first.seed).map_or(0, |i| i + 1);
+        println!(
+            "first failure: seed {} ({}), the {index}th seed run",
+            first.seed,
+            first.violation.as_ref().map_or("", |v| v.invariant)
+        );
+    }
     let failed = failures.len() + replay_diffs;
     println!("simulate: {} passed, {failed} failed", results.len() - failures.len());
     if failed > 0 {
