@@ -33,6 +33,8 @@ const UNIX0: i64 = 1_800_000_000;
 const RESTART: Duration = Duration::from_secs(10);
 /// The longest simulated time a run may take; past it the run is stuck.
 const RUN_LIMIT: Duration = Duration::from_secs(12 * 3600);
+/// The most page requests one window may take besides twice the pages its records need: its retries.
+const MAX_REQUESTS_PER_WINDOW: u64 = 2000;
 /// The most loop turns in a run: a core that turns without progress is stuck.
 const TURN_LIMIT: u64 = 200_000;
 
@@ -79,7 +81,7 @@ impl Plan {
             mc_timeout: on(&mut r, 0.03),
             mc_drop: on(&mut r, 0.04),
             mc_expire: on(&mut r, 0.05),
-            mc_new_token_loop: on(&mut r, 0.03),
+            mc_new_token_loop: on(&mut r, 0.01),
             mc_forbid: (r.u8(..8) == 0).then(|| feeds[r.usize(..feeds.len())]),
             dd_5xx: on(&mut r, 0.08),
             dd_429: on(&mut r, 0.05),
@@ -87,7 +89,8 @@ impl Plan {
             dd_drop: on(&mut r, 0.04),
             dd_accept_then_drop: on(&mut r, 0.05),
             dd_not_datadog: on(&mut r, 0.03),
-            dd_max_body: (r.u8(..6) == 0).then(|| r.usize(600..6000)),
+            // Above one log (about 400 bytes gzipped), which a proxy must let through for any of them to pass.
+            dd_max_body: (r.u8(..6) == 0).then(|| r.usize(2000..8000)),
         };
         let overlap_secs = r.i64(0..=600);
         Plan {
@@ -697,6 +700,15 @@ fn check(w: &mut World) -> Result<(), Violation> {
             }
         }
     }
+    // Bounded requests: a window takes the pages its records need and its retries, never thousands (a server that
+    // goes round is caught within a page or two, then backed off).
+    let bound = MAX_REQUESTS_PER_WINDOW + 2 * w.plan.records.div_ceil(u64::from(w.plan.page_size));
+    if st.most_per_window > bound {
+        return Err(Violation {
+            invariant: "bounded requests per window",
+            detail: format!("{} page requests for one window", st.most_per_window),
+        });
+    }
     if let Some(k) = st.altered.first() {
         return Err(Violation { invariant: "none invented or altered", detail: format!("{k} arrived altered") });
     }
@@ -821,7 +833,8 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { seeds: 0..200, large: 2, replay_check: 10, trace: false, corpus: true, large_seed: false, first: false };
+    let mut a =
+        Args { seeds: 0..200, large: 2, replay_check: 10, trace: false, corpus: true, large_seed: false, first: false };
     if let Some(n) = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()) {
         a.seeds = 0..n;
     }

@@ -105,6 +105,11 @@ pub struct State {
     pub issued: u64,
     pub token_lifetime: u64,
     pub made_up: u64,
+    /// Feeds whose server goes round (ignores page tokens) until a simulated time.
+    pub looping: HashMap<Feed, u64>,
+    /// Page requests per window (feed and filter), and the most of any window.
+    pub per_window: HashMap<(Feed, String), u64>,
+    pub most_per_window: u64,
     pub accepted: Vec<Accepted>,
     /// The intake's request currently being answered (for the job in progress) and its index in `accepted`.
     pub last_accepted: Option<usize>,
@@ -217,7 +222,18 @@ impl State {
         }
         let body: Option<Value> = serde_json::from_slice(body).ok();
         let mut answer_body = body.clone();
-        let pagination_loop = self.draw(self.faults.mc_new_token_loop);
+        // A server that ignores the page token it is given, for a while (up to half an hour), and makes up a new
+        // one each time: following it never ends the window.
+        if self.draw(self.faults.mc_new_token_loop) {
+            let span = self.rng.as_mut().map_or(300, |r| r.u64(60..1800));
+            self.looping.insert(feed, self.t + span);
+        }
+        let pagination_loop = self.looping.get(&feed).is_some_and(|&until| self.t < until && !self.quiet);
+        // Requests per window (its filter): bounded however the server behaves.
+        let filter = body.as_ref().and_then(|b| b.pointer("/data/0")).map(Value::to_string).unwrap_or_default();
+        let n = self.per_window.entry((feed, filter)).or_insert(0);
+        *n += 1;
+        self.most_per_window = self.most_per_window.max(*n);
         if pagination_loop {
             // The window's first page again under a token never handed out before.
             self.fire("mc_pagination_loop");
@@ -263,7 +279,8 @@ impl State {
             self.fire("dd_drop");
             return Err(dropped());
         }
-        if let Some(max) = self.faults.dd_max_body.filter(|&m| body.len() > m && !self.quiet) {
+        // A proxy's body limit is configuration, not a passing fault: it stays through the quiet phase.
+        if let Some(max) = self.faults.dd_max_body.filter(|&m| body.len() > m) {
             self.fire("dd_413");
             return Ok(json(413, &json!({"errors": [format!("body over {max} bytes")]})));
         }
