@@ -2,10 +2,11 @@
 # Re-introduces historic defects (tests/simulate/mutants/*.patch), one at a time, into this tree, and runs
 # the simulator on each of 5 disjoint seed ranges until its first violation: it must find every one within the
 # budget, and say which invariant. Prints seeds-to-first-failure (median and max over the ranges).
-#   bash tests/simulate/mutants.sh [BUDGET] [RANGES]      (default 20000 seeds, 5 ranges)
+#   bash tests/simulate/mutants.sh [BUDGET] [RANGES] [NAME]   (default 20000 seeds, 5 ranges, every patch; NAME
+#   picks the patches whose file name holds it)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-budget=${1:-20000} ranges=${2:-5}
+budget=${1:-20000} ranges=${2:-5} only=${3:-}
 # In place, in the simulator's own build directory (a copy of the tree would build the same crate under the same
 # name and fingerprint, and cargo could run one for the other); each patch is reversed before the next, and on exit.
 applied=""
@@ -13,6 +14,7 @@ trap '[ -z "$applied" ] || git apply -R "$applied"' EXIT
 status=0
 for patch in tests/simulate/mutants/*.patch; do
     name=$(basename "$patch" .patch)
+    [[ "$name" == *"$only"* ]] || continue
     git apply "$patch" && applied=$patch
     cargo test --profile sim --test simulate --no-run -q 2>&1 | grep -v '^ *Executable' || true
     firsts=() invariants=()
