@@ -214,14 +214,6 @@ impl Core {
         Ok(())
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// Jobs handed out and not yet handed back.
     pub fn in_flight(&self) -> usize {
         self.fetches + self.sends
@@ -244,7 +236,7 @@ impl Core {
         let measured = self.measure_queue();
         self.absorb(measured, now, false)?;
         loop {
-            let started = self.start_fetch(now, self.fetches);
+            let started = self.start_fetch(now);
             match self.absorb(started, now, false)?.flatten() {
                 Some(job) => jobs.push(self.started(job)),
                 None => break,
@@ -555,7 +547,7 @@ impl Core {
     /// Asks the poller which feed is due and starts fetching its next page. One fetch per feed may be in flight.
     /// Without a fresh token, the first fetch fetches one on its own (a task of its own, so that a page that hangs
     /// afterwards holds up no other feed), and the other feeds of the same API application wait for it.
-    fn start_fetch(&mut self, now: Now, in_flight: usize) -> Result<Option<Job>, RunError> {
+    fn start_fetch(&mut self, now: Now) -> Result<Option<Job>, RunError> {
         if self.clock_unset(now) || !self.pressure.may_poll(now) {
             return Ok(None);
         }
@@ -572,7 +564,7 @@ impl Core {
             let Some(plan) = self.poller.plan(now, feed, cursor.watermark, cursor.keys_since, cursor.window) else {
                 continue;
             };
-            if !self.room_for_pages(now, in_flight as u64 + 1)? {
+            if !self.room_for_pages(now, self.fetches as u64 + 1)? {
                 return Ok(None);
             }
             self.poller.on_fetching(feed);
@@ -601,7 +593,7 @@ impl Core {
     }
 
     /// Whether polling and delivery wait for the clock to be set: the poller has no feed due while the clock reads
-    /// earlier than its floor, and [`Agent::start_send`] starts nothing. Said once in the log when it starts and when
+    /// earlier than its floor, and [`Core::start_send`] starts nothing. Said once in the log when it starts and when
     /// it ends; `status` says it from its own clock.
     fn clock_unset(&mut self, now: Now) -> bool {
         let said = self.poller.clock_unset(now);
@@ -732,7 +724,7 @@ impl Core {
 
     /// Starts fetching the page after the one about to be committed, if the poller allows it, the feed's token is
     /// fresh, and the disk has room for both pages without a checkpoint or a release (those are for
-    /// [`Agent::start_fetch`] to do).
+    /// [`Core::start_fetch`] to do).
     fn read_ahead(&mut self, now: Now, feed: Feed) -> Result<Option<Job>, RunError> {
         if !self.pressure.may_poll(now) || !self.accounts.fresh(feed, now.at, self.tuning.token_margin) {
             return Ok(None);

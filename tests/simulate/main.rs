@@ -396,7 +396,7 @@ impl World {
         self.reached.once_checked = true;
         let cutoff = UNIX0 + start.as_secs() as i64 - self.plan.settle_secs;
         let st = self.net.lock();
-        let at_intake: HashSet<&str> = st.accepted.iter().flat_map(|a| a.keys.iter().map(String::as_str)).collect();
+        let at_intake = st.keys_at_intake();
         let missed = st.held.iter().find(|h| {
             h.in_contract
                 && feeds.contains(&h.feed)
@@ -443,7 +443,7 @@ impl World {
             return false;
         }
         let st = self.net.lock();
-        let at_intake: HashSet<&str> = st.accepted.iter().flat_map(|a| a.keys.iter().map(String::as_str)).collect();
+        let at_intake = st.keys_at_intake();
         if st.held.iter().any(|h| h.in_contract && !at_intake.contains(h.key.as_str())) {
             return false;
         }

@@ -151,6 +151,11 @@ fn fail(code: &str, retryable: bool) -> Value {
 }
 
 impl State {
+    /// The key of every log the intake accepted, whatever became of the answer.
+    pub fn keys_at_intake(&self) -> std::collections::HashSet<&str> {
+        self.accepted.iter().flat_map(|a| a.keys.iter().map(String::as_str)).collect()
+    }
+
     fn draw(&mut self, p: f64) -> bool {
         !self.quiet && p > 0.0 && self.rng.as_mut().is_some_and(|r| r.f64() < p)
     }
