@@ -164,6 +164,8 @@ pub struct Core {
     /// The jobs handed out and not yet handed back: fetches and sends.
     fetches: usize,
     sends: usize,
+    /// The queue changed since the idle shrink last found nothing to give back: look again when it is empty.
+    shrink_due: bool,
 }
 
 impl Core {
@@ -195,6 +197,7 @@ impl Core {
             clock_held: false,
             fetches: 0,
             sends: 0,
+            shrink_due: true,
         };
         let (feeds, lookback) = (core.cfg.mimecast.feeds.clone(), core.cfg.mimecast.initial_lookback_secs);
         core.init_cursors(&feeds, now, lookback)?;
@@ -270,6 +273,8 @@ impl Core {
     /// A job came back: the machines decide, the core commits, removes or records. It may ask for more work (a
     /// page read ahead, the page after a token).
     pub fn handle(&mut self, now: Now, done: Done) -> Result<Vec<Job>, RunError> {
+        // Only an answer changes the queue (a page committed, a batch removed, a dead letter).
+        self.shrink_due = true;
         let next = match done {
             Done::Fetched(fetch) => {
                 self.fetches = self.fetches.saturating_sub(1);
@@ -826,10 +831,12 @@ impl Core {
             if let Some(s) = self.sender.on_nothing_sent(now, had_records) {
                 self.log_summary(s);
             }
-            if !had_records && self.sender.in_flight() == 0 {
+            if !had_records && self.sender.in_flight() == 0 && self.shrink_due {
                 // The queue is empty: what is left of a backlog's space goes back, up to 128 MiB per look (a few
-                // hundred milliseconds of a loop that has nothing else to do).
-                informational(self.store.shrink(16_384).map(drop))?;
+                // hundred milliseconds of a loop that has nothing else to do), until a look gives nothing back.
+                let shrunk = self.store.shrink(16_384);
+                self.shrink_due = shrunk.as_ref().map_or(true, |&bytes| bytes > 0);
+                informational(shrunk.map(drop))?;
             }
             return Ok(None);
         }

@@ -55,10 +55,8 @@ impl Store {
     /// Creates the cursor of a feed that has none yet, starting at `watermark`.
     pub fn init_cursor(&mut self, feed: Feed, watermark: i64) -> Result<(), StoreError> {
         self.write(|conn| {
-            conn.execute(
-                "INSERT OR IGNORE INTO cursor (feed, watermark) VALUES (?1, ?2)",
-                params![feed.name(), watermark],
-            )
+            conn.prepare_cached("INSERT OR IGNORE INTO cursor (feed, watermark) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![feed.name(), watermark]))
             .ctx("creating a cursor")?;
             Ok(())
         })
@@ -66,11 +64,13 @@ impl Store {
 
     pub fn cursor(&self, feed: Feed) -> Result<Option<Cursor>, StoreError> {
         self.read(|conn| {
-            conn.query_row(
-                "SELECT watermark, window_from, window_to, page_token, last_success, last_error, last_error_at, \
-                 keys_since FROM cursor WHERE feed = ?1",
-                [feed.name()],
-                |r| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT watermark, window_from, window_to, page_token, last_success, last_error, \
+                     last_error_at, keys_since FROM cursor WHERE feed = ?1",
+                )
+                .ctx("reading a cursor")?;
+            stmt.query_row([feed.name()], |r| {
                     let from: Option<i64> = r.get(1)?;
                     let to: Option<i64> = r.get(2)?;
                     let token: Option<String> = r.get(3)?;
@@ -82,20 +82,17 @@ impl Store {
                         last_error: r.get(5)?,
                         last_error_at: r.get(6)?,
                     })
-                },
-            )
-            .optional()
-            .ctx("reading a cursor")
+                })
+                .optional()
+                .ctx("reading a cursor")
         })
     }
 
     /// Records a feed's failure for `status`; the cursor itself does not move.
     pub fn feed_error(&mut self, feed: Feed, message: &str, now: i64) -> Result<(), StoreError> {
         self.write(|conn| {
-            conn.execute(
-                "UPDATE cursor SET last_error = ?2, last_error_at = ?3 WHERE feed = ?1",
-                params![feed.name(), message, now],
-            )
+            conn.prepare_cached("UPDATE cursor SET last_error = ?2, last_error_at = ?3 WHERE feed = ?1")
+                .and_then(|mut s| s.execute(params![feed.name(), message, now]))
             .ctx("recording a feed error")?;
             Ok(())
         })
@@ -104,7 +101,8 @@ impl Store {
     /// Forgets the page token of the window in progress, so the window is read again from its first page.
     pub fn restart_window(&mut self, feed: Feed) -> Result<(), StoreError> {
         self.write(|conn| {
-            conn.execute("UPDATE cursor SET page_token = NULL WHERE feed = ?1", [feed.name()])
+            conn.prepare_cached("UPDATE cursor SET page_token = NULL WHERE feed = ?1")
+                .and_then(|mut s| s.execute([feed.name()]))
                 .ctx("restarting a window")?;
             Ok(())
         })

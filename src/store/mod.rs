@@ -154,6 +154,9 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
+/// How many prepared statements a connection keeps: more than the store's distinct statements.
+const STATEMENT_CACHE: usize = 64;
+
 /// The open database.
 pub struct Store {
     conn: Connection,
@@ -194,6 +197,9 @@ impl Store {
         // gets SQLITE_BUSY at once, without waiting, when another process (`dead-letters`, the agent) wrote in
         // between: SQLite cannot upgrade a read snapshot that is no longer the latest.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        // Every statement the loop runs stays prepared (rusqlite keeps 16 by default, fewer than the store has,
+        // and a statement evicted is parsed again on its next use).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let store = Store { conn, path: path.into(), seen: seen::Seen::default() };
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
@@ -265,9 +271,8 @@ impl Store {
     /// that new records reuse without growing the file (every write still goes through the WAL first).
     pub fn space(&self) -> Result<Space, StoreError> {
         let reusable = self.read(|conn| {
-            let pages: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).ctx("reading free pages")?;
-            let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ctx("reading the page size")?;
-            Ok((pages.max(0) as u64).saturating_mul(size.max(0) as u64))
+            let layout = Layout::of(conn)?;
+            Ok(layout.free_pages.saturating_mul(layout.page_size))
         })?;
         Ok(Space { fs_free: self.free_bytes(), reusable, wal: self.wal_bytes() })
     }
@@ -329,16 +334,15 @@ impl Store {
                 return Ok(());
             }
             let queue_bytes: i64 = conn
-                .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| {
-                    r.get(0)
-                })
+                .prepare_cached("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .ctx("reading queue bytes")?;
             let free = layout.free_pages.saturating_mul(layout.page_size);
             if max_pages == 0 || free == 0 || u64::try_from(queue_bytes).unwrap_or(0) > free / 4 {
                 return Ok(());
             }
             let mut stmt =
-                conn.prepare(&format!("PRAGMA incremental_vacuum({max_pages})")).ctx("releasing free pages")?;
+                conn.prepare_cached(&format!("PRAGMA incremental_vacuum({max_pages})")).ctx("releasing free pages")?;
             // The pragma frees one page per step of its statement: step it to the end.
             let mut rows = stmt.query([]).ctx("releasing free pages")?;
             while rows.next().ctx("releasing free pages")?.is_some() {}
@@ -481,14 +485,17 @@ struct Layout {
 impl Layout {
     fn of(conn: &Connection) -> Result<Layout, StoreError> {
         let pragma = |name: &'static str| -> Result<i64, StoreError> {
-            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0)).ctx("reading the database layout")
+            // Cached: `shrink` and `space` read the layout around every batch and page.
+            conn.prepare_cached(name)
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .ctx("reading the database layout")
         };
         let count = |v: i64| u64::try_from(v).unwrap_or(0);
         Ok(Layout {
-            page_size: count(pragma("page_size")?),
-            auto_vacuum: pragma("auto_vacuum")?,
-            pages: count(pragma("page_count")?),
-            free_pages: count(pragma("freelist_count")?),
+            page_size: count(pragma("PRAGMA page_size")?),
+            auto_vacuum: pragma("PRAGMA auto_vacuum")?,
+            pages: count(pragma("PRAGMA page_count")?),
+            free_pages: count(pragma("PRAGMA freelist_count")?),
         })
     }
 

@@ -388,7 +388,8 @@ impl Store {
     /// `queued_at` of the oldest queued record.
     pub fn oldest_queued_at(&self) -> Result<Option<i64>, StoreError> {
         self.read(|conn| {
-            conn.query_row("SELECT queued_at FROM queue ORDER BY seq LIMIT 1", [], |r| r.get(0))
+            conn.prepare_cached("SELECT queued_at FROM queue ORDER BY seq LIMIT 1")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .optional()
                 .ctx("reading the oldest record")
         })
@@ -427,7 +428,8 @@ impl<'t> Insert<'t> {
 /// returns how many went.
 fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64, in_flight: &InFlight) -> Result<u64, StoreError> {
     let total: i64 = tx
-        .query_row("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)", [], |r| r.get(0))
+        .prepare_cached("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .ctx("reading queue bytes")?;
     let mut excess = total.saturating_sub(i64::try_from(max_bytes).unwrap_or(i64::MAX));
     if excess <= 0 {
