@@ -227,6 +227,11 @@ impl Core {
         Ok(Outcome { queued: self.store.counters()?.queue_records, gave_up: self.gave_up() })
     }
 
+    /// The queue's counters, as `status` reads them (the simulator watches drops with them).
+    pub fn counters(&self) -> Result<crate::store::Counters, StoreError> {
+        self.store.counters()
+    }
+
     fn gave_up(&self) -> bool {
         self.poller.gave_up() || self.sender.done() || self.disk_gave_up
     }

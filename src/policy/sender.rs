@@ -468,7 +468,16 @@ impl Sender {
         let delay = at_least.max(self.s.retries.backoff(self.failures));
         self.wait_until(now.at + delay);
         if self.s.retries.gives_up(self.failures) && !self.done {
-            log::error!("Datadog intake: giving up for this pass after {} failures", self.failures);
+            // A failure here may be the queue's (a removal the lock refused), not the intake's: say both.
+            let unremoved: usize = self.undeleted.iter().map(|b| b.seqs.len()).sum();
+            let again = if unremoved > 0 {
+                format!(
+                    "; {unremoved} records Datadog accepted could not be removed from the queue and will be sent again                      by the next pass"
+                )
+            } else {
+                String::new()
+            };
+            log::error!("delivery: giving up for this pass after {} failures in a row{again}", self.failures);
             self.done = true;
         }
         delay

@@ -57,7 +57,7 @@ impl Store {
         self.write(|conn| {
             conn.prepare_cached("INSERT OR IGNORE INTO cursor (feed, watermark) VALUES (?1, ?2)")
                 .and_then(|mut s| s.execute(params![feed.name(), watermark]))
-            .ctx("creating a cursor")?;
+                .ctx("creating a cursor")?;
             Ok(())
         })
     }
@@ -71,20 +71,20 @@ impl Store {
                 )
                 .ctx("reading a cursor")?;
             stmt.query_row([feed.name()], |r| {
-                    let from: Option<i64> = r.get(1)?;
-                    let to: Option<i64> = r.get(2)?;
-                    let token: Option<String> = r.get(3)?;
-                    Ok(Cursor {
-                        watermark: r.get(0)?,
-                        window: from.zip(to).map(|(from, to)| (Window { from, to }, token)),
-                        keys_since: r.get(7)?,
-                        last_success: r.get(4)?,
-                        last_error: r.get(5)?,
-                        last_error_at: r.get(6)?,
-                    })
+                let from: Option<i64> = r.get(1)?;
+                let to: Option<i64> = r.get(2)?;
+                let token: Option<String> = r.get(3)?;
+                Ok(Cursor {
+                    watermark: r.get(0)?,
+                    window: from.zip(to).map(|(from, to)| (Window { from, to }, token)),
+                    keys_since: r.get(7)?,
+                    last_success: r.get(4)?,
+                    last_error: r.get(5)?,
+                    last_error_at: r.get(6)?,
                 })
-                .optional()
-                .ctx("reading a cursor")
+            })
+            .optional()
+            .ctx("reading a cursor")
         })
     }
 
@@ -93,7 +93,7 @@ impl Store {
         self.write(|conn| {
             conn.prepare_cached("UPDATE cursor SET last_error = ?2, last_error_at = ?3 WHERE feed = ?1")
                 .and_then(|mut s| s.execute(params![feed.name(), message, now]))
-            .ctx("recording a feed error")?;
+                .ctx("recording a feed error")?;
             Ok(())
         })
     }

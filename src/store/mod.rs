@@ -486,9 +486,7 @@ impl Layout {
     fn of(conn: &Connection) -> Result<Layout, StoreError> {
         let pragma = |name: &'static str| -> Result<i64, StoreError> {
             // Cached: `shrink` and `space` read the layout around every batch and page.
-            conn.prepare_cached(name)
-                .and_then(|mut s| s.query_row([], |r| r.get(0)))
-                .ctx("reading the database layout")
+            conn.prepare_cached(name).and_then(|mut s| s.query_row([], |r| r.get(0))).ctx("reading the database layout")
         };
         let count = |v: i64| u64::try_from(v).unwrap_or(0);
         Ok(Layout {

@@ -61,7 +61,15 @@ struct Plan {
     crash_rate: f64,
     sigterm_rate: f64,
     clock_back: bool,
+    /// The clock runs ahead for a while (hours at most), then is corrected: the watermark is left in the future.
+    clock_ahead: bool,
     clock_unset_at_boot: bool,
+    /// Another process (`dead-letters requeue`, an operator's sqlite3) holds the queue's write lock for a few
+    /// seconds now and then; the agent's store gives up at once instead of after its 5 s busy timeout.
+    second_writer: bool,
+    /// `--once`: now and then a pass starts right after the last one ended (an operator's run beside the timer,
+    /// a timer catching up), often within the same second, when nothing new has settled.
+    pass_again: bool,
     /// SIGHUP reloads that enable a random subset of the feeds (all of them again for the quiet phase).
     reload_rate: f64,
     /// `queue.max_bytes` and `when_full` when small limits are drawn.
@@ -101,6 +109,7 @@ impl Plan {
         // polling costs events, and so time per seed).
         let fast = r.u8(..8) == 0;
         let poll_interval_secs = if fast { r.u64(1..=10) } else { r.u64(30..=120) };
+        let clock_back = r.u8(..6) == 0;
         let chaos = match (large, fast) {
             (true, _) => r.u64(3600..4 * 3600),
             (false, true) => r.u64(60..300),
@@ -122,7 +131,11 @@ impl Plan {
             poison: r.u8(..5) == 0,
             crash_rate: if r.bool() { 0.002 + r.f64() * 0.01 } else { 0.0 },
             sigterm_rate: if r.u8(..3) == 0 { 0.001 + r.f64() * 0.004 } else { 0.0 },
-            clock_back: r.u8(..6) == 0,
+            clock_back,
+            // Not with steps back as well: what the oracle allows after a correction is reckoned by the true clock.
+            clock_ahead: !clock_back && r.u8(..5) == 0,
+            second_writer: r.u8(..6) == 0,
+            pass_again: r.bool(),
             clock_unset_at_boot: r.u8(..10) == 0,
             reload_rate: if r.u8(..4) == 0 { 0.002 + r.f64() * 0.01 } else { 0.0 },
             queue_limit: (r.u8(..4) == 0)
@@ -182,6 +195,14 @@ struct Reached {
     dropped: bool,
     once_checked: bool,
     once_passes: u64,
+    clock_corrected: bool,
+    window_after_clock_back: bool,
+    removal_retried: bool,
+    commit_refused: bool,
+    drop_skipped_in_flight: bool,
+    pass_again: bool,
+    learnt_limit: bool,
+    token_mid_window: bool,
 }
 
 struct Violation {
@@ -226,6 +247,15 @@ struct World {
     /// The agent's wall clock less the true one (a clock stepped back), and whether it reads 1970 (unset).
     clock_offset: i64,
     clock_unset_until: Option<Duration>,
+    /// The clock runs ahead by this much until then (it is corrected then).
+    clock_ahead: Option<(i64, Duration)>,
+    /// Filter times (Unix) whose records may come twice: the re-read after a clock that ran ahead by more than the
+    /// seen keys' hour of slack was corrected (their keys were forgotten by the clock ahead).
+    reread_after_ahead: Vec<(i64, i64)>,
+    /// Records indexed until then with a filter time before this are outside the contract (see `add_records`).
+    ahead_exempt: Option<(i64, Duration)>,
+    /// A second connection holding the write lock, until then.
+    writer: Option<(rusqlite::Connection, Duration)>,
     core: Option<Core>,
     wake: Duration,
     pending: Vec<Pending>,
@@ -283,10 +313,17 @@ impl World {
             self.log(format!("pass refused: {unset}"));
             return Ok(());
         }
+        // A start waits for the lock up to its busy timeout, which the simulation does not spend in real time.
+        self.release_lock();
         let store = Store::open(&self.cfg.queue.path).map_err(|e| Violation {
             invariant: "the agent always starts again on a queue it left",
             detail: e.to_string(),
         })?;
+        if self.plan.second_writer {
+            store
+                .set_busy_timeout(Duration::ZERO)
+                .map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
+        }
         let core = Core::open(self.cfg.clone(), self.tuning(), mode, store, self.http.clone(), now).map_err(|e| {
             Violation { invariant: "the agent always starts again on a queue it left", detail: e.to_string() }
         })?;
@@ -308,7 +345,11 @@ impl World {
             };
             self.next_id += 1;
             let at = self.t + elapsed.max(Duration::from_millis(1));
-            self.log(format!("job {} {kind:?} -> {} at +{:.3}", self.next_id, done.describe(), elapsed.as_secs_f64()));
+            let described = done.describe();
+            if self.clock_offset < 0 && described.starts_with("page") {
+                self.reached.window_after_clock_back = true;
+            }
+            self.log(format!("job {} {kind:?} -> {described} at +{:.3}", self.next_id, elapsed.as_secs_f64()));
             self.pending.push(Pending { at, id: self.next_id, kind, done, accepted });
         }
     }
@@ -334,6 +375,7 @@ impl World {
         self.reached.crash = true;
         self.pending.clear();
         self.log(format!("crash ({why})"));
+        self.removals_failed();
         if !self.plan.once {
             self.restart_at = Some(self.t + RESTART);
         }
@@ -344,12 +386,80 @@ impl World {
             self.net.lock().accepted[i].acknowledged = true;
         }
         self.log(format!("answer {}", p.id));
+        let locked = self.writer.is_some();
+        match p.kind {
+            // The intake kept the batch and said so, but the queue is locked: its removal must wait and be retried.
+            JobKind::Send(_) if locked && p.accepted.is_some() => self.reached.removal_retried = true,
+            JobKind::Fetch(_) if locked && p.done.describe().starts_with("page") => self.reached.commit_refused = true,
+            _ => {}
+        }
+        // Drop-oldest with a send in flight: what it drops must skip the records that send holds.
+        let watch_drops = matches!(p.kind, JobKind::Fetch(_))
+            && self.plan.queue_limit.is_some_and(|(_, when)| when == "drop-oldest")
+            && self.pending.iter().any(|q| matches!(q.kind, JobKind::Send(_)));
         let now = self.now();
         let core = self.core.as_mut().expect("answers are only pending while the core lives");
+        let dropped = |core: &Core| core.counters().map_or(0, |c| c.dropped);
+        let before = if watch_drops { dropped(core) } else { 0 };
         let jobs =
             core.handle(now, p.done).map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
+        if watch_drops && dropped(core) > before {
+            self.reached.drop_skipped_in_flight = true;
+        }
         self.run_jobs(jobs);
         Ok(())
+    }
+
+    /// When the process ends: a batch the intake accepted and the agent was told of, still queued, is one whose
+    /// removal failed (only a second writer's lock makes one fail here); its logs may come again.
+    fn removals_failed(&mut self) {
+        if !self.reached.removal_retried {
+            return;
+        }
+        let Ok(store) = Store::open(&self.cfg.queue.path) else { return };
+        let Ok(left) = store.candidates_within(usize::MAX, usize::MAX, |_| i64::MIN) else { return };
+        let queued: HashSet<String> = left.iter().flatten().map(|q| format!("{}|{}", q.feed.name(), q.key)).collect();
+        let mut st = self.net.lock();
+        for a in st.accepted.iter_mut().filter(|a| a.acknowledged && !a.removal_failed) {
+            a.removal_failed = a.keys.iter().any(|k| queued.contains(k));
+        }
+    }
+
+    /// NTP corrects a clock that ran ahead: the agent finds its watermarks in the future.
+    fn correct_clock(&mut self) {
+        if let Some((ahead, _)) = self.clock_ahead.take() {
+            self.clock_offset -= ahead;
+            // Keys were forgotten up to an hour and the overlap behind the windows the clock ahead read. The agent
+            // re-reads the overlap behind the corrected clock (by design: what Mimecast indexed meanwhile must not
+            // be lost), so what it read before in that span, with its key forgotten, may come again.
+            let (c, p) = (UNIX0 + self.t.as_secs() as i64, &self.plan);
+            let forgotten = c + ahead - p.settle_secs - p.overlap_secs - 3600;
+            let from = c - p.settle_secs - p.overlap_secs - p.poll_interval_secs as i64 - 60;
+            if forgotten > from {
+                self.reread_after_ahead.push((from, forgotten));
+            }
+            self.reached.clock_corrected = true;
+            self.log(format!("clock corrected by {ahead}s back"));
+        }
+    }
+
+    /// A second writer takes the queue's write lock (as `dead-letters requeue` does for its transaction).
+    fn take_lock(&mut self) -> Result<(), Violation> {
+        let fail = |e: rusqlite::Error| Violation { invariant: "a second writer gets the lock", detail: e.to_string() };
+        let conn = rusqlite::Connection::open(&self.cfg.queue.path).map_err(fail)?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+        let hold = Duration::from_secs(self.rng.u64(1..=20));
+        self.log(format!("a second writer holds the lock for {}s", hold.as_secs()));
+        self.writer = Some((conn, self.t + hold));
+        Ok(())
+    }
+
+    fn release_lock(&mut self) {
+        if let Some((conn, _)) = self.writer.take() {
+            // Its transaction changed nothing: dropping the connection rolls it back.
+            drop(conn);
+            self.log("the second writer lets go".into());
+        }
     }
 
     /// SIGTERM: fetches are abandoned, sends answered within the grace are handed back, the rest abandoned.
@@ -371,6 +481,7 @@ impl World {
         }
         core.abandon_jobs();
         drop(core);
+        self.removals_failed();
         self.restart_at = (!self.plan.once).then_some(self.t + RESTART);
         Ok(())
     }
@@ -389,6 +500,12 @@ impl World {
             // Under the time-zone lag, the record's own time reads hours older than the time Mimecast filters on.
             let own_time = if plan.tz_lag { filter_time - 6 * 3600 } else { filter_time };
             let poison = plan.poison && self.rng.u8(..30) == 0;
+            // Indexed while the agent's clock runs ahead (or soon after its correction): the agent has asked for
+            // windows up to its clock's time, so what Mimecast indexes meanwhile behind that is never asked for
+            // again, except what the re-read after the correction covers (the overlap behind the corrected clock
+            // less `settle_secs`, at the feed's next poll). Nothing tells the agent its clock is wrong, so the
+            // rest is outside what it can promise.
+            let missed_ahead = self.ahead_exempt.is_some_and(|(cutoff, until)| self.t <= until && filter_time < cutoff);
             let mut record = records::generate(feed, i, own_time, 300);
             if poison && let Some(o) = record.as_object_mut() {
                 o.insert("simNote".into(), Value::String(peers::POISON.into()));
@@ -399,7 +516,8 @@ impl World {
             list.insert(at, (filter_time, record.clone()));
             let index = st.held.len();
             st.held_index.insert(key.clone(), index);
-            st.held.push(Held { feed, key, record, filter_time, visible_at: t, in_contract: !poison, poison });
+            let in_contract = !poison && !missed_ahead;
+            st.held.push(Held { feed, key, record, filter_time, visible_at: t, in_contract, poison });
         }
     }
 
@@ -487,11 +605,17 @@ impl World {
         let next_arrival = arrivals.last().map(|a| a.0);
         let wake = self.core.as_ref().map(|_| self.wake);
         let pass = (self.plan.once && self.core.is_none() && self.restart_at.is_none()).then_some(self.next_pass);
-        let candidates = [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass];
+        let unlock = self.writer.as_ref().map(|w| w.1);
+        let correct = self.clock_ahead.map(|c| c.1);
+        let candidates = [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass, unlock, correct];
         let Some(at) = candidates.into_iter().flatten().min() else { return Ok(false) };
         self.t = self.t.max(at);
         self.events += 1;
-        if next_arrival == Some(at) {
+        if unlock == Some(at) {
+            self.release_lock();
+        } else if correct == Some(at) {
+            self.correct_clock();
+        } else if next_arrival == Some(at) {
             let (_, n) = arrivals.pop().expect("an arrival is due");
             let i0 = self.events * 1000;
             self.add_records(n, i0);
@@ -529,13 +653,34 @@ impl World {
                 self.reached.clock_back = true;
                 self.log(format!("clock steps back {back}s"));
             }
+            if self.plan.clock_ahead && self.clock_ahead.is_none() && self.rng.u16(..300) == 0 {
+                let ahead = self.rng.i64(60..=7200);
+                let until = self.t + Duration::from_secs(self.rng.u64(30..=1800));
+                self.clock_offset += ahead;
+                self.clock_ahead = Some((ahead, until));
+                // The feed's next poll after the correction, by its interval and at most the backoff cap after.
+                let p = &self.plan;
+                let next_poll = 300 + if p.once { p.cron_secs } else { p.poll_interval_secs };
+                let cutoff = UNIX0 + (until.as_secs() + next_poll) as i64 - p.settle_secs - p.overlap_secs;
+                self.ahead_exempt = Some((cutoff, until + Duration::from_secs(next_poll)));
+                self.log(format!("clock runs {ahead}s ahead"));
+            }
+            if self.plan.second_writer && self.writer.is_none() && self.rng.u8(..100) == 0 {
+                self.take_lock()?;
+            }
         }
         if self.core.is_some() && self.turn()? {
             let outcome = self.core.as_ref().map(Core::outcome);
             self.log(format!("pass over: {outcome:?}"));
             self.core = None;
+            self.removals_failed();
             if let Some(Ok(agent::Outcome { queued: 0, gave_up: false })) = outcome {
                 self.exited_zero()?;
+            }
+            if self.plan.pass_again && self.t < chaos_end && self.rng.u8(..3) == 0 {
+                self.next_pass = self.t;
+                self.reached.pass_again = true;
+                self.log("another pass at once".into());
             }
         }
         Ok(true)
@@ -569,6 +714,10 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         base: Instant::now(),
         t: Duration::ZERO,
         clock_offset: 0,
+        clock_ahead: None,
+        reread_after_ahead: Vec::new(),
+        ahead_exempt: None,
+        writer: None,
         clock_unset_until: plan.clock_unset_at_boot.then_some(Duration::from_secs(90)),
         core: None,
         wake: Duration::ZERO,
@@ -597,6 +746,8 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         let mut reached = w.reached.clone();
         reached.fired = st.fired.clone();
         reached.bisected_to_one = st.single_log_after_400;
+        reached.learnt_limit = st.accepted_after_413;
+        reached.token_mid_window = st.token_mid_window;
         drop(st);
         Report {
             trace_hash: hex(&w.trace.clone().finalize()[..8]),
@@ -651,6 +802,8 @@ fn drive(w: &mut World) -> Result<(), Violation> {
     // The quiet phase: no new faults, the clock right, the agent up; it must catch up and drain.
     w.quiet = true;
     w.net.lock().quiet = true;
+    w.correct_clock();
+    w.release_lock();
     w.clock_offset = 0;
     w.clock_unset_until = None;
     if w.reached.reload {
@@ -726,7 +879,7 @@ fn check(w: &mut World) -> Result<(), Violation> {
     for a in &st.accepted {
         for k in &a.keys {
             *copies.entry(k.as_str()).or_insert(0) += 1;
-            if !a.acknowledged {
+            if !a.acknowledged || a.removal_failed {
                 *unacknowledged.entry(k.as_str()).or_insert(0) += 1;
             }
         }
@@ -747,9 +900,14 @@ fn check(w: &mut World) -> Result<(), Violation> {
     if let Some(k) = copies.keys().find(|k| !held.contains_key(*k)) {
         return Err(Violation { invariant: "none invented or altered", detail: format!("the intake got {k}") });
     }
-    // Every duplicate accounted for.
-    for (k, n) in &copies {
-        let allowed = 1 + unacknowledged.get(k).copied().unwrap_or(0);
+    // Every duplicate accounted for (in the order the intake got them, so that a report names the same record).
+    let mut order: Vec<(&str, u64)> = copies.iter().map(|(k, n)| (*k, *n)).collect();
+    order.sort_unstable();
+    for (k, n) in &order {
+        let reread = held
+            .get(k)
+            .is_some_and(|h| w.reread_after_ahead.iter().any(|&(from, to)| (from..=to).contains(&h.filter_time)));
+        let allowed = 1 + unacknowledged.get(k).copied().unwrap_or(0) + u64::from(reread);
         if *n > allowed {
             return Err(Violation {
                 invariant: "duplicates exactly accounted for",
@@ -762,12 +920,11 @@ fn check(w: &mut World) -> Result<(), Violation> {
     // Nothing lost: every record within the contract reached the intake; every poison log is a dead letter.
     let store = Store::open(&w.cfg.queue.path)
         .map_err(|e| Violation { invariant: "the queue opens after the run", detail: e.to_string() })?;
-    let dead: HashSet<String> = store
+    let dead_rows = store
         .dead_letters()
-        .map_err(|e| Violation { invariant: "the queue reads after the run", detail: e.to_string() })?
-        .into_iter()
-        .map(|d| format!("{}|{}", d.feed, d.key))
-        .collect();
+        .map_err(|e| Violation { invariant: "the queue reads after the run", detail: e.to_string() })?;
+    let dead_count = dead_rows.len();
+    let dead: HashSet<String> = dead_rows.into_iter().map(|d| format!("{}|{}", d.feed, d.key)).collect();
     if !dead.is_empty() {
         w.reached.dead_letter = true;
     }
@@ -841,10 +998,10 @@ fn check(w: &mut World) -> Result<(), Violation> {
             detail: format!("{} records still queued", c.queue_records),
         });
     }
-    if c.dead_letters != dead.len() as i64 {
+    if c.dead_letters != dead_count as i64 {
         return Err(Violation {
             invariant: "the counters equal the tables",
-            detail: format!("dead_letters counter {} but {} dead letters", c.dead_letters, dead.len()),
+            detail: format!("dead_letters counter {} but {dead_count} dead letters", c.dead_letters),
         });
     }
     // Every record the agent queued is delivered or a dead letter: no more deliveries counted than the intake got.
@@ -1061,7 +1218,7 @@ fn figures(results: &[Ran], wall: Duration, threads: usize, replayed: usize) -> 
             missed.push((*kind).to_owned());
         }
     }
-    let flags: [Flag; 11] = [
+    let flags: &[Flag] = &[
         ("--once exit 0 checked", |r| r.once_checked),
         ("drop-oldest dropped records", |r| r.dropped),
         ("sighup reload", |r| r.reload),
@@ -1073,8 +1230,16 @@ fn figures(results: &[Ran], wall: Duration, threads: usize, replayed: usize) -> 
         ("clock stepped back", |r| r.clock_back),
         ("clock unset at boot", |r| r.clock_unset),
         ("cron --once passes", |r| r.once_passes > 0),
+        ("a pass right after another", |r| r.pass_again),
+        ("clock ran ahead, then corrected", |r| r.clock_corrected),
+        ("a window read after the clock went back", |r| r.window_after_clock_back),
+        ("a page commit refused (locked)", |r| r.commit_refused),
+        ("a removal retried (locked)", |r| r.removal_retried),
+        ("drop-oldest with a send in flight", |r| r.drop_skipped_in_flight),
+        ("a learnt payload limit", |r| r.learnt_limit),
+        ("a token renewed mid-window", |r| r.token_mid_window),
     ];
-    for (name, f) in flags {
+    for &(name, f) in flags {
         let k = reached.iter().filter(|r| f(r)).count();
         let floor = (n / 50).min(100);
         println!("  {name:<32} {k:>7}  {:>5.1} %  {floor:>5}", pct(k));

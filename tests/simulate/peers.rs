@@ -73,7 +73,8 @@ pub struct Held {
     pub filter_time: i64,
     /// When Mimecast first shows it (simulated seconds since the start).
     pub visible_at: u64,
-    /// Within the contract: indexed no later than `overlap_secs` after its filter time, and not a poison log.
+    /// Within the contract: indexed no later than `overlap_secs` after its filter time, not a poison log, and not
+    /// indexed behind a clock that ran ahead (see `add_records`).
     pub in_contract: bool,
     pub poison: bool,
 }
@@ -84,6 +85,9 @@ pub struct Accepted {
     /// The agent was handed a 202 for it. Otherwise (a crash or shutdown with it in flight, an answer lost after
     /// the intake kept the logs) the agent could not know, and each of its logs may come again.
     pub acknowledged: bool,
+    /// The agent was handed its 202, but the batch was still queued when the process ended: its removal failed
+    /// (the queue locked), and its logs come again.
+    pub removal_failed: bool,
 }
 
 #[derive(Default)]
@@ -119,6 +123,13 @@ pub struct State {
     /// Logs per request the intake saw, to spot a bisection down to one log.
     pub single_log_after_400: bool,
     pub saw_400: bool,
+    /// The intake accepted a request after refusing one with 413: the agent learnt the proxy's limit.
+    pub saw_413: bool,
+    pub accepted_after_413: bool,
+    /// Feeds whose window is part read (the last page served pointed at a next one).
+    pub mid_window: std::collections::HashSet<Feed>,
+    /// A token was issued while a feed was part way through a window.
+    pub token_mid_window: bool,
 }
 
 #[derive(Clone)]
@@ -176,6 +187,7 @@ impl State {
             return json(401, &json!({"error": "invalid_client"}));
         }
         self.issued += 1;
+        self.token_mid_window |= !self.mid_window.is_empty();
         let token = format!("sim-token-{}", self.issued);
         self.tokens.insert(token.clone(), self.t + self.token_lifetime);
         json(200, &json!({"access_token": token, "token_type": "Bearer", "expires_in": self.token_lifetime}))
@@ -256,6 +268,13 @@ impl State {
                     self.made_up += 1;
                     v["meta"]["pagination"]["next"] = Value::String(format!("made-up-{}", self.made_up));
                 }
+                let more = v.pointer("/meta/pagination/next").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
+                    && v.pointer("/data/0").is_some();
+                if more {
+                    self.mid_window.insert(feed);
+                } else {
+                    self.mid_window.remove(&feed);
+                }
                 if self.draw(self.faults.mc_truncated) {
                     self.fire("mc_truncated");
                     let text = v.to_string();
@@ -287,6 +306,7 @@ impl State {
         // A proxy's body limit is configuration, not a passing fault: it stays through the quiet phase.
         if let Some(max) = self.faults.dd_max_body.filter(|&m| body.len() > m) {
             self.fire("dd_413");
+            self.saw_413 = true;
             return Ok(json(413, &json!({"errors": [format!("body over {max} bytes")]})));
         }
         if self.draw(self.faults.dd_5xx) {
@@ -331,7 +351,8 @@ impl State {
                 self.altered.push(key.clone());
             }
         }
-        self.accepted.push(Accepted { keys, acknowledged: false });
+        self.accepted_after_413 |= self.saw_413;
+        self.accepted.push(Accepted { keys, acknowledged: false, removal_failed: false });
         self.last_accepted = Some(self.accepted.len() - 1);
         if self.draw(self.faults.dd_accept_then_drop) {
             self.fire("dd_accepted_then_dropped");
