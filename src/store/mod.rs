@@ -157,11 +157,34 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
 /// How many prepared statements a connection keeps: more than the store's distinct statements.
 const STATEMENT_CACHE: usize = 64;
 
+/// What the agent reads of the filesystem beside SQLite: the free space and a file's size (the database's and its
+/// WAL's). The real ones in production ([`RealFs`]); the simulator gives the queue a disk of its own size.
+pub trait FsFacts: Send + Sync {
+    /// Bytes available on the filesystem that holds `path`, if the system says.
+    fn free_bytes(&self, path: &Path) -> Option<u64>;
+    /// The size of the file at `path` (0 when there is none).
+    fn file_len(&self, path: &Path) -> u64;
+}
+
+/// The filesystem as the system reports it.
+pub struct RealFs;
+
+impl FsFacts for RealFs {
+    fn free_bytes(&self, path: &Path) -> Option<u64> {
+        error::free_bytes(path)
+    }
+
+    fn file_len(&self, path: &Path) -> u64 {
+        file_len(path)
+    }
+}
+
 /// The open database.
 pub struct Store {
     conn: Connection,
     path: PathBuf,
     seen: seen::Seen,
+    fs: std::sync::Arc<dyn FsFacts>,
 }
 
 impl Store {
@@ -200,7 +223,7 @@ impl Store {
         // Every statement the loop runs stays prepared (rusqlite keeps 16 by default, fewer than the store has,
         // and a statement evicted is parsed again on its next use).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        let store = Store { conn, path: path.into(), seen: seen::Seen::default() };
+        let store = Store::new(conn, path.into());
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
             if conn.is_readonly(rusqlite::MAIN_DB).ctx("opening the queue database")? {
@@ -229,7 +252,7 @@ impl Store {
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .ctx("opening the queue database")
                 .map_err(|e| classify(path, e))?;
-        let store = Store { conn, path: path.into(), seen: seen::Seen::default() };
+        let store = Store::new(conn, path.into());
         store.read(|conn| {
             conn.busy_timeout(BUSY_TIMEOUT).ctx("setting busy timeout")?;
             let version = schema_version(conn)?;
@@ -254,7 +277,16 @@ impl Store {
         let conn = Connection::open_in_memory().expect("in-memory SQLite opens");
         let path = PathBuf::from(":memory:");
         migrate(&conn, &path).expect("migrations apply to an empty database");
-        Store { conn, path, seen: seen::Seen::default() }
+        Store::new(conn, path)
+    }
+
+    fn new(conn: Connection, path: PathBuf) -> Store {
+        Store { conn, path, seen: seen::Seen::default(), fs: std::sync::Arc::new(RealFs) }
+    }
+
+    /// Reads the free space and file sizes through `fs` from now on (the simulator's disk).
+    pub fn set_fs_facts(&mut self, fs: std::sync::Arc<dyn FsFacts>) {
+        self.fs = fs;
     }
 
     /// The database file this store was opened from.
@@ -264,7 +296,7 @@ impl Store {
 
     /// Bytes available on the filesystem holding the database, if the system says.
     pub fn free_bytes(&self) -> Option<u64> {
-        error::free_bytes(&self.path)
+        self.fs.free_bytes(&self.path)
     }
 
     /// Room for the next writes: the filesystem's free bytes, and the bytes of free pages inside the database
@@ -279,7 +311,7 @@ impl Store {
 
     /// The WAL file's size (0 when there is none): one `stat`, cheap enough around every page commit.
     pub fn wal_bytes(&self) -> u64 {
-        std::fs::metadata(beside(&self.path, "-wal")).map(|m| m.len()).unwrap_or(0)
+        self.fs.file_len(&beside(&self.path, "-wal"))
     }
 
     /// Folds the WAL into the database and truncates it, giving its space back to the filesystem. SQLite only
@@ -318,8 +350,8 @@ impl Store {
     /// the pages in use would cost more than it gives). A queue file of an older layout is rewritten instead
     /// (the same `VACUUM` as at open) once the queue is empty and small enough.
     pub fn shrink(&mut self, max_pages: u32) -> Result<u64, StoreError> {
-        let path = self.path.clone();
-        let before = file_len(&path);
+        let (path, fs) = (self.path.clone(), self.fs.clone());
+        let before = fs.file_len(&path);
         self.read(|conn| {
             let layout = Layout::of(conn)?;
             if !layout.is_current() {
@@ -348,7 +380,7 @@ impl Store {
             while rows.next().ctx("releasing free pages")?.is_some() {}
             truncate_wal(conn)
         })?;
-        Ok(before.saturating_sub(file_len(&path)))
+        Ok(before.saturating_sub(fs.file_len(&path)))
     }
 
     /// How long a statement waits for another process's lock before giving [`StoreError::Busy`] (5 s unless
@@ -663,7 +695,7 @@ mod tests {
         migrate(&conn, path).unwrap();
         drop(conn);
         assert_eq!(layout(path), (4096, 0, "wal".into()));
-        let mut s = Store { conn: Connection::open(path).unwrap(), path: path.into(), seen: seen::Seen::default() };
+        let mut s = Store::new(Connection::open(path).unwrap(), path.into());
         fill(&mut s, records)
     }
 
@@ -743,7 +775,7 @@ mod tests {
         let path = dir.path().join("queue.db");
         let seqs = old_layout_queue(&path, 2000);
         let conn = Connection::open(&path).unwrap();
-        let mut s = Store { conn, path: path.clone(), seen: seen::Seen::default() };
+        let mut s = Store::new(conn, path.clone());
         s.delivered(&seqs[..1900], 0, 0, 2).unwrap();
         assert_eq!(s.shrink(100).unwrap(), 0, "records queued: not yet");
         assert_eq!(layout(&path).0, 4096);
@@ -1020,7 +1052,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = damaged_queue(dir.path(), 3);
         // As if the damage happened after a clean open: no quick_check on this connection.
-        let store = Store { conn: Connection::open(&path).unwrap(), path: path.clone(), seen: seen::Seen::default() };
+        let store = Store::new(Connection::open(&path).unwrap(), path.clone());
         let e = store.candidates(10_000).err().unwrap();
         assert!(
             matches!(&e, StoreError::Corrupt { path: p, detail } if *p == path && detail.contains("candidate")),

@@ -12,6 +12,8 @@
 mod peers;
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +24,7 @@ use mimecast_forwarder::http::Http;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::policy::Now;
 use mimecast_forwarder::sim::records;
-use mimecast_forwarder::store::Store;
+use mimecast_forwarder::store::{FsFacts, Store};
 use peers::{Faults, Held, Net, State};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -67,6 +69,8 @@ struct Plan {
     /// Another process (`dead-letters requeue`, an operator's sqlite3) holds the queue's write lock for a few
     /// seconds now and then; the agent's store gives up at once instead of after its 5 s busy timeout.
     second_writer: bool,
+    /// Another process fills the queue's filesystem now and then, for up to 10 minutes.
+    disk_fills: bool,
     /// `--once`: now and then a pass starts right after the last one ended (an operator's run beside the timer,
     /// a timer catching up), often within the same second, when nothing new has settled.
     pass_again: bool,
@@ -102,7 +106,7 @@ impl Plan {
             dd_accept_then_drop: on(&mut r, 0.05),
             dd_not_datadog: on(&mut r, 0.03),
             // Above one log (about 400 bytes gzipped), which a proxy must let through for any of them to pass.
-            dd_max_body: (r.u8(..3) == 0).then(|| r.usize(1000..4000)),
+            dd_max_body: (r.u8(..2) == 0).then(|| r.usize(800..3000)),
         };
         let overlap_secs = r.i64(0..=600);
         // Mostly a poll a minute or so; one seed in eight polls every few seconds, over a shorter chaos phase (idle
@@ -136,6 +140,7 @@ impl Plan {
             clock_ahead: !clock_back && r.u8(..5) == 0,
             second_writer: r.u8(..6) == 0,
             pass_again: r.bool(),
+            disk_fills: r.u8(..6) == 0,
             clock_unset_at_boot: r.u8(..10) == 0,
             reload_rate: if r.u8(..4) == 0 { 0.002 + r.f64() * 0.01 } else { 0.0 },
             queue_limit: (r.u8(..4) == 0)
@@ -203,6 +208,7 @@ struct Reached {
     pass_again: bool,
     learnt_limit: bool,
     token_mid_window: bool,
+    disk_filled: bool,
 }
 
 struct Violation {
@@ -221,6 +227,37 @@ struct Report {
 thread_local! {
     /// The backoff jitter, a seeded draw on the simulator's thread (Tuning::jitter is a fn pointer).
     static JITTER: std::cell::RefCell<fastrand::Rng> = const { std::cell::RefCell::new(fastrand::Rng::with_seed(0)) };
+}
+
+/// The size of the queue's simulated filesystem.
+const DISK_CAPACITY: u64 = 1 << 30;
+
+/// The queue's filesystem as the agent reads it ([`FsFacts`]): a capacity, less the queue's own files (their real
+/// sizes on the scratch tmpfs) and what another process filled. Not the tmpfs's own free space, which would make
+/// a run depend on the machine.
+struct Disk {
+    capacity: u64,
+    other: AtomicU64,
+}
+
+impl Disk {
+    fn queue_bytes(&self, db: &Path) -> u64 {
+        ["", "-wal", "-shm"].iter().map(|s| file_len(&PathBuf::from(format!("{}{s}", db.display())))).sum()
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+impl FsFacts for Disk {
+    fn free_bytes(&self, db: &Path) -> Option<u64> {
+        Some(self.capacity.saturating_sub(self.queue_bytes(db) + self.other.load(Ordering::Relaxed)))
+    }
+
+    fn file_len(&self, path: &Path) -> u64 {
+        file_len(path)
+    }
 }
 
 thread_local! {
@@ -254,6 +291,9 @@ struct World {
     reread_after_ahead: Vec<(i64, i64)>,
     /// Records indexed until then with a filter time before this are outside the contract (see `add_records`).
     ahead_exempt: Option<(i64, Duration)>,
+    /// The queue's filesystem, and when another process frees what it filled.
+    disk: Arc<Disk>,
+    disk_full_until: Option<Duration>,
     /// A second connection holding the write lock, until then.
     writer: Option<(rusqlite::Connection, Duration)>,
     core: Option<Core>,
@@ -315,10 +355,11 @@ impl World {
         }
         // A start waits for the lock up to its busy timeout, which the simulation does not spend in real time.
         self.release_lock();
-        let store = Store::open(&self.cfg.queue.path).map_err(|e| Violation {
+        let mut store = Store::open(&self.cfg.queue.path).map_err(|e| Violation {
             invariant: "the agent always starts again on a queue it left",
             detail: e.to_string(),
         })?;
+        store.set_fs_facts(self.disk.clone());
         if self.plan.second_writer {
             store
                 .set_busy_timeout(Duration::ZERO)
@@ -425,6 +466,24 @@ impl World {
         }
     }
 
+    /// Another process fills the filesystem, leaving less than a page commit needs (or nothing).
+    fn fill_disk(&mut self) {
+        let used = self.disk.queue_bytes(&self.cfg.queue.path);
+        let left = self.rng.u64(0..256 * 1024);
+        self.disk.other.store(DISK_CAPACITY.saturating_sub(used + left), Ordering::Relaxed);
+        let until = self.t + Duration::from_secs(self.rng.u64(10..=600));
+        self.disk_full_until = Some(until);
+        self.reached.disk_filled = true;
+        self.log(format!("another process fills the disk, {left} bytes left, until {:.0}s", until.as_secs_f64()));
+    }
+
+    fn free_disk(&mut self) {
+        if self.disk_full_until.take().is_some() {
+            self.disk.other.store(0, Ordering::Relaxed);
+            self.log("the disk has room again".into());
+        }
+    }
+
     /// NTP corrects a clock that ran ahead: the agent finds its watermarks in the future.
     fn correct_clock(&mut self) {
         if let Some((ahead, _)) = self.clock_ahead.take() {
@@ -517,7 +576,7 @@ impl World {
             let index = st.held.len();
             st.held_index.insert(key.clone(), index);
             let in_contract = !poison && !missed_ahead;
-            st.held.push(Held { feed, key, record, filter_time, visible_at: t, in_contract, poison });
+            st.held.push(Held { feed, key, record, filter_time, visible_at: self.t, in_contract, poison });
         }
     }
 
@@ -537,7 +596,7 @@ impl World {
         let missed = st.held.iter().find(|h| {
             h.in_contract
                 && feeds.contains(&h.feed)
-                && Duration::from_secs(h.visible_at) <= start
+                && h.visible_at <= start
                 && h.filter_time <= cutoff
                 && !at_intake.contains(h.key.as_str())
         });
@@ -545,11 +604,11 @@ impl World {
             Some(h) => Err(Violation {
                 invariant: "a --once pass that exits 0 read everything settled before it started",
                 detail: format!(
-                    "{} (filter time +{}s, visible at {}s) not at the intake after the pass that started at {}s",
+                    "{} (filter time +{}s, visible at {:.3}s) not at the intake after the pass that started at {:.3}s",
                     h.key,
                     h.filter_time - UNIX0,
-                    h.visible_at,
-                    start.as_secs()
+                    h.visible_at.as_secs_f64(),
+                    start.as_secs_f64()
                 ),
             }),
             None => Ok(()),
@@ -607,12 +666,15 @@ impl World {
         let pass = (self.plan.once && self.core.is_none() && self.restart_at.is_none()).then_some(self.next_pass);
         let unlock = self.writer.as_ref().map(|w| w.1);
         let correct = self.clock_ahead.map(|c| c.1);
-        let candidates = [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass, unlock, correct];
+        let free = self.disk_full_until;
+        let candidates = [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass, unlock, correct, free];
         let Some(at) = candidates.into_iter().flatten().min() else { return Ok(false) };
         self.t = self.t.max(at);
         self.events += 1;
         if unlock == Some(at) {
             self.release_lock();
+        } else if free == Some(at) {
+            self.free_disk();
         } else if correct == Some(at) {
             self.correct_clock();
         } else if next_arrival == Some(at) {
@@ -668,6 +730,9 @@ impl World {
             if self.plan.second_writer && self.writer.is_none() && self.rng.u8(..100) == 0 {
                 self.take_lock()?;
             }
+            if self.plan.disk_fills && self.disk_full_until.is_none() && self.rng.u8(..150) == 0 {
+                self.fill_disk();
+            }
         }
         if self.core.is_some() && self.turn()? {
             let outcome = self.core.as_ref().map(Core::outcome);
@@ -718,6 +783,8 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         reread_after_ahead: Vec::new(),
         ahead_exempt: None,
         writer: None,
+        disk: Arc::new(Disk { capacity: DISK_CAPACITY, other: AtomicU64::new(0) }),
+        disk_full_until: None,
         clock_unset_until: plan.clock_unset_at_boot.then_some(Duration::from_secs(90)),
         core: None,
         wake: Duration::ZERO,
@@ -781,7 +848,9 @@ fn drive(w: &mut World) -> Result<(), Violation> {
     let mut left = w.plan.records;
     while left > 0 {
         let n = w.rng.u64(1..=left.min(40));
-        let at = Duration::from_secs(w.rng.u64(0..w.plan.chaos.as_secs().max(1)));
+        // At any millisecond: a record may come between a pass's read of its feed and the next pass in the same
+        // second, which is when a pass finds nothing new settled.
+        let at = Duration::from_millis(w.rng.u64(0..w.plan.chaos.as_millis().max(1) as u64));
         arrivals.push((at, n));
         left -= n;
     }
@@ -804,6 +873,7 @@ fn drive(w: &mut World) -> Result<(), Violation> {
     w.net.lock().quiet = true;
     w.correct_clock();
     w.release_lock();
+    w.free_disk();
     w.clock_offset = 0;
     w.clock_unset_until = None;
     if w.reached.reload {
@@ -968,12 +1038,12 @@ fn check(w: &mut World) -> Result<(), Violation> {
             return Err(Violation {
                 invariant,
                 detail: format!(
-                    "{} ({how}; {missing} missing, {} counted dropped), filter time {} (+{}s), visible at {}s",
+                    "{} ({how}; {missing} missing, {} counted dropped), filter time {} (+{}s), visible at {:.3}s",
                     h.key,
                     c.dropped,
                     h.filter_time,
                     h.filter_time - UNIX0,
-                    h.visible_at
+                    h.visible_at.as_secs_f64()
                 ),
             });
         }
@@ -1259,6 +1329,7 @@ fn figures(results: &[Ran], wall: Duration, threads: usize, replayed: usize) -> 
         ("drop-oldest with a send in flight", |r| r.drop_skipped_in_flight),
         ("a learnt payload limit", |r| r.learnt_limit),
         ("a token renewed mid-window", |r| r.token_mid_window),
+        ("the disk filled by another process", |r| r.disk_filled),
     ];
     for &(name, f) in flags {
         let k = reached.iter().filter(|r| f(r)).count();

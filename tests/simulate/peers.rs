@@ -72,7 +72,7 @@ pub struct Held {
     /// The time Mimecast filters on.
     pub filter_time: i64,
     /// When Mimecast first shows it (simulated seconds since the start).
-    pub visible_at: u64,
+    pub visible_at: Duration,
     /// Within the contract: indexed no later than `overlap_secs` after its filter time, not a poison log, and not
     /// indexed behind a clock that ran ahead (see `add_records`).
     pub in_contract: bool,
