@@ -105,8 +105,8 @@ impl Plan {
             dd_drop: on(&mut r, 0.04),
             dd_accept_then_drop: on(&mut r, 0.05),
             dd_not_datadog: on(&mut r, 0.03),
-            // Above one log (about 400 bytes gzipped), which a proxy must let through for any of them to pass.
-            dd_max_body: (r.u8(..2) == 0).then(|| r.usize(800..3000)),
+            // Above any one log (up to about 900 bytes gzipped), which a proxy must let through for it to pass.
+            dd_max_body: (r.u8(..2) == 0).then(|| r.usize(1200..3000)),
         };
         let overlap_secs = r.i64(0..=600);
         // Mostly a poll a minute or so; one seed in eight polls every few seconds, over a shorter chaos phase (idle
@@ -114,6 +114,8 @@ impl Plan {
         let fast = r.u8(..8) == 0;
         let poll_interval_secs = if fast { r.u64(1..=10) } else { r.u64(30..=120) };
         let clock_back = r.u8(..6) == 0;
+        // A feed a reload disabled through a correction re-reads only when enabled again: not with a clock ahead.
+        let reloads = r.u8(..4) == 0;
         let chaos = match (large, fast) {
             (true, _) => r.u64(3600..4 * 3600),
             (false, true) => r.u64(60..300),
@@ -137,12 +139,12 @@ impl Plan {
             sigterm_rate: if r.u8(..3) == 0 { 0.001 + r.f64() * 0.004 } else { 0.0 },
             clock_back,
             // Not with steps back as well: what the oracle allows after a correction is reckoned by the true clock.
-            clock_ahead: !clock_back && r.u8(..5) == 0,
+            clock_ahead: !clock_back && !reloads && r.u8(..5) == 0,
             second_writer: r.u8(..6) == 0,
             pass_again: r.bool(),
             disk_fills: r.u8(..6) == 0,
             clock_unset_at_boot: r.u8(..10) == 0,
-            reload_rate: if r.u8(..4) == 0 { 0.002 + r.f64() * 0.01 } else { 0.0 },
+            reload_rate: if reloads { 0.002 + r.f64() * 0.01 } else { 0.0 },
             queue_limit: (r.u8(..4) == 0)
                 .then(|| (r.u64(2_000..20_000), if r.bool() { "drop-oldest" } else { "pause" })),
             feeds,
@@ -229,6 +231,34 @@ thread_local! {
     static JITTER: std::cell::RefCell<fastrand::Rng> = const { std::cell::RefCell::new(fastrand::Rng::with_seed(0)) };
 }
 
+/// A time the agent's clock ran ahead.
+struct Episode {
+    start: Duration,
+    corrected: Option<Duration>,
+}
+
+/// How long after a correction a feed may take to poll again (its interval, or the cron's), plus the longest
+/// waits before it may: a backoff cap (300 s), a disk another process filled (up to 600 s), a lock (20 s).
+fn reread_cap(p: &Plan) -> Duration {
+    Duration::from_secs(if p.once { p.cron_secs } else { p.poll_interval_secs } + 300 + 600 + 20 + 60)
+}
+
+/// Whether Mimecast indexed `h` while the agent's clock ran ahead, behind what the agent had already asked for,
+/// and before what it re-read once the clock was corrected: the overlap behind the corrected clock less
+/// `settle_secs`, at the feed's first new window after the correction (and no later than [`reread_cap`] after it,
+/// so an agent that waits for the clock instead, as 41795af did, is still caught). Nothing tells the agent its
+/// clock is wrong, so such a record is outside what it can promise.
+fn behind_a_clock_ahead(episodes: &[Episode], p: &Plan, h: &Held, st: &State) -> bool {
+    episodes.iter().any(|e| {
+        let Some(c) = e.corrected else { return h.visible_at >= e.start };
+        // After it, not at it: a job started in the step that ended the chaos phase ran by the clock ahead.
+        let first = st.new_windows.get(&h.feed).and_then(|ts| ts.iter().find(|&&t| t > c)).copied();
+        let reread = first.unwrap_or(Duration::MAX).min(c + reread_cap(p));
+        let from = UNIX0 + reread.as_secs() as i64 - p.settle_secs - p.overlap_secs;
+        h.visible_at >= e.start && h.visible_at <= reread && h.filter_time < from
+    })
+}
+
 /// The size of the queue's simulated filesystem.
 const DISK_CAPACITY: u64 = 1 << 30;
 
@@ -289,8 +319,8 @@ struct World {
     /// Filter times (Unix) whose records may come twice: the re-read after a clock that ran ahead by more than the
     /// seen keys' hour of slack was corrected (their keys were forgotten by the clock ahead).
     reread_after_ahead: Vec<(i64, i64)>,
-    /// Records indexed until then with a filter time before this are outside the contract (see `add_records`).
-    ahead_exempt: Option<(i64, Duration)>,
+    /// The times the clock ran ahead: when, and when it was corrected.
+    episodes: Vec<Episode>,
     /// The queue's filesystem, and when another process frees what it filled.
     disk: Arc<Disk>,
     disk_full_until: Option<Duration>,
@@ -378,7 +408,10 @@ impl World {
     fn run_jobs(&mut self, jobs: Vec<Job>) {
         for job in jobs {
             let kind = job.kind;
-            self.net.lock().t = self.t.as_secs();
+            {
+                let mut st = self.net.lock();
+                (st.t, st.now) = (self.t.as_secs(), self.t);
+            }
             let done = job.run();
             let (elapsed, accepted) = {
                 let mut st = self.net.lock();
@@ -498,6 +531,9 @@ impl World {
                 self.reread_after_ahead.push((from, forgotten));
             }
             self.reached.clock_corrected = true;
+            if let Some(e) = self.episodes.last_mut() {
+                e.corrected = Some(self.t);
+            }
             self.log(format!("clock corrected by {ahead}s back"));
         }
     }
@@ -559,12 +595,6 @@ impl World {
             // Under the time-zone lag, the record's own time reads hours older than the time Mimecast filters on.
             let own_time = if plan.tz_lag { filter_time - 6 * 3600 } else { filter_time };
             let poison = plan.poison && self.rng.u8(..30) == 0;
-            // Indexed while the agent's clock runs ahead (or soon after its correction): the agent has asked for
-            // windows up to its clock's time, so what Mimecast indexes meanwhile behind that is never asked for
-            // again, except what the re-read after the correction covers (the overlap behind the corrected clock
-            // less `settle_secs`, at the feed's next poll). Nothing tells the agent its clock is wrong, so the
-            // rest is outside what it can promise.
-            let missed_ahead = self.ahead_exempt.is_some_and(|(cutoff, until)| self.t <= until && filter_time < cutoff);
             let mut record = records::generate(feed, i, own_time, 300);
             if poison && let Some(o) = record.as_object_mut() {
                 o.insert("simNote".into(), Value::String(peers::POISON.into()));
@@ -575,8 +605,7 @@ impl World {
             list.insert(at, (filter_time, record.clone()));
             let index = st.held.len();
             st.held_index.insert(key.clone(), index);
-            let in_contract = !poison && !missed_ahead;
-            st.held.push(Held { feed, key, record, filter_time, visible_at: self.t, in_contract, poison });
+            st.held.push(Held { feed, key, record, filter_time, visible_at: self.t, in_contract: !poison, poison });
         }
     }
 
@@ -595,6 +624,7 @@ impl World {
         let at_intake = st.keys_at_intake();
         let missed = st.held.iter().find(|h| {
             h.in_contract
+                && !behind_a_clock_ahead(&self.episodes, &self.plan, h, &st)
                 && feeds.contains(&h.feed)
                 && h.visible_at <= start
                 && h.filter_time <= cutoff
@@ -640,7 +670,15 @@ impl World {
         }
         let st = self.net.lock();
         let at_intake = st.keys_at_intake();
-        let missing = st.held.iter().filter(|h| h.in_contract && !at_intake.contains(h.key.as_str())).count();
+        let missing = st
+            .held
+            .iter()
+            .filter(|h| {
+                h.in_contract
+                    && !behind_a_clock_ahead(&self.episodes, &self.plan, h, &st)
+                    && !at_intake.contains(h.key.as_str())
+            })
+            .count();
         let poison = st.held.iter().filter(|h| h.poison).count();
         drop(st);
         let drop_oldest = self.plan.queue_limit.is_some_and(|(_, when)| when == "drop-oldest");
@@ -715,16 +753,15 @@ impl World {
                 self.reached.clock_back = true;
                 self.log(format!("clock steps back {back}s"));
             }
-            if self.plan.clock_ahead && self.clock_ahead.is_none() && self.rng.u16(..300) == 0 {
+            // Not again before every feed has had its chance to re-read after the last correction.
+            let settled_since =
+                self.episodes.last().is_none_or(|e| e.corrected.is_some_and(|c| self.t > c + reread_cap(&self.plan)));
+            if self.plan.clock_ahead && settled_since && self.rng.u16(..300) == 0 {
                 let ahead = self.rng.i64(60..=7200);
                 let until = self.t + Duration::from_secs(self.rng.u64(30..=1800));
                 self.clock_offset += ahead;
                 self.clock_ahead = Some((ahead, until));
-                // The feed's next poll after the correction, by its interval and at most the backoff cap after.
-                let p = &self.plan;
-                let next_poll = 300 + if p.once { p.cron_secs } else { p.poll_interval_secs };
-                let cutoff = UNIX0 + (until.as_secs() + next_poll) as i64 - p.settle_secs - p.overlap_secs;
-                self.ahead_exempt = Some((cutoff, until + Duration::from_secs(next_poll)));
+                self.episodes.push(Episode { start: self.t, corrected: None });
                 self.log(format!("clock runs {ahead}s ahead"));
             }
             if self.plan.second_writer && self.writer.is_none() && self.rng.u8(..100) == 0 {
@@ -781,7 +818,7 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         clock_offset: 0,
         clock_ahead: None,
         reread_after_ahead: Vec::new(),
-        ahead_exempt: None,
+        episodes: Vec::new(),
         writer: None,
         disk: Arc::new(Disk { capacity: DISK_CAPACITY, other: AtomicU64::new(0) }),
         disk_full_until: None,
@@ -1017,7 +1054,12 @@ fn check(w: &mut World) -> Result<(), Violation> {
     let missing = st
         .held
         .iter()
-        .filter(|h| enabled.contains(&h.feed) && h.in_contract && !copies.contains_key(h.key.as_str()))
+        .filter(|h| {
+            enabled.contains(&h.feed)
+                && h.in_contract
+                && !behind_a_clock_ahead(&w.episodes, &w.plan, h, &st)
+                && !copies.contains_key(h.key.as_str())
+        })
         .count() as i64;
     if missing > 0 && missing <= c.dropped {
         w.reached.dropped = true;
@@ -1027,7 +1069,8 @@ fn check(w: &mut World) -> Result<(), Violation> {
         .map_err(|e| Violation { invariant: "the queue reads after the run", detail: e.to_string() })?;
     let queued: HashSet<String> = left.iter().flatten().map(|q| format!("{}|{}", q.feed.name(), q.key)).collect();
     for h in st.held.iter().filter(|h| enabled.contains(&h.feed) && missing > c.dropped) {
-        if h.in_contract && !copies.contains_key(h.key.as_str()) {
+        if h.in_contract && !behind_a_clock_ahead(&w.episodes, &w.plan, h, &st) && !copies.contains_key(h.key.as_str())
+        {
             let (how, invariant) = if dead.contains(&h.key) {
                 ("a dead letter", "no record lost")
             } else if queued.contains(&h.key) {

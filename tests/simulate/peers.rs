@@ -73,8 +73,8 @@ pub struct Held {
     pub filter_time: i64,
     /// When Mimecast first shows it (simulated seconds since the start).
     pub visible_at: Duration,
-    /// Within the contract: indexed no later than `overlap_secs` after its filter time, not a poison log, and not
-    /// indexed behind a clock that ran ahead (see `add_records`).
+    /// Within the contract: indexed no later than `overlap_secs` after its filter time, and not a poison log (the
+    /// simulator also leaves out what was indexed behind a clock that ran ahead: `behind_a_clock_ahead`).
     pub in_contract: bool,
     pub poison: bool,
 }
@@ -95,8 +95,9 @@ pub struct State {
     pub faults: Faults,
     pub quiet: bool,
     pub rng: Option<fastrand::Rng>,
-    /// The simulated time, in seconds since the start, and the Unix time Mimecast keeps (the true one).
+    /// The simulated time, in seconds since the start (and exactly), and the Unix time Mimecast keeps (the true one).
     pub t: u64,
+    pub now: Duration,
     pub unix0: i64,
     pub held: Vec<Held>,
     /// Where each record key is in `held`.
@@ -130,6 +131,8 @@ pub struct State {
     pub mid_window: std::collections::HashSet<Feed>,
     /// A token was issued while a feed was part way through a window.
     pub token_mid_window: bool,
+    /// When the agent asked for each feed's first page of a window (a request without a page token).
+    pub new_windows: HashMap<Feed, Vec<Duration>>,
 }
 
 #[derive(Clone)]
@@ -238,6 +241,11 @@ impl State {
             return Ok(json(403, &fail("err_forbidden", false)));
         }
         let body: Option<Value> = serde_json::from_slice(body).ok();
+        let token = body.as_ref().and_then(|b| b.pointer("/meta/pagination/pageToken")).and_then(Value::as_str);
+        if token.is_none_or(str::is_empty) {
+            let now = self.now;
+            self.new_windows.entry(feed).or_default().push(now);
+        }
         let mut answer_body = body.clone();
         // A server that ignores the page token it is given, for a while (up to half an hour), and makes up a new
         // one each time: following it never ends the window.
