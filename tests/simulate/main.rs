@@ -1011,10 +1011,11 @@ fn check(w: &mut World) -> Result<(), Violation> {
     let mut order: Vec<(&str, u64)> = copies.iter().map(|(k, n)| (*k, *n)).collect();
     order.sort_unstable();
     for (k, n) in &order {
-        let reread = held
-            .get(k)
-            .is_some_and(|h| w.reread_after_ahead.iter().any(|&(from, to)| (from..=to).contains(&h.filter_time)));
-        let allowed = 1 + unacknowledged.get(k).copied().unwrap_or(0) + u64::from(reread);
+        // One more per correction whose re-read span holds it.
+        let rereads = held.get(k).map_or(0, |h| {
+            w.reread_after_ahead.iter().filter(|&&(from, to)| (from..=to).contains(&h.filter_time)).count() as u64
+        });
+        let allowed = 1 + unacknowledged.get(k).copied().unwrap_or(0) + rereads;
         if *n > allowed {
             return Err(Violation {
                 invariant: "duplicates exactly accounted for",
