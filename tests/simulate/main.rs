@@ -1225,7 +1225,8 @@ fn main() {
         seeds.extend(CORPUS.iter().map(|&s| (s, false)));
     }
     seeds.extend(a.seeds.clone().map(|s| (s, a.large_seed)));
-    seeds.extend((0..a.large).map(|i| (1_000_000_000 + i, true)));
+    // Large seeds from the range's start too, so that a new range brings new large seeds.
+    seeds.extend((0..a.large).map(|i| (1_000_000_000 + a.seeds.start + i, true)));
     let mut once = HashSet::new();
     seeds.retain(|s| once.insert(*s));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
