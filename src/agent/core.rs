@@ -983,3 +983,7 @@ fn informational(written: Result<(), StoreError>) -> Result<(), RunError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
