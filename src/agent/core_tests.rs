@@ -773,3 +773,27 @@ fn a_drained_queue_gives_its_space_back_and_the_idle_shrink_runs_only_after_a_ch
     rig.answer_all(poll);
     assert!(rig.core.shrink_due, "an answer may change the queue");
 }
+
+#[test]
+fn once_waits_for_the_sends_in_flight_even_after_giving_up() {
+    let mut rig = Rig::new(Setup { mode: Mode::Once, sends_in_flight: 2, page_size: 1000, ..Setup::default() });
+    rig.add(Feed::Audit, 1500, UNIX0 - 1800);
+    let token = rig.turn().jobs;
+    let mut jobs = rig.answer_all(token);
+    while let Some(job) = jobs.pop() {
+        jobs.extend(rig.answer(job));
+    }
+    assert!(rig.core.poller.all_done());
+    let send = rig.turn();
+    assert_eq!(sends(&send.jobs), [1000, 500]);
+    // The intake refuses the key: the sender gives up at the first answer, with the other batch still out.
+    rig.net.lock().intake_status = Some(403);
+    let mut send = send.jobs.into_iter();
+    rig.answer_all(send.next().into_iter().collect());
+    assert!(rig.core.sender.done());
+    let turn = rig.turn();
+    assert!(!turn.over && turn.jobs.is_empty(), "a send is still in flight");
+    rig.answer_all(send.collect());
+    assert!(rig.turn().over);
+    assert_eq!(rig.core.outcome().ok(), Some(Outcome { queued: 1500, gave_up: true }));
+}
