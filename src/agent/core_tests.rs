@@ -438,7 +438,7 @@ fn a_delivered_batch_the_locked_store_cannot_remove_is_removed_before_anything_e
 }
 
 #[test]
-fn a_full_disk_holds_polling_until_the_pause_passes_or_a_delivery_frees_space() {
+fn a_full_disk_holds_polling_until_its_pause_passes() {
     let mut rig = Rig::new(Setup::default());
     rig.add_sized(Feed::Audit, 10, UNIX0 - 1800, 5000);
     // The queue may not grow: SQLite says the disk is full, as it does on a full filesystem.
