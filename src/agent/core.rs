@@ -22,7 +22,7 @@ use crate::mimecast::client::{self, FetchError, Fetched, PageRequest};
 use crate::mimecast::window::{self, Settings};
 use crate::mimecast::{Feed, wire};
 use crate::policy::poller::{Action as PollAction, Poller, PollerSettings};
-use crate::policy::pressure::{self, Pause, Pressure, Room};
+use crate::policy::pressure::{self, Pause, Pressure, Room, SenderPause, Side, StoreFault};
 use crate::policy::sender::{Action as SendAction, Batch, IntakeChange, Next, Sender, SenderSettings, Summary};
 use crate::policy::{self, Mode, Now, PassState, Retries};
 use crate::store::{InFlight, NewRecord, Note, PageCommit, Store, StoreError};
@@ -242,17 +242,17 @@ impl Core {
         let mut jobs = Vec::new();
         // The queue's size against `max_bytes`, once: nothing is committed until the next event.
         let measured = self.measure_queue();
-        self.absorb(measured, now, false)?;
+        self.absorb(measured, now, Side::Polling)?;
         loop {
             let started = self.start_fetch(now);
-            match self.absorb(started, now, false)?.flatten() {
+            match self.absorb(started, now, Side::Polling)?.flatten() {
                 Some(job) => jobs.push(self.started(job)),
                 None => break,
             }
         }
         loop {
             let started = self.start_send(now);
-            match self.absorb(started, now, true)?.flatten() {
+            match self.absorb(started, now, Side::Sending)?.flatten() {
                 Some(job) => jobs.push(self.started(job)),
                 None => break,
             }
@@ -260,7 +260,7 @@ impl Core {
         let mut over = false;
         if self.mode == Mode::Once && self.in_flight() == 0 {
             let pass = self.pass_over();
-            over = self.absorb(pass, now, false)? == Some(true);
+            over = self.absorb(pass, now, Side::Polling)? == Some(true);
         }
         // A feed whose token is being fetched waits for that fetch, not for a timer.
         let (accounts, margin) = (&self.accounts, self.tuning.token_margin);
@@ -287,12 +287,12 @@ impl Core {
                     Fetch::Token(req, generation, token) => self.on_token(now, req, generation, token),
                     Fetch::Page(req, generation, f, records) => self.on_fetched(now, req, generation, f, records),
                 };
-                self.absorb(handled, now, false)?.flatten()
+                self.absorb(handled, now, Side::Polling)?.flatten()
             }
             Done::Sent(b, s) => {
                 self.sends = self.sends.saturating_sub(1);
                 let handled = self.on_sent(now, b, s);
-                self.absorb(handled, now, true)?;
+                self.absorb(handled, now, Side::Sending)?;
                 None
             }
         };
@@ -424,30 +424,34 @@ impl Core {
     }
 
     /// Lets a transient store error (disk full, database locked by another process) pause the agent instead of
-    /// ending it; every other error ends the run. Nothing is lost either way: what failed was not committed.
-    /// `sending`: the error came from the send path, which must then back off too rather than retry at once.
-    fn absorb<T>(&mut self, result: Result<T, RunError>, now: Now, sending: bool) -> Result<Option<T>, RunError> {
+    /// ending it; every other error ends the run. Nothing is lost either way: what failed was not committed. The
+    /// pressure machine says what the error costs polling and the sender on the loop's `side`
+    /// ([`Pressure::on_store_error`]); this carries it out.
+    fn absorb<T>(&mut self, result: Result<T, RunError>, now: Now, side: Side) -> Result<Option<T>, RunError> {
         let store_error = match result {
             Ok(v) => return Ok(Some(v)),
             Err(RunError::Store(e)) if e.is_transient() => e,
             Err(e) => return Err(e),
         };
-        if store_error.is_disk_full() {
-            let msg = store_error.to_string();
-            // Something else filled the disk: the WAL may hold space that a checkpoint gives back.
+        let fault = if store_error.is_disk_full() { StoreFault::DiskFull } else { StoreFault::Busy };
+        let reaction = self.pressure.on_store_error(now, fault, side);
+        if reaction.checkpoint {
             let _ = self.store.checkpoint();
-            self.disk_full(&msg, now);
-            if sending {
-                // A dead letter that did not fit, say: not again at once, again and again.
+        }
+        match fault {
+            StoreFault::DiskFull => self.disk_full_said(&store_error.to_string(), now, reaction.pause),
+            StoreFault::Busy => {
+                log::warn!("{store_error}; retrying in {:.1}s", reaction.pause.delay.as_secs_f64());
+                self.stop_polling_if(reaction.pause);
+            }
+        }
+        match reaction.sender {
+            SenderPause::None => {}
+            SenderPause::Failed => {
                 self.sender.failed(now, Duration::ZERO);
             }
-            return Ok(None);
+            SenderPause::Until(until) => self.sender.wait_until(until),
         }
-        let pause = self.pressure.on_busy(now);
-        log::warn!("{store_error}; retrying in {:.1}s", pause.delay.as_secs_f64());
-        self.stop_polling_if(pause);
-        // The send path shares the database: it gets the same pause.
-        self.sender.wait_until(now.at + pause.delay);
         Ok(None)
     }
 
@@ -455,6 +459,11 @@ impl Core {
     /// goes on, since it is what frees space.
     fn disk_full(&mut self, why: &str, now: Now) {
         let pause = self.pressure.on_disk_full(now);
+        self.disk_full_said(why, now, pause);
+    }
+
+    /// Says that the disk is full, in the log and for `status`, and stops a `--once` pass's polling if `pause` says so.
+    fn disk_full_said(&mut self, why: &str, now: Now, pause: Pause) {
         let msg = format!(
             "disk full: {why}; polling Mimecast paused until delivery frees space (or {}s pass); delivery goes on; \
              nothing is lost",
@@ -988,3 +997,7 @@ fn informational(written: Result<(), StoreError>) -> Result<(), RunError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

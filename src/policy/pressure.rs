@@ -6,6 +6,8 @@
 //!   disk cannot take a page; delivery goes on, since it is what frees space;
 //! - a full disk's wait grows with each failure up to the slow retry, and a delivery ends it at once;
 //! - a locked database pauses polling and sending alike, with a backoff; it is never an exit;
+//! - a full disk met on the send path (a dead letter that did not fit) is a failure of the sender's own, with its
+//!   backoff, so the write is not tried again at once; met on the polling path, it leaves delivery alone;
 //! - in `--once`, polling gives up after `once_attempts` store failures in a row.
 
 use std::time::{Duration, Instant};
@@ -42,6 +44,45 @@ pub struct Pause {
     pub failures: u32,
     /// `--once`: polling gives up for this pass.
     pub give_up: bool,
+}
+
+/// A write the store cannot take now, which a wait may cure: the disk is full, or another process holds the
+/// database's lock past the busy timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    DiskFull,
+    Busy,
+}
+
+/// Which of the loop's paths met the store fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Measuring the queue, starting a fetch, committing a page, ending a `--once` pass.
+    Polling,
+    /// Loading, dead-lettering or removing a batch.
+    Sending,
+}
+
+/// What the sender does about a store fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderPause {
+    /// Nothing: delivery goes on, since it is what frees space.
+    None,
+    /// A failure of its own, with its backoff: a write that did not fit is not tried again at once.
+    Failed,
+    /// No send starts before then: the send path shares the locked database.
+    Until(Instant),
+}
+
+/// What the loop does about a store error that a wait may cure ([`Pressure::on_store_error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaction {
+    /// Polling's pause.
+    pub pause: Pause,
+    /// Fold the WAL into the database first: something else filled the disk, and the WAL may hold space that a
+    /// checkpoint gives back.
+    pub checkpoint: bool,
+    pub sender: SenderPause,
 }
 
 impl Pressure {
@@ -101,6 +142,24 @@ impl Pressure {
         let delay = self.retries.backoff.ceiling(t.failures).min(self.retries.slow_retry);
         t.until = now.at + delay;
         Pause { delay, first, failures: t.failures, give_up: self.retries.gives_up(t.failures) }
+    }
+
+    /// A store write failed with `fault` on the loop's `side`: polling pauses ([`Pressure::on_disk_full`],
+    /// [`Pressure::on_busy`]), and the sender fails or waits as the fault asks.
+    pub fn on_store_error(&mut self, now: Now, fault: StoreFault, side: Side) -> Reaction {
+        match fault {
+            StoreFault::DiskFull => {
+                let sender = match side {
+                    Side::Sending => SenderPause::Failed,
+                    Side::Polling => SenderPause::None,
+                };
+                Reaction { pause: self.on_disk_full(now), checkpoint: true, sender }
+            }
+            StoreFault::Busy => {
+                let pause = self.on_busy(now);
+                Reaction { pause, checkpoint: false, sender: SenderPause::Until(now.at + pause.delay) }
+            }
+        }
     }
 
     /// A page was committed: the store's trouble is over. Says whether there was any.
@@ -202,6 +261,61 @@ mod tests {
         // A delivery means the lock is gone.
         p.on_delivered(t);
         assert!(p.may_poll(t) && p.until().is_none());
+    }
+
+    #[test]
+    fn a_store_error_pauses_polling_and_fails_or_holds_the_sender_by_its_kind() {
+        use Side::{Polling, Sending};
+        use StoreFault::{Busy, DiskFull};
+        let t = now();
+        let at = |secs| t.at + Duration::from_secs(secs);
+        // Store errors in a row, and for each: (polling's pause in seconds, checkpoint first, the sender's part,
+        // first of a run, `--once` gives up). Mimecast's backoff here: 2 s doubling, to a 300 s slow retry.
+        type Row<'a> = (Mode, &'a [(StoreFault, Side)], &'a [(u64, bool, SenderPause, bool, bool)]);
+        let rows: &[Row<'_>] = &[
+            // A lock holds the sender for polling's pause, whichever path met it.
+            (Mode::Daemon, &[(Busy, Polling)], &[(2, false, SenderPause::Until(at(2)), true, false)]),
+            (Mode::Daemon, &[(Busy, Sending)], &[(2, false, SenderPause::Until(at(2)), true, false)]),
+            // A full disk checkpoints first; only a write of the send path counts against the sender.
+            (Mode::Daemon, &[(DiskFull, Polling)], &[(2, true, SenderPause::None, true, false)]),
+            (Mode::Daemon, &[(DiskFull, Sending)], &[(2, true, SenderPause::Failed, true, false)]),
+            // The pause grows with the failures in a row, whatever their kind; a full disk after a lock is news.
+            (
+                Mode::Daemon,
+                &[(Busy, Polling), (Busy, Sending), (DiskFull, Polling)],
+                &[
+                    (2, false, SenderPause::Until(at(2)), true, false),
+                    (4, false, SenderPause::Until(at(4)), false, false),
+                    (8, true, SenderPause::None, true, false),
+                ],
+            ),
+            // `--once` gives polling up after three.
+            (
+                Mode::Once,
+                &[(DiskFull, Polling), (Busy, Polling), (Busy, Sending)],
+                &[
+                    (2, true, SenderPause::None, true, false),
+                    (4, false, SenderPause::Until(at(4)), false, false),
+                    (8, false, SenderPause::Until(at(8)), false, true),
+                ],
+            ),
+        ];
+        for (mode, events, want) in rows {
+            let mut p = Pressure::new(retries(*mode));
+            let got: Vec<_> = events
+                .iter()
+                .map(|&(fault, side)| p.on_store_error(t, fault, side))
+                .map(|r| (r.pause.delay.as_secs(), r.checkpoint, r.sender, r.pause.first, r.pause.give_up))
+                .collect();
+            assert_eq!(got, *want, "{mode:?} {events:?}");
+            let (last, _) = events[events.len() - 1];
+            assert!(!p.may_poll(t), "{events:?}");
+            assert_eq!(p.disk_full(), events.iter().any(|&(k, _)| k == DiskFull), "{events:?}");
+            if last == Busy {
+                // Only a lock's pause ends by itself; a full disk's also ends at a delivery.
+                assert!(p.may_poll(t.after(Duration::from_secs(want[want.len() - 1].0))), "{events:?}");
+            }
+        }
     }
 
     #[test]
