@@ -235,6 +235,9 @@ thread_local! {
 struct Episode {
     start: Duration,
     corrected: Option<Duration>,
+    /// `--once`: the first pass started after the correction (one started before keeps the horizon of the clock
+    /// ahead to its end).
+    first_pass_after: Option<Duration>,
 }
 
 /// How long after a correction a feed may take to poll again (its interval, or the cron's), plus the longest
@@ -251,8 +254,10 @@ fn reread_cap(p: &Plan) -> Duration {
 fn behind_a_clock_ahead(episodes: &[Episode], p: &Plan, h: &Held, st: &State) -> bool {
     episodes.iter().any(|e| {
         let Some(c) = e.corrected else { return h.visible_at >= e.start };
-        // After it, not at it: a job started in the step that ended the chaos phase ran by the clock ahead.
-        let first = st.new_windows.get(&h.feed).and_then(|ts| ts.iter().find(|&&t| t > c)).copied();
+        // After it, not at it: a job started in the step that ended the chaos phase ran by the clock ahead; and in
+        // `--once`, by a pass started after it.
+        let after = if p.once { e.first_pass_after.unwrap_or(Duration::MAX) } else { Duration::ZERO };
+        let first = st.new_windows.get(&h.feed).and_then(|ts| ts.iter().find(|&&t| t > c && t >= after)).copied();
         let reread = first.unwrap_or(Duration::MAX).min(c + reread_cap(p));
         let from = UNIX0 + reread.as_secs() as i64 - p.settle_secs - p.overlap_secs;
         h.visible_at >= e.start && h.visible_at <= reread && h.filter_time < from
@@ -399,6 +404,9 @@ impl World {
             Violation { invariant: "the agent always starts again on a queue it left", detail: e.to_string() }
         })?;
         self.log(format!("start {mode:?}"));
+        if let Some(e) = self.episodes.last_mut().filter(|e| e.corrected.is_some() && e.first_pass_after.is_none()) {
+            e.first_pass_after = Some(self.t);
+        }
         let clock_true = self.clock_offset == 0 && self.clock_unset_until.is_none_or(|u| self.t >= u);
         self.pass_start = clock_true.then_some((self.t, self.cfg.mimecast.feeds.clone()));
         self.core = Some(core);
@@ -761,7 +769,7 @@ impl World {
                 let until = self.t + Duration::from_secs(self.rng.u64(30..=1800));
                 self.clock_offset += ahead;
                 self.clock_ahead = Some((ahead, until));
-                self.episodes.push(Episode { start: self.t, corrected: None });
+                self.episodes.push(Episode { start: self.t, corrected: None, first_pass_after: None });
                 self.log(format!("clock runs {ahead}s ahead"));
             }
             if self.plan.second_writer && self.writer.is_none() && self.rng.u8(..100) == 0 {
