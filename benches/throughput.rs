@@ -274,9 +274,26 @@ fn unit_mmap_threshold() -> &'static str {
         .expect("the unit sets MALLOC_MMAP_THRESHOLD_")
 }
 
+/// The agent as `BENCH_WRAP` runs it, when set: a heap profiler in front of the binary (`valgrind --tool=massif`), for
+/// the profile of a section, whose CPU and RSS figures are then the profiler's; `BENCH_AGENT` names another build
+/// of the binary (a debug build, whose symbols the profile can name).
+fn agent_command() -> Command {
+    let bin = std::env::var("BENCH_AGENT").unwrap_or_else(|_| BIN.to_owned());
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        None => Command::new(bin),
+        Some(first) => {
+            let mut cmd = Command::new(first);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+    }
+}
+
 fn spawn(config: &Path, once: bool) -> Child {
     let log = File::create(config.with_file_name("agent.log")).unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = agent_command();
     // As the systemd unit runs it: glibc's mmap threshold fixed, so the heap does not grow with a drain's length.
     cmd.env("MALLOC_MMAP_THRESHOLD_", unit_mmap_threshold());
     cmd.arg("run");
