@@ -141,7 +141,7 @@ fn malformed(m: &str) -> WireError {
 fn read(feed: Feed, text: &[u8]) -> Result<Result<Value, WireError>, serde_json::Error> {
     let mut found = None;
     let mut de = serde_json::Deserializer::from_slice(text);
-    let doc = Build(&mut found).deserialize(&mut de).and_then(|doc| de.end().map(|()| doc));
+    let doc = Build(&mut found, 0).deserialize(&mut de).and_then(|doc| de.end().map(|()| doc));
     match (doc, found) {
         // The build stopped at the repeated name: the rest of the text must be JSON too, or the page is not JSON
         // (and may yet be read once repaired), as the parser that reads it whole says (a rare path: a whole parse).
@@ -202,7 +202,15 @@ const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 /// (as the object's map takes it: names compared as read, escapes undone, so `"id"` and `"\u0069d"` are the same
 /// name). On the first such name it fills in the [`Repeated`] and stops with an error, to which each level adds
 /// its step on the way out. One pass: the check costs a look at what the map's insert returns.
-struct Build<'f>(&'f mut Option<Repeated>);
+///
+/// The second field is how many names an object is likely to hold: the elements of an array (a page's records)
+/// are alike, so each object of an array is made with room for as many names as the one before it held, instead
+/// of growing its map four or five times over.
+struct Build<'f>(&'f mut Option<Repeated>, usize);
+
+/// At most this much room is made ahead for an object's names (a record has a few dozen): a small object after a
+/// huge one, over and over in a hostile page, must not hold the huge one's room each.
+const MAX_NAMES_AHEAD: usize = 256;
 
 impl Build<'_> {
     fn step<E>(self, step: impl FnOnce() -> Step, e: E) -> E {
@@ -266,9 +274,15 @@ impl<'de> Visitor<'de> for Build<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        let mut names = 0;
         loop {
-            match seq.next_element_seed(Build(&mut *self.0)) {
-                Ok(Some(v)) => items.push(v),
+            match seq.next_element_seed(Build(&mut *self.0, names)) {
+                Ok(Some(v)) => {
+                    if let Value::Object(o) = &v {
+                        names = o.len();
+                    }
+                    items.push(v);
+                }
                 Ok(None) => return Ok(Value::Array(items)),
                 Err(e) => return Err(self.step(|| Step::Index(items.len()), e)),
             }
@@ -288,8 +302,9 @@ impl<'de> Visitor<'de> for Build<'_> {
                     let text: String = map.next_value()?;
                     return serde_json::from_str(&text).map_err(A::Error::custom);
                 }
+                object = serde_json::Map::with_capacity(self.1.min(MAX_NAMES_AHEAD));
             }
-            let value = match map.next_value_seed(Build(&mut *self.0)) {
+            let value = match map.next_value_seed(Build(&mut *self.0, 0)) {
                 Ok(v) => v,
                 Err(e) => return Err(self.step(|| Step::Name(name), e)),
             };
