@@ -266,12 +266,16 @@ struct Run {
     last: Option<Duration>,
 }
 
-/// The unit's `Environment=MALLOC_MMAP_THRESHOLD_=…`: the benchmark runs the agent as the service does.
-fn unit_mmap_threshold() -> &'static str {
-    include_str!("../packaging/mimecast-forwarder.service")
+/// The unit's `Environment=MALLOC_…=…` lines (glibc's malloc settings; `MALLOC_MMAP_THRESHOLD_` at least): the
+/// benchmark runs the agent as the service does, whatever the unit comes to set.
+fn unit_malloc_env() -> Vec<(&'static str, &'static str)> {
+    let env: Vec<(&str, &str)> = include_str!("../packaging/mimecast-forwarder.service")
         .lines()
-        .find_map(|l| l.strip_prefix("Environment=MALLOC_MMAP_THRESHOLD_="))
-        .expect("the unit sets MALLOC_MMAP_THRESHOLD_")
+        .filter_map(|l| l.strip_prefix("Environment=")?.split_once('='))
+        .filter(|(name, _)| name.starts_with("MALLOC_"))
+        .collect();
+    assert!(env.iter().any(|(name, _)| *name == "MALLOC_MMAP_THRESHOLD_"), "the unit sets MALLOC_MMAP_THRESHOLD_");
+    env
 }
 
 /// The agent as `BENCH_WRAP` runs it, when set: a heap profiler in front of the binary (`valgrind --tool=massif`), for
@@ -295,7 +299,7 @@ fn spawn(config: &Path, once: bool) -> Child {
     let log = File::create(config.with_file_name("agent.log")).unwrap();
     let mut cmd = agent_command();
     // As the systemd unit runs it: glibc's mmap threshold fixed, so the heap does not grow with a drain's length.
-    cmd.env("MALLOC_MMAP_THRESHOLD_", unit_mmap_threshold());
+    cmd.envs(unit_malloc_env());
     cmd.arg("run");
     if once {
         cmd.arg("--once");
