@@ -266,19 +266,40 @@ struct Run {
     last: Option<Duration>,
 }
 
-/// The unit's `Environment=MALLOC_MMAP_THRESHOLD_=…`: the benchmark runs the agent as the service does.
-fn unit_mmap_threshold() -> &'static str {
-    include_str!("../packaging/mimecast-forwarder.service")
+/// The unit's `Environment=MALLOC_…=…` lines (glibc's malloc settings; `MALLOC_MMAP_THRESHOLD_` at least): the
+/// benchmark runs the agent as the service does, whatever the unit comes to set.
+fn unit_malloc_env() -> Vec<(&'static str, &'static str)> {
+    let env: Vec<(&str, &str)> = include_str!("../packaging/mimecast-forwarder.service")
         .lines()
-        .find_map(|l| l.strip_prefix("Environment=MALLOC_MMAP_THRESHOLD_="))
-        .expect("the unit sets MALLOC_MMAP_THRESHOLD_")
+        .filter_map(|l| l.strip_prefix("Environment=")?.split_once('='))
+        .filter(|(name, _)| name.starts_with("MALLOC_"))
+        .collect();
+    assert!(env.iter().any(|(name, _)| *name == "MALLOC_MMAP_THRESHOLD_"), "the unit sets MALLOC_MMAP_THRESHOLD_");
+    env
+}
+
+/// The agent as `BENCH_WRAP` runs it, when set: a heap profiler in front of the binary (`valgrind --tool=massif`), for
+/// the profile of a section, whose CPU and RSS figures are then the profiler's; `BENCH_AGENT` names another build
+/// of the binary (a debug build, whose symbols the profile can name).
+fn agent_command() -> Command {
+    let bin = std::env::var("BENCH_AGENT").unwrap_or_else(|_| BIN.to_owned());
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        None => Command::new(bin),
+        Some(first) => {
+            let mut cmd = Command::new(first);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+    }
 }
 
 fn spawn(config: &Path, once: bool) -> Child {
     let log = File::create(config.with_file_name("agent.log")).unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = agent_command();
     // As the systemd unit runs it: glibc's mmap threshold fixed, so the heap does not grow with a drain's length.
-    cmd.env("MALLOC_MMAP_THRESHOLD_", unit_mmap_threshold());
+    cmd.envs(unit_malloc_env());
     cmd.arg("run");
     if once {
         cmd.arg("--once");
@@ -955,8 +976,13 @@ fn idle(report: &mut Report, scale: &Scale, tmp: &Path) {
     }
     std::thread::sleep(Duration::from_secs(1));
     let (cpu0, requests0) = (proc_cpu(&pid).unwrap_or(f64::NAN), mimecast.requests().len());
+    let switches0 = context_switches(&pid);
     std::thread::sleep(scale.idle);
     let cpu = proc_cpu(&pid).unwrap_or(f64::NAN) - cpu0;
+    let switches1 = context_switches(&pid);
+    // A thread that lived through the window: its switches in it; one that ended or began meanwhile counts what
+    // it did while it was seen.
+    let wakeups: u64 = switches1.iter().map(|(tid, n)| n - switches0.get(tid).copied().unwrap_or(0).min(*n)).sum();
     let (rss_kib, hwm_kib) = (proc_kib(&pid, "VmRSS:").unwrap_or(0), proc_kib(&pid, "VmHWM:").unwrap_or(0));
     let polls = mimecast.requests().len() - requests0;
     rustix::process::kill_process(Pid::from_child(&child), Signal::TERM).unwrap();
@@ -972,5 +998,30 @@ fn idle(report: &mut Report, scale: &Scale, tmp: &Path) {
         "no goal in the table: watch for regressions".into(),
     );
     report.figure("idle RSS", mib(rss_kib), format!("goal ≤ {} MiB", goal::RSS_MIB));
+    report.figure(
+        "idle threads, wake-ups",
+        format!(
+            "{} threads; {:.1} wake-ups/s (context switches of every thread)",
+            switches1.len(),
+            wakeups as f64 / scale.idle.as_secs_f64()
+        ),
+        "issue 19: ≤ 4 threads, ≤ 1 wake-up/s".into(),
+    );
     println!();
+}
+
+/// Each thread of `pid` and its context switches so far (voluntary and not): each one is a wake-up, a sleep ended.
+fn context_switches(pid: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        let n = status
+            .lines()
+            .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.insert(tid, n);
+    }
+    out
 }

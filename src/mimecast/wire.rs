@@ -83,7 +83,7 @@ pub fn page_request(feed: Feed, window: Window, page_size: u32, token: Option<&s
 /// `NotJson` (a failed call, retried), never a last page.
 ///
 /// A page in which one object holds a name twice, at any depth, is `Malformed` too, naming the feed, the name and
-/// where it is ([`repeated_name`]). JSON leaves such a value undefined (RFC 8259: names SHOULD be unique), and
+/// where it is ([`read`]). JSON leaves such a value undefined (RFC 8259: names SHOULD be unique), and
 /// serde_json keeps the last value alone: the record would be queued without the first, altered with nothing
 /// said. It is not kept as it came instead: a record is keyed, stored and sent from its parsed value, and what
 /// Datadog received would be an object whose reader may keep either value. So the page is not stored and is read
@@ -97,18 +97,12 @@ pub fn parse_page(feed: Feed, body: &[u8]) -> Result<Page, WireError> {
     // characters replaced, and say so, rather than stall. A UTF-8 byte order mark in front is skipped, as RFC 8259
     // allows a parser to.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let (doc, repaired): (Value, usize) = match serde_json::from_slice(body) {
-        Ok(doc) => {
-            repeated(feed, body)?;
-            (doc, 0)
-        }
+    let (doc, repaired): (Value, usize) = match read(feed, body) {
+        Ok(doc) => (doc?, 0),
         Err(e) => {
             let (text, repaired) = repair(body);
-            match serde_json::from_str(&text) {
-                Ok(doc) if repaired > 0 => {
-                    repeated(feed, text.as_bytes())?;
-                    (doc, repaired)
-                }
+            match read(feed, text.as_bytes()) {
+                Ok(doc) if repaired > 0 => (doc?, repaired),
                 _ => return Err(WireError::NotJson(Cause::new(e))),
             }
         }
@@ -141,16 +135,27 @@ fn malformed(m: &str) -> WireError {
     WireError::Malformed(m.to_owned())
 }
 
-/// `Malformed` when an object of `text` (a page serde_json has read) holds a name twice; see [`parse_page`].
-fn repeated(feed: Feed, text: &[u8]) -> Result<(), WireError> {
-    match repeated_name(text) {
-        None => Ok(()),
-        Some(r) => Err(WireError::Malformed(format!(
-            "the {feed} page holds the name \"{}\" twice in one object, at {}: a JSON reader keeps one of the values \
-             and loses the other, so the page is not stored",
-            printable(&r.name, 100),
-            r.at()
-        ))),
+/// The JSON document `text`, built in one pass that also notices a name held twice by one object: `Err` when
+/// `text` is not JSON (the parser's error), `Ok(Err(Malformed))` when it is but repeats a name (see
+/// [`parse_page`]).
+fn read(feed: Feed, text: &[u8]) -> Result<Result<Value, WireError>, serde_json::Error> {
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let doc = Build(&mut found, 0).deserialize(&mut de).and_then(|doc| de.end().map(|()| doc));
+    match (doc, found) {
+        // The build stopped at the repeated name: the rest of the text must be JSON too, or the page is not JSON
+        // (and may yet be read once repaired), as the parser that reads it whole says (a rare path: a whole parse).
+        (_, Some(r)) => match serde_json::from_slice::<Value>(text) {
+            Err(e) => Err(e),
+            Ok(_) => Ok(Err(WireError::Malformed(format!(
+                "the {feed} page holds the name \"{}\" twice in one object, at {}: a JSON reader keeps one of the \
+                 values and loses the other, so the page is not stored",
+                printable(&r.name, 100),
+                r.at()
+            )))),
+        },
+        (Ok(doc), None) => Ok(Ok(doc)),
+        (Err(e), None) => Err(e),
     }
 }
 
@@ -187,21 +192,27 @@ impl Repeated {
     }
 }
 
-/// The first name found twice in one object of `text`, at any depth; `None` when no object repeats one. Names are
-/// compared as read (escapes undone: `"id"` and `"\u0069d"` are the same name), as serde_json compares them.
-/// `text` is a document serde_json has read already, so its depth is within serde_json's limit.
-fn repeated_name(text: &[u8]) -> Option<Repeated> {
-    let mut found = None;
-    // Any other error cannot come from a document that serde_json has read already.
-    let _ = Names(&mut found).deserialize(&mut serde_json::Deserializer::from_slice(text));
-    found
-}
+/// serde_json's private names through which, with `arbitrary_precision` and `raw_value`, its parser hands a number
+/// (and its `Value` reads a raw value) to a visitor as an object of one name: read as serde_json's `Value` reads
+/// them, so the document built is the one `serde_json::from_slice` gives.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
-/// Walks a JSON document without building it, checking that no object holds a name twice; on the first that does,
-/// fills in the [`Repeated`] and stops with an error, to which each level adds its step on the way out.
-struct Names<'f>(&'f mut Option<Repeated>);
+/// Builds a JSON document as serde_json's `Value` does, and notices on the way a name that one object holds twice
+/// (as the object's map takes it: names compared as read, escapes undone, so `"id"` and `"\u0069d"` are the same
+/// name). On the first such name it fills in the [`Repeated`] and stops with an error, to which each level adds
+/// its step on the way out. One pass: the check costs a look at what the map's insert returns.
+///
+/// The second field is how many names an object is likely to hold: the elements of an array (a page's records)
+/// are alike, so each object of an array is made with room for as many names as the one before it held, instead
+/// of growing its map four or five times over.
+struct Build<'f>(&'f mut Option<Repeated>, usize);
 
-impl Names<'_> {
+/// At most this much room is made ahead for an object's names (a record has a few dozen): a small object after a
+/// huge one, over and over in a hostile page, must not hold the huge one's room each.
+const MAX_NAMES_AHEAD: usize = 256;
+
+impl Build<'_> {
     fn step<E>(self, step: impl FnOnce() -> Step, e: E) -> E {
         if let Some(r) = self.0 {
             r.path.push(step());
@@ -210,74 +221,104 @@ impl Names<'_> {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Names<'_> {
-    type Value = ();
+impl<'de> DeserializeSeed<'de> for Build<'_> {
+    type Value = Value;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Names<'_> {
-    type Value = ();
+impl<'de> Visitor<'de> for Build<'_> {
+    type Value = Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
+        f.write_str("any valid JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
     }
 
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        self.deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        let mut names = 0;
         loop {
-            match seq.next_element_seed(Names(&mut *self.0)) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.step(|| Step::Index(i), e)),
+            match seq.next_element_seed(Build(&mut *self.0, names)) {
+                Ok(Some(v)) => {
+                    if let Value::Object(o) = &v {
+                        names = o.len();
+                    }
+                    items.push(v);
+                }
+                Ok(None) => return Ok(Value::Array(items)),
+                Err(e) => return Err(self.step(|| Step::Index(items.len()), e)),
             }
         }
     }
 
-    /// Numbers come here too: with `arbitrary_precision`, serde_json gives each as an object of one name.
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut names: Vec<String> = Vec::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        let mut first = true;
         while let Some(name) = map.next_key::<String>()? {
-            if let Err(e) = map.next_value_seed(Names(&mut *self.0)) {
-                return Err(self.step(|| Step::Name(name), e));
+            if std::mem::take(&mut first) {
+                if name == NUMBER_TOKEN {
+                    let text: String = map.next_value()?;
+                    return text.parse().map(Value::Number).map_err(A::Error::custom);
+                }
+                if name == RAW_VALUE_TOKEN {
+                    let text: String = map.next_value()?;
+                    return serde_json::from_str(&text).map_err(A::Error::custom);
+                }
+                object = serde_json::Map::with_capacity(self.1.min(MAX_NAMES_AHEAD));
             }
-            names.push(name);
-        }
-        // Sorted, not compared pairwise: an object of many names costs n log n, not n².
-        names.sort_unstable();
-        match names.windows(2).find(|w| w[0] == w[1]) {
-            Some(w) => {
-                *self.0 = Some(Repeated { name: w[0].clone(), path: Vec::new() });
-                Err(A::Error::custom("a name repeated in one object"))
+            let value = match map.next_value_seed(Build(&mut *self.0, 0)) {
+                Ok(v) => v,
+                Err(e) => return Err(self.step(|| Step::Name(name), e)),
+            };
+            match object.entry(name) {
+                serde_json::map::Entry::Vacant(place) => {
+                    place.insert(value);
+                }
+                serde_json::map::Entry::Occupied(held) => {
+                    *self.0 = Some(Repeated { name: held.key().clone(), path: Vec::new() });
+                    return Err(A::Error::custom("a name repeated in one object"));
+                }
             }
-            None => Ok(()),
         }
+        Ok(Value::Object(object))
     }
 }
 
@@ -821,7 +862,32 @@ mod tests {
         }
     }
 
+    /// The one-pass build gives serde_json's own document, numbers spelt as its parser keeps them, and a text that
+    /// is not JSON after a repeated name is not JSON, as when the whole page was parsed before the check.
+    #[test]
+    fn the_one_pass_build_is_serde_jsons_value() {
+        for text in [
+            r#"{"n":[1.50,-0,0.0,1e5,1E+5,-12.5e-3,123456789012345678901234567890],"s":"a\u00e9\n","b":[true,null,{}]}"#,
+            r#"{"$serde_json::private::Number":"12"}"#,
+            r#"[{"a":{"b":[[],{"c":"d"}]}}, 7, "x"]"#,
+        ] {
+            let want: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(read(Feed::Audit, text.as_bytes()).unwrap().unwrap(), want, "{text}");
+        }
+        for text in [r#"{"a":1,"a":2,"#, r#"{"a":1,"a":2} x"#, r#"{"a":1,"a":2}}"#] {
+            let want = serde_json::from_str::<Value>(text).unwrap_err().to_string();
+            assert_eq!(read(Feed::Audit, text.as_bytes()).unwrap_err().to_string(), want, "{text}");
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn any_documents_one_pass_build_is_serde_jsons(v in crate::datadog::logobj::tests::json::value()) {
+            let text = serde_json::to_vec(&v).unwrap();
+            let want: Value = serde_json::from_slice(&text).unwrap();
+            proptest::prop_assert_eq!(read(Feed::Audit, &text).unwrap().unwrap(), want);
+        }
+
         #[test]
         fn any_records_canonical_form_is_the_first_versions(v in crate::datadog::logobj::tests::json::value()) {
             same_canonical(&v);
