@@ -254,10 +254,13 @@ fn reread_cap(p: &Plan) -> Duration {
 fn behind_a_clock_ahead(episodes: &[Episode], p: &Plan, h: &Held, st: &State) -> bool {
     episodes.iter().any(|e| {
         let Some(c) = e.corrected else { return h.visible_at >= e.start };
-        // After it, not at it: a job started in the step that ended the chaos phase ran by the clock ahead; and in
-        // `--once`, by a pass started after it.
+        // A window planned by the corrected clock: asked for after the correction (in `--once`, by a pass started
+        // after it), ending no later than the clock less `settle_secs` (a window planned before the correction
+        // may be asked for after it, once its token came).
         let after = if p.once { e.first_pass_after.unwrap_or(Duration::MAX) } else { Duration::ZERO };
-        let first = st.new_windows.get(&h.feed).and_then(|ts| ts.iter().find(|&&t| t > c && t >= after)).copied();
+        let by_true_clock =
+            |&&(t, to): &&(Duration, i64)| t > c && t >= after && to <= UNIX0 + t.as_secs() as i64 - p.settle_secs + 1;
+        let first = st.new_windows.get(&h.feed).and_then(|ts| ts.iter().find(by_true_clock)).map(|&(t, _)| t);
         let reread = first.unwrap_or(Duration::MAX).min(c + reread_cap(p));
         let from = UNIX0 + reread.as_secs() as i64 - p.settle_secs - p.overlap_secs;
         h.visible_at >= e.start && h.visible_at <= reread && h.filter_time < from

@@ -7,6 +7,7 @@ use std::io::Read as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use mimecast_forwarder::datetime;
 use mimecast_forwarder::error::Cause;
 use mimecast_forwarder::http::{Exchange, HttpError, Response, Transport};
 use mimecast_forwarder::mimecast::{Feed, wire};
@@ -131,8 +132,9 @@ pub struct State {
     pub mid_window: std::collections::HashSet<Feed>,
     /// A token was issued while a feed was part way through a window.
     pub token_mid_window: bool,
-    /// When the agent asked for each feed's first page of a window (a request without a page token).
-    pub new_windows: HashMap<Feed, Vec<Duration>>,
+    /// When the agent asked for each feed's first page of a window (a request without a page token), and the
+    /// window's end (Unix).
+    pub new_windows: HashMap<Feed, Vec<(Duration, i64)>>,
 }
 
 #[derive(Clone)]
@@ -242,9 +244,12 @@ impl State {
         }
         let body: Option<Value> = serde_json::from_slice(body).ok();
         let token = body.as_ref().and_then(|b| b.pointer("/meta/pagination/pageToken")).and_then(Value::as_str);
-        if token.is_none_or(str::is_empty) {
+        let to = body.as_ref().and_then(|b| b.pointer("/data/0")).and_then(|f| f.get(feed.spec().to_field));
+        if let Some(to) =
+            to.and_then(Value::as_str).and_then(datetime::parse).filter(|_| token.is_none_or(str::is_empty))
+        {
             let now = self.now;
-            self.new_windows.entry(feed).or_default().push(now);
+            self.new_windows.entry(feed).or_default().push((now, to));
         }
         let mut answer_body = body.clone();
         // A server that ignores the page token it is given, for a while (up to half an hour), and makes up a new
