@@ -357,7 +357,7 @@ impl State {
         }
         let keys: Vec<String> = logs.iter().map(log_key).collect();
         for (log, key) in logs.iter().zip(&keys) {
-            let sent = log.get("message").and_then(Value::as_str).and_then(|m| serde_json::from_str::<Value>(m).ok());
+            let sent = sent_record(log);
             if let Some(&i) = self.held_index.get(key)
                 && sent.as_ref() != Some(&self.held[i].record)
             {
@@ -379,11 +379,28 @@ impl State {
 /// A log's record key ("?" when the log holds no record the agent could have sent: the oracle reports it).
 pub fn log_key(log: &Value) -> String {
     let feed = log.get("service").and_then(Value::as_str).and_then(Feed::from_name);
-    let record = log.get("message").and_then(Value::as_str).and_then(|m| serde_json::from_str::<Value>(m).ok());
-    match (feed, record) {
+    match (feed, sent_record(log)) {
         (Some(feed), Some(record)) => format!("{}|{}", feed.name(), wire::record_key(feed, &record)),
         _ => format!("?{}", log.to_string().chars().take(200).collect::<String>()),
     }
+}
+
+/// The record a log carries, as Mimecast served it: a late record's time field, which the agent renames to
+/// `original_<field>` when it restamps the log (`mimecast_late`), gets its name back.
+fn sent_record(log: &Value) -> Option<Value> {
+    let mut record = log.get("message").and_then(Value::as_str).and_then(|m| serde_json::from_str::<Value>(m).ok())?;
+    let feed = log.get("service").and_then(Value::as_str).and_then(Feed::from_name);
+    if let (Some(feed), Some(true), Value::Object(m)) =
+        (feed, log.get("mimecast_late").and_then(Value::as_bool), &mut record)
+    {
+        let field = feed.spec().time_field;
+        let renamed = format!("original_{field}");
+        *m = std::mem::take(m)
+            .into_iter()
+            .map(|(k, v)| if k == renamed { (field.to_owned(), v) } else { (k, v) })
+            .collect();
+    }
+    Some(record)
 }
 
 impl Transport for Net {
