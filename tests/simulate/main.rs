@@ -240,6 +240,9 @@ struct Episode {
     first_pass_after: Option<Duration>,
 }
 
+/// How long after a correction every feed has read again from the clock (its watermark no longer ahead).
+const REREAD_WITHIN: Duration = Duration::from_secs(1800);
+
 /// How long after a correction a feed may take to poll again (its interval, or the cron's), plus the longest
 /// waits before it may: a backoff cap (300 s), a disk another process filled (up to 600 s), a lock (20 s).
 fn reread_cap(p: &Plan) -> Duration {
@@ -331,6 +334,8 @@ struct World {
     /// Filter times (Unix) whose records may come twice: the re-read after a clock that ran ahead by more than the
     /// seen keys' hour of slack was corrected (their keys were forgotten by the clock ahead).
     reread_after_ahead: Vec<(i64, i64)>,
+    /// When to look that no watermark stayed ahead of a corrected clock.
+    reread_check: Option<Duration>,
     /// The times the clock ran ahead: when, and when it was corrected.
     episodes: Vec<Episode>,
     /// The queue's filesystem, and when another process frees what it filled.
@@ -532,19 +537,52 @@ impl World {
         }
     }
 
+    /// The clock just went back by `by` (a step back, or a clock that ran ahead corrected): to the agent, the clock
+    /// before was ahead. Keys were forgotten up to an hour and the overlap behind the windows that clock read. The
+    /// agent reads again from the overlap behind the clock as it now reads (by design: what Mimecast indexed
+    /// meanwhile must not be lost), so what it read before in that span, with its key forgotten, may come again.
+    fn keys_forgotten_by_a_clock_ahead(&mut self, by: i64) {
+        let (now, p) = (self.now().unix, &self.plan);
+        let forgotten = now + by - p.settle_secs - p.overlap_secs - 3600;
+        let from = now - p.settle_secs - p.overlap_secs - p.poll_interval_secs as i64 - 60;
+        if forgotten > from {
+            self.reread_after_ahead.push((from, forgotten));
+        }
+    }
+
+    /// Half an hour after a correction: no feed's watermark is still ahead of the clock (by more than the minute
+    /// the agent tolerates). One that is was waited for instead of read again (41795af), which loses what Mimecast
+    /// indexes meanwhile behind it.
+    fn watermarks_read_again(&mut self) -> Result<(), Violation> {
+        self.reread_check = None;
+        // Another run ahead since, or a feed refused all along (403), leaves it ahead for a reason.
+        if self.clock_ahead.is_some() {
+            return Ok(());
+        }
+        let Ok(store) = Store::open(&self.cfg.queue.path) else { return Ok(()) };
+        let now = self.now().unix;
+        let forbidden = self.plan.faults.mc_forbid.filter(|_| !self.quiet);
+        for &feed in self.plan.feeds.iter().filter(|&&f| Some(f) != forbidden) {
+            if let Some(c) = store.cursor(feed).ok().flatten().filter(|c| c.watermark > now + 60) {
+                return Err(Violation {
+                    invariant: "a watermark ahead of the clock is read again, not waited for",
+                    detail: format!(
+                        "{feed} is read up to {}s ahead of the clock {}s after it was corrected",
+                        c.watermark - now,
+                        REREAD_WITHIN.as_secs()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// NTP corrects a clock that ran ahead: the agent finds its watermarks in the future.
     fn correct_clock(&mut self) {
         if let Some((ahead, _)) = self.clock_ahead.take() {
             self.clock_offset -= ahead;
-            // Keys were forgotten up to an hour and the overlap behind the windows the clock ahead read. The agent
-            // re-reads the overlap behind the corrected clock (by design: what Mimecast indexed meanwhile must not
-            // be lost), so what it read before in that span, with its key forgotten, may come again.
-            let (c, p) = (UNIX0 + self.t.as_secs() as i64, &self.plan);
-            let forgotten = c + ahead - p.settle_secs - p.overlap_secs - 3600;
-            let from = c - p.settle_secs - p.overlap_secs - p.poll_interval_secs as i64 - 60;
-            if forgotten > from {
-                self.reread_after_ahead.push((from, forgotten));
-            }
+            self.keys_forgotten_by_a_clock_ahead(ahead);
+            self.reread_check = Some(self.t + REREAD_WITHIN);
             self.reached.clock_corrected = true;
             if let Some(e) = self.episodes.last_mut() {
                 e.corrected = Some(self.t);
@@ -708,7 +746,10 @@ impl World {
         }
         let behind = self.plan.settle_secs + self.plan.poll_interval_secs as i64 + self.plan.max_window_secs + 120;
         let now = self.now().unix;
-        self.plan.feeds.iter().all(|&f| store.cursor(f).ok().flatten().is_some_and(|c| c.watermark >= now - behind))
+        // Read up to the clock, and not ahead of it (a watermark a clock ahead left is read again first).
+        self.plan.feeds.iter().all(|&f| {
+            store.cursor(f).ok().flatten().is_some_and(|c| c.watermark >= now - behind && c.watermark <= now + 60)
+        })
     }
 
     /// The next moment something happens, and runs it.
@@ -720,11 +761,15 @@ impl World {
         let unlock = self.writer.as_ref().map(|w| w.1);
         let correct = self.clock_ahead.map(|c| c.1);
         let free = self.disk_full_until;
-        let candidates = [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass, unlock, correct, free];
+        let look = self.reread_check;
+        let candidates =
+            [next_pending.map(|p| p.0), next_arrival, wake, self.restart_at, pass, unlock, correct, free, look];
         let Some(at) = candidates.into_iter().flatten().min() else { return Ok(false) };
         self.t = self.t.max(at);
         self.events += 1;
-        if unlock == Some(at) {
+        if look == Some(at) {
+            self.watermarks_read_again()?;
+        } else if unlock == Some(at) {
             self.release_lock();
         } else if free == Some(at) {
             self.free_disk();
@@ -765,12 +810,13 @@ impl World {
             if self.plan.clock_back && self.rng.u16(..500) == 0 {
                 let back = self.rng.i64(60..=7200);
                 self.clock_offset -= back;
+                self.keys_forgotten_by_a_clock_ahead(back);
                 self.reached.clock_back = true;
                 self.log(format!("clock steps back {back}s"));
             }
             // Not again before every feed has had its chance to re-read after the last correction.
             let settled_since =
-                self.episodes.last().is_none_or(|e| e.corrected.is_some_and(|c| self.t > c + reread_cap(&self.plan)));
+                self.episodes.last().is_none_or(|e| e.corrected.is_some_and(|c| self.t > c + REREAD_WITHIN));
             if self.plan.clock_ahead && settled_since && self.rng.u16(..300) == 0 {
                 let ahead = self.rng.i64(60..=7200);
                 let until = self.t + Duration::from_secs(self.rng.u64(30..=1800));
@@ -834,6 +880,7 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         clock_ahead: None,
         reread_after_ahead: Vec::new(),
         episodes: Vec::new(),
+        reread_check: None,
         writer: None,
         disk: Arc::new(Disk { capacity: DISK_CAPACITY, other: AtomicU64::new(0) }),
         disk_full_until: None,
@@ -1153,6 +1200,7 @@ fn check(w: &mut World) -> Result<(), Violation> {
         report.feeds.iter().filter(|f| enabled.contains(&f.feed)).find_map(|f| match f.watermark {
             None => Some(format!("{} has no watermark", f.feed)),
             Some(m) if m.0 < now - behind => Some(format!("{} read up to {}s ago", f.feed, now - m.0)),
+            Some(m) if m.0 > now + 60 => Some(format!("{} read up to {}s ahead of the clock", f.feed, m.0 - now)),
             _ => None,
         })
     };
