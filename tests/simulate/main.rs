@@ -634,7 +634,8 @@ impl World {
         Ok(())
     }
 
-    fn add_records(&mut self, n: u64, i0: u64) {
+    /// `n` records Mimecast shows from now on (`late`: each this many seconds after its time, else as drawn).
+    fn add_records(&mut self, n: u64, i0: u64, late: Option<i64>) {
         let plan = self.plan.clone();
         let t = self.t.as_secs();
         let mut st = self.net.lock();
@@ -643,7 +644,11 @@ impl World {
             let feed = plan.feeds[self.rng.usize(..plan.feeds.len())];
             let i = i0 + k;
             // How long after its filter time Mimecast indexes it: mostly at once, within the overlap when late.
-            let lateness = if plan.late && self.rng.u8(..4) == 0 { self.rng.i64(0..=plan.overlap_secs) } else { 0 };
+            let lateness = match late {
+                Some(l) => l,
+                None if plan.late && self.rng.u8(..4) == 0 => self.rng.i64(0..=plan.overlap_secs),
+                None => 0,
+            };
             let filter_time = UNIX0 + t as i64 - lateness;
             // Under the time-zone lag, the record's own time reads hours older than the time Mimecast filters on.
             let own_time = if plan.tz_lag { filter_time - 6 * 3600 } else { filter_time };
@@ -778,7 +783,7 @@ impl World {
         } else if next_arrival == Some(at) {
             let (_, n) = arrivals.pop().expect("an arrival is due");
             let i0 = self.events * 1000;
-            self.add_records(n, i0);
+            self.add_records(n, i0, None);
             self.log(format!("arrive {n}"));
         } else if next_pending.is_some_and(|p| p.0 == at) {
             let id = next_pending.map(|p| p.1);
@@ -844,6 +849,15 @@ impl World {
                 self.next_pass = self.t;
                 self.reached.pass_again = true;
                 self.log("another pass at once".into());
+                // Now and then Mimecast indexes a record late in between, behind what the last pass read: the next
+                // pass, often in the same second with nothing new settled, must read its overlap again for it.
+                let (settle, overlap) = (self.plan.settle_secs, self.plan.overlap_secs);
+                if self.plan.late && overlap > settle + 1 && self.rng.bool() {
+                    let lateness = self.rng.i64(settle + 2..=overlap);
+                    let n = self.rng.u64(1..=3);
+                    self.add_records(n, self.events * 1000 + 500, Some(lateness));
+                    self.log(format!("a record indexed {lateness}s late between the passes"));
+                }
             }
         }
         Ok(true)
