@@ -472,7 +472,8 @@ impl Sender {
             let unremoved: usize = self.undeleted.iter().map(|b| b.seqs.len()).sum();
             let again = if unremoved > 0 {
                 format!(
-                    "; {unremoved} records Datadog accepted could not be removed from the queue and will be sent again                      by the next pass"
+                    "; {unremoved} records Datadog accepted could not be removed from the queue and will be sent again \
+                     by the next pass"
                 )
             } else {
                 String::new()

@@ -365,10 +365,7 @@ impl Store {
             if layout.auto_vacuum != 2 {
                 return Ok(());
             }
-            let queue_bytes: i64 = conn
-                .prepare_cached("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)")
-                .and_then(|mut s| s.query_row([], |r| r.get(0)))
-                .ctx("reading queue bytes")?;
+            let queue_bytes = queue::queue_bytes(conn)?;
             let free = layout.free_pages.saturating_mul(layout.page_size);
             if max_pages == 0 || free == 0 || u64::try_from(queue_bytes).unwrap_or(0) > free / 4 {
                 return Ok(());

@@ -427,10 +427,7 @@ impl<'t> Insert<'t> {
 /// Deletes the oldest records that are not `in_flight` until the queue fits in `max_bytes`, or none is left;
 /// returns how many went.
 fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64, in_flight: &InFlight) -> Result<u64, StoreError> {
-    let total: i64 = tx
-        .prepare_cached("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)")
-        .and_then(|mut s| s.query_row([], |r| r.get(0)))
-        .ctx("reading queue bytes")?;
+    let total = queue_bytes(tx)?;
     let mut excess = total.saturating_sub(i64::try_from(max_bytes).unwrap_or(i64::MAX));
     if excess <= 0 {
         return Ok(0);
@@ -456,6 +453,13 @@ fn drop_oldest(tx: &rusqlite::Transaction, max_bytes: u64, in_flight: &InFlight)
 /// Deletes queued records and keeps `queue_records` and `queue_bytes` true in the same transaction; `counter`
 /// counts why they left (delivered, dead letters, dropped). Every removal from the queue goes through here: one
 /// statement for the whole set, whose `RETURNING` gives the count and the bytes that left.
+/// The `queue_bytes` counter: what the queued records occupy.
+pub(super) fn queue_bytes(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT COALESCE((SELECT value FROM counter WHERE name = 'queue_bytes'), 0)")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .ctx("reading queue bytes")
+}
+
 fn remove(tx: &rusqlite::Transaction, seqs: &[i64], counter: &str) -> Result<u64, StoreError> {
     let (mut n, mut bytes) = (0i64, 0i64);
     {

@@ -281,7 +281,6 @@ const DISK_CAPACITY: u64 = 1 << 30;
 /// sizes on the scratch tmpfs) and what another process filled. Not the tmpfs's own free space, which would make
 /// a run depend on the machine.
 struct Disk {
-    capacity: u64,
     other: AtomicU64,
 }
 
@@ -297,7 +296,7 @@ fn file_len(path: &Path) -> u64 {
 
 impl FsFacts for Disk {
     fn free_bytes(&self, db: &Path) -> Option<u64> {
-        Some(self.capacity.saturating_sub(self.queue_bytes(db) + self.other.load(Ordering::Relaxed)))
+        Some(DISK_CAPACITY.saturating_sub(self.queue_bytes(db) + self.other.load(Ordering::Relaxed)))
     }
 
     fn file_len(&self, path: &Path) -> u64 {
@@ -896,7 +895,7 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         episodes: Vec::new(),
         reread_check: None,
         writer: None,
-        disk: Arc::new(Disk { capacity: DISK_CAPACITY, other: AtomicU64::new(0) }),
+        disk: Arc::new(Disk { other: AtomicU64::new(0) }),
         disk_full_until: None,
         clock_unset_until: plan.clock_unset_at_boot.then_some(Duration::from_secs(90)),
         core: None,
