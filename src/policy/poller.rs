@@ -375,7 +375,15 @@ impl Poller {
         let window = next.or_else(|| window::overlap(watermark, settings).filter(|_| once && !f.read_own));
         let window = window.map(|w| crate::store::reread_within_keys(w, watermark, keys_since));
         match window {
-            Some(window) => {
+            Some(mut window) => {
+                // The re-read a clock that went back started, planned again after its first page failed, keeps the
+                // start it was given (within `max_window_secs`): planned from the later clock, it would skip what
+                // Mimecast indexed meanwhile behind the watermark the clock ahead left.
+                if let Some(c) = f.clock_back.as_ref().filter(|c| c.watermark == watermark && watermark > window.to)
+                    && window.to.saturating_sub(c.window.from) <= settings.max_window_secs
+                {
+                    window.from = window.from.min(c.window.from);
+                }
                 f.own = Some(window);
                 if watermark > window.to {
                     clock_went_back(f, watermark, horizon, window);
@@ -1264,6 +1272,15 @@ mod tests {
         ];
         let rig = check(Mode::Daemon, -2 * HOUR, &rows);
         assert_eq!(rig.watermark, T0 + 2 + 60 - 60);
+        // The window tried again keeps its start, so what the clock ahead may have cost is read however long the
+        // retries took; one that would pass `max_window_secs` starts from the clock again.
+        for (wait, from) in [(2_i64, T0 - 60 - 300), (2 * HOUR, T0 + 2 * HOUR - 60 - 300)] {
+            let mut rig = Rig::new(Mode::Daemon, -3 * HOUR);
+            let first = rig.plan();
+            rig.fail(&first, server());
+            rig.step(Ev::Wait(wait.unsigned_abs()));
+            assert_eq!(rig.plan().window, Window { from, to: T0 + wait - 60 }, "after {wait} s");
+        }
 
         // 30 s in the future, and 30 s later than now - settle but not in the future (as `settle_secs` raised
         // leaves it): read from the clock all the same, without a word.
