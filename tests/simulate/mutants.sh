@@ -15,7 +15,13 @@ status=0
 for patch in tests/simulate/mutants/*.patch; do
     name=$(basename "$patch" .patch)
     [[ "$name" == *"$only"* ]] || continue
-    git apply "$patch" && applied=$patch
+    # A patch that no longer applies (the code moved under it) is a failure of the step, not a mutant run unpatched.
+    if ! git apply "$patch"; then
+        echo "MUTANT DOES NOT APPLY: $name: regenerate $patch against this tree"
+        status=1
+        continue
+    fi
+    applied=$patch
     cargo test --profile sim --test simulate --no-run -q 2>&1 | grep -v '^ *Executable' || true
     firsts=() invariants=()
     for r in $(seq 0 $((ranges - 1))); do
