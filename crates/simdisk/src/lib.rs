@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use rusqlite::ffi;
 
-pub use model::{PowerLoss, SECTOR};
 use model::{Fail, State};
+pub use model::{PowerLoss, SECTOR};
 
 /// A simulated disk: a cheap handle to shared state (clone it freely; all clones are the same disk).
 ///
@@ -103,8 +103,8 @@ impl SimDisk {
     /// A new, empty disk of `capacity` bytes with only the root directory `/`, its faults drawn from `seed`. The
     /// simulated clock starts at 0 (the Unix epoch).
     pub fn new(capacity: u64, seed: u64) -> SimDisk {
-        let name = CString::new(format!("simdisk-{}", NEXT_DISK.fetch_add(1, Ordering::Relaxed)))
-            .expect("no NUL in the name");
+        let name =
+            CString::new(format!("simdisk-{}", NEXT_DISK.fetch_add(1, Ordering::Relaxed))).expect("no NUL in the name");
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| {
             let vfs = vfs::vfs(name.as_ptr(), me.as_ptr());
             Inner {

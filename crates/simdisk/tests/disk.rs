@@ -222,9 +222,11 @@ fn the_crash_point_freezes_everything_after_it() {
     assert!(disk.frozen());
     assert_eq!(disk.ops(), before + 2, "the failing op is not counted");
     assert!(disk.read_file("/q/x").is_err(), "reads fail too");
-    assert!(Connection::open_with_flags_and_vfs(DB, OpenFlags::default(), disk.vfs_name())
-        .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)))
-        .is_err());
+    assert!(
+        Connection::open_with_flags_and_vfs(DB, OpenFlags::default(), disk.vfs_name())
+            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)))
+            .is_err()
+    );
     disk.crash();
     assert!(!disk.frozen());
     assert_eq!(disk.read_file("/q/x").expect("a crash keeps it"), b"1");

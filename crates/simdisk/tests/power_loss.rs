@@ -23,7 +23,9 @@ fn run_checking(mode: Mode, only_last: bool) -> (u64, u64, u64) {
                     assert_eq!(found_txn, Some(committed - 1), "{mode:?} seed {seed}: more than the last commit lost");
                 }
                 if lost < 3 {
-                    println!("{mode:?} seed {seed}: lost: {committed} committed, found state of {found_txn:?}: {detail}");
+                    println!(
+                        "{mode:?} seed {seed}: lost: {committed} committed, found state of {found_txn:?}: {detail}"
+                    );
                 }
                 lost += 1;
             }
