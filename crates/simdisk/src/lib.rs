@@ -279,6 +279,19 @@ impl SimDisk {
     }
 }
 
+impl std::fmt::Debug for SimDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state();
+        f.debug_struct("SimDisk")
+            .field("vfs", &self.inner.name)
+            .field("used", &st.used())
+            .field("capacity", &st.capacity)
+            .field("ops", &st.ops)
+            .field("frozen", &st.frozen)
+            .finish()
+    }
+}
+
 fn error(fail: Fail, path: &str) -> io::Error {
     let (kind, what) = match fail {
         Fail::Io => (io::ErrorKind::Other, "simulated I/O error (the disk froze at a crash point)"),
