@@ -9,6 +9,7 @@ mod queue;
 mod seen;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -157,25 +158,82 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
 /// How many prepared statements a connection keeps: more than the store's distinct statements.
 const STATEMENT_CACHE: usize = 64;
 
-/// What the agent reads of the filesystem beside SQLite: the free space and a file's size (the database's and its
-/// WAL's). The real ones in production ([`RealFs`]); the simulator gives the queue a disk of its own size.
-pub trait FsFacts: Send + Sync {
+/// What the store does with the filesystem beside SQLite, and the SQLite VFS it opens the queue with: the real ones
+/// in production ([`RealFs`]); the simulator's disk (`crates/simdisk`), where power loss drops what was not synced.
+pub trait Fs: Send + Sync {
+    /// The SQLite VFS to open the queue with (`None`: SQLite's default, the real filesystem).
+    fn vfs(&self) -> Option<&str> {
+        None
+    }
     /// Bytes available on the filesystem that holds `path`, if the system says.
     fn free_bytes(&self, path: &Path) -> Option<u64>;
     /// The size of the file at `path` (0 when there is none).
     fn file_len(&self, path: &Path) -> u64;
+    /// The size of the file at `path`, following links (`NotFound` when there is none).
+    fn len(&self, path: &Path) -> std::io::Result<u64>;
+    /// Whether there is an entry at `path`, a link to nothing included.
+    fn entry_exists(&self, path: &Path) -> bool;
+    /// Where the link at `path` points, if it is one.
+    fn read_link(&self, path: &Path) -> Option<PathBuf>;
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()>;
+    fn remove_file(&self, path: &Path) -> std::io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()>;
+    /// Makes the file's contents durable (`fsync`).
+    fn sync_file(&self, path: &Path) -> std::io::Result<()>;
+    /// Makes the directory's entries durable: a file created, renamed or removed in it.
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()>;
 }
 
-/// The filesystem as the system reports it.
+/// The filesystem as the system has it.
 pub struct RealFs;
 
-impl FsFacts for RealFs {
+impl Fs for RealFs {
     fn free_bytes(&self, path: &Path) -> Option<u64> {
         error::free_bytes(path)
     }
 
     fn file_len(&self, path: &Path) -> u64 {
         file_len(path)
+    }
+
+    fn len(&self, path: &Path) -> std::io::Result<u64> {
+        std::fs::metadata(path).map(|m| m.len())
+    }
+
+    fn entry_exists(&self, path: &Path) -> bool {
+        path.symlink_metadata().is_ok()
+    }
+
+    fn read_link(&self, path: &Path) -> Option<PathBuf> {
+        path.is_symlink().then(|| std::fs::read_link(path).unwrap_or_default())
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn sync_file(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::File::open(path).and_then(|f| f.sync_all())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.sync_file(dir)
+    }
+}
+
+/// Opens a connection to `path` on `fs`'s VFS.
+fn connect(fs: &dyn Fs, path: &Path, flags: OpenFlags) -> Result<Connection, rusqlite::Error> {
+    match fs.vfs() {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
     }
 }
 
@@ -184,7 +242,7 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     seen: seen::Seen,
-    fs: std::sync::Arc<dyn FsFacts>,
+    fs: Arc<dyn Fs>,
 }
 
 impl Store {
@@ -193,29 +251,32 @@ impl Store {
     /// without a schema version, is damage ([`unversioned`]), not a new queue: starting one would drop the
     /// cursors, and read everything since `initial_lookback_secs` again, without a word.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_on(path, Arc::new(RealFs))
+    }
+
+    /// [`Store::open`] on the filesystem `fs` (the simulator's disk).
+    pub fn open_on(path: &Path, fs: Arc<dyn Fs>) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // systemd's StateDirectory= creates the directory in production; this covers tests and manual runs.
-            let _ = std::fs::create_dir_all(dir);
+            let _ = fs.create_dir_all(dir);
         }
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match not_to_create(path) {
+        match fs.len(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match refused_creation(&*fs, path) {
                 Some(refused) => return Err(refused),
-                None => create(path)?,
+                None => create(&*fs, path)?,
             },
             // Before SQLite opens it: SQLite takes an empty file for a new database, and deletes a `-wal` beside it.
-            Ok(m) if m.len() == 0 => return Err(unversioned(path)),
+            Ok(0) => return Err(unversioned(path, true)),
             // Anything else is for SQLite's open to say.
             _ => {}
         }
         // Without SQLITE_OPEN_CREATE: a file that went away meanwhile is an error, not an empty new database.
-        Store::open_with(path, OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_CREATE))
+        Store::open_with(path, OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_CREATE), fs)
     }
 
     /// `open` with the given flags; tests use it to see how a read-only file is reported.
-    fn open_with(path: &Path, flags: OpenFlags) -> Result<Store, StoreError> {
-        let mut conn = Connection::open_with_flags(path, flags)
-            .ctx("opening the queue database")
-            .map_err(|e| classify(path, e))?;
+    fn open_with(path: &Path, flags: OpenFlags, fs: Arc<dyn Fs>) -> Result<Store, StoreError> {
+        let mut conn = connect(&*fs, path, flags).ctx("opening the queue database").map_err(|e| classify(path, e))?;
         // Every transaction takes the write lock when it begins. A deferred one that reads first and then writes
         // gets SQLITE_BUSY at once, without waiting, when another process (`dead-letters`, the agent) wrote in
         // between: SQLite cannot upgrade a read snapshot that is no longer the latest.
@@ -223,7 +284,7 @@ impl Store {
         // Every statement the loop runs stays prepared (rusqlite keeps 16 by default, fewer than the store has,
         // and a statement evicted is parsed again on its next use).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        let store = Store::new(conn, path.into());
+        let store = Store::new(conn, path.into(), fs);
         store.read(|conn| {
             // SQLite opens a file it may not write read-only without a word; say so now, not at the first write.
             if conn.is_readonly(rusqlite::MAIN_DB).ctx("opening the queue database")? {
@@ -232,11 +293,11 @@ impl Store {
             if schema_version(conn)? == 0 {
                 // `create` makes every queue with its schema: a file without one was not made whole. Said before
                 // WAL mode or a migration writes anything, so the file stays as it was.
-                return Err(unversioned(path));
+                return Err(unversioned(path, false));
             }
             setup(conn).ctx("setting up the queue database")?;
             migrate(conn, path)?;
-            relayout(conn, path, RELAYOUT_MAX_BYTES)?;
+            relayout(conn, path, &*store.fs, RELAYOUT_MAX_BYTES)?;
             quick_check(conn, path)
         })?;
         Ok(store)
@@ -246,13 +307,13 @@ impl Store {
     /// that damage in the middle of the file is reported.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
-            return Err(unversioned(path));
+            return Err(unversioned(path, true));
         }
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .ctx("opening the queue database")
                 .map_err(|e| classify(path, e))?;
-        let store = Store::new(conn, path.into());
+        let store = Store::new(conn, path.into(), Arc::new(RealFs));
         store.read(|conn| {
             conn.busy_timeout(BUSY_TIMEOUT).ctx("setting busy timeout")?;
             let version = schema_version(conn)?;
@@ -260,7 +321,7 @@ impl Store {
                 return Err(StoreError::TooNew { path: path.into(), version });
             }
             if version == 0 {
-                return Err(unversioned(path));
+                return Err(unversioned(path, false));
             }
             if version < SCHEMA_VERSION {
                 // Only `run` migrates (a read-only reader must not change the file under a running older agent).
@@ -277,16 +338,11 @@ impl Store {
         let conn = Connection::open_in_memory().expect("in-memory SQLite opens");
         let path = PathBuf::from(":memory:");
         migrate(&conn, &path).expect("migrations apply to an empty database");
-        Store::new(conn, path)
+        Store::new(conn, path, Arc::new(RealFs))
     }
 
-    fn new(conn: Connection, path: PathBuf) -> Store {
-        Store { conn, path, seen: seen::Seen::default(), fs: std::sync::Arc::new(RealFs) }
-    }
-
-    /// Reads the free space and file sizes through `fs` from now on (the simulator's disk).
-    pub fn set_fs_facts(&mut self, fs: std::sync::Arc<dyn FsFacts>) {
-        self.fs = fs;
+    fn new(conn: Connection, path: PathBuf, fs: Arc<dyn Fs>) -> Store {
+        Store { conn, path, seen: seen::Seen::default(), fs }
     }
 
     /// The database file this store was opened from.
@@ -358,7 +414,7 @@ impl Store {
                 let queued: i64 = conn
                     .query_row("SELECT EXISTS (SELECT 1 FROM queue)", [], |r| r.get(0))
                     .ctx("looking at the queue")?;
-                if queued == 0 && relayout(conn, &path, RELAYOUT_MAX_BYTES)? {
+                if queued == 0 && relayout(conn, &path, &*fs, RELAYOUT_MAX_BYTES)? {
                     return Ok(());
                 }
             }
@@ -407,10 +463,10 @@ impl Store {
 /// after a crash or a power loss during the first start. (SQLite alone creates an empty file first and the schema
 /// after it, so a crash in between would leave what is otherwise damage.) A `queue.db.new` left by such a crash is
 /// discarded first. Only `run`, under its instance lock, creates a queue (`status` and `dead-letters` need one).
-fn create(path: &Path) -> Result<(), StoreError> {
+fn create(fs: &dyn Fs, path: &Path) -> Result<(), StoreError> {
     let temp = beside(path, CREATING);
     for suffix in ["", "-journal", "-wal", "-shm"] {
-        match std::fs::remove_file(beside(&temp, suffix)) {
+        match fs.remove_file(&beside(&temp, suffix)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(error::io(path, "removing a queue database left half made", e));
             }
@@ -418,7 +474,8 @@ fn create(path: &Path) -> Result<(), StoreError> {
         }
     }
     let built = (|| {
-        let conn = Connection::open(&temp).ctx("creating the queue database")?;
+        let flags = OpenFlags::default();
+        let conn = connect(fs, &temp, flags).ctx("creating the queue database")?;
         // Before the first table (and the page size before auto_vacuum, or SQLite keeps its default): see
         // `PAGE_SIZE`, and free pages can be given back to the filesystem (`shrink`, `release_free_pages`), which a
         // queue needs once delivery has emptied it. The file stays in rollback mode, so that everything is in it
@@ -429,12 +486,9 @@ fn create(path: &Path) -> Result<(), StoreError> {
         conn.close().map_err(|(_, e)| e).ctx("closing the new queue database")
     })();
     built.map_err(|e| classify(path, e))?;
-    let sync = |file: &Path, doing| {
-        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(|e| error::io(path, doing, e))
-    };
-    sync(&temp, "syncing the new queue database")?;
-    std::fs::rename(&temp, path).map_err(|e| error::io(path, "moving the new queue database into place", e))?;
-    sync(dir_of(path), "syncing the queue's directory")
+    fs.sync_file(&temp).map_err(|e| error::io(path, "syncing the new queue database", e))?;
+    fs.rename(&temp, path).map_err(|e| error::io(path, "moving the new queue database into place", e))?;
+    fs.sync_dir(dir_of(path)).map_err(|e| error::io(path, "syncing the queue's directory", e))
 }
 
 /// Why no new queue may be made at `path`, where there is no queue file, or `None`. `status` and `dead-letters`
@@ -444,20 +498,22 @@ fn create(path: &Path) -> Result<(), StoreError> {
 /// - A WAL or a rollback journal left without its database: SQLite recovers one it finds beside a database into
 ///   it, whatever database it was of, so it would be applied to the new queue.
 pub fn not_to_create(path: &Path) -> Option<StoreError> {
-    if path.is_symlink() {
-        let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
-        let why = format!("a symbolic link to {target}, which does not exist (a filesystem not mounted?)");
+    refused_creation(&RealFs, path)
+}
+
+fn refused_creation(fs: &dyn Fs, path: &Path) -> Option<StoreError> {
+    if let Some(target) = fs.read_link(path) {
+        let why = format!("a symbolic link to {}, which does not exist (a filesystem not mounted?)", target.display());
         return Some(error::io(path, "opening the queue", std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
-    ["-wal", "-journal"].into_iter().map(|suffix| beside(path, suffix)).find(|s| s.symlink_metadata().is_ok()).map(
-        |stray| StoreError::Corrupt { path: stray, detail: format!("left without its database {}", path.display()) },
-    )
+    ["-wal", "-journal"].into_iter().map(|suffix| beside(path, suffix)).find(|s| fs.entry_exists(s)).map(|stray| {
+        StoreError::Corrupt { path: stray, detail: format!("left without its database {}", path.display()) }
+    })
 }
 
 /// The error for a queue file without a schema version: empty, or made by an earlier build that was stopped
 /// between creating the file and its schema. Not a queue to start again: it may have been one.
-fn unversioned(path: &Path) -> StoreError {
-    let empty = std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
+fn unversioned(path: &Path, empty: bool) -> StoreError {
     let detail = if empty { "an empty file, no schema version" } else { "no schema version" };
     StoreError::Corrupt { path: path.into(), detail: detail.into() }
 }
@@ -542,7 +598,7 @@ impl Layout {
 /// itself: the attempt does not wait). Otherwise, or when the `VACUUM` fails (a full disk, a lock met half way,
 /// a temporary directory it may not write: it rolls back), it says why and leaves the file as it is, to be tried
 /// again at the next open or [`Store::shrink`]. Returns whether the file was rewritten.
-fn relayout(conn: &Connection, path: &Path, max_bytes: u64) -> Result<bool, StoreError> {
+fn relayout(conn: &Connection, path: &Path, fs: &dyn Fs, max_bytes: u64) -> Result<bool, StoreError> {
     let layout = Layout::of(conn)?;
     if layout.is_current() {
         return Ok(false);
@@ -558,11 +614,11 @@ fn relayout(conn: &Connection, path: &Path, max_bytes: u64) -> Result<bool, Stor
         );
         return Ok(false);
     }
-    if error::free_bytes(path).is_some_and(|free| free < in_use.saturating_mul(2) + (8 << 20)) {
+    if fs.free_bytes(path).is_some_and(|free| free < in_use.saturating_mul(2) + (8 << 20)) {
         log::info!("queue database {}: no room to rewrite it in the new layout now; {later}", path.display());
         return Ok(false);
     }
-    let (started, before) = (std::time::Instant::now(), file_len(path));
+    let (started, before) = (std::time::Instant::now(), fs.file_len(path));
     // Leaving WAL mode waits for no one: another process using the file (`status`, a running agent) means later.
     conn.busy_timeout(Duration::ZERO).ctx("setting busy timeout")?;
     let mode = conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get::<_, String>(0));
@@ -584,7 +640,7 @@ fn relayout(conn: &Connection, path: &Path, max_bytes: u64) -> Result<bool, Stor
                  -> {} bytes",
                 path.display(),
                 started.elapsed().as_secs_f64(),
-                file_len(path)
+                fs.file_len(path)
             );
             Ok(true)
         }
@@ -692,7 +748,7 @@ mod tests {
         migrate(&conn, path).unwrap();
         drop(conn);
         assert_eq!(layout(path), (4096, 0, "wal".into()));
-        let mut s = Store::new(Connection::open(path).unwrap(), path.into());
+        let mut s = Store::new(Connection::open(path).unwrap(), path.into(), Arc::new(RealFs));
         fill(&mut s, records)
     }
 
@@ -722,14 +778,14 @@ mod tests {
         let path = dir.path().join("queue.db");
         old_layout_queue(&path, 300);
         let conn = Connection::open(&path).unwrap();
-        assert!(!relayout(&conn, &path, 100_000).unwrap(), "300 KB in use is more than 100 KB");
+        assert!(!relayout(&conn, &path, &RealFs, 100_000).unwrap(), "300 KB in use is more than 100 KB");
         assert_eq!(layout(&path), (4096, 0, "wal".into()));
 
         // Another process reading: no wait, no error, nothing changed, and both go on.
         let other = Connection::open(&path).unwrap();
         let n: i64 = other.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).unwrap();
         let started = std::time::Instant::now();
-        assert!(!relayout(&conn, &path, RELAYOUT_MAX_BYTES).unwrap());
+        assert!(!relayout(&conn, &path, &RealFs, RELAYOUT_MAX_BYTES).unwrap());
         assert!(started.elapsed() < BUSY_TIMEOUT, "it did not wait for the other process");
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
@@ -737,7 +793,7 @@ mod tests {
         let m: i64 = other.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).unwrap();
         assert_eq!((n, m), (300, 300));
         drop(other);
-        assert!(relayout(&conn, &path, RELAYOUT_MAX_BYTES).unwrap());
+        assert!(relayout(&conn, &path, &RealFs, RELAYOUT_MAX_BYTES).unwrap());
         assert_eq!(layout(&path), (PAGE_SIZE, 2, "wal".into()));
     }
 
@@ -772,7 +828,7 @@ mod tests {
         let path = dir.path().join("queue.db");
         let seqs = old_layout_queue(&path, 2000);
         let conn = Connection::open(&path).unwrap();
-        let mut s = Store::new(conn, path.clone());
+        let mut s = Store::new(conn, path.clone(), Arc::new(RealFs));
         s.delivered(&seqs[..1900], 0, 0, 2).unwrap();
         assert_eq!(s.shrink(100).unwrap(), 0, "records queued: not yet");
         assert_eq!(layout(&path).0, 4096);
@@ -1049,7 +1105,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = damaged_queue(dir.path(), 3);
         // As if the damage happened after a clean open: no quick_check on this connection.
-        let store = Store::new(Connection::open(&path).unwrap(), path.clone());
+        let store = Store::new(Connection::open(&path).unwrap(), path.clone(), Arc::new(RealFs));
         let e = store.candidates(10_000).err().unwrap();
         assert!(
             matches!(&e, StoreError::Corrupt { path: p, detail } if *p == path && detail.contains("candidate")),
@@ -1062,7 +1118,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
         drop(Store::open(&path).unwrap());
-        let e = Store::open_with(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).err().unwrap();
+        let e = Store::open_with(&path, OpenFlags::SQLITE_OPEN_READ_ONLY, Arc::new(RealFs)).err().unwrap();
         assert!(
             matches!(&e, StoreError::ReadOnly { path: p, user, foreign: None } if *p == path && user.contains("uid ")),
             "{e}"

@@ -13,7 +13,6 @@ mod peers;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,10 +23,11 @@ use mimecast_forwarder::http::Http;
 use mimecast_forwarder::mimecast::{Feed, wire};
 use mimecast_forwarder::policy::Now;
 use mimecast_forwarder::sim::records;
-use mimecast_forwarder::store::{FsFacts, Store};
+use mimecast_forwarder::store::{Fs, Store, StoreError};
 use peers::{Faults, Held, Net, State};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use simdisk::SimDisk;
 
 /// 2027-01-15: what the true clock reads when a run starts.
 const UNIX0: i64 = 1_800_000_000;
@@ -39,6 +39,11 @@ const RUN_LIMIT: Duration = Duration::from_secs(12 * 3600);
 const MAX_REQUESTS_PER_WINDOW: u64 = 2000;
 /// How long the daemon runs idle after the quiet phase settles, its loop turns counted.
 const IDLE: Duration = Duration::from_secs(60);
+/// The seed a thread runs (large or not) and since when.
+type Running = Mutex<Option<(u64, bool, Instant)>>;
+
+/// The wall time past which one run is taken for stuck (the slowest large seed takes a few seconds).
+const RUN_WALL_LIMIT: Duration = Duration::from_secs(120);
 /// The most loop turns in a run: a core that turns without progress is stuck.
 const TURN_LIMIT: u64 = 200_000;
 
@@ -61,6 +66,9 @@ struct Plan {
     tz_lag: bool,
     poison: bool,
     crash_rate: f64,
+    /// Power cuts and crash points (the process dies at the k-th write or sync on the simulated disk): the chance,
+    /// between two events, that a crash point is armed; each crash is then a power cut half the time.
+    power_rate: f64,
     sigterm_rate: f64,
     clock_back: bool,
     /// The clock runs ahead for a while (hours at most), then is corrected: the watermark is left in the future.
@@ -136,6 +144,7 @@ impl Plan {
             tz_lag: r.u8(..4) == 0,
             poison: r.u8(..5) == 0,
             crash_rate: if r.bool() { 0.002 + r.f64() * 0.01 } else { 0.0 },
+            power_rate: if r.u8(..4) == 0 { 0.002 + r.f64() * 0.01 } else { 0.0 },
             sigterm_rate: if r.u8(..3) == 0 { 0.001 + r.f64() * 0.004 } else { 0.0 },
             clock_back,
             // Not with steps back as well: what the oracle allows after a correction is reckoned by the true clock.
@@ -211,6 +220,12 @@ struct Reached {
     learnt_limit: bool,
     token_mid_window: bool,
     disk_filled: bool,
+    power_cut: bool,
+    crash_point: bool,
+    /// A power cut dropped or tore a write the disk had not synced.
+    write_lost: bool,
+    /// The process died while making the queue at its first start.
+    died_creating: bool,
 }
 
 struct Violation {
@@ -288,41 +303,70 @@ fn behind_a_clock_ahead(episodes: &[Episode], p: &Plan, h: &Held, st: &State) ->
 /// The size of the queue's simulated filesystem.
 const DISK_CAPACITY: u64 = 1 << 30;
 
-/// The queue's filesystem as the agent reads it ([`FsFacts`]): a capacity, less the queue's own files (their real
-/// sizes on the scratch tmpfs) and what another process filled. Not the tmpfs's own free space, which would make
-/// a run depend on the machine.
+/// The queue's filesystem: the simulated disk of `crates/simdisk`, SQLite on it through its VFS and the store's
+/// own file operations through [`Fs`]. Writes not synced are what a power loss may drop or tear; another process
+/// fills it by taking its capacity away.
 struct Disk {
-    other: AtomicU64,
+    sim: SimDisk,
 }
 
-impl Disk {
-    fn queue_bytes(&self, db: &Path) -> u64 {
-        ["", "-wal", "-shm"].iter().map(|s| file_len(&PathBuf::from(format!("{}{s}", db.display())))).sum()
+/// The simulated disk's paths are strings; the queue's is ASCII ([`QUEUE`]).
+fn name(path: &Path) -> &str {
+    path.to_str().expect("a simulated path is UTF-8")
+}
+
+impl Fs for Disk {
+    fn vfs(&self) -> Option<&str> {
+        Some(self.sim.vfs_name())
     }
-}
 
-fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
-}
-
-impl FsFacts for Disk {
-    fn free_bytes(&self, db: &Path) -> Option<u64> {
-        Some(DISK_CAPACITY.saturating_sub(self.queue_bytes(db) + self.other.load(Ordering::Relaxed)))
+    fn free_bytes(&self, _: &Path) -> Option<u64> {
+        Some(self.sim.free_bytes())
     }
 
     fn file_len(&self, path: &Path) -> u64 {
-        file_len(path)
+        self.sim.file_len(name(path))
+    }
+
+    fn len(&self, path: &Path) -> std::io::Result<u64> {
+        if self.sim.exists(name(path)) {
+            Ok(self.sim.file_len(name(path)))
+        } else {
+            Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{}: no such file", path.display())))
+        }
+    }
+
+    fn entry_exists(&self, path: &Path) -> bool {
+        self.sim.exists(name(path))
+    }
+
+    fn read_link(&self, _: &Path) -> Option<PathBuf> {
+        None
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.sim.create_dir_all(name(dir))
+    }
+
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.sim.remove(name(path))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.sim.rename(name(from), name(to))
+    }
+
+    fn sync_file(&self, path: &Path) -> std::io::Result<()> {
+        self.sim.sync_file(name(path))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.sim.sync_dir(name(dir))
     }
 }
 
-thread_local! {
-    /// A queue made by [`Store::open`] where there was none, once per thread.
-    static TEMPLATE: tempfile::TempDir = {
-        let dir = tempfile::Builder::new().prefix("sim-template-").tempdir_in(scratch()).expect("a temporary directory");
-        Store::open(&dir.path().join("queue.db")).expect("a new queue opens");
-        dir
-    };
-}
+/// Where the queue lives on the simulated disk (nothing is at this path on the machine's own filesystem).
+const QUEUE: &str = "/var/lib/mimecast-forwarder/queue.db";
 
 fn jitter() -> f64 {
     JITTER.with(|r| r.borrow_mut().f64())
@@ -350,6 +394,10 @@ struct World {
     reread_check: Option<Duration>,
     /// When the quiet phase found everything delivered and every feed caught up.
     settled_at: Option<Duration>,
+    /// A send was answered while a removal could fail (the queue locked, the disk full, a crash point armed).
+    removal_may_fail: bool,
+    /// The agent opened its queue once (it was made whole).
+    started_once: bool,
     /// The times the clock ran ahead: when, and when it was corrected.
     episodes: Vec<Episode>,
     /// The queue's filesystem, and when another process frees what it filled.
@@ -416,11 +464,10 @@ impl World {
         }
         // A start waits for the lock up to its busy timeout, which the simulation does not spend in real time.
         self.release_lock();
-        let mut store = Store::open(&self.cfg.queue.path).map_err(|e| Violation {
+        let store = self.open_store().map_err(|e| Violation {
             invariant: "the agent always starts again on a queue it left",
             detail: e.to_string(),
         })?;
-        store.set_fs_facts(self.disk.clone());
         if self.plan.second_writer {
             store
                 .set_busy_timeout(Duration::ZERO)
@@ -438,6 +485,7 @@ impl World {
             Violation { invariant: "the agent always starts again on a queue it left", detail: e.to_string() }
         })?;
         self.log(format!("start {mode:?}"));
+        self.started_once = true;
         if let Some(e) = self.episodes.last_mut().filter(|e| e.corrected.is_some() && e.first_pass_after.is_none()) {
             e.first_pass_after = Some(self.t);
         }
@@ -480,21 +528,43 @@ impl World {
         Ok(turn.over)
     }
 
-    /// The core is gone without a word (kill -9, power cut): every answer on its way back is lost.
-    fn crash(&mut self, why: &str) {
-        if self.core.take().is_none() {
-            return;
-        }
+    /// The core is gone without a word (kill -9): every answer on its way back is lost; the kernel keeps what it
+    /// wrote. With `power`, the power goes instead: what the disk had not synced may be lost or torn.
+    fn crash(&mut self, why: &str, power: bool) {
+        let core = self.core.take();
         if self.pending.iter().any(|p| matches!(p.kind, JobKind::Send(_))) {
             self.reached.crash_with_send_in_flight = true;
         }
         self.reached.crash = true;
         self.pending.clear();
-        self.log(format!("crash ({why})"));
+        self.log(format!("{} ({why})", if power { "power cut" } else { "crash" }));
+        // The queue as the process left it (a crash point froze the disk): a batch accepted and acknowledged but
+        // still queued had not been removed, whatever the power cut keeps. The second writer goes with the machine
+        // (or lets go now: its files are the disk's too).
+        self.disk.sim.thaw();
         self.removals_failed();
+        self.release_lock();
+        if power {
+            let lost = self.disk.sim.power_loss();
+            self.reached.power_cut = true;
+            self.reached.write_lost |= lost.writes_dropped + lost.writes_torn > 0 || !lost.entries_lost.is_empty();
+            self.log(format!("power lost: {lost:?}"));
+        } else {
+            self.disk.sim.crash();
+        }
+        // Only now: closing a connection whose files are still valid would checkpoint, as no dying process does.
+        drop(core);
         if !self.plan.once {
             self.restart_at = Some(self.t + RESTART);
         }
+    }
+
+    /// The disk froze at its crash point (the k-th write or sync): the process dies there, by a crash or a power
+    /// cut. Whatever the agent made of the I/O errors since is moot.
+    fn died_at_crash_point(&mut self) {
+        self.reached.crash_point = true;
+        let power = self.rng.bool();
+        self.crash("at a crash point", power);
     }
 
     fn deliver(&mut self, p: Pending) -> Result<(), Violation> {
@@ -503,11 +573,13 @@ impl World {
         }
         self.log(format!("answer {}", p.id));
         let locked = self.writer.is_some();
-        match p.kind {
-            // The intake kept the batch and said so, but the queue is locked: its removal must wait and be retried.
-            JobKind::Send(_) if locked && p.accepted.is_some() => self.reached.removal_retried = true,
-            JobKind::Fetch(_) if locked && p.done.describe().starts_with("page") => self.reached.commit_refused = true,
-            _ => {}
+        let accepted_send = matches!(p.kind, JobKind::Send(_)) && p.accepted.is_some();
+        // The intake kept the batch and said so, but the queue is locked: its removal must wait and be retried.
+        self.reached.removal_retried |= accepted_send && locked;
+        // A removal may fail under the lock or on a full disk (SQLite needs room in the WAL to delete).
+        self.removal_may_fail |= accepted_send && (locked || self.disk_full_until.is_some());
+        if locked && matches!(p.kind, JobKind::Fetch(_)) && p.done.describe().starts_with("page") {
+            self.reached.commit_refused = true;
         }
         // Drop-oldest with a send in flight: what it drops must skip the records that send holds.
         let watch_drops = matches!(p.kind, JobKind::Fetch(_))
@@ -527,12 +599,12 @@ impl World {
     }
 
     /// When the process ends: a batch the intake accepted and the agent was told of, still queued, is one whose
-    /// removal failed (only a second writer's lock makes one fail here); its logs may come again.
+    /// removal failed (a second writer's lock, or a full disk); its logs may come again.
     fn removals_failed(&mut self) {
-        if !self.reached.removal_retried {
+        if !self.removal_may_fail {
             return;
         }
-        let Ok(store) = Store::open(&self.cfg.queue.path) else { return };
+        let Ok(store) = self.open_store() else { return };
         let Ok(left) = store.candidates_within(usize::MAX, usize::MAX, |_| i64::MIN) else { return };
         let queued: HashSet<String> = left.iter().flatten().map(|q| format!("{}|{}", q.feed.name(), q.key)).collect();
         let mut st = self.net.lock();
@@ -543,9 +615,8 @@ impl World {
 
     /// Another process fills the filesystem, leaving less than a page commit needs (or nothing).
     fn fill_disk(&mut self) {
-        let used = self.disk.queue_bytes(&self.cfg.queue.path);
         let left = self.rng.u64(0..256 * 1024);
-        self.disk.other.store(DISK_CAPACITY.saturating_sub(used + left), Ordering::Relaxed);
+        self.disk.sim.set_capacity(self.disk.sim.used_bytes() + left);
         let until = self.t + Duration::from_secs(self.rng.u64(10..=600));
         self.disk_full_until = Some(until);
         self.reached.disk_filled = true;
@@ -554,7 +625,7 @@ impl World {
 
     fn free_disk(&mut self) {
         if self.disk_full_until.take().is_some() {
-            self.disk.other.store(0, Ordering::Relaxed);
+            self.disk.sim.set_capacity(DISK_CAPACITY);
             self.log("the disk has room again".into());
         }
     }
@@ -583,7 +654,7 @@ impl World {
         if self.clock_ahead.is_some() {
             return Ok(());
         }
-        let Ok(store) = Store::open(&self.cfg.queue.path) else { return Ok(()) };
+        let Ok(store) = self.open_store() else { return Ok(()) };
         let now = self.now().unix;
         let forbidden = self.plan.faults.mc_forbid.filter(|_| !self.quiet);
         let Some((e, c)) = self.episodes.last().and_then(|e| Some((e, e.corrected?))) else { return Ok(()) };
@@ -620,10 +691,17 @@ impl World {
         }
     }
 
+    /// The queue as the agent left it, on the simulated disk.
+    fn open_store(&self) -> Result<Store, StoreError> {
+        Store::open_on(&self.cfg.queue.path, self.disk.clone())
+    }
+
     /// A second writer takes the queue's write lock (as `dead-letters requeue` does for its transaction).
     fn take_lock(&mut self) -> Result<(), Violation> {
         let fail = |e: rusqlite::Error| Violation { invariant: "a second writer gets the lock", detail: e.to_string() };
-        let conn = rusqlite::Connection::open(&self.cfg.queue.path).map_err(fail)?;
+        let flags = rusqlite::OpenFlags::default();
+        let conn = rusqlite::Connection::open_with_flags_and_vfs(&self.cfg.queue.path, flags, self.disk.sim.vfs_name())
+            .map_err(fail)?;
         conn.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
         let hold = Duration::from_secs(self.rng.u64(1..=20));
         self.log(format!("a second writer holds the lock for {}s", hold.as_secs()));
@@ -652,8 +730,9 @@ impl World {
             self.t = self.t.max(p.at);
             if let Some(i) = p.accepted {
                 self.net.lock().accepted[i].acknowledged = true;
-                // Its removal may fail under the lock too, as in `deliver`.
+                // Its removal may fail under the lock or on a full disk too, as in `deliver`.
                 self.reached.removal_retried |= self.writer.is_some();
+                self.removal_may_fail |= self.writer.is_some() || self.disk_full_until.is_some();
             }
             let now = self.now();
             core.handle(now, p.done).map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
@@ -782,7 +861,7 @@ impl World {
         if missing > 0 && !drop_oldest {
             return false;
         }
-        let Ok(store) = Store::open(&self.cfg.queue.path) else { return false };
+        let Ok(store) = self.open_store() else { return false };
         let Ok(c) = store.counters() else { return false };
         // Under drop-oldest a record may be missing because the agent dropped it (and counted it), as in `check`.
         if missing as i64 > c.dropped || c.queue_records > poison as i64 {
@@ -798,6 +877,27 @@ impl World {
 
     /// The next moment something happens, and runs it.
     fn step(&mut self, arrivals: &mut Vec<(Duration, u64)>, chaos_end: Duration) -> Result<bool, Violation> {
+        let stepped = self.step_once(arrivals, chaos_end);
+        self.unless_died(stepped)
+    }
+
+    /// What a step (or a start) came to, unless the disk froze at its crash point meanwhile: then the process died
+    /// there, and an error it met on the way (a store error that ended the loop, an open that failed) is moot.
+    fn unless_died(&mut self, stepped: Result<bool, Violation>) -> Result<bool, Violation> {
+        if !self.disk.sim.frozen() {
+            return stepped;
+        }
+        if let Err(v) = &stepped
+            && !matches!(v.invariant, "no run error" | "the agent always starts again on a queue it left")
+        {
+            return stepped;
+        }
+        self.reached.died_creating |= !self.started_once;
+        self.died_at_crash_point();
+        Ok(true)
+    }
+
+    fn step_once(&mut self, arrivals: &mut Vec<(Duration, u64)>, chaos_end: Duration) -> Result<bool, Violation> {
         let next_pending = self.pending.iter().map(|p| (p.at, p.id)).min();
         let next_arrival = arrivals.last().map(|a| a.0);
         let wake = self.core.as_ref().map(|_| self.wake);
@@ -840,8 +940,15 @@ impl World {
         // Between any two events: a crash, a SIGTERM or a clock step, by the seed's rates.
         if self.t < chaos_end && self.core.is_some() {
             if self.rng.f64() < self.plan.crash_rate {
-                self.crash("kill -9");
+                let power = self.plan.power_rate > 0.0 && self.rng.bool();
+                self.crash("kill -9", power);
                 return Ok(true);
+            }
+            if self.plan.power_rate > 0.0 && !self.disk.sim.armed() && self.rng.f64() < self.plan.power_rate {
+                let k = self.rng.u64(1..=40);
+                self.removal_may_fail = true;
+                self.disk.sim.crash_after_ops(k);
+                self.log(format!("a crash point at the {k}th write or sync from now"));
             }
             if self.rng.f64() < self.plan.sigterm_rate {
                 self.sigterm()?;
@@ -912,10 +1019,8 @@ impl World {
 fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>) {
     let plan = Plan::derive(seed, large);
     JITTER.with(|r| *r.borrow_mut() = fastrand::Rng::with_seed(seed));
-    let dir = tempfile::Builder::new().prefix("sim-").tempdir_in(scratch()).expect("a temporary directory");
-    let db = dir.path().join("queue.db");
-    // A new queue as the agent's first start makes it, copied: making one costs more than a short seed's run.
-    TEMPLATE.with(|t| std::fs::copy(t.path().join("queue.db"), &db)).expect("the template queue copies");
+    let db = PathBuf::from(QUEUE);
+    let disk = Arc::new(Disk { sim: SimDisk::new(DISK_CAPACITY, seed) });
     let cfg = config::from_str(&plan.config_text(&db, &plan.feeds), &|_| None).expect("the derived config is valid");
     let mut rng = fastrand::Rng::with_seed(seed);
     let state = State {
@@ -941,8 +1046,10 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
         reread_check: None,
         clock_peak: 0,
         settled_at: None,
+        removal_may_fail: false,
+        started_once: false,
         writer: None,
-        disk: Arc::new(Disk { other: AtomicU64::new(0) }),
+        disk,
         disk_full_until: None,
         clock_unset_until: plan.clock_unset_at_boot.then_some(Duration::from_secs(90)),
         core: None,
@@ -986,19 +1093,11 @@ fn run(seed: u64, large: bool, print_trace: bool) -> (Report, Option<Violation>)
     let checked = result.and_then(|()| check(&mut world));
     let r = report(&mut world);
     drop(world);
-    drop(dir);
     (r, checked.err())
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Where the per-run queues live: a tmpfs when there is one (fsync costs nothing there, and nothing here needs it
-/// to: a crash in the simulator drops the process's state, not the kernel's).
-fn scratch() -> std::path::PathBuf {
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() { shm.to_owned() } else { std::env::temp_dir() }
 }
 
 fn drive(w: &mut World) -> Result<(), Violation> {
@@ -1014,9 +1113,16 @@ fn drive(w: &mut World) -> Result<(), Violation> {
         left -= n;
     }
     arrivals.sort_by(|a, b| b.cmp(a));
+    // Now and then the process dies while it makes the queue at its first start.
+    if w.plan.power_rate > 0.0 && w.rng.u8(..4) == 0 {
+        let k = w.rng.u64(1..=30);
+        w.removal_may_fail = true;
+        w.disk.sim.crash_after_ops(k);
+        w.log(format!("a crash point at the {k}th write or sync of the first start"));
+    }
     if !w.plan.once {
-        w.start()?;
-        w.turn()?;
+        let started = w.start().and_then(|()| w.turn());
+        w.unless_died(started)?;
     }
     let chaos_end = w.plan.chaos;
     while w.t < chaos_end {
@@ -1030,6 +1136,11 @@ fn drive(w: &mut World) -> Result<(), Violation> {
     // The quiet phase: no new faults, the clock right, the agent up; it must catch up and drain.
     w.quiet = true;
     w.net.lock().quiet = true;
+    // No crash point in the quiet phase: one reached already is a death at its end.
+    if w.disk.sim.frozen() {
+        w.died_at_crash_point();
+    }
+    w.disk.sim.thaw();
     w.correct_clock();
     w.release_lock();
     w.free_disk();
@@ -1153,8 +1264,8 @@ fn check(w: &mut World) -> Result<(), Violation> {
         }
     }
     // Nothing lost: every record within the contract reached the intake; every poison log is a dead letter.
-    let store = Store::open(&w.cfg.queue.path)
-        .map_err(|e| Violation { invariant: "the queue opens after the run", detail: e.to_string() })?;
+    let store =
+        w.open_store().map_err(|e| Violation { invariant: "the queue opens after the run", detail: e.to_string() })?;
     let dead_rows = store
         .dead_letters()
         .map_err(|e| Violation { invariant: "the queue reads after the run", detail: e.to_string() })?;
@@ -1396,15 +1507,42 @@ fn main() {
 
     let results: Arc<Mutex<Vec<Ran>>> = Arc::new(Mutex::new(Vec::new()));
     let stop_at = if a.first { 1 } else { 10 };
+    // What each thread runs, and since when: a run that never returns (a loop inside one call, which no turn
+    // limit sees) fails the step with its seed instead of holding CI until its time limit.
+    let running: Arc<Vec<Running>> = Arc::new((0..threads).map(|_| Mutex::new(None)).collect());
+    {
+        let running = running.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                for r in running.iter() {
+                    let Some((seed, large, t0)) = *r.lock().unwrap_or_else(|e| e.into_inner()) else { continue };
+                    if t0.elapsed() > RUN_WALL_LIMIT {
+                        println!(
+                            "VIOLATION seed {seed}{}: never stuck\n  the run took more than {} s of wall time (a loop \
+                             inside one call)\n  replay: cargo test --profile sim --test simulate -- --seed {seed}{} --trace",
+                            if large { " (large)" } else { "" },
+                            RUN_WALL_LIMIT.as_secs(),
+                            if large { " --large-seed" } else { "" }
+                        );
+                        std::process::exit(1);
+                    }
+                }
+            }
+        });
+    }
     let handles: Vec<_> = (0..threads)
-        .map(|_| {
+        .map(|k| {
             let (next, seeds, results, trace) = (next.clone(), seeds.clone(), results.clone(), a.trace);
+            let running = running.clone();
             std::thread::spawn(move || {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&(seed, large)) = seeds.get(i) else { break };
                     let t0 = Instant::now();
+                    *running[k].lock().unwrap_or_else(|e| e.into_inner()) = Some((seed, large, t0));
                     let (report, violation) = run(seed, large, trace);
+                    *running[k].lock().unwrap_or_else(|e| e.into_inner()) = None;
                     let ran = Ran { seed, large, took: t0.elapsed(), report, violation };
                     let mut results = results.lock().unwrap_or_else(|e| e.into_inner());
                     results.push(ran);
@@ -1536,6 +1674,10 @@ fn figures(results: &[Ran], wall: Duration, threads: usize, replayed: usize) -> 
         ("a learnt payload limit", |r| r.learnt_limit),
         ("a token renewed mid-window", |r| r.token_mid_window),
         ("the disk filled by another process", |r| r.disk_filled),
+        ("a power cut", |r| r.power_cut),
+        ("a death at a crash point (k-th write or sync)", |r| r.crash_point),
+        ("a write lost or torn by a power cut", |r| r.write_lost),
+        ("a death while making the queue", |r| r.died_creating),
     ];
     for &(name, f) in flags {
         let k = reached.iter().filter(|r| f(r)).count();

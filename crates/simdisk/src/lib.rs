@@ -254,6 +254,20 @@ impl SimDisk {
         self.state().frozen
     }
 
+    /// Unfreezes the disk without changing anything on it, and disarms the crash point: to look at what a process
+    /// that died at the crash point left (its open files stay valid), before [`SimDisk::crash`] or
+    /// [`SimDisk::power_loss`] decides what of it survives.
+    pub fn thaw(&self) {
+        let mut st = self.state();
+        st.frozen = false;
+        st.crash_at = None;
+    }
+
+    /// Whether a crash point is armed and not yet reached.
+    pub fn armed(&self) -> bool {
+        self.state().crash_at.is_some()
+    }
+
     /// The process dies and the kernel keeps everything: every unsynced write and directory change is made durable.
     /// Files still open are invalidated (see [`SimDisk`]); the shared memory goes with the last of them. Unfreezes.
     /// Returns how many open files were invalidated.
