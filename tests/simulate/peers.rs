@@ -114,6 +114,8 @@ pub struct State {
     /// Feeds whose server goes round (ignores page tokens) until a simulated time.
     pub looping: HashMap<Feed, u64>,
     /// Page requests per window (feed and filter), and the most of any window.
+    /// Page requests per window (feed and filter) by the process running now: a `--once` pass, or a restart, may
+    /// read the same window again whole (the overlap, when nothing new settled).
     pub per_window: HashMap<(Feed, String), u64>,
     pub most_per_window: u64,
     pub accepted: Vec<Accepted>,
