@@ -119,13 +119,14 @@ impl<T> Context<T> for Result<T, rusqlite::Error> {
 
 /// Turns an `Sql` error whose SQLite code calls for action into the variant that says which; any other error is
 /// returned as it is. The one place where SQLite codes are interpreted.
-pub(crate) fn classify(path: &Path, e: StoreError) -> StoreError {
+/// The free space it reports comes from `fs`, where the queue is.
+pub(crate) fn classify(fs: &dyn super::Fs, path: &Path, e: StoreError) -> StoreError {
     use rusqlite::ErrorCode as C;
     let StoreError::Sql { context, error } = &e else { return e };
     let path = path.to_path_buf();
     match error.sqlite_error_code() {
         Some(C::DiskFull) => {
-            let free_bytes = free_bytes(&path);
+            let free_bytes = fs.free_bytes(&path);
             StoreError::Full { path, free_bytes }
         }
         Some(C::DatabaseBusy | C::DatabaseLocked) => StoreError::Busy { path },
@@ -141,11 +142,11 @@ pub(crate) fn classify(path: &Path, e: StoreError) -> StoreError {
 
 /// A failed file operation on the queue `path` outside SQLite, said as SQLite's failure of the same kind would be:
 /// missing write access names the user and the fix, a full disk the free space.
-pub(crate) fn io(path: &Path, doing: &'static str, error: std::io::Error) -> StoreError {
+pub(crate) fn io(fs: &dyn super::Fs, path: &Path, doing: &'static str, error: std::io::Error) -> StoreError {
     use std::io::ErrorKind as K;
     match error.kind() {
         K::PermissionDenied | K::ReadOnlyFilesystem => read_only(path),
-        K::StorageFull => StoreError::Full { path: path.into(), free_bytes: free_bytes(path) },
+        K::StorageFull => StoreError::Full { path: path.into(), free_bytes: fs.free_bytes(path) },
         _ => StoreError::Io { path: path.into(), doing, error },
     }
 }
@@ -243,7 +244,7 @@ mod tests {
 
     fn sql(code: std::ffi::c_int) -> StoreError {
         let error = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some("from SQLite".into()));
-        classify(Path::new("/q/queue.db"), StoreError::Sql { context: "doing a thing", error })
+        classify(&crate::store::RealFs, Path::new("/q/queue.db"), StoreError::Sql { context: "doing a thing", error })
     }
 
     #[test]

@@ -276,7 +276,8 @@ impl Store {
 
     /// `open` with the given flags; tests use it to see how a read-only file is reported.
     fn open_with(path: &Path, flags: OpenFlags, fs: Arc<dyn Fs>) -> Result<Store, StoreError> {
-        let mut conn = connect(&*fs, path, flags).ctx("opening the queue database").map_err(|e| classify(path, e))?;
+        let mut conn =
+            connect(&*fs, path, flags).ctx("opening the queue database").map_err(|e| classify(&*fs, path, e))?;
         // Every transaction takes the write lock when it begins. A deferred one that reads first and then writes
         // gets SQLITE_BUSY at once, without waiting, when another process (`dead-letters`, the agent) wrote in
         // between: SQLite cannot upgrade a read snapshot that is no longer the latest.
@@ -312,7 +313,7 @@ impl Store {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .ctx("opening the queue database")
-                .map_err(|e| classify(path, e))?;
+                .map_err(|e| classify(&RealFs, path, e))?;
         let store = Store::new(conn, path.into(), Arc::new(RealFs));
         store.read(|conn| {
             conn.busy_timeout(BUSY_TIMEOUT).ctx("setting busy timeout")?;
@@ -444,12 +445,12 @@ impl Store {
 
     /// Runs `f` on the connection and classifies its error; every public method that only reads goes through here.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        f(&self.conn).map_err(|e| classify(&self.path, e))
+        f(&self.conn).map_err(|e| classify(&*self.fs, &self.path, e))
     }
 
     /// `read` for methods that write (a transaction needs the connection mutably).
     fn write<T>(&mut self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        f(&mut self.conn).map_err(|e| classify(&self.path, e))
+        f(&mut self.conn).map_err(|e| classify(&*self.fs, &self.path, e))
     }
 
     #[cfg(test)]
@@ -468,14 +469,13 @@ fn create(fs: &dyn Fs, path: &Path) -> Result<(), StoreError> {
     for suffix in ["", "-journal", "-wal", "-shm"] {
         match fs.remove_file(&beside(&temp, suffix)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(error::io(path, "removing a queue database left half made", e));
+                return Err(error::io(fs, path, "removing a queue database left half made", e));
             }
             _ => {}
         }
     }
     let built = (|| {
-        let flags = OpenFlags::default();
-        let conn = connect(fs, &temp, flags).ctx("creating the queue database")?;
+        let conn = connect(fs, &temp, OpenFlags::default()).ctx("creating the queue database")?;
         // Before the first table (and the page size before auto_vacuum, or SQLite keeps its default): see
         // `PAGE_SIZE`, and free pages can be given back to the filesystem (`shrink`, `release_free_pages`), which a
         // queue needs once delivery has emptied it. The file stays in rollback mode, so that everything is in it
@@ -485,10 +485,10 @@ fn create(fs: &dyn Fs, path: &Path) -> Result<(), StoreError> {
         migrate(&conn, path)?;
         conn.close().map_err(|(_, e)| e).ctx("closing the new queue database")
     })();
-    built.map_err(|e| classify(path, e))?;
-    fs.sync_file(&temp).map_err(|e| error::io(path, "syncing the new queue database", e))?;
-    fs.rename(&temp, path).map_err(|e| error::io(path, "moving the new queue database into place", e))?;
-    fs.sync_dir(dir_of(path)).map_err(|e| error::io(path, "syncing the queue's directory", e))
+    built.map_err(|e| classify(fs, path, e))?;
+    fs.sync_file(&temp).map_err(|e| error::io(fs, path, "syncing the new queue database", e))?;
+    fs.rename(&temp, path).map_err(|e| error::io(fs, path, "moving the new queue database into place", e))?;
+    fs.sync_dir(dir_of(path)).map_err(|e| error::io(fs, path, "syncing the queue's directory", e))
 }
 
 /// Why no new queue may be made at `path`, where there is no queue file, or `None`. `status` and `dead-letters`
@@ -504,7 +504,7 @@ pub fn not_to_create(path: &Path) -> Option<StoreError> {
 fn refused_creation(fs: &dyn Fs, path: &Path) -> Option<StoreError> {
     if let Some(target) = fs.read_link(path) {
         let why = format!("a symbolic link to {}, which does not exist (a filesystem not mounted?)", target.display());
-        return Some(error::io(path, "opening the queue", std::io::Error::new(std::io::ErrorKind::NotFound, why)));
+        return Some(error::io(fs, path, "opening the queue", std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
     ["-wal", "-journal"].into_iter().map(|suffix| beside(path, suffix)).find(|s| fs.entry_exists(s)).map(|stray| {
         StoreError::Corrupt { path: stray, detail: format!("left without its database {}", path.display()) }
@@ -631,7 +631,7 @@ fn relayout(conn: &Connection, path: &Path, fs: &dyn Fs, max_bytes: u64) -> Resu
     let vacuumed = conn
         .execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; VACUUM;"))
         .ctx("rewriting the queue database in the new layout")
-        .map_err(|e| classify(path, e));
+        .map_err(|e| classify(fs, path, e));
     setup(conn).ctx("setting up the queue database")?;
     match vacuumed {
         Ok(()) => {
