@@ -568,17 +568,20 @@ impl World {
         self.crash("at a crash point", power);
     }
 
+    /// The agent hears the intake's answer to `p`: a batch the intake kept is acknowledged. Its removal follows,
+    /// and may fail under the lock or on a full disk (SQLite needs room in the WAL to delete).
+    fn acknowledge(&mut self, p: &Pending) {
+        let Some(i) = p.accepted else { return };
+        self.net.lock().accepted[i].acknowledged = true;
+        let locked = self.writer.is_some();
+        self.reached.removal_retried |= locked;
+        self.removal_may_fail |= locked || self.disk_full_until.is_some();
+    }
+
     fn deliver(&mut self, p: Pending) -> Result<(), Violation> {
-        if let Some(i) = p.accepted {
-            self.net.lock().accepted[i].acknowledged = true;
-        }
+        self.acknowledge(&p);
         self.log(format!("answer {}", p.id));
         let locked = self.writer.is_some();
-        let accepted_send = matches!(p.kind, JobKind::Send(_)) && p.accepted.is_some();
-        // The intake kept the batch and said so, but the queue is locked: its removal must wait and be retried.
-        self.reached.removal_retried |= accepted_send && locked;
-        // A removal may fail under the lock or on a full disk (SQLite needs room in the WAL to delete).
-        self.removal_may_fail |= accepted_send && (locked || self.disk_full_until.is_some());
         if locked && matches!(p.kind, JobKind::Fetch(_)) && p.done.describe().starts_with("page") {
             self.reached.commit_refused = true;
         }
@@ -729,12 +732,7 @@ impl World {
         sends.sort_by_key(|p| (p.at, p.id));
         for p in sends {
             self.t = self.t.max(p.at);
-            if let Some(i) = p.accepted {
-                self.net.lock().accepted[i].acknowledged = true;
-                // Its removal may fail under the lock or on a full disk too, as in `deliver`.
-                self.reached.removal_retried |= self.writer.is_some();
-                self.removal_may_fail |= self.writer.is_some() || self.disk_full_until.is_some();
-            }
+            self.acknowledge(&p);
             let now = self.now();
             core.handle(now, p.done).map_err(|e| Violation { invariant: "no run error", detail: e.to_string() })?;
         }
