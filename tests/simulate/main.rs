@@ -681,10 +681,19 @@ impl World {
         Ok(())
     }
 
+    /// The agent's clock steps by `by` seconds. A `--once` pass in progress is no longer one run by the true clock
+    /// from start to end ([`World::exited_zero`]), even if the clock is right again by its end.
+    fn step_clock(&mut self, by: i64) {
+        if by != 0 {
+            self.clock_offset += by;
+            self.pass_start = None;
+        }
+    }
+
     /// NTP corrects a clock that ran ahead: the agent finds its watermarks in the future.
     fn correct_clock(&mut self) {
         if let Some((ahead, _)) = self.clock_ahead.take() {
-            self.clock_offset -= ahead;
+            self.step_clock(-ahead);
             self.keys_forgotten_by_a_clock_ahead(ahead);
             self.reread_check = Some(self.t + REREAD_WITHIN);
             self.reached.clock_corrected = true;
@@ -782,7 +791,7 @@ impl World {
     fn exited_zero(&mut self) -> Result<(), Violation> {
         let Some((start, feeds)) = self.pass_start.take() else { return Ok(()) };
         // Under drop-oldest a pass may drop what it read, by design (and count it).
-        if self.clock_offset != 0 || self.plan.queue_limit.is_some_and(|(_, when)| when == "drop-oldest") {
+        if self.plan.queue_limit.is_some_and(|(_, when)| when == "drop-oldest") {
             return Ok(());
         }
         self.reached.once_checked = true;
@@ -959,7 +968,7 @@ impl World {
             }
             if self.plan.clock_back && self.rng.u16(..500) == 0 {
                 let back = self.rng.i64(60..=7200);
-                self.clock_offset -= back;
+                self.step_clock(-back);
                 self.keys_forgotten_by_a_clock_ahead(back);
                 self.reached.clock_back = true;
                 self.log(format!("clock steps back {back}s"));
@@ -970,7 +979,7 @@ impl World {
             if self.plan.clock_ahead && settled_since && self.rng.u16(..300) == 0 {
                 let ahead = self.rng.i64(60..=7200);
                 let until = self.t + Duration::from_secs(self.rng.u64(30..=1800));
-                self.clock_offset += ahead;
+                self.step_clock(ahead);
                 self.clock_ahead = Some((ahead, until));
                 self.episodes.push(Episode {
                     start: self.t,
@@ -1143,7 +1152,7 @@ fn drive(w: &mut World) -> Result<(), Violation> {
     w.correct_clock();
     w.release_lock();
     w.free_disk();
-    w.clock_offset = 0;
+    w.step_clock(-w.clock_offset);
     w.clock_unset_until = None;
     if w.reached.reload {
         let feeds = w.plan.feeds.clone();
@@ -1485,6 +1494,9 @@ const CORPUS: &[(u64, bool)] = &[
     // The oracle's: page requests counted per window over every `--once` pass, each of which may read the same
     // overlap again whole (a cron every 6 s, 2,710 records in pages of 7).
     (1582702286, true),
+    // The oracle's: a `--once` pass judged as run by the true clock because the clock was right at its start and
+    // again at its end, though it stepped back in between.
+    (273912300, false),
 ];
 
 fn main() {
